@@ -1,0 +1,449 @@
+//! The canonical config model: what `config.apply` carries and the registry stores.
+//!
+//! YAML files have several accepted shapes (see `parse`); they all convert into these
+//! types, which have exactly one JSON shape. Durations are milliseconds here.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A stack: named services, hosts and settings from one config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// Config format version (`"1"`).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Stack name; defaults to the config directory's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Stack-wide settings.
+    #[serde(default)]
+    pub settings: Settings,
+    /// Mesh settings.
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// Named hosts that services refer to.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostConfig>,
+    /// Services by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// Stack-wide settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Most services started at once (default [`DEFAULT_MAX_PARALLEL`]).
+    #[serde(default)]
+    pub max_parallel: Option<usize>,
+    /// How long `up` waits for a service to become healthy, in ms (default 300 s).
+    #[serde(default)]
+    pub default_timeout_ms: Option<u64>,
+}
+
+/// Default of [`Settings::max_parallel`].
+pub const DEFAULT_MAX_PARALLEL: usize = 16;
+/// Default of [`Settings::default_timeout_ms`].
+pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+
+/// Mesh settings (used only when a service has a `wireguard` target).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Subnet of the WireGuard mesh (default `10.42.0.0/16`).
+    #[serde(default)]
+    pub wireguard_subnet: Option<String>,
+    /// UDP port of the hub (default 51820).
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+}
+
+/// A named host reached over SSH.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Address or host name.
+    pub address: String,
+    /// SSH user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH port (default 22).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Private key file.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+    /// known_hosts file to check the host key against.
+    #[serde(default)]
+    pub known_hosts: Option<String>,
+    /// Use sudo for privileged steps.
+    #[serde(default)]
+    pub sudo: bool,
+    /// Where releases are installed (default `/opt/harness`).
+    #[serde(default)]
+    pub install_root: Option<String>,
+}
+
+/// One service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Where and how it runs.
+    pub target: Target,
+    /// Port it listens on: fixed or picked by the harness.
+    #[serde(default)]
+    pub port: Option<PortSpec>,
+    /// Services it depends on, with the condition each must meet first.
+    #[serde(default)]
+    pub depends_on: BTreeMap<String, Dependency>,
+    /// Environment (values may hold `${svc.addr}`-style references).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A dotenv-style file whose variables are added (below `env` in precedence).
+    #[serde(default)]
+    pub env_file: Option<String>,
+    /// How the harness checks that it works.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartConfig,
+    /// Graceful stop: signal sent first (default `TERM`).
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// Graceful stop: wait this long before SIGKILL, in ms (default 10 s).
+    #[serde(default)]
+    pub stop_timeout_ms: Option<u64>,
+}
+
+/// Where a service runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// A local process.
+    Process(ProcessTarget),
+    /// A Docker container.
+    Docker(DockerTarget),
+    /// A process on a LAN host over SSH.
+    RemoteLan(RemoteTarget),
+    /// A packaged service on a remote host joined through the WireGuard mesh.
+    Wireguard(RemoteTarget),
+    /// An already running service found by discovery.
+    Discovered(DiscoveredTarget),
+    /// An already running service at a known address.
+    External(ExternalTarget),
+}
+
+impl Target {
+    /// Backend name as shown by `ps`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Target::Process(_) => "process",
+            Target::Docker(_) => "docker",
+            Target::RemoteLan(_) => "remote_lan",
+            Target::Wireguard(_) => "wireguard",
+            Target::Discovered(_) => "discovered",
+            Target::External(_) => "external",
+        }
+    }
+}
+
+/// A local process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessTarget {
+    /// Program to run (absolute after the client resolved it, or looked up in PATH).
+    pub binary: String,
+    /// Arguments (may hold `${self.port}`-style references).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment for this target (merged under the service's `env`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the config file's directory).
+    #[serde(default)]
+    pub working_dir: Option<String>,
+}
+
+/// A Docker container (run by the docker backend).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerTarget {
+    /// Image reference.
+    pub image: String,
+    /// `never`, `missing` (default) or `always`.
+    #[serde(default)]
+    pub pull: Option<String>,
+    /// Command (overrides the image's CMD).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Entrypoint (overrides the image's ENTRYPOINT).
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Ports: `5432`, `"8080:80"`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Volumes: `"/data:/var/lib/app"`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Working directory inside the container.
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// User inside the container.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A service on a remote host over SSH (LAN or mesh).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteTarget {
+    /// One host: a name from `hosts:` or an address.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Several hosts (instances `svc@host`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// SSH user (overrides the host's).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH key (overrides the host's).
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+    /// A program already on the host.
+    #[serde(default)]
+    pub binary: Option<String>,
+    /// Arguments of `binary`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// A package to deploy (`NAME-VERSION.tar.zst` or `.tar.gz`).
+    #[serde(default)]
+    pub package: Option<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A service the harness finds and uses instead of starting one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveredTarget {
+    /// Kind of service: `postgresql`, `redis`, `http`, `ssh`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// CIDR ranges to look in (default: 127.0.0.1 only).
+    #[serde(default)]
+    pub ranges: Vec<String>,
+}
+
+/// A service that already runs at a known address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalTarget {
+    /// `host:port`.
+    pub address: String,
+}
+
+/// Port of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[schemars(with = "PortSpecRepr")]
+pub enum PortSpec {
+    /// This port.
+    Fixed(u16),
+    /// A free port picked by the harness when the service starts.
+    Auto,
+}
+
+/// Wire shape of [`PortSpec`]: a number or the string `auto`.
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum PortSpecRepr {
+    Fixed(u16),
+    Auto(AutoWord),
+}
+
+/// The word `auto`.
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum AutoWord {
+    Auto,
+}
+
+impl Serialize for PortSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PortSpec::Fixed(p) => s.serialize_u16(*p),
+            PortSpec::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number from 1 to 65535 or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
+                match u16::try_from(v) {
+                    Ok(p) if p > 0 => Ok(PortSpec::Fixed(p)),
+                    _ => Err(E::custom(format!(
+                        "bad port {v}: expected a port number from 1 to 65535 or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!(
+                        "bad port {v}: expected a port number from 1 to 65535 or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                if v == "auto" {
+                    return Ok(PortSpec::Auto);
+                }
+                match v.parse::<u64>() {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!(
+                        "bad port {v:?}: expected a port number from 1 to 65535 or \"auto\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A dependency edge.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    /// What the dependency must reach before the dependent starts. Default: `healthy`
+    /// when the dependency has a health check, else `started`.
+    #[serde(default)]
+    pub condition: Option<Condition>,
+}
+
+/// Condition a dependency must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Condition {
+    /// Its process runs.
+    Started,
+    /// Its health check passed.
+    Healthy,
+    /// It ran to completion with exit code 0 (one-shot jobs such as migrations).
+    Completed,
+}
+
+/// A health check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// What to check.
+    pub check: CheckKind,
+    /// Time between checks once healthy, in ms (default 10 s).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// Time one check may take, in ms (default 5 s).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Failures in a row before the service is unhealthy (default 3).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Grace period after start during which failures do not count, in ms (default 0).
+    #[serde(default)]
+    pub start_period_ms: Option<u64>,
+}
+
+/// Default of [`HealthCheck::interval_ms`].
+pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
+/// Default of [`HealthCheck::timeout_ms`].
+pub const DEFAULT_CHECK_TIMEOUT_MS: u64 = 5_000;
+/// Default of [`HealthCheck::retries`].
+pub const DEFAULT_CHECK_RETRIES: u32 = 3;
+/// Default of [`ServiceConfig::stop_timeout_ms`].
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
+
+/// The kinds of health check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckKind {
+    /// An HTTP GET that must answer with `expected_status` (default: any 2xx).
+    Http {
+        /// URL (may hold `${self.addr}`).
+        url: String,
+        /// Status that counts as healthy.
+        #[serde(default)]
+        expected_status: Option<u16>,
+    },
+    /// A TCP connect.
+    Tcp {
+        /// Host (default: the service's address).
+        #[serde(default)]
+        host: Option<String>,
+        /// Port (default: the service's port).
+        #[serde(default)]
+        port: Option<u16>,
+    },
+    /// A command run with the service's environment; exit code must match.
+    Command {
+        /// Program, or a shell command line when `args` is empty.
+        command: String,
+        /// Arguments.
+        #[serde(default)]
+        args: Vec<String>,
+        /// Exit code that counts as healthy (default 0).
+        #[serde(default)]
+        expected_exit_code: Option<i32>,
+    },
+    /// A script file run with the service's environment; must exit 0.
+    Script {
+        /// Path of the script.
+        path: String,
+        /// Arguments.
+        #[serde(default)]
+        args: Vec<String>,
+    },
+}
+
+/// Restart policy and its backoff.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartConfig {
+    /// When to restart.
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    /// Restarts in a row (without becoming healthy) before the service is failed
+    /// (default [`DEFAULT_MAX_RESTARTS`]).
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+}
+
+/// Default of [`RestartConfig::max_restarts`].
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+/// When a service is restarted after it exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never (the default, as in docker compose).
+    #[default]
+    No,
+    /// When it exits with a non-zero code or a signal.
+    OnFailure,
+    /// Whenever it exits on its own.
+    Always,
+}

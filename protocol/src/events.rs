@@ -1,0 +1,196 @@
+//! Journaled events. Each carries a monotonically increasing `seq` that a client gives
+//! back as `since` in `subscribe` to replay what it missed.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::methods::{Health, ServiceState};
+
+/// An event as sent on the wire: `{"event": ..., "seq": ..., "time": ..., "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Event {
+    /// Position in the daemon's journal; strictly increasing.
+    pub seq: u64,
+    /// When the event happened (RFC 3339, UTC).
+    pub time: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What happened, tagged by its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", content = "data")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// A service was added to the registry or its config changed.
+    #[serde(rename = "service.registered")]
+    ServiceRegistered(ServiceRef),
+    /// A service changed state.
+    #[serde(rename = "service.state")]
+    ServiceState(StateChange),
+    /// A health check changed a service's health.
+    #[serde(rename = "service.health")]
+    ServiceHealth(HealthChange),
+    /// A service is being restarted by its restart policy after a backoff.
+    #[serde(rename = "service.restarting")]
+    ServiceRestarting(Restarting),
+    /// A service's process exited.
+    #[serde(rename = "service.exited")]
+    ServiceExited(Exited),
+    /// A service was removed from the registry.
+    #[serde(rename = "service.removed")]
+    ServiceRemoved(ServiceRef),
+    /// The daemon started serving.
+    #[serde(rename = "daemon.started")]
+    DaemonStarted(DaemonStarted),
+    /// The startup reconcile pass made the registry agree with reality.
+    #[serde(rename = "daemon.reconciled")]
+    DaemonReconciled(Reconciled),
+    /// A subscriber fell behind and missed events; it can replay from `missed_from_seq`.
+    #[serde(rename = "daemon.lagged")]
+    DaemonLagged(Lagged),
+}
+
+impl EventKind {
+    /// Topic of the event (`service`, `daemon`...), the part of its name before the dot.
+    pub fn topic(&self) -> &'static str {
+        match self {
+            EventKind::ServiceRegistered(_)
+            | EventKind::ServiceState(_)
+            | EventKind::ServiceHealth(_)
+            | EventKind::ServiceRestarting(_)
+            | EventKind::ServiceExited(_)
+            | EventKind::ServiceRemoved(_) => "service",
+            EventKind::DaemonStarted(_)
+            | EventKind::DaemonReconciled(_)
+            | EventKind::DaemonLagged(_) => "daemon",
+        }
+    }
+
+    /// Stack the event is about, if any.
+    pub fn stack(&self) -> Option<&str> {
+        match self {
+            EventKind::ServiceRegistered(r) | EventKind::ServiceRemoved(r) => Some(&r.stack),
+            EventKind::ServiceState(c) => Some(&c.stack),
+            EventKind::ServiceHealth(c) => Some(&c.stack),
+            EventKind::ServiceRestarting(c) => Some(&c.stack),
+            EventKind::ServiceExited(c) => Some(&c.stack),
+            _ => None,
+        }
+    }
+}
+
+/// Names a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ServiceRef {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+}
+
+/// `service.state` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StateChange {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// Previous state.
+    pub from: ServiceState,
+    /// New state.
+    pub to: ServiceState,
+    /// Why, when the change was not asked for (crash, failed dependency...).
+    pub reason: Option<String>,
+}
+
+/// `service.health` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HealthChange {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// New health.
+    pub status: Health,
+    /// The check that ran (`tcp 127.0.0.1:8080`, `http ...`).
+    pub check: String,
+    /// What the check saw (truncated).
+    pub output: String,
+}
+
+/// `service.restarting` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Restarting {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// Restart attempt since the service was last healthy, from 1.
+    pub attempt: u32,
+    /// Wait before the restart.
+    pub backoff_ms: u64,
+}
+
+/// `service.exited` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Exited {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal that ended it, when killed.
+    pub signal: Option<i32>,
+}
+
+/// `daemon.started` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DaemonStarted {
+    /// Daemon instance id (stable for a state directory).
+    pub instance: String,
+    /// Process id of harnessd.
+    pub pid: u32,
+    /// Services re-adopted from a previous run.
+    pub adopted: Vec<ServiceRef>,
+}
+
+/// `daemon.reconciled` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Reconciled {
+    /// Each difference between the registry and reality that was fixed, in words.
+    pub fixes: Vec<String>,
+}
+
+/// `daemon.lagged` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Lagged {
+    /// First `seq` the subscriber did not get; pass it as `since` to replay.
+    pub missed_from_seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_wire_shape() {
+        let e = Event {
+            seq: 3,
+            time: "2026-11-23T10:00:00.000Z".into(),
+            kind: EventKind::ServiceExited(Exited {
+                stack: "s".into(),
+                name: "a".into(),
+                code: Some(1),
+                signal: None,
+            }),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["event"], "service.exited");
+        assert_eq!(v["data"]["code"], 1);
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+        assert_eq!(e.kind.topic(), "service");
+    }
+}
