@@ -1,1 +1,63 @@
-fn main() {}
+//! `harnessd`: the harness daemon binary. `harnessd` runs the daemon in the foreground;
+//! `harnessd shim SPEC` is the supervisor of one service (started by the daemon itself).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "harnessd", bin_name = "harnessd", version, about = "The harness daemon")]
+struct Opts {
+    /// State directory (default: $HARNESS_STATE_DIR, $XDG_STATE_HOME/harness, ~/.local/state/harness).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7461 for the default state directory, 127.0.0.1:0 otherwise).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Supervise one service (internal: harnessd starts it).
+    #[command(hide = true)]
+    Shim {
+        /// The service's spec.json.
+        spec: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let opts = Opts::parse();
+    if let Some(Cmd::Shim { spec }) = &opts.cmd {
+        let code = deployer::process::run_shim(spec);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HARNESS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (default_dir, is_default) = protocol::state_dir_from_env(&|k| std::env::var(k).ok());
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| default_dir.clone());
+    // The shim is this binary. /proc/self/exe (resolved by the forked child) keeps
+    // working when the file on disk was replaced by a rebuild or an upgrade.
+    let shim_exe = PathBuf::from("/proc/self/exe");
+    let daemon_opts = harnessd::DaemonOpts {
+        default_state_dir: is_default && state_dir == default_dir,
+        state_dir,
+        listen: opts.listen,
+        shim_exe,
+    };
+    match harnessd::run(daemon_opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("harnessd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -21,6 +21,67 @@ pub mod schema;
 pub use envelope::{ErrorCode, ErrorObject, Request, RequestId, Response, ServerMessage};
 pub use events::{Event, EventKind};
 
+/// What `daemon.json` in a state directory tells clients about the daemon serving it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct DaemonFile {
+    /// URL to connect to, `wss://127.0.0.1:PORT`.
+    pub url: String,
+    /// CA certificate to pin (PEM).
+    pub ca: std::path::PathBuf,
+    /// File holding the token for `hello`.
+    pub token_file: std::path::PathBuf,
+    /// harnessd's pid.
+    pub pid: u32,
+    /// Daemon instance id.
+    pub instance: String,
+}
+
+/// The state directory clients and the daemon agree on: `HARNESS_STATE_DIR`, else
+/// `$XDG_STATE_HOME/harness` (when absolute), else `$HOME/.local/state/harness`, else
+/// `/var/lib/harness`. Empty values count as unset. Pure: the environment is passed in.
+/// The second value says whether it is the default directory (not chosen through
+/// `HARNESS_STATE_DIR`), which decides the daemon's default port.
+pub fn state_dir_from_env(env: &dyn Fn(&str) -> Option<String>) -> (std::path::PathBuf, bool) {
+    use std::path::PathBuf;
+    let var = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(dir) = var("HARNESS_STATE_DIR") {
+        return (PathBuf::from(dir), false);
+    }
+    if let Some(xdg) = var("XDG_STATE_HOME").filter(|v| v.starts_with('/')) {
+        return (PathBuf::from(xdg).join("harness"), true);
+    }
+    let dir = match var("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/harness"),
+        None => PathBuf::from("/var/lib/harness"),
+    };
+    (dir, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    #[track_caller]
+    fn check(vars: &[(&str, &str)], expected: &str, is_default: bool) {
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = |k: &str| map.get(k).cloned();
+        assert_eq!(super::state_dir_from_env(&env), (PathBuf::from(expected), is_default));
+    }
+
+    #[test]
+    fn state_dir_precedence() {
+        let all = [("HARNESS_STATE_DIR", "/s"), ("XDG_STATE_HOME", "/x"), ("HOME", "/h")];
+        check(&all, "/s", false);
+        check(&all[1..], "/x/harness", true);
+        check(&all[2..], "/h/.local/state/harness", true);
+        check(&[], "/var/lib/harness", true);
+        // Empty and relative values are ignored.
+        check(&[("HARNESS_STATE_DIR", ""), ("XDG_STATE_HOME", "rel"), ("HOME", "/h")], "/h/.local/state/harness", true);
+    }
+}
+
 /// Version of the wire protocol spoken by this crate; sent in `hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -1,1 +1,185 @@
-//! placeholder
+//! Test support for harness's end-to-end tests: a real harnessd in a temp state
+//! directory, the `harness` CLI, and bounded waits.
+//!
+//! [`TestDaemon::start`] runs the harnessd binary of this build on 127.0.0.1:0 with its
+//! own state directory; its `Drop` stops every service it ran (by asking the daemon, and
+//! then by pid for anything left) and removes the directory last.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use harness_client::Client;
+use protocol::DaemonFile;
+
+/// The directory holding this build's binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/e2e-HASH -> target/debug; target/release/harness-bench -> target/release
+    let dir = exe.parent().expect("executable dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+/// Path of a workspace binary of this build.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Waits until `f` returns `Some`, polling every 20 ms, at most `timeout`.
+#[track_caller]
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A harnessd of this build in its own temp state directory.
+pub struct TestDaemon {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The harnessd process (while this guard started it).
+    pub child: Option<Child>,
+    /// harnessd's log filter (`HARNESS_LOG`).
+    pub log_level: &'static str,
+    /// daemon.json of the running daemon.
+    pub info: DaemonFile,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDaemon {
+    /// Starts harnessd in a new temp state directory.
+    pub fn start() -> TestDaemon {
+        Self::start_with_log("debug")
+    }
+
+    /// Starts harnessd with the log filter `level` (benchmarks use `warn`).
+    pub fn start_with_log(level: &'static str) -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("harness-e2e-").tempdir().expect("temp dir");
+        let state_dir = dir.path().join("state");
+        let mut d = TestDaemon { state_dir, child: None, log_level: level, info: placeholder(), dir: Some(dir) };
+        d.restart();
+        d
+    }
+
+    /// Starts harnessd again on the same state directory (after a kill).
+    pub fn restart(&mut self) {
+        let _ = std::fs::remove_file(self.state_dir.join("daemon.json"));
+        let child = self.spawn_daemon();
+        self.child = Some(child);
+        let path = self.state_dir.join("daemon.json");
+        self.info = wait_for("daemon.json", Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&path).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+    }
+
+    /// Spawns `harnessd --state-dir DIR --listen 127.0.0.1:0`, output to DIR/../harnessd.log.
+    pub fn spawn_daemon(&self) -> Child {
+        std::fs::create_dir_all(&self.state_dir).expect("state dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.with_file_name("harnessd.log"))
+            .expect("log file");
+        Command::new(bin("harnessd"))
+            .args(["--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("HARNESS_LOG", self.log_level)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn harnessd")
+    }
+
+    /// The daemon's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.with_file_name("harnessd.log")).unwrap_or_default()
+    }
+
+    /// Kills harnessd with SIGKILL and reaps it; services keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A connected, authenticated client.
+    pub fn client(&self) -> Client {
+        smol::block_on(Client::connect(&self.info, "e2e")).expect("connect to harnessd")
+    }
+
+    /// Runs the `harness` CLI against this daemon in `cwd`.
+    pub fn cli(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(bin("harness"))
+            .args(args)
+            .current_dir(cwd)
+            .env("HARNESS_STATE_DIR", &self.state_dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run harness")
+    }
+
+    /// A directory inside the test's temp dir.
+    pub fn workdir(&self, name: &str) -> PathBuf {
+        let p = self.state_dir.with_file_name(name);
+        std::fs::create_dir_all(&p).expect("workdir");
+        p
+    }
+}
+
+fn placeholder() -> DaemonFile {
+    DaemonFile { url: String::new(), ca: PathBuf::new(), token_file: PathBuf::new(), pid: 0, instance: String::new() }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        // 1. Ask the daemon to stop everything it runs.
+        if self.child.is_some() {
+            let info = self.info.clone();
+            let _ = smol::block_on(async {
+                let c = Client::connect(&info, "e2e-cleanup").await?;
+                c.call::<serde_json::Value>("daemon.shutdown", serde_json::json!({"stop_services": true})).await
+            });
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // 2. Anything of this daemon still alive (a test killed the daemon and did not
+        //    restart it): end it by pid, found by its HARNESS_INSTANCE marker.
+        if !self.info.instance.is_empty() {
+            for (pid, _) in deployer::process::find_instances(&format!("{}/", self.info.instance)) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+        // 3. The temp dir goes last.
+        drop(self.dir.take());
+    }
+}

@@ -1,0 +1,3 @@
+//! The backends that run services; one module each.
+
+pub mod process;

@@ -1,0 +1,430 @@
+//! The process backend: local services, each under its own supervisor shim.
+//!
+//! [`spawn`] starts `<shim_exe> shim <run_dir>/spec.json` ([`run_shim`] is its main),
+//! which starts the service and stays its parent. The daemon keeps a
+//! [`ProcessRecord`] of the pair and, after a restart of its own, finds them again
+//! with [`adopt`].
+
+mod procfs;
+mod shim;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use async_io::{Async, Timer};
+use futures_lite::{future, AsyncBufReadExt};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::DeployError;
+
+pub use shim::run_shim;
+
+/// The environment variable that marks every shim and service with its owner:
+/// `<daemon id>/<stack>/<service>`.
+pub const INSTANCE_VAR: &str = "HARNESS_INSTANCE";
+
+/// Default [`ProcessSpec::log_max_bytes`]: 10 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
+
+/// Default [`ProcessSpec::log_keep`]: 3 rotated files.
+pub const DEFAULT_LOG_KEEP: usize = 3;
+
+/// How long [`spawn`] waits for the shim to report before killing it.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+const SPEC_FILE: &str = "spec.json";
+const SHIM_FILE: &str = "shim.json";
+const EXIT_FILE: &str = "exit.json";
+
+/// What to run. Written as `<run_dir>/spec.json` for the shim.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ProcessSpec {
+    /// `<daemon id>/<stack>/<service>`, set as `HARNESS_INSTANCE` for the shim and
+    /// the service.
+    pub instance: String,
+    /// The program; looked up in the `PATH` of `env` when it has no '/', taken
+    /// relative to `working_dir` when it is a relative path.
+    pub binary: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// The service's whole environment (plus `HARNESS_INSTANCE`); nothing is
+    /// inherited from the daemon.
+    pub env: BTreeMap<String, String>,
+    /// The service's working directory.
+    pub working_dir: PathBuf,
+    /// The service's own directory for spec.json, shim.json and exit.json; created
+    /// by [`spawn`].
+    pub run_dir: PathBuf,
+    /// The log file, e.g. `<state>/logs/<stack>/<service>.log`; its directory is
+    /// created by the shim.
+    pub log_path: PathBuf,
+    /// Rotate the log when a line would make it bigger than this (default 10 MiB).
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+    /// Rotated files kept, `.1` (newest) to `.N` (default 3; 0 keeps none).
+    #[serde(default = "default_log_keep")]
+    pub log_keep: usize,
+}
+
+fn default_log_max_bytes() -> u64 {
+    DEFAULT_LOG_MAX_BYTES
+}
+
+fn default_log_keep() -> usize {
+    DEFAULT_LOG_KEEP
+}
+
+/// What the daemon persists to find a running service again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProcessRecord {
+    /// The shim's pid.
+    pub shim_pid: u32,
+    /// The shim's start time (`/proc/<pid>/stat` field 22), so a reused pid is never
+    /// taken for the shim.
+    pub shim_start: u64,
+    /// The service's pid, also its process group id.
+    pub pid: u32,
+    /// The service's start time.
+    pub start: u64,
+    /// The run directory (absolute), where exit.json appears.
+    pub run_dir: PathBuf,
+}
+
+/// How a service ended. The shim writes it as `<run_dir>/exit.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// Why it never ran, e.g. "cannot run /x/y: No such file or directory (os error 2)".
+    pub error: Option<String>,
+}
+
+/// What [`adopt`] found for a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// The shim still runs: supervise it again with [`wait_exit`].
+    Alive,
+    /// The service exited while nobody watched; this is how.
+    Exited(ExitStatus),
+    /// Neither the processes nor their exit status exist any more.
+    Gone,
+}
+
+/// The shim's one-line report to [`spawn`] on its stdout.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ready {
+    Running(ProcessRecord),
+    Failed(String),
+}
+
+/// exit.json: the status plus the shim it came from, so a stale file from another
+/// run is never taken for this run's.
+#[derive(Serialize, Deserialize)]
+struct ExitFile {
+    shim_pid: u32,
+    shim_start: u64,
+    #[serde(flatten)]
+    status: ExitStatus,
+}
+
+/// Starts the shim for `spec` and returns once the service runs, or with the reason
+/// it could not be started.
+///
+/// The shim runs as `<shim_exe> shim <run_dir>/spec.json` in its own process group,
+/// with /dev/null as stdin and stderr and an environment of only `HARNESS_INSTANCE`.
+/// Its stdout is a pipe on which it reports one line once shim.json is written; that
+/// line is all this function waits for (no polling).
+pub async fn spawn(spec: &ProcessSpec, shim_exe: &Path) -> Result<ProcessRecord, DeployError> {
+    let (spec, exe) = (spec.clone(), shim_exe.to_owned());
+    let mut child = smol::unblock(move || start_shim(spec, &exe)).await?;
+    let shim_pid = child.id();
+    let stdout = child.stdout.take();
+    let report = future::or(async { Ok(read_report(stdout).await) }, async {
+        Timer::after(START_TIMEOUT).await;
+        Err(())
+    });
+    let err = match report.await {
+        // The shim stays our child; `wait_exit` reaps it through its pidfd.
+        Ok(Some(Ready::Running(record))) => return Ok(record),
+        Ok(Some(Ready::Failed(reason))) => DeployError::Spawn { reason },
+        Ok(None) => DeployError::ShimDied { shim_pid },
+        Err(()) => DeployError::ShimTimeout {
+            shim_pid,
+            timeout: START_TIMEOUT,
+        },
+    };
+    // Our own unreaped child, so the pid cannot have been reused; the kill makes
+    // sure the wait ends.
+    let _ = child.kill();
+    let _ = smol::unblock(move || child.wait()).await;
+    Err(err)
+}
+
+/// The shim's report line; `None` when it closed its stdout without one.
+async fn read_report(stdout: Option<ChildStdout>) -> Option<Ready> {
+    let mut reader = futures_lite::io::BufReader::new(Async::new(stdout?).ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Writes spec.json (with absolute paths, as the shim runs in /) and starts the shim.
+fn start_shim(mut spec: ProcessSpec, exe: &Path) -> Result<Child, DeployError> {
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DeployError::WriteFile { path, source }
+    };
+    for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path] {
+        *path = std::path::absolute(&*path).map_err(write_err(path))?;
+    }
+    std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
+    // Files of the previous run must not be read as this run's.
+    for name in [SHIM_FILE, EXIT_FILE] {
+        let path = spec.run_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(write_err(&path)(e)),
+            _ => {}
+        }
+    }
+    let spec_path = spec.run_dir.join(SPEC_FILE);
+    write_json(&spec_path, &spec)?;
+    Command::new(exe)
+        .arg("shim")
+        .arg(&spec_path)
+        .env_clear()
+        .env(INSTANCE_VAR, &spec.instance)
+        .current_dir("/")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| DeployError::StartShim {
+            exe: exe.to_owned(),
+            source,
+        })
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, then rename).
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), DeployError> {
+    let err = |source| DeployError::WriteFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let json = serde_json::to_vec_pretty(value).map_err(|e| err(e.into()))?;
+    std::fs::write(&tmp, json).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Reads the exit status the record's shim left, if it is that shim's.
+fn read_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError> {
+    let path = record.run_dir.join(EXIT_FILE);
+    let unknown = || DeployError::ExitUnknown {
+        shim_pid: record.shim_pid,
+        path: path.clone(),
+    };
+    let text = std::fs::read(&path).map_err(|_| unknown())?;
+    let file: ExitFile = serde_json::from_slice(&text).map_err(|e| DeployError::ReadFile {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    if (file.shim_pid, file.shim_start) != (record.shim_pid, record.shim_start) {
+        return Err(unknown());
+    }
+    Ok(file.status)
+}
+
+/// Checks a record against the running system, e.g. after a daemon restart.
+///
+/// The shim decides: while the shim with the recorded pid and start time runs, the
+/// run is [`Adoption::Alive`] (the shim outlives its service only by the moment it
+/// takes to record the exit, which [`wait_exit`] then returns). A pid that now
+/// belongs to another process never counts. Otherwise the shim's exit.json says how
+/// the service ended, or the run is [`Adoption::Gone`].
+pub fn adopt(record: &ProcessRecord) -> Adoption {
+    if procfs::is_running(record.shim_pid, record.shim_start) {
+        return Adoption::Alive;
+    }
+    match read_exit(record) {
+        Ok(status) => Adoption::Exited(status),
+        Err(_) => Adoption::Gone,
+    }
+}
+
+/// Waits until the service has exited and returns how. Works for shims started by
+/// this process and for adopted ones.
+///
+/// Waits on a pidfd of the shim (no polling), reaps the shim when it is our child,
+/// then reads the exit.json the shim wrote before exiting.
+pub async fn wait_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError> {
+    let shim_pid = record.shim_pid;
+    let watch_err = |source: io::Error| DeployError::Watch { shim_pid, source };
+    let pid = Pid::from_raw(shim_pid as i32)
+        .ok_or_else(|| watch_err(io::ErrorKind::InvalidInput.into()))?;
+    match rustix::process::pidfd_open(pid, PidfdFlags::NONBLOCK) {
+        // Checked after opening: if the start time still matches, the pidfd refers
+        // to our shim and not to a process that reused its pid.
+        Ok(fd) if procfs::start_time(shim_pid) == Some(record.shim_start) => {
+            let fd = Async::new_nonblocking(fd).map_err(watch_err)?;
+            fd.readable().await.map_err(watch_err)?;
+            // Reaps the shim if it is our child; for an adopted shim this fails with
+            // ECHILD and its own parent reaps it.
+            let _ = rustix::process::waitid(
+                WaitId::PidFd(fd.get_ref().as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            );
+        }
+        Ok(_) => {}
+        Err(e) if e == rustix::io::Errno::SRCH => {}
+        Err(e) => return Err(watch_err(e.into())),
+    }
+    let record = record.clone();
+    smol::unblock(move || read_exit(&record)).await
+}
+
+/// Stops the service: sends `signal` (a name like "TERM", "SIGINT", "KILL", or a
+/// number; default in the daemon is TERM) to its process group, waits up to
+/// `timeout`, then sends SIGKILL to the group, and returns the exit status.
+///
+/// Signals go only to a process group whose leader still has the recorded start
+/// time. (The shim kills what is left of the group when the leader exits.)
+pub async fn stop(
+    record: &ProcessRecord,
+    signal: &str,
+    timeout: Duration,
+) -> Result<ExitStatus, DeployError> {
+    let signal = parse_signal(signal)?;
+    signal_group(record, signal)?;
+    let graceful = future::or(async { Some(wait_exit(record).await) }, async {
+        Timer::after(timeout).await;
+        None
+    });
+    if let Some(status) = graceful.await {
+        return status;
+    }
+    signal_group(record, Signal::KILL)?;
+    wait_exit(record).await
+}
+
+fn signal_group(record: &ProcessRecord, signal: Signal) -> Result<(), DeployError> {
+    let err = |source: io::Error| DeployError::Signal {
+        pgid: record.pid,
+        source,
+    };
+    // Zombie leaders count: until the shim reaps the leader, its pid (and so the
+    // group id) cannot be reused.
+    if procfs::start_time(record.pid) != Some(record.start) {
+        return Ok(());
+    }
+    let pgid =
+        Pid::from_raw(record.pid as i32).ok_or_else(|| err(io::ErrorKind::InvalidInput.into()))?;
+    match rustix::process::kill_process_group(pgid, signal) {
+        Err(e) if e != rustix::io::Errno::SRCH => Err(err(e.into())),
+        _ => Ok(()),
+    }
+}
+
+/// Parses "TERM", "SIGTERM", "sigterm" or "15".
+fn parse_signal(name: &str) -> Result<Signal, DeployError> {
+    let unknown = || DeployError::UnknownSignal {
+        name: name.to_owned(),
+    };
+    if let Ok(n) = name.parse::<i32>() {
+        return Signal::from_named_raw(n).ok_or_else(unknown);
+    }
+    let upper = name.trim().to_ascii_uppercase();
+    let signal = match upper.strip_prefix("SIG").unwrap_or(&upper) {
+        "HUP" => Signal::HUP,
+        "INT" => Signal::INT,
+        "QUIT" => Signal::QUIT,
+        "ABRT" | "ABORT" => Signal::ABORT,
+        "KILL" => Signal::KILL,
+        "USR1" => Signal::USR1,
+        "USR2" => Signal::USR2,
+        "ALRM" | "ALARM" => Signal::ALARM,
+        "TERM" => Signal::TERM,
+        "CONT" => Signal::CONT,
+        "STOP" => Signal::STOP,
+        "TSTP" => Signal::TSTP,
+        "WINCH" => Signal::WINCH,
+        "PWR" | "POWER" => Signal::POWER,
+        _ => return Err(unknown()),
+    };
+    Ok(signal)
+}
+
+/// Every process whose environment carries a `HARNESS_INSTANCE` starting with
+/// `prefix` (e.g. `"<daemon id>/"`), as (pid, instance), by pid. Shims, services and
+/// the services' own children all carry it. Processes of other users are skipped
+/// (their environment is not readable).
+pub fn find_instances(prefix: &str) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, String)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|pid| Some(pid).zip(procfs::instance_of(pid)))
+        .filter(|(_, instance)| instance.starts_with(prefix))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Kills a stray found by [`find_instances`]: SIGKILL to its process group when it
+/// leads one (a service or a shim), else to the process. Checks again that the pid
+/// still carries a `HARNESS_INSTANCE`, so a pid reused since the scan is left alone.
+/// Returns whether a signal was sent.
+pub fn kill_stray(pid: u32) -> bool {
+    let Some(target) = Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    if procfs::instance_of(pid).is_none() {
+        return false;
+    }
+    if rustix::process::getpgid(Some(target)) == Ok(target) {
+        rustix::process::kill_process_group(target, Signal::KILL).is_ok()
+    } else {
+        rustix::process::kill_process(target, Signal::KILL).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names() {
+        for (name, signal) in [
+            ("TERM", Signal::TERM),
+            ("SIGINT", Signal::INT),
+            ("kill", Signal::KILL),
+            ("9", Signal::KILL),
+        ] {
+            assert_eq!(parse_signal(name).unwrap(), signal, "{name}");
+        }
+        for bad in ["", "SIG", "TERMINATE", "0", "-1", "999"] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spec_defaults() {
+        let spec: ProcessSpec = serde_json::from_str(
+            r#"{"instance":"d/s/x","binary":"x","args":[],"env":{},"working_dir":"/",
+                "run_dir":"/r","log_path":"/l"}"#,
+        )
+        .unwrap();
+        assert_eq!((spec.log_max_bytes, spec.log_keep), (10 << 20, 3));
+    }
+}

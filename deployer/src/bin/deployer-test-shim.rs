@@ -1,0 +1,41 @@
+//! Test helper for deployer's integration tests, standing in for harnessd.
+//!
+//! `deployer-test-shim shim SPEC` runs the shim, as `harnessd shim SPEC` does.
+//! `deployer-test-shim spawn SPEC` spawns the service of SPEC with this executable
+//! as the shim, prints the record as JSON and exits: a daemon that dies right after
+//! starting a service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use deployer::process::{self, ProcessSpec};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [cmd, spec] if cmd == "shim" => {
+            ExitCode::from(u8::try_from(process::run_shim(spec.as_ref())).unwrap_or(1))
+        }
+        [cmd, spec] if cmd == "spawn" => match spawn(spec.into()) {
+            Ok(record) => {
+                println!("{record}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("deployer-test-shim: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => {
+            eprintln!("usage: deployer-test-shim shim|spawn SPEC");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn spawn(spec_path: PathBuf) -> Result<String, Box<dyn std::error::Error>> {
+    let spec: ProcessSpec = serde_json::from_slice(&std::fs::read(spec_path)?)?;
+    let exe = std::env::current_exe()?;
+    let record = smol::block_on(process::spawn(&spec, &exe))?;
+    Ok(serde_json::to_string(&record)?)
+}

@@ -1,0 +1,105 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a deployer operation failed. Each variant names the step that failed and
+/// carries the path or pid it was working on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeployError {
+    /// Writing a file of the run directory (spec.json, shim.json, exit.json) failed.
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Reading or parsing a file of the run directory failed.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause (parse errors are wrapped as `InvalidData`).
+        source: io::Error,
+    },
+    /// The shim executable could not be started.
+    #[error("cannot start the shim {exe}: {source}")]
+    StartShim {
+        /// The executable passed as `shim_exe`.
+        exe: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The shim could not start the service; the reason is the shim's own words,
+    /// e.g. "cannot run /x/y: No such file or directory (os error 2)".
+    #[error("{reason}")]
+    Spawn {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The shim exited (or closed its report pipe) without saying whether the
+    /// service started.
+    #[error("the shim (pid {shim_pid}) exited before reporting whether the service started")]
+    ShimDied {
+        /// The shim's pid.
+        shim_pid: u32,
+    },
+    /// The shim did not report within the start timeout; it was killed.
+    #[error("the shim (pid {shim_pid}) did not start the service within {timeout:?}")]
+    ShimTimeout {
+        /// The shim's pid.
+        shim_pid: u32,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Watching the shim for its exit (pidfd) failed.
+    #[error("cannot watch the shim (pid {shim_pid}): {source}")]
+    Watch {
+        /// The shim's pid.
+        shim_pid: u32,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The shim is gone but left no exit status for this run (it was killed, or the
+    /// record does not belong to it).
+    #[error("the shim (pid {shim_pid}) is gone and left no exit status in {path}")]
+    ExitUnknown {
+        /// The shim's pid.
+        shim_pid: u32,
+        /// Where the exit status was looked for.
+        path: PathBuf,
+    },
+    /// A stop signal name that is not a signal.
+    #[error("unknown signal {name:?} (use a name like TERM, SIGINT, KILL or a number)")]
+    UnknownSignal {
+        /// The name as given.
+        name: String,
+    },
+    /// Sending a signal to the service's process group failed.
+    #[error("cannot signal process group {pgid}: {source}")]
+    Signal {
+        /// The process group (the service's pid).
+        pgid: u32,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Opening or writing a log file failed.
+    #[error("cannot write log {path}: {source}")]
+    WriteLog {
+        /// The log file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Reading a log file failed.
+    #[error("cannot read log {path}: {source}")]
+    ReadLog {
+        /// The log file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}

@@ -1,0 +1,452 @@
+//! The process backend against real processes: spawn, logs, exit, stop, adoption.
+//!
+//! The shim is `deployer-test-shim`, a stand-in for `harnessd shim`. Every test uses
+//! its own temporary directory and instance name, and kills only what it started.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use deployer::logs::{self, LogEntry};
+use deployer::process::{self, Adoption, ExitStatus, ProcessRecord, ProcessSpec};
+use rustix::process::{Pid, Signal};
+
+fn shim_exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_deployer-test-shim"))
+}
+
+/// A name no other test (or test run) uses.
+fn unique(name: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("test-{}-{nanos}-{name}", std::process::id())
+}
+
+struct Test {
+    dir: tempfile::TempDir,
+    /// Every run started, killed on drop if it still runs.
+    runs: Vec<ProcessRecord>,
+}
+
+impl Test {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            runs: Vec::new(),
+        }
+    }
+
+    fn spec(&self, name: &str, binary: &str, args: &[&str]) -> ProcessSpec {
+        let env = BTreeMap::from([("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned())]);
+        ProcessSpec {
+            instance: format!("{}/stack/{name}", unique(name)),
+            binary: binary.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env,
+            working_dir: self.dir.path().to_owned(),
+            run_dir: self.dir.path().join("run").join(name),
+            log_path: self.dir.path().join("logs").join(format!("{name}.log")),
+            log_max_bytes: process::DEFAULT_LOG_MAX_BYTES,
+            log_keep: process::DEFAULT_LOG_KEEP,
+        }
+    }
+
+    fn spawn(&mut self, spec: &ProcessSpec) -> ProcessRecord {
+        let record = smol::block_on(process::spawn(spec, shim_exe())).expect("spawn");
+        self.runs.push(record.clone());
+        record
+    }
+}
+
+impl Drop for Test {
+    fn drop(&mut self) {
+        for r in &self.runs {
+            if start_time(r.pid) == Some(r.start) {
+                let _ = rustix::process::kill_process_group(pid(r.pid), Signal::KILL);
+            }
+            if start_time(r.shim_pid) == Some(r.shim_start) {
+                let _ = rustix::process::kill_process(pid(r.shim_pid), Signal::KILL);
+            }
+        }
+    }
+}
+
+fn pid(p: u32) -> Pid {
+    Pid::from_raw(p as i32).unwrap()
+}
+
+/// (state, start time) from /proc/<pid>/stat.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = text[text.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(18)?.parse().ok()?))
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|s| s.1)
+}
+
+/// Whether the process that started at `start` has exited (zombies count as exited).
+fn exited(pid: u32, start: u64) -> bool {
+    stat(pid).is_none_or(|(state, s)| s != start || state == 'Z')
+}
+
+#[track_caller]
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait(record: &ProcessRecord) -> ExitStatus {
+    smol::block_on(process::wait_exit(record)).expect("wait_exit")
+}
+
+fn lines(entries: &[LogEntry]) -> Vec<(u64, &str, &str)> {
+    entries
+        .iter()
+        .map(|e| (e.offset, e.stream.as_str(), e.line.as_str()))
+        .collect()
+}
+
+#[test]
+fn logs_both_streams_and_records_the_exit_code() {
+    let mut t = Test::new();
+    let spec = t.spec("out", "sh", &["-c", "echo out; echo err >&2; exit 3"]);
+    let record = t.spawn(&spec);
+    assert_eq!(
+        wait(&record),
+        ExitStatus {
+            code: Some(3),
+            signal: None,
+            error: None
+        }
+    );
+    assert!(record.run_dir.join("exit.json").exists());
+    assert!(record.run_dir.join("shim.json").exists());
+    assert_eq!(
+        process::adopt(&record),
+        Adoption::Exited(ExitStatus {
+            code: Some(3),
+            ..Default::default()
+        })
+    );
+
+    let mut entries = logs::read_from(&spec.log_path, 0, 100).unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    // The two pipes race; only the offsets are ordered.
+    entries.sort_by(|a, b| a.stream.cmp(&b.stream));
+    assert_eq!(
+        lines(&entries)
+            .iter()
+            .map(|l| (l.1, l.2))
+            .collect::<Vec<_>>(),
+        vec![("stderr", "err"), ("stdout", "out")]
+    );
+    let time = humantime::parse_rfc3339(&entries[0].time).unwrap();
+    assert!(time.elapsed().unwrap_or_default() < Duration::from_secs(60));
+    assert_eq!(logs::next_offset(&spec.log_path).unwrap(), 2);
+}
+
+#[test]
+fn spawn_failure_names_the_binary() {
+    let t = Test::new();
+    let missing = t.dir.path().join("no/such/binary");
+    let spec = t.spec("missing", missing.to_str().unwrap(), &[]);
+    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("No such file"),
+        "{err}"
+    );
+
+    let spec = t.spec("unknown", "no-such-binary-on-path", &[]);
+    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot run no-such-binary-on-path"), "{err}");
+
+    let mut spec = t.spec("nodir", "true", &[]);
+    spec.working_dir = t.dir.path().join("nodir");
+    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("working directory") && err.contains("nodir"),
+        "{err}"
+    );
+
+    let err = smol::block_on(process::spawn(&spec, &t.dir.path().join("no-shim"))).unwrap_err();
+    assert!(err.to_string().contains("no-shim"), "{err}");
+}
+
+#[test]
+fn child_gets_exactly_its_env_and_working_dir() {
+    let mut t = Test::new();
+    let mut spec = t.spec("env", "env", &[]);
+    spec.env.insert("FOO".into(), "bar baz".into());
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    let mut got: Vec<String> = logs::read_from(&spec.log_path, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.line)
+        .collect();
+    got.sort();
+    let want = vec![
+        "FOO=bar baz".to_owned(),
+        format!("HARNESS_INSTANCE={}", spec.instance),
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+    ];
+    assert_eq!(got, want);
+
+    let workdir = t.dir.path().join("work dir");
+    std::fs::create_dir(&workdir).unwrap();
+    let mut spec = t.spec("pwd", "pwd", &[]);
+    spec.working_dir = workdir.clone();
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    assert_eq!(
+        logs::tail(&spec.log_path, 1).unwrap()[0].line,
+        workdir.to_str().unwrap()
+    );
+}
+
+#[test]
+fn stop_with_term() {
+    let mut t = Test::new();
+    let record = t.spawn(&t.spec("sleep", "sleep", &["100"]));
+    assert_eq!(process::adopt(&record), Adoption::Alive);
+    let began = Instant::now();
+    let status =
+        smol::block_on(process::stop(&record, "SIGTERM", Duration::from_secs(30))).unwrap();
+    assert_eq!(status.signal, Some(15));
+    assert!(began.elapsed() < Duration::from_secs(10));
+    assert!(exited(record.pid, record.start) && exited(record.shim_pid, record.shim_start));
+}
+
+#[test]
+fn stop_kills_the_whole_group_after_the_timeout() {
+    let mut t = Test::new();
+    // The shell and its background child both ignore TERM; the child's pid goes to
+    // the log.
+    let spec = t.spec(
+        "stubborn",
+        "sh",
+        &["-c", "trap '' TERM; sleep 100 & echo $!; wait"],
+    );
+    let record = t.spawn(&spec);
+    let grandchild: u32 = eventually("the grandchild's pid", || {
+        logs::tail(&spec.log_path, 1)
+            .ok()?
+            .first()?
+            .line
+            .parse()
+            .ok()
+    });
+    let grandchild_start = start_time(grandchild).expect("grandchild runs");
+    let began = Instant::now();
+    let status =
+        smol::block_on(process::stop(&record, "TERM", Duration::from_millis(300))).unwrap();
+    assert_eq!(status.signal, Some(9));
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    eventually("the grandchild to die", || {
+        exited(grandchild, grandchild_start).then_some(())
+    });
+}
+
+#[test]
+fn leftovers_of_the_group_die_with_the_service() {
+    let mut t = Test::new();
+    let spec = t.spec("leaver", "sh", &["-c", "sleep 100 & echo $!"]);
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    let grandchild: u32 = logs::tail(&spec.log_path, 1).unwrap()[0]
+        .line
+        .parse()
+        .unwrap();
+    eventually("the grandchild to die", || {
+        stat(grandchild)
+            .is_none_or(|(state, _)| state == 'Z')
+            .then_some(())
+    });
+}
+
+#[test]
+fn the_shim_outlives_the_process_that_spawned_it() {
+    let mut t = Test::new();
+    let spec = t.spec("orphan", "sh", &["-c", "echo started; exec sleep 100"]);
+    let spec_file = t.dir.path().join("orphan.json");
+    std::fs::write(&spec_file, serde_json::to_vec(&spec).unwrap()).unwrap();
+    // A "daemon" that spawns and exits at once.
+    let out = Command::new(shim_exe())
+        .arg("spawn")
+        .arg(&spec_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: ProcessRecord = serde_json::from_slice(&out.stdout).unwrap();
+    t.runs.push(record.clone());
+
+    // Own process groups: a signal to the daemon's group reaches neither.
+    assert_eq!(
+        rustix::process::getpgid(Some(pid(record.shim_pid))).unwrap(),
+        pid(record.shim_pid)
+    );
+    assert_eq!(
+        rustix::process::getpgid(Some(pid(record.pid))).unwrap(),
+        pid(record.pid)
+    );
+    assert_eq!(process::adopt(&record), Adoption::Alive);
+    eventually("the first line", || {
+        (logs::next_offset(&spec.log_path).ok()? == 1).then_some(())
+    });
+
+    // Not our child: waiting works through the pidfd alone.
+    let waiter = smol::spawn({
+        let record = record.clone();
+        async move { process::wait_exit(&record).await }
+    });
+    let status = smol::block_on(process::stop(&record, "INT", Duration::from_secs(30))).unwrap();
+    assert_eq!(status.signal, Some(2));
+    assert_eq!(smol::block_on(waiter).unwrap(), status);
+    assert_eq!(process::adopt(&record), Adoption::Exited(status));
+}
+
+#[test]
+fn a_reused_pid_is_never_adopted_or_signalled() {
+    let t = Test::new();
+    let me = std::process::id();
+    let my_start = start_time(me).unwrap();
+    // Our own live pid, with the start time of an earlier process.
+    let fake = ProcessRecord {
+        shim_pid: me,
+        shim_start: my_start - 1,
+        pid: me,
+        start: my_start - 1,
+        run_dir: t.dir.path().to_owned(),
+    };
+    assert_eq!(process::adopt(&fake), Adoption::Gone);
+    // Would kill this test if it signalled.
+    assert!(smol::block_on(process::stop(&fake, "KILL", Duration::from_millis(50))).is_err());
+    assert!(smol::block_on(process::wait_exit(&fake)).is_err());
+}
+
+#[test]
+fn stale_exit_status_is_not_taken_for_a_new_run() {
+    let mut t = Test::new();
+    let spec = t.spec("again", "sh", &["-c", "exit 7"]);
+    let first = t.spawn(&spec);
+    assert_eq!(wait(&first).code, Some(7));
+    let second = t.spawn(&spec);
+    assert_eq!(wait(&second).code, Some(7));
+    // The first run's record does not claim the second run's exit.json.
+    assert_eq!(process::adopt(&first), Adoption::Gone);
+}
+
+#[test]
+fn rotation_and_restarts_keep_offsets_continuous() {
+    let mut t = Test::new();
+    let mut spec = t.spec(
+        "chatty",
+        "sh",
+        &[
+            "-c",
+            "i=0; while [ $i -lt 200 ]; do echo line$i; i=$((i+1)); done",
+        ],
+    );
+    spec.log_max_bytes = 2000;
+    spec.log_keep = 20;
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    assert!(Path::new(&format!("{}.3", spec.log_path.display())).exists());
+    let all = logs::read_from(&spec.log_path, 0, usize::MAX).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (0..200).collect::<Vec<_>>()
+    );
+    assert_eq!(all[123].line, "line123");
+    assert_eq!(
+        logs::read_from(&spec.log_path, 150, 2).unwrap()[1].line,
+        "line151"
+    );
+
+    // The restarted service continues the numbering.
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    let last = logs::tail(&spec.log_path, 3).unwrap();
+    assert_eq!(
+        lines(&last),
+        vec![
+            (397, "stdout", "line197"),
+            (398, "stdout", "line198"),
+            (399, "stdout", "line199")
+        ]
+    );
+    assert_eq!(logs::next_offset(&spec.log_path).unwrap(), 400);
+}
+
+#[test]
+fn find_instances_sees_shim_and_service() {
+    let mut t = Test::new();
+    let spec = t.spec("found", "sleep", &["100"]);
+    let record = t.spawn(&spec);
+    let prefix = spec.instance.split('/').next().unwrap().to_owned() + "/";
+    let mut want = vec![
+        (record.shim_pid, spec.instance.clone()),
+        (record.pid, spec.instance.clone()),
+    ];
+    want.sort();
+    assert_eq!(process::find_instances(&prefix), want);
+    assert!(process::find_instances(&unique("nobody")).is_empty());
+    assert!(process::kill_stray(record.pid));
+    assert_eq!(wait(&record).signal, Some(9));
+}
+
+#[test]
+fn many_services_start_at_once() {
+    let mut t = Test::new();
+    let specs: Vec<ProcessSpec> = (0..20)
+        .map(|i| t.spec(&format!("svc{i}"), "true", &[]))
+        .collect();
+    let records: Vec<ProcessRecord> = smol::block_on(async {
+        let tasks: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                let s = s.clone();
+                smol::spawn(async move { process::spawn(&s, shim_exe()).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.expect("spawn"));
+        }
+        out
+    });
+    t.runs.extend(records.iter().cloned());
+    for r in &records {
+        assert_eq!(wait(r).code, Some(0));
+    }
+    let run_dirs: Vec<PathBuf> = records.iter().map(|r| r.run_dir.clone()).collect();
+    assert_eq!(
+        run_dirs,
+        specs.iter().map(|s| s.run_dir.clone()).collect::<Vec<_>>()
+    );
+}

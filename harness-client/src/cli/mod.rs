@@ -1,0 +1,164 @@
+//! The `harness` commands.
+
+mod commands;
+mod config_file;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use commands::run;
+
+/// `harness`: run and control stacks of services through harnessd.
+#[derive(Parser)]
+#[command(name = "harness", bin_name = "harness", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Options every command takes.
+#[derive(Args, Clone)]
+pub struct GlobalOpts {
+    /// Config file (default: harness.yaml or services.yaml in the working directory).
+    #[arg(short = 'f', long = "file", global = true)]
+    pub file: Option<PathBuf>,
+    /// Stack name (default: `name:` in the config, else the config directory's name).
+    #[arg(short = 'p', long = "project", global = true)]
+    pub stack: Option<String>,
+    /// State directory of the daemon (default: $HARNESS_STATE_DIR, $XDG_STATE_HOME/harness, ~/.local/state/harness).
+    #[arg(long, global = true, env = "HARNESS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print JSON instead of tables (read commands).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Write a commented harness.yaml to start from.
+    Init,
+    /// Check the config file and print the start order.
+    Validate,
+    /// Apply the config and start services (all by default) with their dependencies; wait until healthy.
+    Up {
+        /// Services to start (default: all).
+        services: Vec<String>,
+    },
+    /// Stop services (all by default); with no names, also forget the stack.
+    Down {
+        /// Services to stop and reset (default: the whole stack).
+        services: Vec<String>,
+    },
+    /// Start services (and their dependencies) without re-applying the config.
+    Start {
+        /// Services (default: all).
+        services: Vec<String>,
+    },
+    /// Stop services (and what depends on them).
+    Stop {
+        /// Services (default: all).
+        services: Vec<String>,
+    },
+    /// Stop then start services.
+    Restart {
+        /// Services (default: all).
+        services: Vec<String>,
+    },
+    /// Stop services and forget their runs (pids, ports, exit codes).
+    Rm {
+        /// Services.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// List services with state, health, backend, address and pid.
+    #[command(alias = "status")]
+    Ps,
+    /// Print a service's log.
+    Logs {
+        /// Service.
+        service: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines from the end to start with.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Run a command with a service's environment and working directory.
+    Exec {
+        /// Service.
+        service: String,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run health checks now.
+    Health {
+        /// Services (default: all).
+        services: Vec<String>,
+    },
+    /// Print events as they happen.
+    Events {
+        /// Replay from this seq first.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Only these topics (service, daemon).
+        #[arg(long)]
+        topic: Vec<String>,
+    },
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Control the daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCmd {
+    /// The config as the daemon stores it (or as the file resolves when not applied).
+    Show,
+    /// The environment a service gets.
+    Env {
+        /// Service.
+        service: String,
+    },
+    /// The config file with ${VAR}s and paths resolved, as `up` would apply it.
+    Resolve,
+    /// Dependencies and start order.
+    Deps,
+}
+
+#[derive(Subcommand)]
+pub enum DaemonCmd {
+    /// Start harnessd in the background (no-op when it runs).
+    Start,
+    /// Stop harnessd; services keep running unless --stop-services.
+    Stop {
+        /// Stop every service first.
+        #[arg(long)]
+        stop_services: bool,
+    },
+    /// Show whether harnessd runs, and where.
+    Status,
+}
+
+/// Exit code for a failed command whose message was already printed.
+pub fn failure() -> ExitCode {
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,75 @@
+//! Printing for people (tables, progress lines) and for scripts (`--json`).
+
+use std::io::IsTerminal;
+
+use comfy_table::{Cell, Color, ContentArrangement, Table};
+use protocol::methods::{Health, ServiceInfo, ServiceState};
+
+/// Whether to use colour: stdout is a terminal and NO_COLOR is unset.
+pub fn color() -> bool {
+    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+/// Prints a value as pretty JSON.
+pub fn json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("values serialize"));
+}
+
+/// A table with the house style.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    if !color() {
+        t.force_no_tty();
+    }
+    t
+}
+
+fn state_cell(state: ServiceState) -> Cell {
+    let text = format!("{state:?}").to_lowercase();
+    let color = match state {
+        ServiceState::Running => Color::Green,
+        ServiceState::Failed => Color::Red,
+        ServiceState::Starting | ServiceState::Stopping => Color::Yellow,
+        _ => Color::Reset,
+    };
+    Cell::new(text).fg(color)
+}
+
+fn health_cell(health: Health) -> Cell {
+    let text = format!("{health:?}").to_lowercase();
+    let color = match health {
+        Health::Healthy => Color::Green,
+        Health::Unhealthy => Color::Red,
+        Health::Unknown => Color::Reset,
+    };
+    Cell::new(text).fg(color)
+}
+
+/// The `ps` table.
+pub fn services_table(list: &[ServiceInfo], show_stack: bool) -> Table {
+    let mut header = vec!["service", "state", "health", "backend", "address", "pid", "restarts", "note"];
+    if show_stack {
+        header.insert(0, "stack");
+    }
+    let mut t = table(&header);
+    for s in list {
+        let mut row = vec![
+            Cell::new(&s.name),
+            state_cell(s.state),
+            health_cell(s.health),
+            Cell::new(&s.backend),
+            Cell::new(s.address.as_deref().unwrap_or("-")),
+            Cell::new(s.pid.map_or("-".to_owned(), |p| p.to_string())),
+            Cell::new(s.restarts),
+            Cell::new(s.reason.as_deref().unwrap_or("")),
+        ];
+        if show_stack {
+            row.insert(0, Cell::new(&s.stack));
+        }
+        t.add_row(row);
+    }
+    t
+}

@@ -1,0 +1,146 @@
+//! What a service is given: its environment and arguments with `${svc.addr}`-style
+//! references resolved for where it runs.
+//!
+//! Precedence, lowest first (a later source overrides an earlier one):
+//! 1. the daemon's own environment (PATH, HOME...),
+//! 2. injected addresses: `DEP_ADDR`, `DEP_HOST`, `DEP_PORT` for each dependency, and
+//!    `HARNESS_STACK`, `HARNESS_SERVICE`, `HARNESS_ENV_FILE`,
+//! 3. the service's `env_file`,
+//! 4. the target's `env` (e.g. `target.process.env`),
+//! 5. the service's `env`.
+//!
+//! Every caller here is a host process, so every address is `127.0.0.1:port`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use protocol::config::{template, ServiceConfig, StackConfig, Target};
+
+use crate::core::State;
+
+/// Bind address a host process should listen on (`${self.bind}`): loopback while every
+/// service of the stack is a local process, all interfaces once anything else needs to
+/// reach it.
+fn bind_address(config: &StackConfig) -> &'static str {
+    if config
+        .services
+        .values()
+        .all(|s| matches!(s.target, Target::Process(_)))
+    {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    }
+}
+
+/// Resolves `${svc.field}` references in `input` for service `me` of `stack`.
+pub fn expand(st: &State, stack: &str, me: &str, input: &str) -> Result<String, String> {
+    let stack_rec = st.stack(stack).ok_or_else(|| format!("no stack named {stack}"))?;
+    let mut lookup = |svc: &str, field: &str| -> Option<String> {
+        let name = if svc == "self" { me } else { svc };
+        if field == "bind" {
+            return stack_rec.config.services.contains_key(name).then(|| bind_address(&stack_rec.config).to_owned());
+        }
+        let port = stack_rec.services.get(name)?.port?;
+        match field {
+            "addr" => Some(format!("127.0.0.1:{port}")),
+            "host" => Some("127.0.0.1".to_owned()),
+            "port" => Some(port.to_string()),
+            _ => None,
+        }
+    };
+    template::expand_service_refs(input, &mut lookup)
+        .map_err(|e| format!("service {me}: {e}"))
+}
+
+/// The variables the harness sets for a service (sources 2 to 5 above), without the
+/// daemon's own environment.
+pub fn service_env(
+    st: &State,
+    stack: &str,
+    name: &str,
+    env_file_path: &Path,
+) -> Result<BTreeMap<String, String>, String> {
+    let stack_rec = st.stack(stack).ok_or_else(|| format!("no stack named {stack}"))?;
+    let cfg: &ServiceConfig = stack_rec
+        .config
+        .services
+        .get(name)
+        .ok_or_else(|| format!("no service named {name} in stack {stack}"))?;
+    let mut env = BTreeMap::new();
+    env.insert("HARNESS_STACK".to_owned(), stack.to_owned());
+    env.insert("HARNESS_SERVICE".to_owned(), name.to_owned());
+    env.insert("HARNESS_ENV_FILE".to_owned(), env_file_path.display().to_string());
+    for dep in cfg.depends_on.keys() {
+        let Some(port) = stack_rec.services.get(dep).and_then(|r| r.port) else {
+            continue;
+        };
+        let prefix = template::env_var_prefix(dep);
+        env.insert(format!("{prefix}_ADDR"), format!("127.0.0.1:{port}"));
+        env.insert(format!("{prefix}_HOST"), "127.0.0.1".to_owned());
+        env.insert(format!("{prefix}_PORT"), port.to_string());
+    }
+    if let Some(file) = &cfg.env_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("service {name}: env_file {file}: {e}"))?;
+        env.extend(parse_env_file(&text));
+    }
+    let target_env = match &cfg.target {
+        Target::Process(p) => Some(&p.env),
+        _ => None,
+    };
+    for (k, v) in target_env.into_iter().flatten().chain(&cfg.env) {
+        env.insert(k.clone(), expand(st, stack, name, v)?);
+    }
+    Ok(env)
+}
+
+/// Parses a dotenv-style file: `KEY=value` lines, `export ` prefixes, `#` comments,
+/// single or double quotes around the value.
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// The env file a service can `source`: one `KEY='value'` line per variable.
+pub fn render_env_file(env: &BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', r"'\''")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_round_trips_through_parse() {
+        let mut env = BTreeMap::new();
+        env.insert("A".to_owned(), "it's 1".to_owned());
+        env.insert("B".to_owned(), "x=y".to_owned());
+        let text = render_env_file(&env);
+        assert_eq!(text, "A='it'\\''s 1'\nB='x=y'\n");
+        let parsed = parse_env_file("# c\nexport A=\"1 2\"\nB='x=y'\n\nC=plain\n");
+        assert_eq!(
+            parsed,
+            vec![
+                ("A".to_owned(), "1 2".to_owned()),
+                ("B".to_owned(), "x=y".to_owned()),
+                ("C".to_owned(), "plain".to_owned())
+            ]
+        );
+    }
+}

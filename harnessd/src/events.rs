@@ -1,0 +1,190 @@
+//! The event bus: assigns `seq`, keeps recent events for replay, queues them for the
+//! journal, and fans them out to subscribers without ever blocking on a slow one.
+//!
+//! Each connection has one bounded event queue. Publishing never waits: when a queue is
+//! full, the connection is marked lagged from that `seq`, receives nothing more until
+//! its writer has drained the queue, and then gets one `daemon.lagged` message telling
+//! it where to replay from.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use protocol::events::{Event, EventKind};
+use protocol::methods::SubscribeParams;
+
+use crate::core::now;
+
+/// Events kept in memory for replay; older ones are read from the journal file.
+const RECENT_EVENTS: usize = 8192;
+
+/// Per-connection event queue capacity.
+pub const CONNECTION_EVENT_QUEUE: usize = 1024;
+
+/// The sending side of a connection's event queue.
+#[derive(Clone)]
+pub struct EventSink {
+    /// Pre-serialised events.
+    pub tx: async_channel::Sender<Arc<str>>,
+    /// First seq the connection missed, 0 when it has missed nothing.
+    pub lagged_from: Arc<AtomicU64>,
+}
+
+struct Subscription {
+    id: u64,
+    conn: u64,
+    topics: Vec<String>,
+    stack: Option<String>,
+    sink: EventSink,
+}
+
+impl Subscription {
+    fn wants(&self, kind: &EventKind) -> bool {
+        (self.topics.is_empty() || self.topics.iter().any(|t| t == kind.topic()))
+            && match (&self.stack, kind.stack()) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            }
+    }
+}
+
+struct Bus {
+    next_seq: u64,
+    next_sub: u64,
+    recent: VecDeque<(Event, Arc<str>)>,
+    unjournaled: Vec<Event>,
+    subs: Vec<Subscription>,
+}
+
+/// The event bus.
+pub struct EventBus {
+    bus: Mutex<Bus>,
+}
+
+impl EventBus {
+    /// A bus whose next event gets `last_seq + 1`.
+    pub fn new(last_seq: u64) -> Self {
+        EventBus {
+            bus: Mutex::new(Bus {
+                next_seq: last_seq + 1,
+                next_sub: 1,
+                recent: VecDeque::new(),
+                unjournaled: Vec::new(),
+                subs: Vec::new(),
+            }),
+        }
+    }
+
+    /// Latest seq published.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// Publishes an event; returns its seq.
+    pub fn publish(&self, kind: EventKind) -> u64 {
+        let mut bus = self.lock();
+        let seq = bus.next_seq;
+        bus.next_seq += 1;
+        let event = Event { seq, time: now(), kind };
+        let text: Arc<str> = serde_json::to_string(&event)
+            .expect("events serialize")
+            .into();
+        bus.subs.retain(|s| !s.sink.tx.is_closed());
+        for sub in bus.subs.iter().filter(|s| s.wants(&event.kind)) {
+            if sub.sink.lagged_from.load(Ordering::Acquire) != 0 {
+                continue;
+            }
+            if sub.sink.tx.try_send(text.clone()).is_err() {
+                // Full: from here on the client replays from the journal.
+                let _ = sub.sink.lagged_from.compare_exchange(
+                    0,
+                    seq,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
+        if bus.recent.len() == RECENT_EVENTS {
+            bus.recent.pop_front();
+        }
+        bus.recent.push_back((event.clone(), text));
+        bus.unjournaled.push(event);
+        seq
+    }
+
+    /// Events not yet written to the journal (taken by the persister).
+    pub fn take_unjournaled(&self) -> Vec<Event> {
+        std::mem::take(&mut self.lock().unjournaled)
+    }
+
+    /// Adds a subscription for connection `conn`. Events with `seq >= since` that are
+    /// still in memory are queued first; returns the subscription id, the latest seq, and
+    /// the oldest in-memory seq (so the caller can fill an older gap from the journal).
+    pub fn subscribe(
+        &self,
+        conn: u64,
+        params: &SubscribeParams,
+        sink: &EventSink,
+        journal_replay: impl FnOnce(u64, u64) -> Vec<Event>,
+    ) -> (u64, u64) {
+        let mut bus = self.lock();
+        let id = bus.next_sub;
+        bus.next_sub += 1;
+        let sub = Subscription {
+            id,
+            conn,
+            topics: params.topics.clone(),
+            stack: params.stack.clone(),
+            sink: sink.clone(),
+        };
+        if let Some(since) = params.since {
+            let oldest_recent = bus.recent.front().map_or(bus.next_seq, |(e, _)| e.seq);
+            let mut replay: Vec<Arc<str>> = Vec::new();
+            if since < oldest_recent {
+                // Older than memory: the journal has it (minus what is not yet flushed,
+                // which is in memory anyway).
+                for ev in journal_replay(since, oldest_recent) {
+                    if sub.wants(&ev.kind) {
+                        replay.push(serde_json::to_string(&ev).expect("events serialize").into());
+                    }
+                }
+            }
+            for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
+                if sub.wants(&ev.kind) {
+                    replay.push(text.clone());
+                }
+            }
+            for text in replay {
+                if sink.tx.try_send(text).is_err() {
+                    let _ = sink.lagged_from.compare_exchange(
+                        0,
+                        since,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    break;
+                }
+            }
+        }
+        let last = bus.next_seq - 1;
+        bus.subs.push(sub);
+        (id, last)
+    }
+
+    /// Removes a subscription of `conn`; false when there was none.
+    pub fn unsubscribe(&self, conn: u64, id: u64) -> bool {
+        let mut bus = self.lock();
+        let before = bus.subs.len();
+        bus.subs.retain(|s| !(s.conn == conn && s.id == id));
+        bus.subs.len() != before
+    }
+
+    /// Removes every subscription of a connection.
+    pub fn drop_connection(&self, conn: u64) {
+        self.lock().subs.retain(|s| s.conn != conn);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bus> {
+        self.bus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

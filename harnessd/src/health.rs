@@ -1,0 +1,256 @@
+//! Health checks run by the daemon: tcp, http, command and script.
+//!
+//! While a service is starting, checks run fast (from 10 ms, growing to at most 250 ms
+//! or the interval) so a stack comes up as soon as its services listen; once healthy,
+//! they run every `interval`. `retries` failures in a row (not counted during
+//! `start_period`) make a service unhealthy. Becoming healthy resets the restart backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::config::{
+    CheckKind, HealthCheck, DEFAULT_CHECK_INTERVAL_MS, DEFAULT_CHECK_RETRIES,
+    DEFAULT_CHECK_TIMEOUT_MS,
+};
+use protocol::events::{EventKind, HealthChange};
+use protocol::methods::{Health, ServiceState};
+
+use crate::core::{Core, State};
+use crate::env;
+
+const FAST_START: Duration = Duration::from_millis(10);
+const FAST_MAX: Duration = Duration::from_millis(250);
+
+/// A check ready to run: what it is and how to run it, references resolved.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// Connect to this address.
+    Tcp(String),
+    /// GET this URL; healthy on `expected` or any 2xx.
+    Http { url: String, expected: Option<u16> },
+    /// Run a program with the service's environment.
+    Command { argv: Vec<String>, expected: i32, env: Vec<(String, String)>, cwd: Option<String> },
+}
+
+impl Probe {
+    /// How the check is shown in events.
+    pub fn describe(&self) -> String {
+        match self {
+            Probe::Tcp(a) => format!("tcp {a}"),
+            Probe::Http { url, .. } => format!("http {url}"),
+            Probe::Command { argv, .. } => format!("command {}", argv.join(" ")),
+        }
+    }
+
+    /// Runs the check once; Ok(output) when healthy, Err(output) when not.
+    pub async fn run(&self, timeout: Duration) -> Result<String, String> {
+        let attempt = async {
+            match self {
+                Probe::Tcp(addr) => async_net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map(|_| format!("connected to {addr}"))
+                    .map_err(|e| format!("cannot connect to {addr}: {e}")),
+                Probe::Http { url, expected } => http_get(url, *expected).await,
+                Probe::Command { argv, expected, env, cwd } => {
+                    let out = crate::exec::run_captured(argv, env, cwd.as_deref()).await?;
+                    if out.0 == Some(*expected) {
+                        Ok(out.1)
+                    } else {
+                        Err(format!("exit code {:?}: {}", out.0, out.1))
+                    }
+                }
+            }
+        };
+        let timer = async {
+            smol::Timer::after(timeout).await;
+            Err(format!("timed out after {} ms", timeout.as_millis()))
+        };
+        smol::future::or(attempt, timer).await
+    }
+}
+
+/// Resolves a service's check into a probe; `None` when it has no check.
+pub fn probe_for(st: &State, stack: &str, name: &str, run_dir_env: &std::path::Path) -> Result<Option<(Probe, HealthCheck)>, String> {
+    let Some(stack_rec) = st.stack(stack) else { return Ok(None) };
+    let Some(hc) = stack_rec.config.services.get(name).and_then(|s| s.health_check.clone()) else {
+        return Ok(None);
+    };
+    let port = stack_rec.services.get(name).and_then(|r| r.port);
+    let probe = match &hc.check {
+        CheckKind::Tcp { host, port: p } => {
+            let host = match host {
+                Some(h) => env::expand(st, stack, name, h)?,
+                None => "127.0.0.1".to_owned(),
+            };
+            let port = p.or(port).ok_or_else(|| {
+                format!("service {name}: a tcp check needs `port` on the check or the service")
+            })?;
+            Probe::Tcp(format!("{host}:{port}"))
+        }
+        CheckKind::Http { url, expected_status } => Probe::Http {
+            url: env::expand(st, stack, name, url)?,
+            expected: *expected_status,
+        },
+        CheckKind::Command { command, args, expected_exit_code } => {
+            let argv = if args.is_empty() {
+                vec!["/bin/sh".to_owned(), "-c".to_owned(), env::expand(st, stack, name, command)?]
+            } else {
+                let mut v = vec![env::expand(st, stack, name, command)?];
+                for a in args {
+                    v.push(env::expand(st, stack, name, a)?);
+                }
+                v
+            };
+            command_probe(st, stack, name, argv, expected_exit_code.unwrap_or(0), run_dir_env)?
+        }
+        CheckKind::Script { path, args } => {
+            let mut argv = vec![env::expand(st, stack, name, path)?];
+            for a in args {
+                argv.push(env::expand(st, stack, name, a)?);
+            }
+            command_probe(st, stack, name, argv, 0, run_dir_env)?
+        }
+    };
+    Ok(Some((probe, hc)))
+}
+
+fn command_probe(st: &State, stack: &str, name: &str, argv: Vec<String>, expected: i32, env_file: &std::path::Path) -> Result<Probe, String> {
+    let env: Vec<(String, String)> = env::service_env(st, stack, name, env_file)?.into_iter().collect();
+    let cwd = match &st.stack(stack).map(|r| &r.config.services[name].target) {
+        Some(protocol::config::Target::Process(p)) => p.working_dir.clone(),
+        _ => None,
+    };
+    Ok(Probe::Command { argv, expected, env, cwd })
+}
+
+/// Runs a service's checks for the lifetime of run `generation`.
+pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u64) {
+    let env_file = core.run_dir(&stack, &name).join("service.env");
+    let prepared = core.read(|st| probe_for(st, &stack, &name, &env_file));
+    let (probe, hc) = match prepared {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(reason) => {
+            tracing::warn!("{stack}/{name}: {reason}");
+            return;
+        }
+    };
+    let interval = Duration::from_millis(hc.interval_ms.unwrap_or(DEFAULT_CHECK_INTERVAL_MS));
+    let timeout = Duration::from_millis(hc.timeout_ms.unwrap_or(DEFAULT_CHECK_TIMEOUT_MS));
+    let retries = hc.retries.unwrap_or(DEFAULT_CHECK_RETRIES).max(1);
+    let start_period = Duration::from_millis(hc.start_period_ms.unwrap_or(0));
+    let started = Instant::now();
+    let check = probe.describe();
+    let mut fast = FAST_START;
+    let mut failures = 0u32;
+    loop {
+        let outcome = probe.run(timeout).await;
+        let status = match &outcome {
+            Ok(_) => {
+                failures = 0;
+                Some(Health::Healthy)
+            }
+            Err(_) if started.elapsed() < start_period => None,
+            Err(_) => {
+                failures += 1;
+                (failures >= retries).then_some(Health::Unhealthy)
+            }
+        };
+        let output = match &outcome {
+            Ok(o) | Err(o) => truncate(o, 512),
+        };
+        let still_current = core.update(|st, ch| {
+            let is_current = st
+                .runtime
+                .get(&(stack.clone(), name.clone()))
+                .is_some_and(|r| r.generation == generation);
+            if !is_current {
+                return false;
+            }
+            st.runtime(&stack, &name).last_check = Some((check.clone(), output.clone()));
+            let Some(rec) = st.service_mut(&stack, &name) else { return false };
+            if rec.state != ServiceState::Running {
+                return rec.state == ServiceState::Starting;
+            }
+            if let Some(status) = status.filter(|s| *s != rec.health) {
+                rec.health = status;
+                if status == Health::Healthy {
+                    // Recovered: the next crash starts the backoff from the beginning.
+                    rec.restarts = 0;
+                }
+                ch.push(EventKind::ServiceHealth(HealthChange {
+                    stack: stack.clone(),
+                    name: name.clone(),
+                    status,
+                    check: check.clone(),
+                    output: output.clone(),
+                }));
+            }
+            true
+        });
+        if !still_current {
+            return;
+        }
+        let wait = if outcome.is_ok() {
+            interval
+        } else {
+            fast = (fast * 2).min(FAST_MAX).min(interval);
+            fast
+        };
+        smol::Timer::after(wait).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET: enough to read the status line of a health endpoint.
+async fn http_get(url: &str, expected: Option<u16>) -> Result<String, String> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported by http checks"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let mut stream = async_net::TcpStream::connect(addr.as_str())
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: harnessd\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = stream.read(&mut buf).await.map_err(|e| format!("{url}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status_line = text.lines().next().unwrap_or_default().to_owned();
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{url}: not an HTTP response: {status_line:?}"))?;
+    let ok = match expected {
+        Some(e) => code == e,
+        None => (200..300).contains(&code),
+    };
+    if ok {
+        Ok(status_line)
+    } else {
+        Err(format!("{url}: {status_line}"))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.trim_end().to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

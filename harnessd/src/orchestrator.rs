@@ -1,0 +1,732 @@
+//! Starting, stopping and supervising services.
+//!
+//! `start` launches the requested services and their dependencies: one task per service
+//! waits for its dependencies' conditions, takes a slot of the stack's `max_parallel`
+//! semaphore, and spawns. `stop` stops dependents before their dependencies. After a
+//! launch, an exit watcher applies the restart policy (exponential backoff from 100 ms,
+//! doubling up to 30 s, reset once the service is healthy again) and a health monitor
+//! keeps `health` current.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deployer::process::{self, ExitStatus, ProcessRecord, ProcessSpec};
+use protocol::config::{
+    Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_MAX_PARALLEL,
+    DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
+};
+use protocol::events::{EventKind, Exited, Restarting};
+use protocol::methods::{Health, ServiceState};
+
+use crate::core::{Core, State};
+use crate::{env, health};
+
+/// Why an operation on services failed.
+#[derive(Debug, Clone)]
+pub enum OpError {
+    /// No such stack or service.
+    NotFound(String),
+    /// A backend this build does not run.
+    Unsupported(String),
+    /// Services failed; (service, reason) for each.
+    Failed(Vec<(String, String)>),
+    /// Timed out waiting.
+    Timeout(String),
+    /// The registry could not be saved.
+    Storage(String),
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpError::NotFound(m) | OpError::Unsupported(m) | OpError::Timeout(m) => f.write_str(m),
+            OpError::Storage(m) => write!(f, "cannot save the registry: {m}"),
+            OpError::Failed(list) => {
+                let parts: Vec<String> = list.iter().map(|(s, r)| format!("{s}: {r}")).collect();
+                write!(f, "{}", parts.join("; "))
+            }
+        }
+    }
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A service without a health check counts as recovered after running this long.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Backoff before restart `attempt` (from 1).
+pub fn backoff(attempt: u32) -> Duration {
+    BACKOFF_START
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// The services of `names` (all when empty) plus everything they depend on, in start
+/// order.
+fn with_dependencies(config: &StackConfig, names: &[String]) -> Result<Vec<String>, OpError> {
+    let mut wanted = BTreeSet::new();
+    let mut todo: Vec<String> = if names.is_empty() {
+        config.services.keys().cloned().collect()
+    } else {
+        names.to_vec()
+    };
+    while let Some(n) = todo.pop() {
+        let svc = config
+            .services
+            .get(&n)
+            .ok_or_else(|| OpError::NotFound(not_found_message(config, &n)))?;
+        if wanted.insert(n.clone()) {
+            todo.extend(svc.depends_on.keys().cloned());
+        }
+    }
+    Ok(protocol::config::start_order(config)
+        .into_iter()
+        .filter(|n| wanted.contains(n))
+        .collect())
+}
+
+/// The services of `names` (all when empty) plus everything that depends on them, in
+/// stop order (dependents first).
+fn with_dependents(config: &StackConfig, names: &[String]) -> Result<Vec<String>, OpError> {
+    for n in names {
+        if !config.services.contains_key(n) {
+            return Err(OpError::NotFound(not_found_message(config, n)));
+        }
+    }
+    let mut wanted: BTreeSet<String> = if names.is_empty() {
+        config.services.keys().cloned().collect()
+    } else {
+        names.iter().cloned().collect()
+    };
+    loop {
+        let more: Vec<String> = config
+            .services
+            .iter()
+            .filter(|(n, s)| !wanted.contains(*n) && s.depends_on.keys().any(|d| wanted.contains(d)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        wanted.extend(more);
+    }
+    let mut order: Vec<String> = protocol::config::start_order(config)
+        .into_iter()
+        .filter(|n| wanted.contains(n))
+        .collect();
+    order.reverse();
+    Ok(order)
+}
+
+/// "no service named X in stack S (did you mean Y?)".
+pub fn not_found_message(config: &StackConfig, name: &str) -> String {
+    let stack = config.name.as_deref().unwrap_or("this stack");
+    match protocol::config::did_you_mean(name, config.services.keys().map(String::as_str)) {
+        Some(s) => format!("no service named {name} in {stack} (did you mean {s}?)"),
+        None => format!("no service named {name} in {stack}"),
+    }
+}
+
+/// The condition a dependent waits for on `dep`.
+fn condition_for(config: &StackConfig, dependent: &str, dep: &str) -> Condition {
+    let explicit = config.services[dependent].depends_on[dep].condition;
+    explicit.unwrap_or(if config.services[dep].health_check.is_some() {
+        Condition::Healthy
+    } else {
+        Condition::Started
+    })
+}
+
+enum Check {
+    Met,
+    Pending,
+    Broken(String),
+}
+
+fn check_condition(st: &State, stack: &str, dep: &str, cond: Condition) -> Check {
+    let Some(rec) = st.service(stack, dep) else {
+        return Check::Broken(format!("dependency {dep} was removed"));
+    };
+    match (rec.state, cond) {
+        (ServiceState::Failed, _) => Check::Broken(format!(
+            "dependency {dep} failed: {}",
+            rec.reason.as_deref().unwrap_or("unknown reason")
+        )),
+        (ServiceState::Running, Condition::Started) => Check::Met,
+        (ServiceState::Running, Condition::Healthy) if rec.health == Health::Healthy => Check::Met,
+        (ServiceState::Stopped, Condition::Completed) if rec.exit_code == Some(0) => Check::Met,
+        (ServiceState::Stopped, Condition::Completed) => Check::Broken(format!(
+            "dependency {dep} did not complete successfully (exit code {:?})",
+            rec.exit_code
+        )),
+        (ServiceState::Starting | ServiceState::Running, _) => Check::Pending,
+        (state, _) => Check::Broken(format!("dependency {dep} is {state:?}").to_lowercase()),
+    }
+}
+
+/// Waits until `check` says met or broken, re-checking after every state change.
+async fn wait_until(core: &Core, mut check: impl FnMut(&State) -> Check) -> Result<(), String> {
+    loop {
+        let listener = core.changed.listen();
+        match core.read(&mut check) {
+            Check::Met => return Ok(()),
+            Check::Broken(reason) => return Err(reason),
+            Check::Pending => listener.await,
+        }
+    }
+}
+
+/// Whether a service reached what `start` waits for: healthy when it has a check,
+/// running otherwise, stopped with code 0 for one-shot jobs.
+fn check_ready(st: &State, stack: &str, name: &str) -> Check {
+    let Some(stack_rec) = st.stack(stack) else {
+        return Check::Broken("stack was removed".into());
+    };
+    let Some(rec) = stack_rec.services.get(name) else {
+        return Check::Broken("service was removed".into());
+    };
+    let has_check = stack_rec.config.services[name].health_check.is_some();
+    match rec.state {
+        ServiceState::Running if !has_check || rec.health == Health::Healthy => Check::Met,
+        ServiceState::Stopped if rec.exit_code == Some(0) => Check::Met,
+        ServiceState::Starting | ServiceState::Running => Check::Pending,
+        ServiceState::Failed => Check::Broken(rec.reason.clone().unwrap_or_else(|| "failed".into())),
+        other => Check::Broken(format!("{other:?}").to_lowercase()),
+    }
+}
+
+impl Core {
+    /// Starts services and their dependencies; returns once all of them are ready
+    /// (healthy, or running when they have no check) or one failed.
+    pub async fn start_services(
+        self: &Arc<Self>,
+        stack: &str,
+        names: &[String],
+    ) -> Result<Vec<String>, OpError> {
+        let (order, to_launch, timeout, max_parallel) = self.read(|st| {
+            let rec = st
+                .stack(stack)
+                .ok_or_else(|| OpError::NotFound(format!("no stack named {stack}")))?;
+            let order = with_dependencies(&rec.config, names)?;
+            for n in &order {
+                let target = &rec.config.services[n].target;
+                if !matches!(target, Target::Process(_)) {
+                    return Err(OpError::Unsupported(format!(
+                        "service {n}: the {} backend is not available in this build yet; use a process target",
+                        target.backend()
+                    )));
+                }
+            }
+            let to_launch: Vec<String> = order
+                .iter()
+                .filter(|n| !rec.services[*n].state.is_active())
+                .cloned()
+                .collect();
+            let settings = &rec.config.settings;
+            Ok((
+                order,
+                to_launch,
+                Duration::from_millis(settings.default_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS)),
+                settings.max_parallel.unwrap_or(DEFAULT_MAX_PARALLEL).max(1),
+            ))
+        })?;
+        let sem = self
+            .semaphores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(stack.to_owned())
+            .or_insert_with(|| Arc::new(async_lock::Semaphore::new(max_parallel)))
+            .clone();
+        // 1. Record the intent (state `starting`, ports assigned) before spawning anything.
+        self.update(|st, ch| {
+            for n in &to_launch {
+                assign_port(st, stack, n);
+                if let Some(rec) = st.service_mut(stack, n) {
+                    rec.restarts = 0;
+                    rec.exit_code = None;
+                }
+                st.runtime(stack, n).generation += 1;
+                ch.set_state(st, stack, n, ServiceState::Starting, None);
+            }
+        });
+        self.commit().await.map_err(OpError::Storage)?;
+        // 2. One task per service: wait for dependencies, then launch.
+        for n in &to_launch {
+            let core = self.clone();
+            let (stack, name, sem) = (stack.to_owned(), n.clone(), sem.clone());
+            self.ex
+                .spawn(async move { core.launch_when_ready(&stack, &name, &sem).await })
+                .detach();
+        }
+        // 3. Wait until everything is ready or something failed.
+        let deadline = Instant::now() + timeout;
+        let mut failed = Vec::new();
+        for n in &order {
+            let wait = wait_until(self, |st| check_ready(st, stack, n));
+            let timer = async {
+                smol::Timer::at(deadline).await;
+                Err(format!("not ready after {} s", timeout.as_secs()))
+            };
+            if let Err(reason) = smol::future::or(wait, timer).await {
+                failed.push((n.clone(), reason));
+            }
+        }
+        if failed.is_empty() {
+            Ok(order)
+        } else {
+            Err(OpError::Failed(failed))
+        }
+    }
+
+    async fn launch_when_ready(self: &Arc<Self>, stack: &str, name: &str, sem: &async_lock::Semaphore) {
+        let deps: Vec<(String, Condition)> = self.read(|st| {
+            st.stack(stack).map_or_else(Vec::new, |r| {
+                r.config.services[name]
+                    .depends_on
+                    .keys()
+                    .map(|d| (d.clone(), condition_for(&r.config, name, d)))
+                    .collect()
+            })
+        });
+        let generation = self.read(|st| st.runtime.get(&key(stack, name)).map_or(0, |r| r.generation));
+        for (dep, cond) in deps {
+            if let Err(reason) = wait_until(self, |st| check_condition(st, stack, &dep, cond)).await {
+                self.update(|st, ch| {
+                    if current(st, stack, name, generation) {
+                        ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+                    }
+                });
+                return;
+            }
+        }
+        let _permit = sem.acquire().await;
+        self.launch(stack, name, generation).await;
+    }
+
+    /// Spawns one run of a service and starts its watcher and health monitor.
+    async fn launch(self: &Arc<Self>, stack: &str, name: &str, generation: u64) {
+        let prepared = self.read(|st| {
+            if !current(st, stack, name, generation) {
+                return Err(None);
+            }
+            self.process_spec(st, stack, name).map_err(Some)
+        });
+        let (spec, harness_env) = match prepared {
+            Ok(p) => p,
+            Err(None) => return,
+            Err(Some(reason)) => return self.fail(stack, name, generation, reason),
+        };
+        let env_file = spec.run_dir.join("service.env");
+        let write_env = {
+            let (dir, path) = (spec.run_dir.clone(), env_file.clone());
+            smol::unblock(move || {
+                std::fs::create_dir_all(&dir)?;
+                crate::pki::write_file(&path, env::render_env_file(&harness_env).as_bytes(), 0o600)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+        };
+        if let Err(e) = write_env.await {
+            let reason = format!("cannot write {}: {e}", env_file.display());
+            return self.fail(stack, name, generation, reason);
+        }
+        let record = match process::spawn(&spec, &self.shim_exe).await {
+            Ok(r) => r,
+            Err(e) => return self.fail(stack, name, generation, e.to_string()),
+        };
+        let started = Instant::now();
+        self.update(|st, ch| {
+            if !current(st, stack, name, generation) {
+                return;
+            }
+            if let Some(rec) = st.service_mut(stack, name) {
+                rec.process = serde_json::to_value(&record).ok();
+            }
+            ch.set_state(st, stack, name, ServiceState::Running, None);
+        });
+        self.supervise(stack, name, generation, record, started);
+    }
+
+    /// Starts the exit watcher and the health monitor of a run.
+    pub fn supervise(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        generation: u64,
+        record: ProcessRecord,
+        started: Instant,
+    ) {
+        let watcher = {
+            let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
+            self.ex.spawn(async move {
+                let status = process::wait_exit(&record).await.unwrap_or_else(|e| ExitStatus {
+                    code: None,
+                    signal: None,
+                    error: Some(e.to_string()),
+                });
+                core.on_exit(&stack, &name, generation, status, started);
+            })
+        };
+        let monitor = {
+            let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
+            self.ex
+                .spawn(async move { health::monitor(core, stack, name, generation).await })
+        };
+        self.update(|st, _| {
+            if current(st, stack, name, generation) {
+                st.runtime(stack, name).tasks = vec![watcher, monitor];
+            }
+        });
+    }
+
+    fn fail(&self, stack: &str, name: &str, generation: u64, reason: String) {
+        tracing::warn!("{stack}/{name}: {reason}");
+        self.update(|st, ch| {
+            if current(st, stack, name, generation) {
+                ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+            }
+        });
+    }
+
+    /// A run ended on its own: record it and apply the restart policy.
+    fn on_exit(self: &Arc<Self>, stack: &str, name: &str, generation: u64, status: ExitStatus, started: Instant) {
+        let restart = self.update(|st, ch| {
+            if !current(st, stack, name, generation) {
+                return None;
+            }
+            let (policy, max) = {
+                let cfg = &st.stack(stack)?.config.services[name];
+                (cfg.restart.policy, cfg.restart.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS))
+            };
+            let has_check = st.stack(stack)?.config.services[name].health_check.is_some();
+            let rec = st.service_mut(stack, name)?;
+            rec.process = None;
+            rec.exit_code = status.code;
+            if !has_check && started.elapsed() >= STABLE_AFTER {
+                rec.restarts = 0;
+            }
+            let attempt = rec.restarts + 1;
+            ch.push(EventKind::ServiceExited(Exited {
+                stack: stack.to_owned(),
+                name: name.to_owned(),
+                code: status.code,
+                signal: status.signal,
+            }));
+            let how = describe_exit(&status);
+            let success = status.code == Some(0);
+            let wants_restart = match policy {
+                RestartPolicy::No => false,
+                RestartPolicy::OnFailure => !success,
+                RestartPolicy::Always => true,
+            };
+            if !wants_restart {
+                let (to, reason) = if success {
+                    (ServiceState::Stopped, how)
+                } else {
+                    (ServiceState::Failed, how)
+                };
+                ch.set_state(st, stack, name, to, Some(reason));
+                return None;
+            }
+            if attempt > max {
+                let reason = format!("{how}; gave up after {max} restarts");
+                ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+                return None;
+            }
+            rec.restarts = attempt;
+            let wait = backoff(attempt);
+            ch.push(EventKind::ServiceRestarting(Restarting {
+                stack: stack.to_owned(),
+                name: name.to_owned(),
+                attempt,
+                backoff_ms: wait.as_millis() as u64,
+            }));
+            let generation = {
+                let rt = st.runtime(stack, name);
+                rt.generation += 1;
+                rt.generation
+            };
+            ch.set_state(st, stack, name, ServiceState::Starting, Some(format!("restarting after it {how}")));
+            Some((wait, generation))
+        });
+        if let Some((wait, generation)) = restart {
+            let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+            let task = self.ex.spawn(async move {
+                smol::Timer::after(wait).await;
+                core.launch(&stack2, &name2, generation).await;
+            });
+            self.update(|st, _| {
+                if current(st, stack, name, generation) {
+                    st.runtime(stack, name).tasks = vec![task];
+                }
+            });
+        }
+    }
+
+    /// Stops services and everything depending on them, dependents first.
+    pub async fn stop_services(self: &Arc<Self>, stack: &str, names: &[String]) -> Result<Vec<String>, OpError> {
+        let order = self.read(|st| {
+            let rec = st
+                .stack(stack)
+                .ok_or_else(|| OpError::NotFound(format!("no stack named {stack}")))?;
+            with_dependents(&rec.config, names)
+        })?;
+        // Stop in waves: a service is stopped once no active service depends on it.
+        let deps: HashMap<String, Vec<String>> = self.read(|st| {
+            st.stack(stack).map_or_else(HashMap::new, |r| {
+                r.config
+                    .services
+                    .iter()
+                    .map(|(n, s)| (n.clone(), s.depends_on.keys().cloned().collect()))
+                    .collect()
+            })
+        });
+        let mut remaining = order.clone();
+        while !remaining.is_empty() {
+            let wave: Vec<String> = remaining
+                .iter()
+                .filter(|n| !remaining.iter().any(|m| deps.get(m).is_some_and(|d| d.contains(n))))
+                .cloned()
+                .collect();
+            let wave = if wave.is_empty() { remaining.clone() } else { wave };
+            let stops: Vec<_> = wave
+                .iter()
+                .map(|n| {
+                    let (core, stack, n) = (self.clone(), stack.to_owned(), n.clone());
+                    self.ex.spawn(async move { core.stop_one(&stack, &n).await })
+                })
+                .collect();
+            for t in stops {
+                t.await;
+            }
+            remaining.retain(|n| !wave.contains(n));
+        }
+        Ok(order)
+    }
+
+    /// Stops one service (no-op when it is not running).
+    pub async fn stop_one(self: &Arc<Self>, stack: &str, name: &str) {
+        let plan = self.update(|st, ch| {
+            let rec = st.service(stack, name)?;
+            if !rec.state.is_active() {
+                return None;
+            }
+            let record: Option<ProcessRecord> =
+                rec.process.as_ref().and_then(|p| serde_json::from_value(p.clone()).ok());
+            let cfg = &st.stack(stack)?.config.services[name];
+            let signal = cfg.stop_signal.clone().unwrap_or_else(|| "TERM".into());
+            let timeout = Duration::from_millis(cfg.stop_timeout_ms.unwrap_or(DEFAULT_STOP_TIMEOUT_MS));
+            let rt = st.runtime(stack, name);
+            // Cancels the watcher, health monitor and any pending restart.
+            rt.generation += 1;
+            rt.tasks.clear();
+            ch.set_state(st, stack, name, ServiceState::Stopping, None);
+            Some((record, signal, timeout))
+        });
+        let Some((record, signal, timeout)) = plan else { return };
+        let status = match &record {
+            Some(r) => process::stop(r, &signal, timeout).await.ok(),
+            None => None,
+        };
+        self.update(|st, ch| {
+            if let Some(rec) = st.service_mut(stack, name) {
+                rec.process = None;
+                if let Some(s) = &status {
+                    rec.exit_code = s.code;
+                    ch.push(EventKind::ServiceExited(Exited {
+                        stack: stack.to_owned(),
+                        name: name.to_owned(),
+                        code: s.code,
+                        signal: s.signal,
+                    }));
+                }
+            }
+            ch.set_state(st, stack, name, ServiceState::Stopped, None);
+        });
+    }
+
+    /// The spec the process backend runs for a service, and the variables the harness
+    /// sets (for the service's env file).
+    fn process_spec(
+        &self,
+        st: &State,
+        stack: &str,
+        name: &str,
+    ) -> Result<(ProcessSpec, BTreeMap<String, String>), String> {
+        let cfg = &st.stack(stack).ok_or("stack was removed")?.config.services[name];
+        let Target::Process(target) = &cfg.target else {
+            return Err(format!("the {} backend is not available in this build", cfg.target.backend()));
+        };
+        let run_dir = self.run_dir(stack, name);
+        let harness_env = env::service_env(st, stack, name, &run_dir.join("service.env"))?;
+        let mut full_env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| !k.starts_with("HARNESS_"))
+            .collect();
+        full_env.extend(harness_env.clone());
+        let args = target
+            .args
+            .iter()
+            .map(|a| env::expand(st, stack, name, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = ProcessSpec {
+            instance: format!("{}/{stack}/{name}", self.instance),
+            binary: env::expand(st, stack, name, &target.binary)?,
+            args,
+            env: full_env,
+            working_dir: PathBuf::from(target.working_dir.clone().unwrap_or_else(|| "/".into())),
+            run_dir,
+            log_path: self.log_path(stack, name),
+            log_max_bytes: 10 << 20,
+            log_keep: 3,
+        };
+        Ok((spec, harness_env))
+    }
+
+    /// Run directory of a service (spec, pid and exit files, env file).
+    pub fn run_dir(&self, stack: &str, name: &str) -> PathBuf {
+        self.state_dir.join("run").join(stack).join(name)
+    }
+
+    /// Log file of a service.
+    pub fn log_path(&self, stack: &str, name: &str) -> PathBuf {
+        self.state_dir.join("logs").join(stack).join(format!("{name}.log"))
+    }
+}
+
+fn key(stack: &str, name: &str) -> (String, String) {
+    (stack.to_owned(), name.to_owned())
+}
+
+/// Whether `generation` is still the service's current run.
+fn current(st: &State, stack: &str, name: &str, generation: u64) -> bool {
+    st.runtime.get(&key(stack, name)).is_some_and(|r| r.generation == generation)
+}
+
+/// Gives a service its port: the fixed one, the one it had, or a free one.
+fn assign_port(st: &mut State, stack: &str, name: &str) {
+    let Some(spec) = st.stack(stack).and_then(|r| r.config.services[name].port) else {
+        return;
+    };
+    let Some(rec) = st.service_mut(stack, name) else { return };
+    rec.port = match spec {
+        PortSpec::Fixed(p) => Some(p),
+        PortSpec::Auto => rec.port.or_else(free_port),
+    };
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ok()
+}
+
+/// "exited with code 3", "was killed by signal 9", or the spawn error.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (&status.error, status.code, status.signal) {
+        (Some(e), _, _) => e.clone(),
+        (None, Some(c), _) => format!("exited with code {c}"),
+        (None, None, Some(s)) => format!("was killed by signal {s}"),
+        (None, None, None) => "exited".to_owned(),
+    }
+}
+
+/// The startup reconcile pass: re-adopts the services that still run, applies the
+/// restart policy to those that exited while the daemon was down, marks lost ones
+/// failed, and kills strays (processes carrying this daemon's `HARNESS_INSTANCE` that no
+/// record owns). Returns every difference it fixed, in words.
+pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
+    let mut fixes = Vec::new();
+    let active: Vec<(String, String, ServiceState, Option<ProcessRecord>)> = core.read(|st| {
+        st.snap
+            .stacks
+            .iter()
+            .flat_map(|(stack, r)| {
+                r.services.iter().filter(|(_, s)| s.state.is_active()).map(|(n, s)| {
+                    let record = s.process.as_ref().and_then(|p| serde_json::from_value(p.clone()).ok());
+                    (stack.clone(), n.clone(), s.state, record)
+                })
+            })
+            .collect()
+    });
+    // Instances (`<daemon>/<stack>/<service>`) owned by a live run; a process carrying
+    // one of them (the service, its shim, its children) is not a stray.
+    let mut owned = std::collections::HashSet::new();
+    let mut adopted = Vec::new();
+    for (stack, name, state, record) in active {
+        let generation = core.update(|st, _| {
+            let rt = st.runtime(&stack, &name);
+            rt.generation += 1;
+            rt.generation
+        });
+        let adoption = match &record {
+            Some(r) => process::adopt(r),
+            None => process::Adoption::Gone,
+        };
+        match (adoption, record) {
+            (process::Adoption::Alive, Some(record)) => {
+                owned.insert(format!("{}/{stack}/{name}", core.instance));
+                if state == ServiceState::Stopping {
+                    fixes.push(format!("{stack}/{name}: finishing a stop interrupted by the daemon's exit"));
+                    core.supervise(&stack, &name, generation, record, Instant::now());
+                    core.stop_one(&stack, &name).await;
+                    continue;
+                }
+                if state == ServiceState::Starting {
+                    fixes.push(format!("{stack}/{name}: was starting, found running (pid {})", record.pid));
+                    core.update(|st, ch| ch.set_state(st, &stack, &name, ServiceState::Running, None));
+                }
+                adopted.push(protocol::events::ServiceRef { stack: stack.clone(), name: name.clone() });
+                // Uptime before the daemon's restart is unknown; count from now.
+                core.supervise(&stack, &name, generation, record, Instant::now());
+            }
+            (process::Adoption::Exited(status), Some(_)) => {
+                fixes.push(format!("{stack}/{name}: {} while the daemon was down", describe_exit(&status)));
+                core.on_exit(&stack, &name, generation, status, Instant::now());
+            }
+            _ => {
+                let reason = if state == ServiceState::Starting {
+                    "its start was interrupted by the daemon's exit".to_owned()
+                } else {
+                    "its process disappeared while the daemon was down".to_owned()
+                };
+                fixes.push(format!("{stack}/{name}: {reason}"));
+                core.update(|st, ch| {
+                    if let Some(rec) = st.service_mut(&stack, &name) {
+                        rec.process = None;
+                    }
+                    let to = if state == ServiceState::Stopping { ServiceState::Stopped } else { ServiceState::Failed };
+                    ch.set_state(st, &stack, &name, to, Some(reason));
+                });
+            }
+        }
+    }
+    let prefix = format!("{}/", core.instance);
+    let strays: Vec<(u32, String)> = smol::unblock(move || process::find_instances(&prefix)).await;
+    for (pid, instance) in strays.into_iter().filter(|(_, i)| !owned.contains(i)) {
+        if process::kill_stray(pid) {
+            fixes.push(format!("killed stray process {pid} ({instance}) that no record owned"));
+        }
+    }
+    core.events.publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {
+        instance: core.instance.clone(),
+        pid: std::process::id(),
+        adopted,
+    }));
+    fixes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(40), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,259 @@
+//! Startup and the TLS WebSocket server.
+//!
+//! Each connection gets a reader loop (parses requests, runs each as its own task) and a
+//! writer task fed by two queues: responses/log lines/exec output (bounded; a client that
+//! does not read slows only its own requests) and events (bounded; when full the client
+//! is marked lagged instead, see `events`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::{self, Message};
+use futures_rustls::TlsAcceptor;
+use futures_util::StreamExt;
+use protocol::events::{EventKind, Lagged};
+use protocol::{ErrorCode, Response, MAX_MESSAGE_BYTES};
+use registry::{Journal, StateLock, Store};
+
+use crate::core::Core;
+use crate::dispatch::{self, Conn};
+use crate::events::{EventBus, EventSink, CONNECTION_EVENT_QUEUE};
+use crate::persist::{self, Persister};
+use crate::pki::{self, PkiPaths};
+use crate::{daemon_file_path, DaemonError, DaemonOpts};
+use protocol::DaemonFile;
+
+/// Responses and streamed output queued per connection.
+const CONNECTION_OUT_QUEUE: usize = 256;
+/// A connection that neither sends nor answers pings for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+/// Starts the daemon and serves until shutdown.
+pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result<(), DaemonError> {
+    let _lock = StateLock::acquire(&opts.state_dir)?;
+    let (store, snapshot, recoveries) = Store::open(&opts.state_dir)?;
+    let (journal, journal_recoveries) = Journal::open(&opts.state_dir)?;
+    for r in recoveries.iter().chain(&journal_recoveries) {
+        tracing::warn!("recovered: {r}");
+    }
+    let pki = pki::load_or_create(&PkiPaths::new(&opts.state_dir), &snapshot.instance)?;
+    let addr = opts.listen.unwrap_or_else(|| {
+        let port = if opts.default_state_dir { protocol::DEFAULT_PORT } else { 0 };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    });
+    let listener = async_net::TcpListener::bind(addr).await.map_err(|e| DaemonError::Listen {
+        addr,
+        message: if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("the port is taken ({e}); is another harnessd running? pick another with --listen 127.0.0.1:PORT (0 = any free port)")
+        } else {
+            e.to_string()
+        },
+    })?;
+    let local = listener.local_addr().map_err(|e| DaemonError::Listen { addr, message: e.to_string() })?;
+    let url = format!("wss://{local}");
+    let events = EventBus::new(journal.last_seq());
+    let core = Arc::new(Core::new(
+        snapshot,
+        opts.state_dir.clone(),
+        url.clone(),
+        opts.shim_exe.clone(),
+        ex.clone(),
+        events,
+        Persister::new(journal),
+    ));
+    ex.spawn(persist::run(core.clone(), store)).detach();
+    let mut fixes: Vec<String> = recoveries
+        .iter()
+        .chain(&journal_recoveries)
+        .map(|r| r.to_string())
+        .collect();
+    fixes.extend(crate::orchestrator::reconcile(&core).await);
+    write_daemon_file(&opts.state_dir, &url, &core.instance)?;
+    tracing::info!("harnessd {} listening on {url} (state {})", env!("CARGO_PKG_VERSION"), opts.state_dir.display());
+    core.events.publish(EventKind::DaemonReconciled(protocol::events::Reconciled { fixes }));
+    let _ = core.commit().await;
+
+    let acceptor = TlsAcceptor::from(pki.server_config.clone());
+    let token: Arc<str> = pki.token.into();
+    let next_conn = AtomicU64::new(1);
+    let shutdown = core.shutdown_requested();
+    let accept_loop = async {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    smol::Timer::after(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let conn_id = next_conn.fetch_add(1, Ordering::Relaxed);
+            let (core, acceptor, token) = (core.clone(), acceptor.clone(), token.clone());
+            ex.spawn(async move {
+                if let Err(e) = connection(core, acceptor, token, tcp, conn_id).await {
+                    tracing::debug!("connection {conn_id} from {peer}: {e}");
+                }
+            })
+            .detach();
+        }
+    };
+    smol::future::or(accept_loop, shutdown).await;
+    let _ = core.commit().await;
+    let _ = std::fs::remove_file(daemon_file_path(&opts.state_dir));
+    tracing::info!("harnessd stopped");
+    Ok(())
+}
+
+fn write_daemon_file(dir: &Path, url: &str, instance: &str) -> Result<(), DaemonError> {
+    let paths = PkiPaths::new(dir);
+    let info = DaemonFile {
+        url: url.to_owned(),
+        ca: paths.ca_cert,
+        token_file: paths.token,
+        pid: std::process::id(),
+        instance: instance.to_owned(),
+    };
+    let text = serde_json::to_string_pretty(&info).expect("daemon file serializes");
+    pki::write_file(&daemon_file_path(dir), text.as_bytes(), 0o644)
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+        .read_buffer_size(16 << 10)
+}
+
+async fn connection(
+    core: Arc<Core>,
+    acceptor: TlsAcceptor,
+    token: Arc<str>,
+    tcp: async_net::TcpStream,
+    id: u64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let _ = tcp.set_nodelay(true);
+    let tls = acceptor.accept(tcp).await?;
+    let ws = async_tungstenite::accept_async_with_config(tls, Some(ws_config())).await?;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (out_tx, out_rx) = async_channel::bounded::<String>(CONNECTION_OUT_QUEUE);
+    let (ev_tx, ev_rx) = async_channel::bounded::<Arc<str>>(CONNECTION_EVENT_QUEUE);
+    let sink = EventSink { tx: ev_tx, lagged_from: Arc::new(AtomicU64::new(0)) };
+    let conn = Arc::new(Conn::new(id, out_tx.clone(), sink.clone()));
+    core.clients.fetch_add(1, Ordering::Relaxed);
+
+    // Writer: responses first, then events; a lag notice once the event queue is drained.
+    let writer = {
+        let lagged = sink.lagged_from.clone();
+        core.ex.spawn(async move {
+            let mut ping = smol::Timer::interval(PING_EVERY);
+            loop {
+                enum Next {
+                    Out(Option<String>),
+                    Event(Option<Arc<str>>),
+                    Ping,
+                }
+                let next = smol::future::or(
+                    async { Next::Out(out_rx.recv().await.ok()) },
+                    smol::future::or(async { Next::Event(ev_rx.recv().await.ok()) }, async {
+                        ping.next().await;
+                        Next::Ping
+                    }),
+                )
+                .await;
+                let msg = match next {
+                    Next::Out(Some(text)) => Message::text(text),
+                    Next::Event(Some(text)) => Message::text(text.to_string()),
+                    Next::Ping => Message::Ping(b"harness".to_vec().into()),
+                    Next::Out(None) | Next::Event(None) => break,
+                };
+                if ws_tx.send(msg).await.is_err() {
+                    break;
+                }
+                let missed = lagged.load(Ordering::Acquire);
+                if missed != 0 && ev_rx.is_empty() {
+                    lagged.store(0, Ordering::Release);
+                    let notice = protocol::Event {
+                        seq: missed - 1,
+                        time: crate::core::now(),
+                        kind: EventKind::DaemonLagged(Lagged { missed_from_seq: missed }),
+                    };
+                    let text = serde_json::to_string(&notice).expect("events serialize");
+                    if ws_tx.send(Message::text(text)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = ws_tx.close(None).await;
+        })
+    };
+
+    let mut authenticated = false;
+    loop {
+        let next = smol::future::or(async { Some(ws_rx.next().await) }, async {
+            smol::Timer::after(IDLE_TIMEOUT).await;
+            None
+        })
+        .await;
+        let Some(Some(msg)) = next else { break };
+        let text = match msg {
+            Ok(Message::Text(t)) => t.to_string(),
+            Ok(Message::Binary(_)) => {
+                let r = Response::err(None, ErrorCode::InvalidRequest, "binary messages are not accepted: send JSON requests as text messages");
+                let _ = out_tx.send(serde_json::to_string(&r)?).await;
+                continue;
+            }
+            Ok(Message::Close(_)) => break,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Capacity(e)) => {
+                let r = Response::err(
+                    None,
+                    ErrorCode::MessageTooLarge,
+                    format!("message too large ({e}); the limit is {MAX_MESSAGE_BYTES} bytes"),
+                );
+                let _ = out_tx.send(serde_json::to_string(&r)?).await;
+                break;
+            }
+            Err(_) => break,
+        };
+        match dispatch::parse(&text) {
+            Err(response) => {
+                let _ = out_tx.send(serde_json::to_string(&response)?).await;
+            }
+            Ok(request) if !authenticated => {
+                let (response, ok, close) = dispatch::hello(&core, &token, &request);
+                authenticated = ok;
+                let _ = out_tx.send(serde_json::to_string(&response)?).await;
+                if close {
+                    break;
+                }
+            }
+            Ok(request) => {
+                let (core, conn) = (core.clone(), conn.clone());
+                core.ex
+                    .clone()
+                    .spawn(async move {
+                        if let Some(response) = dispatch::handle(&core, &conn, request).await {
+                            let text = serde_json::to_string(&response).expect("responses serialize");
+                            let _ = conn.out.send(text).await;
+                        }
+                    })
+                    .detach();
+            }
+        }
+    }
+    core.clients.fetch_sub(1, Ordering::Relaxed);
+    core.events.drop_connection(id);
+    conn.close();
+    drop(out_tx);
+    // Let the writer flush what is queued (e.g. the error that ended the connection).
+    let _ = smol::future::or(writer, async {
+        smol::Timer::after(Duration::from_secs(2)).await;
+    })
+    .await;
+    Ok(())
+}

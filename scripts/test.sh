@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian machine for the test suite and runs all of it:
+# format, lints, the whole workspace's tests (nextest) and the doc tests.
+# Usage: ./scripts/test.sh   (as root, or with sudo for the package step)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# 1. Packages the tests need (only what is missing, so a warm machine skips apt).
+need=()
+for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# 2. The Rust tools.
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+export CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
+
+# 3. Checks and tests.
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo build --locked --workspace --bins
+cargo nextest run --locked --workspace --no-fail-fast
+cargo test --locked --workspace --doc

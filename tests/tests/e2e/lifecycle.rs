@@ -1,0 +1,195 @@
+//! A stack's life: `up` in dependency order with health checks and injected addresses,
+//! logs, restarts with backoff, `down`; two stacks side by side; one daemon per state
+//! directory.
+
+use std::time::Duration;
+
+use protocol::events::EventKind;
+use protocol::methods::{self as m, names, Health, ServiceState};
+use tests::{alive, wait_for, TestDaemon};
+
+use crate::support::*;
+
+const STACK: &str = r#"
+name: shop
+settings: { max_parallel: 4, default_timeout: 30 }
+services:
+  db:
+    target: { process: { binary: DEMO, args: [--name, db, --port, "${self.port}", --heartbeat-ms, "50"] } }
+    port: auto
+    health_check: { type: tcp, interval: 1s }
+  cache:
+    backend: { type: process, binary: DEMO, args: [--name, cache, --port, "${self.port}"] }
+    port: auto
+  api:
+    target:
+      process:
+        binary: DEMO
+        args: [--name, api, --port, "${self.port}", --upstream, "db=${db.addr}", --upstream, "cache=${cache.addr}"]
+    port: auto
+    depends_on: { db: { condition: healthy }, cache: { condition: started } }
+    env: { DATABASE_URL: "postgres://${db.addr}/shop" }
+    health_check: { type: http, url: "http://${self.addr}/health", interval: 1s }
+  web:
+    target:
+      process:
+        binary: /bin/sh
+        args: [-c, 'exec DEMO --name web --port ${self.port} --upstream "api=$API_ADDR"']
+    port: auto
+    dependencies: [api]
+    health_check: { type: http, url: "http://${self.addr}/health" }
+"#;
+
+#[test]
+fn up_starts_in_order_injects_addresses_follows_logs_and_down_cleans_up() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("shop");
+    write_config(&dir, STACK);
+    let up = d.cli(&dir, &["up"]);
+    assert!(up.status.success(), "harness up failed:\n{}\n{}", String::from_utf8_lossy(&up.stderr), d.log());
+
+    // ps --json: every service running and healthy where checked, with address and pid.
+    let ps = d.cli(&dir, &["ps", "--json"]);
+    assert!(ps.status.success());
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("ps --json is a JSON array");
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        for key in ["name", "state", "health", "backend", "address", "pid"] {
+            assert!(row.get(key).is_some(), "ps row lacks {key}: {row}");
+        }
+        assert_eq!(row["state"], "running", "{row}");
+        assert_eq!(row["backend"], "process");
+    }
+    let c = d.client();
+    let svc = |n: &str| get(&c, "shop", n);
+    assert_eq!(svc("db").health, Health::Healthy);
+    assert_eq!(svc("web").health, Health::Healthy);
+
+    // Order: api started only after db was healthy and cache running; web after api healthy.
+    let events = replay(&c);
+    let seq_of = |pred: &dyn Fn(&EventKind) -> bool| events.iter().find(|e| pred(&e.kind)).map(|e| e.seq).expect("event");
+    let healthy = |n: &'static str| move |k: &EventKind| matches!(k, EventKind::ServiceHealth(h) if h.name == n && h.status == Health::Healthy);
+    let running = |n: &'static str| move |k: &EventKind| matches!(k, EventKind::ServiceState(s) if s.name == n && s.to == ServiceState::Running);
+    assert!(seq_of(&healthy("db")) < seq_of(&running("api")));
+    assert!(seq_of(&running("cache")) < seq_of(&running("api")));
+    assert!(seq_of(&healthy("api")) < seq_of(&running("web")));
+
+    // Injected addresses really connect: api and web say so, and report what they got.
+    let db_addr = svc("db").address.expect("db address");
+    let api_addr = svc("api").address.expect("api address");
+    let api_log: Vec<String> = log_lines(&c, "shop", "api").into_iter().map(|l| l.line).collect();
+    assert!(api_log.iter().any(|l| l == &format!("api: connected to db at {db_addr}")), "{api_log:?}");
+    let web_log: Vec<String> = log_lines(&c, "shop", "web").into_iter().map(|l| l.line).collect();
+    assert!(web_log.iter().any(|l| l == &format!("web: connected to api at {api_addr}")), "{web_log:?}");
+    assert!(http_get(&api_addr, "/").contains(&format!("\"db\":\"{db_addr}\"")));
+    let env: m::EnvResult = smol::block_on(c.call(names::CONFIG_ENV, m::ServiceParams { stack: "shop".into(), name: "api".into() })).unwrap();
+    assert_eq!(env.env["DB_ADDR"], db_addr);
+    assert_eq!(env.env["DATABASE_URL"], format!("postgres://{db_addr}/shop"));
+
+    // Follow db's heartbeat: new lines arrive with increasing offsets.
+    smol::block_on(async {
+        let mut stream = c
+            .start_request(names::SERVICE_LOGS, m::LogsParams { stack: "shop".into(), name: "db".into(), tail: Some(1), since: None, follow: true })
+            .await
+            .unwrap();
+        let mut offsets = Vec::new();
+        while offsets.len() < 3 {
+            match stream.next().await.unwrap() {
+                protocol::ServerMessage::Log(l) => offsets.push(l.log.offset),
+                protocol::ServerMessage::Response(r) => {
+                    let first: m::LogsResult = harness_client::decode(r).unwrap();
+                    offsets.extend(first.lines.iter().map(|l| l.offset));
+                }
+                _ => {}
+            }
+        }
+        assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "offsets {offsets:?}");
+    });
+
+    // Down: nothing of the stack keeps running.
+    let pids: Vec<u32> = list(&c, "shop").iter().filter_map(|s| s.pid).collect();
+    assert_eq!(pids.len(), 4);
+    let down = d.cli(&dir, &["down"]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    for pid in pids {
+        wait_for("service process to exit", Duration::from_secs(5), || (!alive(pid)).then_some(()));
+    }
+    let left = smol::block_on(c.call::<Vec<m::ServiceInfo>>(names::SERVICE_LIST, m::ListParams { stack: Some("shop".into()) }));
+    assert!(left.is_err(), "the stack is forgotten after down");
+}
+
+fn replay(c: &harness_client::Client) -> Vec<protocol::Event> {
+    let r: m::SubscribeResult = smol::block_on(c.call(names::SUBSCRIBE, m::SubscribeParams { topics: vec![], stack: None, since: Some(0) })).unwrap();
+    let rx = c.events();
+    let mut out = Vec::new();
+    while out.last().is_none_or(|e: &protocol::Event| e.seq < r.seq) {
+        out.push(smol::block_on(rx.recv()).unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_crashing_service_restarts_with_backoff_then_fails() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("crash");
+    write_config(&dir, r#"
+name: crash
+services:
+  flaky:
+    target: { process: { binary: DEMO, args: [--name, flaky, --port, "0", --crash-after-ms, "50"] } }
+    restart: { policy: on-failure, max_restarts: 3 }
+"#);
+    let c = d.client();
+    let _: m::SubscribeResult = smol::block_on(c.call(names::SUBSCRIBE, m::SubscribeParams { topics: vec!["service".into()], stack: Some("crash".into()), since: None })).unwrap();
+    let up = d.cli(&dir, &["up"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let failed = wait_service(&c, "crash", "flaky", "flaky to fail", |s| s.state == ServiceState::Failed);
+    assert_eq!(failed.exit_code, Some(3));
+    assert!(failed.reason.as_deref().unwrap_or("").contains("gave up after 3 restarts"), "{failed:?}");
+    let rx = c.events();
+    let mut backoffs = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if let EventKind::ServiceRestarting(r) = e.kind {
+            backoffs.push((r.attempt, r.backoff_ms));
+        }
+    }
+    assert_eq!(backoffs, vec![(1, 100), (2, 200), (3, 400)]);
+}
+
+#[test]
+fn two_stacks_in_one_daemon_do_not_interfere() {
+    let d = TestDaemon::start();
+    let yaml = r#"
+services:
+  svc:
+    target: { process: { binary: DEMO, args: [--name, svc, --port, "${self.port}"] } }
+    port: auto
+    health_check: { type: tcp }
+"#;
+    let (a, b) = (d.workdir("alpha"), d.workdir("beta"));
+    write_config(&a, yaml);
+    write_config(&b, yaml);
+    assert!(d.cli(&a, &["up"]).status.success());
+    assert!(d.cli(&b, &["up"]).status.success());
+    let c = d.client();
+    let (pa, pb) = (get(&c, "alpha", "svc"), get(&c, "beta", "svc"));
+    assert_ne!(pa.port, pb.port);
+    assert!(d.cli(&a, &["stop"]).status.success());
+    assert_eq!(get(&c, "alpha", "svc").state, ServiceState::Stopped);
+    let still = get(&c, "beta", "svc");
+    assert_eq!((still.state, still.pid), (ServiceState::Running, pb.pid));
+    assert!(alive(pb.pid.unwrap()));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_refuses() {
+    let d = TestDaemon::start();
+    let out = d.spawn_daemon().wait_with_output().expect("second harnessd");
+    assert!(!out.status.success());
+    let log = d.log();
+    assert!(log.contains("holds the state directory"), "{log}");
+    // The first one still serves.
+    let c = d.client();
+    let s: m::DaemonStatus = smol::block_on(c.call(names::DAEMON_STATUS, serde_json::json!({}))).unwrap();
+    assert_eq!(s.pid, d.info.pid);
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: a real harnessd (TLS WebSocket server, shims, processes) driven by
+//! the client library and the `harness` CLI. Run with `cargo nextest run -p tests`.
+
+mod bad_input;
+mod daemon_restart;
+mod lifecycle;
+mod support;
