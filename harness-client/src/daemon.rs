@@ -28,7 +28,11 @@ pub async fn connect(state_dir: &Path, client_name: &str) -> Result<Client, Clie
 /// Connects to the daemon of `state_dir`, starting one in the background first when
 /// none answers. Racing callers end up with one daemon: the state-directory lock lets
 /// only one start, and the others connect to it.
-pub async fn ensure_daemon(state_dir: &Path, client_name: &str, mut progress: impl FnMut(&str)) -> Result<Client, ClientError> {
+pub async fn ensure_daemon(
+    state_dir: &Path,
+    client_name: &str,
+    mut progress: impl FnMut(&str),
+) -> Result<Client, ClientError> {
     if let Ok(c) = connect(state_dir, client_name).await {
         return Ok(c);
     }
@@ -45,7 +49,8 @@ pub async fn ensure_daemon(state_dir: &Path, client_name: &str, mut progress: im
         // unless nobody writes daemon.json.
         if let Ok(Some(status)) = child.try_wait() {
             if !status.success() && read_daemon_file(state_dir).is_err() {
-                let log = std::fs::read_to_string(state_dir.join("harnessd.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(state_dir.join("harnessd.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 return Err(ClientError::Connect {
                     url: state_dir.display().to_string(),
@@ -58,21 +63,32 @@ pub async fn ensure_daemon(state_dir: &Path, client_name: &str, mut progress: im
         }
         smol::Timer::after(Duration::from_millis(20)).await;
     }
-    Err(last_error.unwrap_or(ClientError::NoDaemon { dir: state_dir.to_owned() }))
+    Err(last_error.unwrap_or(ClientError::NoDaemon {
+        dir: state_dir.to_owned(),
+    }))
 }
 
 /// Starts `harnessd --state-dir DIR` detached: its own process group, output appended to
 /// `DIR/harnessd.log`.
 pub fn spawn_daemon(state_dir: &Path) -> Result<std::process::Child, ClientError> {
     use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(state_dir).map_err(|e| ClientError::Io { path: state_dir.to_owned(), source: e })?;
+    std::fs::create_dir_all(state_dir).map_err(|e| ClientError::Io {
+        path: state_dir.to_owned(),
+        source: e,
+    })?;
     let log_path = state_dir.join("harnessd.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| ClientError::Io { path: log_path.clone(), source: e })?;
-    let log2 = log.try_clone().map_err(|e| ClientError::Io { path: log_path.clone(), source: e })?;
+        .map_err(|e| ClientError::Io {
+            path: log_path.clone(),
+            source: e,
+        })?;
+    let log2 = log.try_clone().map_err(|e| ClientError::Io {
+        path: log_path.clone(),
+        source: e,
+    })?;
     let program = harnessd_program();
     #[allow(clippy::disallowed_methods)] // starting the daemon is the client's one spawn
     let child = Command::new(&program)
@@ -83,6 +99,9 @@ pub fn spawn_daemon(state_dir: &Path) -> Result<std::process::Child, ClientError
         .stderr(log2)
         .process_group(0)
         .spawn()
-        .map_err(|e| ClientError::Io { path: program.clone(), source: e })?;
+        .map_err(|e| ClientError::Io {
+            path: program.clone(),
+            source: e,
+        })?;
     Ok(child)
 }

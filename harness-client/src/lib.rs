@@ -77,12 +77,18 @@ pub fn read_daemon_file(state_dir: &Path) -> Result<DaemonFile, ClientError> {
     let path = state_dir.join("daemon.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ClientError::NoDaemon { dir: state_dir.to_owned() }
+            ClientError::NoDaemon {
+                dir: state_dir.to_owned(),
+            }
         } else {
-            ClientError::Io { path: path.clone(), source: e }
+            ClientError::Io {
+                path: path.clone(),
+                source: e,
+            }
         }
     })?;
-    serde_json::from_str(&text).map_err(|e| ClientError::Protocol(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| ClientError::Protocol(format!("{}: {e}", path.display())))
 }
 
 type Pending = Arc<Mutex<HashMap<u64, async_channel::Sender<ServerMessage>>>>;
@@ -103,21 +109,27 @@ pub struct Client {
 pub fn pinned_tls(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
 impl Client {
     /// Connects to the daemon `info` describes and authenticates.
     pub async fn connect(info: &DaemonFile, client_name: &str) -> Result<Client, ClientError> {
-        let token = std::fs::read_to_string(&info.token_file)
-            .map_err(|e| ClientError::Io { path: info.token_file.clone(), source: e })?;
+        let token = std::fs::read_to_string(&info.token_file).map_err(|e| ClientError::Io {
+            path: info.token_file.clone(),
+            source: e,
+        })?;
         let client = Self::connect_unauthenticated(info).await?;
         let hello = protocol::methods::HelloParams {
             token: token.trim().to_owned(),
@@ -131,15 +143,31 @@ impl Client {
 
     /// Connects without sending `hello` (for tests of authentication).
     pub async fn connect_unauthenticated(info: &DaemonFile) -> Result<Client, ClientError> {
-        let connect_error = |m: String| ClientError::Connect { url: info.url.clone(), message: m };
-        let ca = std::fs::read(&info.ca).map_err(|e| ClientError::Io { path: info.ca.clone(), source: e })?;
+        let connect_error = |m: String| ClientError::Connect {
+            url: info.url.clone(),
+            message: m,
+        };
+        let ca = std::fs::read(&info.ca).map_err(|e| ClientError::Io {
+            path: info.ca.clone(),
+            source: e,
+        })?;
         let tls = pinned_tls(&ca).map_err(connect_error)?;
-        let authority = info.url.strip_prefix("wss://").ok_or_else(|| connect_error("the URL must start with wss://".into()))?;
+        let authority = info
+            .url
+            .strip_prefix("wss://")
+            .ok_or_else(|| connect_error("the URL must start with wss://".into()))?;
         let authority = authority.trim_end_matches('/');
-        let tcp = async_net::TcpStream::connect(authority).await.map_err(|e| connect_error(e.to_string()))?;
+        let tcp = async_net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| connect_error(e.to_string()))?;
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name =
+            ServerName::try_from(host.to_owned()).map_err(|e| connect_error(e.to_string()))?;
         let stream = futures_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
@@ -147,9 +175,13 @@ impl Client {
         let config = WebSocketConfig::default()
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let (ws, _) = async_tungstenite::client_async_with_config(format!("{}/", info.url), stream, Some(config))
-            .await
-            .map_err(|e| connect_error(e.to_string()))?;
+        let (ws, _) = async_tungstenite::client_async_with_config(
+            format!("{}/", info.url),
+            stream,
+            Some(config),
+        )
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
         let (mut ws_tx, mut ws_rx) = ws.split();
         let (out, out_rx) = async_channel::bounded::<Message>(256);
         let (events_tx, events) = async_channel::unbounded();
@@ -167,7 +199,9 @@ impl Client {
             smol::spawn(async move {
                 while let Some(Ok(msg)) = ws_rx.next().await {
                     let Message::Text(text) = msg else { continue };
-                    let Ok(parsed) = serde_json::from_str::<ServerMessage>(&text) else { continue };
+                    let Ok(parsed) = serde_json::from_str::<ServerMessage>(&text) else {
+                        continue;
+                    };
                     let id = match &parsed {
                         ServerMessage::Event(e) => {
                             let _ = events_tx.send(e.clone()).await;
@@ -177,7 +211,11 @@ impl Client {
                         ServerMessage::Output(o) => Some(o.id.0),
                         ServerMessage::Response(r) => r.id.map(|i| i.0),
                     };
-                    let tx = pending.lock().unwrap_or_else(|e| e.into_inner()).get(&id.unwrap_or(0)).cloned();
+                    let tx = pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id.unwrap_or(0))
+                        .cloned();
                     if let Some(tx) = tx {
                         let _ = tx.send(parsed).await;
                     }
@@ -191,7 +229,12 @@ impl Client {
             out,
             pending,
             events,
-            hello: protocol::methods::HelloResult { daemon: String::new(), protocol: 0, instance: String::new(), seq: 0 },
+            hello: protocol::methods::HelloResult {
+                daemon: String::new(),
+                protocol: 0,
+                instance: String::new(),
+                seq: 0,
+            },
             _reader: reader,
             _writer: writer,
         })
@@ -199,18 +242,36 @@ impl Client {
 
     /// Sends a request and returns the stream of messages that belong to it (log lines,
     /// exec output, and finally its response).
-    pub async fn start_request(&self, method: &str, params: impl Serialize) -> Result<RequestStream, ClientError> {
+    pub async fn start_request(
+        &self,
+        method: &str,
+        params: impl Serialize,
+    ) -> Result<RequestStream, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = async_channel::unbounded();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
         let req = Request::new(id, method, params);
         let text = serde_json::to_string(&req).expect("requests serialize");
-        self.out.send(Message::text(text)).await.map_err(|_| ClientError::Closed)?;
-        Ok(RequestStream { id, rx, pending: self.pending.clone() })
+        self.out
+            .send(Message::text(text))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(RequestStream {
+            id,
+            rx,
+            pending: self.pending.clone(),
+        })
     }
 
     /// Calls a method and waits for its result.
-    pub async fn call<R: DeserializeOwned>(&self, method: &str, params: impl Serialize) -> Result<R, ClientError> {
+    pub async fn call<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: impl Serialize,
+    ) -> Result<R, ClientError> {
         let mut stream = self.start_request(method, params).await?;
         loop {
             match stream.next().await? {
@@ -222,14 +283,20 @@ impl Client {
 
     /// Sends raw text as one WebSocket message, bypassing the envelope.
     pub async fn send_raw(&self, text: String) -> Result<(), ClientError> {
-        self.out.send(Message::text(text)).await.map_err(|_| ClientError::Closed)
+        self.out
+            .send(Message::text(text))
+            .await
+            .map_err(|_| ClientError::Closed)
     }
 
     /// Waits for the next response that has no request id or an id this client did not
     /// send through [`Client::call`] (answers to [`Client::send_raw`]).
     pub async fn raw_response(&self, id: u64) -> Result<Response, ClientError> {
         let (tx, rx) = async_channel::unbounded();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
         loop {
             match rx.recv().await.map_err(|_| ClientError::Closed)? {
                 ServerMessage::Response(r) => return Ok(r),
@@ -261,14 +328,19 @@ impl RequestStream {
 
 impl Drop for RequestStream {
     fn drop(&mut self) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
 /// The result of a response, or its error.
 pub fn decode<R: DeserializeOwned>(r: Response) -> Result<R, ClientError> {
     match r.outcome {
-        Outcome::Result(v) => serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string())),
+        Outcome::Result(v) => {
+            serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+        }
         Outcome::Error(e) => Err(ClientError::Daemon(e)),
     }
 }

@@ -84,7 +84,9 @@ impl Changes {
         to: ServiceState,
         reason: Option<String>,
     ) {
-        let Some(rec) = st.service_mut(stack, name) else { return };
+        let Some(rec) = st.service_mut(stack, name) else {
+            return;
+        };
         let from = rec.state;
         if from == to && rec.reason == reason {
             return;
@@ -157,7 +159,10 @@ impl Core {
             clients: AtomicUsize::new(0),
             semaphores: Mutex::new(HashMap::new()),
             shutdown: async_channel::bounded(1),
-            state: Mutex::new(State { snap, runtime: HashMap::new() }),
+            state: Mutex::new(State {
+                snap,
+                runtime: HashMap::new(),
+            }),
         }
     }
 
@@ -202,7 +207,9 @@ impl Core {
         let pid = rec
             .process
             .as_ref()
-            .and_then(|p| serde_json::from_value::<deployer::process::ProcessRecord>(p.clone()).ok())
+            .and_then(|p| {
+                serde_json::from_value::<deployer::process::ProcessRecord>(p.clone()).ok()
+            })
             .map(|p| p.pid);
         Some(ServiceInfo {
             stack: stack.to_owned(),

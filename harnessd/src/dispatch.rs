@@ -30,22 +30,59 @@ pub struct Conn {
 impl Conn {
     /// A connection with its queues.
     pub fn new(id: u64, out: async_channel::Sender<String>, sink: EventSink) -> Self {
-        Conn { id, out, sink, follows: Mutex::new(HashMap::new()) }
+        Conn {
+            id,
+            out,
+            sink,
+            follows: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Ends everything the connection had running.
     pub fn close(&self) {
         self.out.close();
         self.sink.tx.close();
-        self.follows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.follows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorObject {
+    ErrorObject {
+        code,
+        message: message.into(),
+        data: None,
+    }
+}
+
+/// The one mapping from daemon errors to wire errors.
+fn op_error(e: OpError) -> ErrorObject {
+    let code = match &e {
+        OpError::NotFound(_) => ErrorCode::NotFound,
+        OpError::Unsupported(_) => ErrorCode::UnsupportedBackend,
+        OpError::Failed(_) => ErrorCode::BackendError,
+        OpError::Timeout(_) => ErrorCode::Timeout,
+        OpError::Storage(_) => ErrorCode::StorageError,
+    };
+    let data = match &e {
+        OpError::Failed(list) => Some(serde_json::json!({
+            "failed": list.iter().map(|(s, r)| serde_json::json!({"service": s, "reason": r})).collect::<Vec<_>>()
+        })),
+        _ => None,
+    };
+    ErrorObject {
+        code,
+        message: e.to_string(),
+        data,
     }
 }
 
 /// Parses a message into a request, or the error response to send instead.
 pub fn parse(text: &str) -> Result<Request, Response> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        Response::err(None, ErrorCode::ParseError, format!("invalid JSON: {e}"))
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Response::err(None, ErrorCode::ParseError, format!("invalid JSON: {e}")))?;
     let id = value.get("id").and_then(Value::as_u64).map(RequestId);
     serde_json::from_value(value).map_err(|e| {
         Response::err(
@@ -60,15 +97,28 @@ pub fn parse(text: &str) -> Result<Request, Response> {
 /// Returns the response, whether the client is now authenticated, and whether to close.
 pub fn hello(core: &Core, token: &str, req: &Request) -> (Response, bool, bool) {
     if req.method != names::HELLO {
-        let r = Response::err(Some(req.id), ErrorCode::HelloRequired, format!(
-            "the first request must be hello with the token (got {}); see PROTOCOL.md",
-            req.method
-        ));
+        let r = Response::err(
+            Some(req.id),
+            ErrorCode::HelloRequired,
+            format!(
+                "the first request must be hello with the token (got {}); see PROTOCOL.md",
+                req.method
+            ),
+        );
         return (r, false, false);
     }
     let params: m::HelloParams = match params(&req.params) {
         Ok(p) => p,
-        Err(e) => return (Response { id: Some(req.id), outcome: protocol::envelope::Outcome::Error(e) }, false, false),
+        Err(e) => {
+            return (
+                Response {
+                    id: Some(req.id),
+                    outcome: protocol::envelope::Outcome::Error(e),
+                },
+                false,
+                false,
+            )
+        }
     };
     // Constant time, so response timing reveals nothing about the token.
     if !bool::from(params.token.as_bytes().ct_eq(token.as_bytes())) {
@@ -92,8 +142,13 @@ pub fn hello(core: &Core, token: &str, req: &Request) -> (Response, bool, bool) 
 }
 
 fn params<P: DeserializeOwned>(value: &Value) -> Result<P, ErrorObject> {
-    let value = if value.is_null() { Value::Object(Default::default()) } else { value.clone() };
-    serde_json::from_value(value).map_err(|e| error(ErrorCode::InvalidParams, format!("invalid params: {e}")))
+    let value = if value.is_null() {
+        Value::Object(Default::default())
+    } else {
+        value.clone()
+    };
+    serde_json::from_value(value)
+        .map_err(|e| error(ErrorCode::InvalidParams, format!("invalid params: {e}")))
 }
 
 fn ok(v: impl serde::Serialize) -> Result<Option<Value>, ErrorObject> {
@@ -104,7 +159,10 @@ fn unknown_method(method: &str) -> ErrorObject {
     let hint = config::did_you_mean(method, names::ALL.iter().copied())
         .map(|s| format!(" (did you mean {s}?)"))
         .unwrap_or_default();
-    error(ErrorCode::UnknownMethod, format!("unknown method {method}{hint}"))
+    error(
+        ErrorCode::UnknownMethod,
+        format!("unknown method {method}{hint}"),
+    )
 }
 
 /// Runs one request; `None` when the response was already queued (log follow).
@@ -115,10 +173,17 @@ pub async fn handle(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Option<
         Ok(Some(v)) => protocol::envelope::Outcome::Result(v),
         Err(e) => protocol::envelope::Outcome::Error(e),
     };
-    Some(Response { id: Some(id), outcome })
+    Some(Response {
+        id: Some(id),
+        outcome,
+    })
 }
 
-async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Option<Value>, ErrorObject> {
+async fn route(
+    core: &Arc<Core>,
+    conn: &Arc<Conn>,
+    req: Request,
+) -> Result<Option<Value>, ErrorObject> {
     let p = &req.params;
     match req.method.as_str() {
         names::HELLO => Err(error(ErrorCode::InvalidRequest, "already authenticated")),
@@ -127,7 +192,9 @@ async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Optio
             let v: m::ValidateParams = params(p)?;
             let file = v.file.as_deref().unwrap_or("harness.yaml");
             let cfg = config::parse_stack(&v.yaml, file).map_err(config_error)?;
-            ok(m::ValidateResult { services: config::start_order(&cfg) })
+            ok(m::ValidateResult {
+                services: config::start_order(&cfg),
+            })
         }
         names::CONFIG_GET => {
             let s: m::StackParams = params(p)?;
@@ -139,7 +206,8 @@ async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Optio
             let env_file = core.run_dir(&s.stack, &s.name).join("service.env");
             let env = core.read(|st| {
                 known_service(st, &s.stack, &s.name)?;
-                crate::env::service_env(st, &s.stack, &s.name, &env_file).map_err(|e| error(ErrorCode::InvalidConfig, e))
+                crate::env::service_env(st, &s.stack, &s.name, &env_file)
+                    .map_err(|e| error(ErrorCode::InvalidConfig, e))
             })?;
             ok(m::EnvResult { env })
         }
@@ -187,18 +255,29 @@ async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Optio
         }
         names::SERVICE_START => {
             let s: m::ServicesParams = params(p)?;
-            let services = core.start_services(&s.stack, &s.names).await.map_err(op_error)?;
+            let services = core
+                .start_services(&s.stack, &s.names)
+                .await
+                .map_err(op_error)?;
             ok(m::ServicesResult { services })
         }
         names::SERVICE_STOP => {
             let s: m::ServicesParams = params(p)?;
-            let services = core.stop_services(&s.stack, &s.names).await.map_err(op_error)?;
+            let services = core
+                .stop_services(&s.stack, &s.names)
+                .await
+                .map_err(op_error)?;
             ok(m::ServicesResult { services })
         }
         names::SERVICE_RESTART => {
             let s: m::ServicesParams = params(p)?;
-            core.stop_services(&s.stack, &s.names).await.map_err(op_error)?;
-            let services = core.start_services(&s.stack, &s.names).await.map_err(op_error)?;
+            core.stop_services(&s.stack, &s.names)
+                .await
+                .map_err(op_error)?;
+            let services = core
+                .start_services(&s.stack, &s.names)
+                .await
+                .map_err(op_error)?;
             ok(m::ServicesResult { services })
         }
         names::SERVICE_REMOVE => {
@@ -214,21 +293,30 @@ async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Optio
         names::SUBSCRIBE => {
             let s: m::SubscribeParams = params(p)?;
             let journal = core.persister.journal.clone();
-            let (subscription, seq) = core.events.subscribe(conn.id, &s, &conn.sink, |since, until| {
-                let j = journal.lock().unwrap_or_else(|e| e.into_inner());
-                j.read_since(since, usize::MAX)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|e| e.seq < until)
-                    .collect()
-            });
+            let (subscription, seq) =
+                core.events
+                    .subscribe(conn.id, &s, &conn.sink, |since, until| {
+                        let j = journal.lock().unwrap_or_else(|e| e.into_inner());
+                        j.read_since(since, usize::MAX)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|e| e.seq < until)
+                            .collect()
+                    });
             ok(m::SubscribeResult { subscription, seq })
         }
         names::UNSUBSCRIBE => {
             let u: m::UnsubscribeParams = params(p)?;
-            let follow = conn.follows.lock().unwrap_or_else(|e| e.into_inner()).remove(&u.subscription);
+            let follow = conn
+                .follows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&u.subscription);
             if follow.is_none() && !core.events.unsubscribe(conn.id, u.subscription) {
-                return Err(error(ErrorCode::NotFound, format!("no subscription or log follow {}", u.subscription)));
+                return Err(error(
+                    ErrorCode::NotFound,
+                    format!("no subscription or log follow {}", u.subscription),
+                ));
             }
             ok(m::Empty {})
         }
@@ -267,7 +355,10 @@ async fn route(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Result<Optio
 }
 
 fn no_stack(stack: &str) -> ErrorObject {
-    error(ErrorCode::NotFound, format!("no stack named {stack}; apply its config first (harness up)"))
+    error(
+        ErrorCode::NotFound,
+        format!("no stack named {stack}; apply its config first (harness up)"),
+    )
 }
 
 fn known_service(st: &crate::core::State, stack: &str, name: &str) -> Result<(), ErrorObject> {
@@ -275,7 +366,10 @@ fn known_service(st: &crate::core::State, stack: &str, name: &str) -> Result<(),
     if rec.services.contains_key(name) {
         Ok(())
     } else {
-        Err(error(ErrorCode::NotFound, crate::orchestrator::not_found_message(&rec.config, name)))
+        Err(error(
+            ErrorCode::NotFound,
+            crate::orchestrator::not_found_message(&rec.config, name),
+        ))
     }
 }
 
@@ -283,7 +377,9 @@ fn config_error(e: config::ConfigErrors) -> ErrorObject {
     ErrorObject {
         code: ErrorCode::InvalidConfig,
         message: e.to_string(),
-        data: Some(serde_json::json!({ "errors": e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>() })),
+        data: Some(
+            serde_json::json!({ "errors": e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>() }),
+        ),
     }
 }
 
@@ -294,7 +390,10 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
     if p.stack.is_empty() {
         return Err(error(ErrorCode::InvalidParams, "stack name is empty"));
     }
-    let mut result = m::ApplyResult { stack: p.stack.clone(), ..Default::default() };
+    let mut result = m::ApplyResult {
+        stack: p.stack.clone(),
+        ..Default::default()
+    };
     let old: Option<StackConfig> = core.read(|st| st.stack(&p.stack).map(|r| r.config.clone()));
     let old_services = old.map(|c| c.services).unwrap_or_default();
     for (name, svc) in &p.config.services {
@@ -304,7 +403,11 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
             Some(_) => result.unchanged.push(name.clone()),
         }
     }
-    result.removed = old_services.keys().filter(|n| !p.config.services.contains_key(*n)).cloned().collect();
+    result.removed = old_services
+        .keys()
+        .filter(|n| !p.config.services.contains_key(*n))
+        .cloned()
+        .collect();
     // Stop what goes away or changes while it runs, under the old config.
     let mut to_stop = result.removed.clone();
     to_stop.extend(result.changed.iter().cloned());
@@ -312,40 +415,62 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
         core.stop_one(&p.stack, name).await;
     }
     core.update(|st, ch| {
-        let stack = st.snap.stacks.entry(p.stack.clone()).or_insert_with(|| registry::StackRecord {
-            name: p.stack.clone(),
-            source: None,
-            config: StackConfig::default(),
-            services: BTreeMap::new(),
-        });
+        let stack =
+            st.snap
+                .stacks
+                .entry(p.stack.clone())
+                .or_insert_with(|| registry::StackRecord {
+                    name: p.stack.clone(),
+                    source: None,
+                    config: StackConfig::default(),
+                    services: BTreeMap::new(),
+                });
         stack.source = p.source.clone();
         stack.config = p.config.clone();
         stack.config.name = Some(p.stack.clone());
         for name in &result.removed {
             stack.services.remove(name);
-            ch.push(EventKind::ServiceRemoved(ServiceRef { stack: p.stack.clone(), name: name.clone() }));
+            ch.push(EventKind::ServiceRemoved(ServiceRef {
+                stack: p.stack.clone(),
+                name: name.clone(),
+            }));
         }
         for name in result.added.iter().chain(&result.changed) {
-            stack.services.entry(name.clone()).or_insert_with(|| registry::ServiceRecord::new(crate::core::now()));
-            ch.push(EventKind::ServiceRegistered(ServiceRef { stack: p.stack.clone(), name: name.clone() }));
+            stack
+                .services
+                .entry(name.clone())
+                .or_insert_with(|| registry::ServiceRecord::new(crate::core::now()));
+            ch.push(EventKind::ServiceRegistered(ServiceRef {
+                stack: p.stack.clone(),
+                name: name.clone(),
+            }));
         }
         for name in &result.removed {
             st.runtime.remove(&(p.stack.clone(), name.clone()));
         }
     });
-    core.commit().await.map_err(|e| op_error(OpError::Storage(e)))?;
+    core.commit()
+        .await
+        .map_err(|e| op_error(OpError::Storage(e)))?;
     Ok(result)
 }
 
 /// `service.remove`: stop services; with no names, also forget the whole stack.
-async fn remove(core: &Arc<Core>, stack: &str, names: &[String]) -> Result<m::ServicesResult, ErrorObject> {
+async fn remove(
+    core: &Arc<Core>,
+    stack: &str,
+    names: &[String],
+) -> Result<m::ServicesResult, ErrorObject> {
     let services = core.stop_services(stack, names).await.map_err(op_error)?;
     let removed = core.update(|st, ch| {
         if names.is_empty() {
             let rec = st.snap.stacks.remove(stack)?;
             st.runtime.retain(|(s, _), _| s != stack);
             for name in rec.services.keys() {
-                ch.push(EventKind::ServiceRemoved(ServiceRef { stack: stack.to_owned(), name: name.clone() }));
+                ch.push(EventKind::ServiceRemoved(ServiceRef {
+                    stack: stack.to_owned(),
+                    name: name.clone(),
+                }));
             }
             Some(true)
         } else {
@@ -362,15 +487,21 @@ async fn remove(core: &Arc<Core>, stack: &str, names: &[String]) -> Result<m::Se
         let dir = core.state_dir.join("run").join(stack);
         let _ = smol::unblock(move || std::fs::remove_dir_all(dir)).await;
     }
-    core.commit().await.map_err(|e| op_error(OpError::Storage(e)))?;
+    core.commit()
+        .await
+        .map_err(|e| op_error(OpError::Storage(e)))?;
     Ok(m::ServicesResult { services })
 }
 
-async fn check_health(core: &Arc<Core>, s: &m::ServiceParams) -> Result<m::HealthResult, ErrorObject> {
+async fn check_health(
+    core: &Arc<Core>,
+    s: &m::ServiceParams,
+) -> Result<m::HealthResult, ErrorObject> {
     let env_file = core.run_dir(&s.stack, &s.name).join("service.env");
     let probe = core.read(|st| {
         known_service(st, &s.stack, &s.name)?;
-        crate::health::probe_for(st, &s.stack, &s.name, &env_file).map_err(|e| error(ErrorCode::InvalidConfig, e))
+        crate::health::probe_for(st, &s.stack, &s.name, &env_file)
+            .map_err(|e| error(ErrorCode::InvalidConfig, e))
     })?;
     let Some((probe, hc)) = probe else {
         return Ok(m::HealthResult {
@@ -386,35 +517,60 @@ async fn check_health(core: &Arc<Core>, s: &m::ServiceParams) -> Result<m::Healt
         Ok(o) => (m::Health::Healthy, o),
         Err(o) => (m::Health::Unhealthy, o),
     };
-    Ok(m::HealthResult { stack: s.stack.clone(), name: s.name.clone(), health, check: probe.describe(), output })
+    Ok(m::HealthResult {
+        stack: s.stack.clone(),
+        name: s.name.clone(),
+        health,
+        check: probe.describe(),
+        output,
+    })
 }
 
 fn to_line(stack: &str, service: &str, e: deployer::logs::LogEntry) -> m::LogLine {
-    m::LogLine { stack: stack.to_owned(), service: service.to_owned(), offset: e.offset, time: e.time, stream: e.stream, line: e.line }
+    m::LogLine {
+        stack: stack.to_owned(),
+        service: service.to_owned(),
+        offset: e.offset,
+        time: e.time,
+        stream: e.stream,
+        line: e.line,
+    }
 }
 
 /// How often a followed log is checked for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
-async fn logs(core: &Arc<Core>, conn: &Arc<Conn>, id: RequestId, p: m::LogsParams) -> Result<Option<Value>, ErrorObject> {
+async fn logs(
+    core: &Arc<Core>,
+    conn: &Arc<Conn>,
+    id: RequestId,
+    p: m::LogsParams,
+) -> Result<Option<Value>, ErrorObject> {
     core.read(|st| known_service(st, &p.stack, &p.name))?;
     let path = core.log_path(&p.stack, &p.name);
     let (stack, name) = (p.stack.clone(), p.name.clone());
     let read = {
         let path = path.clone();
-        smol::unblock(move || -> Result<(Vec<deployer::logs::LogEntry>, u64), deployer::DeployError> {
-            let entries = match p.since {
-                Some(since) => deployer::logs::read_from(&path, since, 10_000)?,
-                None => deployer::logs::tail(&path, p.tail.unwrap_or(100))?,
-            };
-            let next = entries.last().map_or(deployer::logs::next_offset(&path)?, |e| e.offset + 1);
-            Ok((entries, next))
-        })
+        smol::unblock(
+            move || -> Result<(Vec<deployer::logs::LogEntry>, u64), deployer::DeployError> {
+                let entries = match p.since {
+                    Some(since) => deployer::logs::read_from(&path, since, 10_000)?,
+                    None => deployer::logs::tail(&path, p.tail.unwrap_or(100))?,
+                };
+                let next = entries
+                    .last()
+                    .map_or(deployer::logs::next_offset(&path)?, |e| e.offset + 1);
+                Ok((entries, next))
+            },
+        )
         .await
     };
     let (entries, next_offset) = read.map_err(|e| error(ErrorCode::BackendError, e.to_string()))?;
     let result = m::LogsResult {
-        lines: entries.into_iter().map(|e| to_line(&stack, &name, e)).collect(),
+        lines: entries
+            .into_iter()
+            .map(|e| to_line(&stack, &name, e))
+            .collect(),
         next_offset,
     };
     if !p.follow {
@@ -422,39 +578,63 @@ async fn logs(core: &Arc<Core>, conn: &Arc<Conn>, id: RequestId, p: m::LogsParam
     }
     // Queue the response before any followed line so the client sees them in order.
     let response = Response::ok(Some(id), result);
-    conn.out.send(serde_json::to_string(&response).expect("responses serialize")).await.map_err(|_| error(ErrorCode::Internal, "connection closed"))?;
+    conn.out
+        .send(serde_json::to_string(&response).expect("responses serialize"))
+        .await
+        .map_err(|_| error(ErrorCode::Internal, "connection closed"))?;
     let out = conn.out.clone();
     let task = core.ex.spawn(async move {
         let mut offset = next_offset;
         loop {
             let path2 = path.clone();
-            let batch = smol::unblock(move || deployer::logs::read_from(&path2, offset, 1000)).await.unwrap_or_default();
+            let batch = smol::unblock(move || deployer::logs::read_from(&path2, offset, 1000))
+                .await
+                .unwrap_or_default();
             if batch.is_empty() {
                 smol::Timer::after(FOLLOW_POLL).await;
                 continue;
             }
             for e in batch {
                 offset = e.offset + 1;
-                let msg = LogMessage { id, log: to_line(&stack, &name, e) };
-                if out.send(serde_json::to_string(&msg).expect("log lines serialize")).await.is_err() {
+                let msg = LogMessage {
+                    id,
+                    log: to_line(&stack, &name, e),
+                };
+                if out
+                    .send(serde_json::to_string(&msg).expect("log lines serialize"))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
         }
     });
-    conn.follows.lock().unwrap_or_else(|e| e.into_inner()).insert(id.0, task);
+    conn.follows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.0, task);
     Ok(None)
 }
 
-async fn exec(core: &Arc<Core>, conn: &Arc<Conn>, id: RequestId, p: m::ExecParams) -> Result<m::ExecResult, ErrorObject> {
+async fn exec(
+    core: &Arc<Core>,
+    conn: &Arc<Conn>,
+    id: RequestId,
+    p: m::ExecParams,
+) -> Result<m::ExecResult, ErrorObject> {
     if p.command.is_empty() {
         return Err(error(ErrorCode::InvalidParams, "command is empty"));
     }
     let env_file = core.run_dir(&p.stack, &p.name).join("service.env");
     let (env, cwd) = core.read(|st| {
         known_service(st, &p.stack, &p.name)?;
-        let env = crate::env::service_env(st, &p.stack, &p.name, &env_file).map_err(|e| error(ErrorCode::InvalidConfig, e))?;
-        let cwd = match &st.stack(&p.stack).map(|r| &r.config.services[&p.name].target) {
+        let env = crate::env::service_env(st, &p.stack, &p.name, &env_file)
+            .map_err(|e| error(ErrorCode::InvalidConfig, e))?;
+        let cwd = match &st
+            .stack(&p.stack)
+            .map(|r| &r.config.services[&p.name].target)
+        {
             Some(config::Target::Process(t)) => t.working_dir.clone(),
             _ => None,
         };
@@ -465,7 +645,11 @@ async fn exec(core: &Arc<Core>, conn: &Arc<Conn>, id: RequestId, p: m::ExecParam
     let forward = async move {
         while let Ok(output) = rx.recv().await {
             let msg = OutputMessage { id, output };
-            if out.send(serde_json::to_string(&msg).expect("output serializes")).await.is_err() {
+            if out
+                .send(serde_json::to_string(&msg).expect("output serializes"))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

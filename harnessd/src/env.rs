@@ -35,11 +35,17 @@ fn bind_address(config: &StackConfig) -> &'static str {
 
 /// Resolves `${svc.field}` references in `input` for service `me` of `stack`.
 pub fn expand(st: &State, stack: &str, me: &str, input: &str) -> Result<String, String> {
-    let stack_rec = st.stack(stack).ok_or_else(|| format!("no stack named {stack}"))?;
+    let stack_rec = st
+        .stack(stack)
+        .ok_or_else(|| format!("no stack named {stack}"))?;
     let mut lookup = |svc: &str, field: &str| -> Option<String> {
         let name = if svc == "self" { me } else { svc };
         if field == "bind" {
-            return stack_rec.config.services.contains_key(name).then(|| bind_address(&stack_rec.config).to_owned());
+            return stack_rec
+                .config
+                .services
+                .contains_key(name)
+                .then(|| bind_address(&stack_rec.config).to_owned());
         }
         let port = stack_rec.services.get(name)?.port?;
         match field {
@@ -49,8 +55,7 @@ pub fn expand(st: &State, stack: &str, me: &str, input: &str) -> Result<String, 
             _ => None,
         }
     };
-    template::expand_service_refs(input, &mut lookup)
-        .map_err(|e| format!("service {me}: {e}"))
+    template::expand_service_refs(input, &mut lookup).map_err(|e| format!("service {me}: {e}"))
 }
 
 /// The variables the harness sets for a service (sources 2 to 5 above), without the
@@ -61,7 +66,9 @@ pub fn service_env(
     name: &str,
     env_file_path: &Path,
 ) -> Result<BTreeMap<String, String>, String> {
-    let stack_rec = st.stack(stack).ok_or_else(|| format!("no stack named {stack}"))?;
+    let stack_rec = st
+        .stack(stack)
+        .ok_or_else(|| format!("no stack named {stack}"))?;
     let cfg: &ServiceConfig = stack_rec
         .config
         .services
@@ -70,7 +77,10 @@ pub fn service_env(
     let mut env = BTreeMap::new();
     env.insert("HARNESS_STACK".to_owned(), stack.to_owned());
     env.insert("HARNESS_SERVICE".to_owned(), name.to_owned());
-    env.insert("HARNESS_ENV_FILE".to_owned(), env_file_path.display().to_string());
+    env.insert(
+        "HARNESS_ENV_FILE".to_owned(),
+        env_file_path.display().to_string(),
+    );
     for dep in cfg.depends_on.keys() {
         let Some(port) = stack_rec.services.get(dep).and_then(|r| r.port) else {
             continue;
@@ -120,6 +130,25 @@ pub fn render_env_file(env: &BTreeMap<String, String>) -> String {
     env.iter()
         .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', r"'\''")))
         .collect()
+}
+
+/// Writes a service's env file (0600: values may be secrets). Not fsynced: it is
+/// rewritten on every launch, so a crash can only lose a file that is made again.
+pub fn write_env_file(
+    dir: &Path,
+    path: &Path,
+    env: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(render_env_file(env).as_bytes())
 }
 
 #[cfg(test)]

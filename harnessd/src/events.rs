@@ -85,7 +85,11 @@ impl EventBus {
         let mut bus = self.lock();
         let seq = bus.next_seq;
         bus.next_seq += 1;
-        let event = Event { seq, time: now(), kind };
+        let event = Event {
+            seq,
+            time: now(),
+            kind,
+        };
         let text: Arc<str> = serde_json::to_string(&event)
             .expect("events serialize")
             .into();

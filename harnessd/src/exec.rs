@@ -10,7 +10,11 @@ use smol::process::Command;
 /// Most output a health check keeps.
 const CAPTURE_LIMIT: usize = 4096;
 
-fn command(argv: &[String], env: &[(String, String)], cwd: Option<&str>) -> Result<Command, String> {
+fn command(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+) -> Result<Command, String> {
     let (program, args) = argv.split_first().ok_or("empty command")?;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -62,14 +66,27 @@ pub async fn run_streamed(
                     break;
                 }
                 let data = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if sink.send(ExecOutput { stream: stream.to_owned(), data }).await.is_err() {
+                if sink
+                    .send(ExecOutput {
+                        stream: stream.to_owned(),
+                        data,
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
         }
     };
-    let stdout = child.stdout.take().map(|p| Box::new(p) as Box<dyn futures_lite::AsyncRead + Unpin + Send>);
-    let stderr = child.stderr.take().map(|p| Box::new(p) as Box<dyn futures_lite::AsyncRead + Unpin + Send>);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| Box::new(p) as Box<dyn futures_lite::AsyncRead + Unpin + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|p| Box::new(p) as Box<dyn futures_lite::AsyncRead + Unpin + Send>);
     let out_task = async {
         if let Some(p) = stdout {
             pump(p, "stdout").await;
@@ -81,6 +98,9 @@ pub async fn run_streamed(
         }
     };
     futures_lite::future::zip(out_task, err_task).await;
-    let status = child.status().await.map_err(|e| format!("waiting for {}: {e}", argv[0]))?;
+    let status = child
+        .status()
+        .await
+        .map_err(|e| format!("waiting for {}: {e}", argv[0]))?;
     Ok((status.code(), status.signal()))
 }

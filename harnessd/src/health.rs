@@ -29,7 +29,12 @@ pub enum Probe {
     /// GET this URL; healthy on `expected` or any 2xx.
     Http { url: String, expected: Option<u16> },
     /// Run a program with the service's environment.
-    Command { argv: Vec<String>, expected: i32, env: Vec<(String, String)>, cwd: Option<String> },
+    Command {
+        argv: Vec<String>,
+        expected: i32,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+    },
 }
 
 impl Probe {
@@ -51,7 +56,12 @@ impl Probe {
                     .map(|_| format!("connected to {addr}"))
                     .map_err(|e| format!("cannot connect to {addr}: {e}")),
                 Probe::Http { url, expected } => http_get(url, *expected).await,
-                Probe::Command { argv, expected, env, cwd } => {
+                Probe::Command {
+                    argv,
+                    expected,
+                    env,
+                    cwd,
+                } => {
                     let out = crate::exec::run_captured(argv, env, cwd.as_deref()).await?;
                     if out.0 == Some(*expected) {
                         Ok(out.1)
@@ -70,9 +80,21 @@ impl Probe {
 }
 
 /// Resolves a service's check into a probe; `None` when it has no check.
-pub fn probe_for(st: &State, stack: &str, name: &str, run_dir_env: &std::path::Path) -> Result<Option<(Probe, HealthCheck)>, String> {
-    let Some(stack_rec) = st.stack(stack) else { return Ok(None) };
-    let Some(hc) = stack_rec.config.services.get(name).and_then(|s| s.health_check.clone()) else {
+pub fn probe_for(
+    st: &State,
+    stack: &str,
+    name: &str,
+    run_dir_env: &std::path::Path,
+) -> Result<Option<(Probe, HealthCheck)>, String> {
+    let Some(stack_rec) = st.stack(stack) else {
+        return Ok(None);
+    };
+    let Some(hc) = stack_rec
+        .config
+        .services
+        .get(name)
+        .and_then(|s| s.health_check.clone())
+    else {
         return Ok(None);
     };
     let port = stack_rec.services.get(name).and_then(|r| r.port);
@@ -87,13 +109,24 @@ pub fn probe_for(st: &State, stack: &str, name: &str, run_dir_env: &std::path::P
             })?;
             Probe::Tcp(format!("{host}:{port}"))
         }
-        CheckKind::Http { url, expected_status } => Probe::Http {
+        CheckKind::Http {
+            url,
+            expected_status,
+        } => Probe::Http {
             url: env::expand(st, stack, name, url)?,
             expected: *expected_status,
         },
-        CheckKind::Command { command, args, expected_exit_code } => {
+        CheckKind::Command {
+            command,
+            args,
+            expected_exit_code,
+        } => {
             let argv = if args.is_empty() {
-                vec!["/bin/sh".to_owned(), "-c".to_owned(), env::expand(st, stack, name, command)?]
+                vec![
+                    "/bin/sh".to_owned(),
+                    "-c".to_owned(),
+                    env::expand(st, stack, name, command)?,
+                ]
             } else {
                 let mut v = vec![env::expand(st, stack, name, command)?];
                 for a in args {
@@ -101,7 +134,14 @@ pub fn probe_for(st: &State, stack: &str, name: &str, run_dir_env: &std::path::P
                 }
                 v
             };
-            command_probe(st, stack, name, argv, expected_exit_code.unwrap_or(0), run_dir_env)?
+            command_probe(
+                st,
+                stack,
+                name,
+                argv,
+                expected_exit_code.unwrap_or(0),
+                run_dir_env,
+            )?
         }
         CheckKind::Script { path, args } => {
             let mut argv = vec![env::expand(st, stack, name, path)?];
@@ -114,13 +154,27 @@ pub fn probe_for(st: &State, stack: &str, name: &str, run_dir_env: &std::path::P
     Ok(Some((probe, hc)))
 }
 
-fn command_probe(st: &State, stack: &str, name: &str, argv: Vec<String>, expected: i32, env_file: &std::path::Path) -> Result<Probe, String> {
-    let env: Vec<(String, String)> = env::service_env(st, stack, name, env_file)?.into_iter().collect();
+fn command_probe(
+    st: &State,
+    stack: &str,
+    name: &str,
+    argv: Vec<String>,
+    expected: i32,
+    env_file: &std::path::Path,
+) -> Result<Probe, String> {
+    let env: Vec<(String, String)> = env::service_env(st, stack, name, env_file)?
+        .into_iter()
+        .collect();
     let cwd = match &st.stack(stack).map(|r| &r.config.services[name].target) {
         Some(protocol::config::Target::Process(p)) => p.working_dir.clone(),
         _ => None,
     };
-    Ok(Probe::Command { argv, expected, env, cwd })
+    Ok(Probe::Command {
+        argv,
+        expected,
+        env,
+        cwd,
+    })
 }
 
 /// Runs a service's checks for the lifetime of run `generation`.
@@ -168,7 +222,9 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
                 return false;
             }
             st.runtime(&stack, &name).last_check = Some((check.clone(), output.clone()));
-            let Some(rec) = st.service_mut(&stack, &name) else { return false };
+            let Some(rec) = st.service_mut(&stack, &name) else {
+                return false;
+            };
             if rec.state != ServiceState::Running {
                 return rec.state == ServiceState::Starting;
             }
@@ -211,16 +267,26 @@ async fn http_get(url: &str, expected: Option<u16>) -> Result<String, String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
     let mut stream = async_net::TcpStream::connect(addr.as_str())
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: harnessd\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 512];
     while !head.windows(2).any(|w| w == b"\r\n") {
-        let n = stream.read(&mut buf).await.map_err(|e| format!("{url}: {e}"))?;
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
         if n == 0 {
             break;
         }
@@ -248,9 +314,5 @@ fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.trim_end().to_owned();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    format!("{}…", &s[..s.floor_char_boundary(max)])
 }

@@ -27,7 +27,6 @@ mod server;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-
 /// Options of one daemon run.
 #[derive(Debug, Clone)]
 pub struct DaemonOpts {
@@ -85,7 +84,10 @@ pub fn run(opts: DaemonOpts) -> Result<(), DaemonError> {
         std::thread::Builder::new()
             .name("harnessd-worker".into())
             .spawn(move || smol::block_on(ex.run(stop_rx.recv())))
-            .map_err(|e| DaemonError::Io { path: PathBuf::from("thread"), source: e })?
+            .map_err(|e| DaemonError::Io {
+                path: PathBuf::from("thread"),
+                source: e,
+            })?
     };
     let result = smol::block_on(ex.run(server::serve(ex.clone(), opts)));
     drop(stop_tx);

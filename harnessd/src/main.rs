@@ -7,7 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "harnessd", bin_name = "harnessd", version, about = "The harness daemon")]
+#[command(
+    name = "harnessd",
+    bin_name = "harnessd",
+    version,
+    about = "The harness daemon"
+)]
 struct Opts {
     /// State directory (default: $HARNESS_STATE_DIR, $XDG_STATE_HOME/harness, ~/.local/state/harness).
     #[arg(long, global = true)]
@@ -41,9 +46,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (default_dir, is_default) = protocol::state_dir_from_env(&|k| std::env::var(k).ok());
-    let state_dir = opts.state_dir.clone().unwrap_or_else(|| default_dir.clone());
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_dir.clone());
     // The shim is this binary. /proc/self/exe (resolved by the forked child) keeps
     // working when the file on disk was replaced by a rebuild or an upgrade.
     let shim_exe = PathBuf::from("/proc/self/exe");

@@ -104,7 +104,9 @@ fn with_dependents(config: &StackConfig, names: &[String]) -> Result<Vec<String>
         let more: Vec<String> = config
             .services
             .iter()
-            .filter(|(n, s)| !wanted.contains(*n) && s.depends_on.keys().any(|d| wanted.contains(d)))
+            .filter(|(n, s)| {
+                !wanted.contains(*n) && s.depends_on.keys().any(|d| wanted.contains(d))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         if more.is_empty() {
@@ -192,7 +194,9 @@ fn check_ready(st: &State, stack: &str, name: &str) -> Check {
         ServiceState::Running if !has_check || rec.health == Health::Healthy => Check::Met,
         ServiceState::Stopped if rec.exit_code == Some(0) => Check::Met,
         ServiceState::Starting | ServiceState::Running => Check::Pending,
-        ServiceState::Failed => Check::Broken(rec.reason.clone().unwrap_or_else(|| "failed".into())),
+        ServiceState::Failed => {
+            Check::Broken(rec.reason.clone().unwrap_or_else(|| "failed".into()))
+        }
         other => Check::Broken(format!("{other:?}").to_lowercase()),
     }
 }
@@ -280,7 +284,12 @@ impl Core {
         }
     }
 
-    async fn launch_when_ready(self: &Arc<Self>, stack: &str, name: &str, sem: &async_lock::Semaphore) {
+    async fn launch_when_ready(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        sem: &async_lock::Semaphore,
+    ) {
         let deps: Vec<(String, Condition)> = self.read(|st| {
             st.stack(stack).map_or_else(Vec::new, |r| {
                 r.config.services[name]
@@ -290,9 +299,14 @@ impl Core {
                     .collect()
             })
         });
-        let generation = self.read(|st| st.runtime.get(&key(stack, name)).map_or(0, |r| r.generation));
+        let generation = self.read(|st| {
+            st.runtime
+                .get(&key(stack, name))
+                .map_or(0, |r| r.generation)
+        });
         for (dep, cond) in deps {
-            if let Err(reason) = wait_until(self, |st| check_condition(st, stack, &dep, cond)).await {
+            if let Err(reason) = wait_until(self, |st| check_condition(st, stack, &dep, cond)).await
+            {
                 self.update(|st, ch| {
                     if current(st, stack, name, generation) {
                         ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
@@ -321,11 +335,7 @@ impl Core {
         let env_file = spec.run_dir.join("service.env");
         let write_env = {
             let (dir, path) = (spec.run_dir.clone(), env_file.clone());
-            smol::unblock(move || {
-                std::fs::create_dir_all(&dir)?;
-                crate::pki::write_file(&path, env::render_env_file(&harness_env).as_bytes(), 0o600)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })
+            smol::unblock(move || env::write_env_file(&dir, &path, &harness_env))
         };
         if let Err(e) = write_env.await {
             let reason = format!("cannot write {}: {e}", env_file.display());
@@ -360,11 +370,13 @@ impl Core {
         let watcher = {
             let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
             self.ex.spawn(async move {
-                let status = process::wait_exit(&record).await.unwrap_or_else(|e| ExitStatus {
-                    code: None,
-                    signal: None,
-                    error: Some(e.to_string()),
-                });
+                let status = process::wait_exit(&record)
+                    .await
+                    .unwrap_or_else(|e| ExitStatus {
+                        code: None,
+                        signal: None,
+                        error: Some(e.to_string()),
+                    });
                 core.on_exit(&stack, &name, generation, status, started);
             })
         };
@@ -390,16 +402,28 @@ impl Core {
     }
 
     /// A run ended on its own: record it and apply the restart policy.
-    fn on_exit(self: &Arc<Self>, stack: &str, name: &str, generation: u64, status: ExitStatus, started: Instant) {
+    fn on_exit(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        generation: u64,
+        status: ExitStatus,
+        started: Instant,
+    ) {
         let restart = self.update(|st, ch| {
             if !current(st, stack, name, generation) {
                 return None;
             }
             let (policy, max) = {
                 let cfg = &st.stack(stack)?.config.services[name];
-                (cfg.restart.policy, cfg.restart.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS))
+                (
+                    cfg.restart.policy,
+                    cfg.restart.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
+                )
             };
-            let has_check = st.stack(stack)?.config.services[name].health_check.is_some();
+            let has_check = st.stack(stack)?.config.services[name]
+                .health_check
+                .is_some();
             let rec = st.service_mut(stack, name)?;
             rec.process = None;
             rec.exit_code = status.code;
@@ -447,7 +471,13 @@ impl Core {
                 rt.generation += 1;
                 rt.generation
             };
-            ch.set_state(st, stack, name, ServiceState::Starting, Some(format!("restarting after it {how}")));
+            ch.set_state(
+                st,
+                stack,
+                name,
+                ServiceState::Starting,
+                Some(format!("restarting after it {how}")),
+            );
             Some((wait, generation))
         });
         if let Some((wait, generation)) = restart {
@@ -465,7 +495,11 @@ impl Core {
     }
 
     /// Stops services and everything depending on them, dependents first.
-    pub async fn stop_services(self: &Arc<Self>, stack: &str, names: &[String]) -> Result<Vec<String>, OpError> {
+    pub async fn stop_services(
+        self: &Arc<Self>,
+        stack: &str,
+        names: &[String],
+    ) -> Result<Vec<String>, OpError> {
         let order = self.read(|st| {
             let rec = st
                 .stack(stack)
@@ -486,15 +520,24 @@ impl Core {
         while !remaining.is_empty() {
             let wave: Vec<String> = remaining
                 .iter()
-                .filter(|n| !remaining.iter().any(|m| deps.get(m).is_some_and(|d| d.contains(n))))
+                .filter(|n| {
+                    !remaining
+                        .iter()
+                        .any(|m| deps.get(m).is_some_and(|d| d.contains(n)))
+                })
                 .cloned()
                 .collect();
-            let wave = if wave.is_empty() { remaining.clone() } else { wave };
+            let wave = if wave.is_empty() {
+                remaining.clone()
+            } else {
+                wave
+            };
             let stops: Vec<_> = wave
                 .iter()
                 .map(|n| {
                     let (core, stack, n) = (self.clone(), stack.to_owned(), n.clone());
-                    self.ex.spawn(async move { core.stop_one(&stack, &n).await })
+                    self.ex
+                        .spawn(async move { core.stop_one(&stack, &n).await })
                 })
                 .collect();
             for t in stops {
@@ -512,11 +555,14 @@ impl Core {
             if !rec.state.is_active() {
                 return None;
             }
-            let record: Option<ProcessRecord> =
-                rec.process.as_ref().and_then(|p| serde_json::from_value(p.clone()).ok());
+            let record: Option<ProcessRecord> = rec
+                .process
+                .as_ref()
+                .and_then(|p| serde_json::from_value(p.clone()).ok());
             let cfg = &st.stack(stack)?.config.services[name];
             let signal = cfg.stop_signal.clone().unwrap_or_else(|| "TERM".into());
-            let timeout = Duration::from_millis(cfg.stop_timeout_ms.unwrap_or(DEFAULT_STOP_TIMEOUT_MS));
+            let timeout =
+                Duration::from_millis(cfg.stop_timeout_ms.unwrap_or(DEFAULT_STOP_TIMEOUT_MS));
             let rt = st.runtime(stack, name);
             // Cancels the watcher, health monitor and any pending restart.
             rt.generation += 1;
@@ -524,7 +570,9 @@ impl Core {
             ch.set_state(st, stack, name, ServiceState::Stopping, None);
             Some((record, signal, timeout))
         });
-        let Some((record, signal, timeout)) = plan else { return };
+        let Some((record, signal, timeout)) = plan else {
+            return;
+        };
         let status = match &record {
             Some(r) => process::stop(r, &signal, timeout).await.ok(),
             None => None,
@@ -556,7 +604,10 @@ impl Core {
     ) -> Result<(ProcessSpec, BTreeMap<String, String>), String> {
         let cfg = &st.stack(stack).ok_or("stack was removed")?.config.services[name];
         let Target::Process(target) = &cfg.target else {
-            return Err(format!("the {} backend is not available in this build", cfg.target.backend()));
+            return Err(format!(
+                "the {} backend is not available in this build",
+                cfg.target.backend()
+            ));
         };
         let run_dir = self.run_dir(stack, name);
         let harness_env = env::service_env(st, stack, name, &run_dir.join("service.env"))?;
@@ -590,7 +641,10 @@ impl Core {
 
     /// Log file of a service.
     pub fn log_path(&self, stack: &str, name: &str) -> PathBuf {
-        self.state_dir.join("logs").join(stack).join(format!("{name}.log"))
+        self.state_dir
+            .join("logs")
+            .join(stack)
+            .join(format!("{name}.log"))
     }
 }
 
@@ -600,7 +654,9 @@ fn key(stack: &str, name: &str) -> (String, String) {
 
 /// Whether `generation` is still the service's current run.
 fn current(st: &State, stack: &str, name: &str, generation: u64) -> bool {
-    st.runtime.get(&key(stack, name)).is_some_and(|r| r.generation == generation)
+    st.runtime
+        .get(&key(stack, name))
+        .is_some_and(|r| r.generation == generation)
 }
 
 /// Gives a service its port: the fixed one, the one it had, or a free one.
@@ -608,7 +664,9 @@ fn assign_port(st: &mut State, stack: &str, name: &str) {
     let Some(spec) = st.stack(stack).and_then(|r| r.config.services[name].port) else {
         return;
     };
-    let Some(rec) = st.service_mut(stack, name) else { return };
+    let Some(rec) = st.service_mut(stack, name) else {
+        return;
+    };
     rec.port = match spec {
         PortSpec::Fixed(p) => Some(p),
         PortSpec::Auto => rec.port.or_else(free_port),
@@ -644,10 +702,16 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             .stacks
             .iter()
             .flat_map(|(stack, r)| {
-                r.services.iter().filter(|(_, s)| s.state.is_active()).map(|(n, s)| {
-                    let record = s.process.as_ref().and_then(|p| serde_json::from_value(p.clone()).ok());
-                    (stack.clone(), n.clone(), s.state, record)
-                })
+                r.services
+                    .iter()
+                    .filter(|(_, s)| s.state.is_active())
+                    .map(|(n, s)| {
+                        let record = s
+                            .process
+                            .as_ref()
+                            .and_then(|p| serde_json::from_value(p.clone()).ok());
+                        (stack.clone(), n.clone(), s.state, record)
+                    })
             })
             .collect()
     });
@@ -669,21 +733,34 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             (process::Adoption::Alive, Some(record)) => {
                 owned.insert(format!("{}/{stack}/{name}", core.instance));
                 if state == ServiceState::Stopping {
-                    fixes.push(format!("{stack}/{name}: finishing a stop interrupted by the daemon's exit"));
+                    fixes.push(format!(
+                        "{stack}/{name}: finishing a stop interrupted by the daemon's exit"
+                    ));
                     core.supervise(&stack, &name, generation, record, Instant::now());
                     core.stop_one(&stack, &name).await;
                     continue;
                 }
                 if state == ServiceState::Starting {
-                    fixes.push(format!("{stack}/{name}: was starting, found running (pid {})", record.pid));
-                    core.update(|st, ch| ch.set_state(st, &stack, &name, ServiceState::Running, None));
+                    fixes.push(format!(
+                        "{stack}/{name}: was starting, found running (pid {})",
+                        record.pid
+                    ));
+                    core.update(|st, ch| {
+                        ch.set_state(st, &stack, &name, ServiceState::Running, None)
+                    });
                 }
-                adopted.push(protocol::events::ServiceRef { stack: stack.clone(), name: name.clone() });
+                adopted.push(protocol::events::ServiceRef {
+                    stack: stack.clone(),
+                    name: name.clone(),
+                });
                 // Uptime before the daemon's restart is unknown; count from now.
                 core.supervise(&stack, &name, generation, record, Instant::now());
             }
             (process::Adoption::Exited(status), Some(_)) => {
-                fixes.push(format!("{stack}/{name}: {} while the daemon was down", describe_exit(&status)));
+                fixes.push(format!(
+                    "{stack}/{name}: {} while the daemon was down",
+                    describe_exit(&status)
+                ));
                 core.on_exit(&stack, &name, generation, status, Instant::now());
             }
             _ => {
@@ -697,7 +774,11 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                     if let Some(rec) = st.service_mut(&stack, &name) {
                         rec.process = None;
                     }
-                    let to = if state == ServiceState::Stopping { ServiceState::Stopped } else { ServiceState::Failed };
+                    let to = if state == ServiceState::Stopping {
+                        ServiceState::Stopped
+                    } else {
+                        ServiceState::Failed
+                    };
                     ch.set_state(st, &stack, &name, to, Some(reason));
                 });
             }
@@ -707,14 +788,17 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
     let strays: Vec<(u32, String)> = smol::unblock(move || process::find_instances(&prefix)).await;
     for (pid, instance) in strays.into_iter().filter(|(_, i)| !owned.contains(i)) {
         if process::kill_stray(pid) {
-            fixes.push(format!("killed stray process {pid} ({instance}) that no record owned"));
+            fixes.push(format!(
+                "killed stray process {pid} ({instance}) that no record owned"
+            ));
         }
     }
-    core.events.publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {
-        instance: core.instance.clone(),
-        pid: std::process::id(),
-        adopted,
-    }));
+    core.events
+        .publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {
+            instance: core.instance.clone(),
+            pid: std::process::id(),
+            adopted,
+        }));
     fixes
 }
 

@@ -49,7 +49,12 @@ impl Persister {
         loop {
             let listener = self.committed.listen();
             if self.done.load(Ordering::Acquire) >= ticket {
-                return match self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                return match self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                {
                     Some(e) => Err(e),
                     None => Ok(()),
                 };
@@ -60,7 +65,10 @@ impl Persister {
 
     /// The last save error, if the last save failed.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

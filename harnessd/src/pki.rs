@@ -81,14 +81,18 @@ pub fn load_or_create(paths: &PkiPaths, instance: &str) -> Result<Pki, DaemonErr
         .map_err(|e| pki_error(&paths.server_cert, e))?;
     let key = PrivateKeyDer::from_pem_slice(read(&paths.server_key)?.as_bytes())
         .map_err(|e| pki_error(&paths.server_key, e))?;
-    let server_config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| pki_error(&paths.server_cert, e))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| pki_error(&paths.server_cert, e))?;
-    Ok(Pki { server_config: Arc::new(server_config), token })
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| pki_error(&paths.server_cert, e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| pki_error(&paths.server_cert, e))?;
+    Ok(Pki {
+        server_config: Arc::new(server_config),
+        token,
+    })
 }
 
 fn create_ca(paths: &PkiPaths, instance: &str) -> Result<(), DaemonError> {
@@ -126,7 +130,11 @@ fn create_server_cert(paths: &PkiPaths) -> Result<(), DaemonError> {
     let key = KeyPair::generate().map_err(rcgen_error)?;
     let cert = params.signed_by(&key, &issuer).map_err(rcgen_error)?;
     write_secret(&paths.server_key, key.serialize_pem().as_bytes())?;
-    write_file(&paths.server_cert, format!("{}{}", cert.pem(), ca_pem).as_bytes(), 0o644)
+    write_file(
+        &paths.server_cert,
+        format!("{}{}", cert.pem(), ca_pem).as_bytes(),
+        0o644,
+    )
 }
 
 /// `n` random bytes as lower-case hex.
@@ -141,7 +149,10 @@ pub fn random_hex(n: usize) -> Result<String, DaemonError> {
 
 /// A secret file must not be readable by group or others: refuse to start otherwise.
 fn check_private(path: &Path) -> Result<(), DaemonError> {
-    let mode = fs::metadata(path).map_err(|e| io_error(path, e))?.permissions().mode();
+    let mode = fs::metadata(path)
+        .map_err(|e| io_error(path, e))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(DaemonError::Pki {
             path: path.to_owned(),
@@ -179,13 +190,22 @@ fn read(path: &Path) -> Result<String, DaemonError> {
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> DaemonError {
-    DaemonError::Io { path: path.to_owned(), source: e }
+    DaemonError::Io {
+        path: path.to_owned(),
+        source: e,
+    }
 }
 
 fn pki_error(path: &Path, e: impl std::fmt::Display) -> DaemonError {
-    DaemonError::Pki { path: path.to_owned(), message: e.to_string() }
+    DaemonError::Pki {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
 }
 
 fn rcgen_error(e: rcgen::Error) -> DaemonError {
-    DaemonError::Pki { path: PathBuf::from("rcgen"), message: e.to_string() }
+    DaemonError::Pki {
+        path: PathBuf::from("rcgen"),
+        message: e.to_string(),
+    }
 }

@@ -43,7 +43,11 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
     }
     let pki = pki::load_or_create(&PkiPaths::new(&opts.state_dir), &snapshot.instance)?;
     let addr = opts.listen.unwrap_or_else(|| {
-        let port = if opts.default_state_dir { protocol::DEFAULT_PORT } else { 0 };
+        let port = if opts.default_state_dir {
+            protocol::DEFAULT_PORT
+        } else {
+            0
+        };
         SocketAddr::from(([127, 0, 0, 1], port))
     });
     let listener = async_net::TcpListener::bind(addr).await.map_err(|e| DaemonError::Listen {
@@ -54,7 +58,10 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
             e.to_string()
         },
     })?;
-    let local = listener.local_addr().map_err(|e| DaemonError::Listen { addr, message: e.to_string() })?;
+    let local = listener.local_addr().map_err(|e| DaemonError::Listen {
+        addr,
+        message: e.to_string(),
+    })?;
     let url = format!("wss://{local}");
     let events = EventBus::new(journal.last_seq());
     let core = Arc::new(Core::new(
@@ -74,8 +81,15 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
         .collect();
     fixes.extend(crate::orchestrator::reconcile(&core).await);
     write_daemon_file(&opts.state_dir, &url, &core.instance)?;
-    tracing::info!("harnessd {} listening on {url} (state {})", env!("CARGO_PKG_VERSION"), opts.state_dir.display());
-    core.events.publish(EventKind::DaemonReconciled(protocol::events::Reconciled { fixes }));
+    tracing::info!(
+        "harnessd {} listening on {url} (state {})",
+        env!("CARGO_PKG_VERSION"),
+        opts.state_dir.display()
+    );
+    core.events
+        .publish(EventKind::DaemonReconciled(protocol::events::Reconciled {
+            fixes,
+        }));
     let _ = core.commit().await;
 
     let acceptor = TlsAcceptor::from(pki.server_config.clone());
@@ -142,7 +156,10 @@ async fn connection(
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (out_tx, out_rx) = async_channel::bounded::<String>(CONNECTION_OUT_QUEUE);
     let (ev_tx, ev_rx) = async_channel::bounded::<Arc<str>>(CONNECTION_EVENT_QUEUE);
-    let sink = EventSink { tx: ev_tx, lagged_from: Arc::new(AtomicU64::new(0)) };
+    let sink = EventSink {
+        tx: ev_tx,
+        lagged_from: Arc::new(AtomicU64::new(0)),
+    };
     let conn = Arc::new(Conn::new(id, out_tx.clone(), sink.clone()));
     core.clients.fetch_add(1, Ordering::Relaxed);
 
@@ -180,7 +197,9 @@ async fn connection(
                     let notice = protocol::Event {
                         seq: missed - 1,
                         time: crate::core::now(),
-                        kind: EventKind::DaemonLagged(Lagged { missed_from_seq: missed }),
+                        kind: EventKind::DaemonLagged(Lagged {
+                            missed_from_seq: missed,
+                        }),
                     };
                     let text = serde_json::to_string(&notice).expect("events serialize");
                     if ws_tx.send(Message::text(text)).await.is_err() {
@@ -203,7 +222,11 @@ async fn connection(
         let text = match msg {
             Ok(Message::Text(t)) => t.to_string(),
             Ok(Message::Binary(_)) => {
-                let r = Response::err(None, ErrorCode::InvalidRequest, "binary messages are not accepted: send JSON requests as text messages");
+                let r = Response::err(
+                    None,
+                    ErrorCode::InvalidRequest,
+                    "binary messages are not accepted: send JSON requests as text messages",
+                );
                 let _ = out_tx.send(serde_json::to_string(&r)?).await;
                 continue;
             }
@@ -238,7 +261,8 @@ async fn connection(
                     .clone()
                     .spawn(async move {
                         if let Some(response) = dispatch::handle(&core, &conn, request).await {
-                            let text = serde_json::to_string(&response).expect("responses serialize");
+                            let text =
+                                serde_json::to_string(&response).expect("responses serialize");
                             let _ = conn.out.send(text).await;
                         }
                     })

@@ -57,31 +57,6 @@ pub fn state_dir_from_env(env: &dyn Fn(&str) -> Option<String>) -> (std::path::P
     (dir, true)
 }
 
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-    use std::path::PathBuf;
-
-    #[track_caller]
-    fn check(vars: &[(&str, &str)], expected: &str, is_default: bool) {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let env = |k: &str| map.get(k).cloned();
-        assert_eq!(super::state_dir_from_env(&env), (PathBuf::from(expected), is_default));
-    }
-
-    #[test]
-    fn state_dir_precedence() {
-        let all = [("HARNESS_STATE_DIR", "/s"), ("XDG_STATE_HOME", "/x"), ("HOME", "/h")];
-        check(&all, "/s", false);
-        check(&all[1..], "/x/harness", true);
-        check(&all[2..], "/h/.local/state/harness", true);
-        check(&[], "/var/lib/harness", true);
-        // Empty and relative values are ignored.
-        check(&[("HARNESS_STATE_DIR", ""), ("XDG_STATE_HOME", "rel"), ("HOME", "/h")], "/h/.local/state/harness", true);
-    }
-}
-
 /// Version of the wire protocol spoken by this crate; sent in `hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -90,3 +65,45 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Default port of a daemon serving the default state directory.
 pub const DEFAULT_PORT: u16 = 7461;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    #[track_caller]
+    fn check(vars: &[(&str, &str)], expected: &str, is_default: bool) {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = |k: &str| map.get(k).cloned();
+        assert_eq!(
+            super::state_dir_from_env(&env),
+            (PathBuf::from(expected), is_default)
+        );
+    }
+
+    #[test]
+    fn state_dir_precedence() {
+        let all = [
+            ("HARNESS_STATE_DIR", "/s"),
+            ("XDG_STATE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        check(&all, "/s", false);
+        check(&all[1..], "/x/harness", true);
+        check(&all[2..], "/h/.local/state/harness", true);
+        check(&[], "/var/lib/harness", true);
+        // Empty and relative values are ignored.
+        check(
+            &[
+                ("HARNESS_STATE_DIR", ""),
+                ("XDG_STATE_HOME", "rel"),
+                ("HOME", "/h"),
+            ],
+            "/h/.local/state/harness",
+            true,
+        );
+    }
+}

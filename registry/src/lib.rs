@@ -139,8 +139,14 @@ mod tests {
 
     #[test]
     fn errors_and_recoveries_read_well() {
-        let locked = RegistryError::Locked { dir: "/d".into(), holder_pid: None };
-        assert_eq!(locked.to_string(), "another harnessd holds the state directory /d");
+        let locked = RegistryError::Locked {
+            dir: "/d".into(),
+            holder_pid: None,
+        };
+        assert_eq!(
+            locked.to_string(),
+            "another harnessd holds the state directory /d"
+        );
         let r = Recovery {
             path: "/d/a".into(),
             moved_to: Some("/d/b".into()),

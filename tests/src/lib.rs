@@ -27,7 +27,11 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a workspace binary of this build.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -39,7 +43,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -47,7 +54,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -73,9 +82,18 @@ impl TestDaemon {
 
     /// Starts harnessd with the log filter `level` (benchmarks use `warn`).
     pub fn start_with_log(level: &'static str) -> TestDaemon {
-        let dir = tempfile::Builder::new().prefix("harness-e2e-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("harness-e2e-")
+            .tempdir()
+            .expect("temp dir");
         let state_dir = dir.path().join("state");
-        let mut d = TestDaemon { state_dir, child: None, log_level: level, info: placeholder(), dir: Some(dir) };
+        let mut d = TestDaemon {
+            state_dir,
+            child: None,
+            log_level: level,
+            info: placeholder(),
+            dir: Some(dir),
+        };
         d.restart();
         d
     }
@@ -151,7 +169,13 @@ impl TestDaemon {
 }
 
 fn placeholder() -> DaemonFile {
-    DaemonFile { url: String::new(), ca: PathBuf::new(), token_file: PathBuf::new(), pid: 0, instance: String::new() }
+    DaemonFile {
+        url: String::new(),
+        ca: PathBuf::new(),
+        token_file: PathBuf::new(),
+        pid: 0,
+        instance: String::new(),
+    }
 }
 
 impl Drop for TestDaemon {
@@ -161,7 +185,11 @@ impl Drop for TestDaemon {
             let info = self.info.clone();
             let _ = smol::block_on(async {
                 let c = Client::connect(&info, "e2e-cleanup").await?;
-                c.call::<serde_json::Value>("daemon.shutdown", serde_json::json!({"stop_services": true})).await
+                c.call::<serde_json::Value>(
+                    "daemon.shutdown",
+                    serde_json::json!({"stop_services": true}),
+                )
+                .await
             });
         }
         if let Some(mut c) = self.child.take() {
@@ -176,7 +204,9 @@ impl Drop for TestDaemon {
         //    restart it): end it by pid, found by its HARNESS_INSTANCE marker.
         if !self.info.instance.is_empty() {
             for (pid, _) in deployer::process::find_instances(&format!("{}/", self.info.instance)) {
-                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
             }
         }
         // 3. The temp dir goes last.

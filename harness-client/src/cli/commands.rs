@@ -40,16 +40,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Down { services } => {
             let stack = require_stack(g)?;
             let c = client(g).await?;
-            let r: m::ServicesResult = c.call(names::SERVICE_REMOVE, m::ServicesParams { stack: stack.clone(), names: services }).await?;
+            let r: m::ServicesResult = c
+                .call(
+                    names::SERVICE_REMOVE,
+                    m::ServicesParams {
+                        stack: stack.clone(),
+                        names: services,
+                    },
+                )
+                .await?;
             eprintln!("stopped {} service(s) of {stack}", r.services.len());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Start { services } => services_call(g, names::SERVICE_START, services, "started").await,
+        Cmd::Start { services } => {
+            services_call(g, names::SERVICE_START, services, "started").await
+        }
         Cmd::Stop { services } => services_call(g, names::SERVICE_STOP, services, "stopped").await,
-        Cmd::Restart { services } => services_call(g, names::SERVICE_RESTART, services, "restarted").await,
+        Cmd::Restart { services } => {
+            services_call(g, names::SERVICE_RESTART, services, "restarted").await
+        }
         Cmd::Rm { services } => services_call(g, names::SERVICE_REMOVE, services, "removed").await,
         Cmd::Ps => ps(g).await,
-        Cmd::Logs { service, follow, tail } => logs(g, service, follow, tail).await,
+        Cmd::Logs {
+            service,
+            follow,
+            tail,
+        } => logs(g, service, follow, tail).await,
         Cmd::Exec { service, command } => exec(g, service, command).await,
         Cmd::Health { services } => health(g, services).await,
         Cmd::Events { since, topic } => events(g, since, topic).await,
@@ -74,7 +90,13 @@ fn validate(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
     if g.json {
         output::json(&json!({"stack": loaded.stack, "file": loaded.path, "start_order": order}));
     } else {
-        println!("{}: ok, stack {}, {} services; start order: {}", loaded.path.display(), loaded.stack, order.len(), order.join(", "));
+        println!(
+            "{}: ok, stack {}, {} services; start order: {}",
+            loaded.path.display(),
+            loaded.stack,
+            order.len(),
+            order.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -86,13 +108,30 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
     let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
     let stack = loaded.stack.clone();
     let _: m::SubscribeResult = c
-        .call(names::SUBSCRIBE, m::SubscribeParams { topics: vec!["service".into()], stack: Some(stack.clone()), since: None })
+        .call(
+            names::SUBSCRIBE,
+            m::SubscribeParams {
+                topics: vec!["service".into()],
+                stack: Some(stack.clone()),
+                since: None,
+            },
+        )
         .await?;
     let applied: m::ApplyResult = c
-        .call(names::CONFIG_APPLY, m::ApplyParams { stack: stack.clone(), config: loaded.config, source: Some(loaded.path.display().to_string()) })
+        .call(
+            names::CONFIG_APPLY,
+            m::ApplyParams {
+                stack: stack.clone(),
+                config: loaded.config,
+                source: Some(loaded.path.display().to_string()),
+            },
+        )
         .await?;
     if !applied.changed.is_empty() || !applied.removed.is_empty() {
-        eprintln!("config of {stack}: changed {:?}, removed {:?}", applied.changed, applied.removed);
+        eprintln!(
+            "config of {stack}: changed {:?}, removed {:?}",
+            applied.changed, applied.removed
+        );
     }
     let events = c.events();
     let progress = smol::spawn(async move {
@@ -102,15 +141,27 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
                     let reason = s.reason.map(|r| format!(" ({r})")).unwrap_or_default();
                     eprintln!("  {:<20} {:?} -> {:?}{reason}", s.name, s.from, s.to);
                 }
-                EventKind::ServiceHealth(h) => eprintln!("  {:<20} {:?} ({})", h.name, h.status, h.check),
-                EventKind::ServiceRestarting(r) => eprintln!("  {:<20} restarting in {} ms (attempt {})", r.name, r.backoff_ms, r.attempt),
+                EventKind::ServiceHealth(h) => {
+                    eprintln!("  {:<20} {:?} ({})", h.name, h.status, h.check)
+                }
+                EventKind::ServiceRestarting(r) => eprintln!(
+                    "  {:<20} restarting in {} ms (attempt {})",
+                    r.name, r.backoff_ms, r.attempt
+                ),
                 _ => {}
             }
             let _ = std::io::stderr().flush();
         }
     });
-    let result: Result<m::ServicesResult, ClientError> =
-        c.call(names::SERVICE_START, m::ServicesParams { stack: stack.clone(), names: services }).await;
+    let result: Result<m::ServicesResult, ClientError> = c
+        .call(
+            names::SERVICE_START,
+            m::ServicesParams {
+                stack: stack.clone(),
+                names: services,
+            },
+        )
+        .await;
     drop(progress);
     match result {
         Ok(r) => {
@@ -124,11 +175,24 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .and_then(|d| d.get("failed"))
                 .and_then(|f| f.as_array())
-                .map(|a| a.iter().filter_map(|x| x.get("service")?.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.get("service")?.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default();
             for name in failed {
                 let logs: Result<m::LogsResult, _> = c
-                    .call(names::SERVICE_LOGS, m::LogsParams { stack: stack.clone(), name: name.clone(), tail: Some(20), since: None, follow: false })
+                    .call(
+                        names::SERVICE_LOGS,
+                        m::LogsParams {
+                            stack: stack.clone(),
+                            name: name.clone(),
+                            tail: Some(20),
+                            since: None,
+                            follow: false,
+                        },
+                    )
                     .await;
                 if let Ok(l) = logs {
                     eprintln!("--- last {} log lines of {name} ---", l.lines.len());
@@ -143,10 +207,23 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn services_call(g: &GlobalOpts, method: &str, services: Vec<String>, verb: &str) -> anyhow::Result<ExitCode> {
+async fn services_call(
+    g: &GlobalOpts,
+    method: &str,
+    services: Vec<String>,
+    verb: &str,
+) -> anyhow::Result<ExitCode> {
     let stack = require_stack(g)?;
     let c = client(g).await?;
-    let r: m::ServicesResult = c.call(method, m::ServicesParams { stack: stack.clone(), names: services }).await?;
+    let r: m::ServicesResult = c
+        .call(
+            method,
+            m::ServicesParams {
+                stack: stack.clone(),
+                names: services,
+            },
+        )
+        .await?;
     if g.json {
         output::json(&r);
     } else {
@@ -158,7 +235,14 @@ async fn services_call(g: &GlobalOpts, method: &str, services: Vec<String>, verb
 async fn ps(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let stack = config_file::current_stack(g)?;
     let c = client(g).await?;
-    let list: Vec<m::ServiceInfo> = c.call(names::SERVICE_LIST, m::ListParams { stack: stack.clone() }).await?;
+    let list: Vec<m::ServiceInfo> = c
+        .call(
+            names::SERVICE_LIST,
+            m::ListParams {
+                stack: stack.clone(),
+            },
+        )
+        .await?;
     if g.json {
         output::json(&list);
     } else {
@@ -170,18 +254,32 @@ async fn ps(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
 fn print_line(l: &m::LogLine, json_out: bool) {
     if json_out {
         println!("{}", serde_json::to_string(l).expect("log lines serialize"));
-    } else if l.stream == "stderr" {
-        println!("{} {} | {}", l.time, l.service, l.line);
     } else {
-        println!("{} {} | {}", l.time, l.service, l.line);
+        // `!` marks lines the service wrote to stderr.
+        let mark = if l.stream == "stderr" { '!' } else { '|' };
+        println!("{} {} {mark} {}", l.time, l.service, l.line);
     }
 }
 
-async fn logs(g: &GlobalOpts, service: String, follow: bool, tail: usize) -> anyhow::Result<ExitCode> {
+async fn logs(
+    g: &GlobalOpts,
+    service: String,
+    follow: bool,
+    tail: usize,
+) -> anyhow::Result<ExitCode> {
     let stack = require_stack(g)?;
     let c = client(g).await?;
     let mut stream = c
-        .start_request(names::SERVICE_LOGS, m::LogsParams { stack, name: service, tail: Some(tail), since: None, follow })
+        .start_request(
+            names::SERVICE_LOGS,
+            m::LogsParams {
+                stack,
+                name: service,
+                tail: Some(tail),
+                since: None,
+                follow,
+            },
+        )
         .await?;
     loop {
         match stream.next().await? {
@@ -204,7 +302,16 @@ async fn logs(g: &GlobalOpts, service: String, follow: bool, tail: usize) -> any
 async fn exec(g: &GlobalOpts, service: String, command: Vec<String>) -> anyhow::Result<ExitCode> {
     let stack = require_stack(g)?;
     let c = client(g).await?;
-    let mut stream = c.start_request(names::SERVICE_EXEC, m::ExecParams { stack, name: service, command }).await?;
+    let mut stream = c
+        .start_request(
+            names::SERVICE_EXEC,
+            m::ExecParams {
+                stack,
+                name: service,
+                command,
+            },
+        )
+        .await?;
     loop {
         match stream.next().await? {
             ServerMessage::Output(o) => {
@@ -229,14 +336,29 @@ async fn health(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCod
     let stack = require_stack(g)?;
     let c = client(g).await?;
     let names_list = if services.is_empty() {
-        let list: Vec<m::ServiceInfo> = c.call(names::SERVICE_LIST, m::ListParams { stack: Some(stack.clone()) }).await?;
+        let list: Vec<m::ServiceInfo> = c
+            .call(
+                names::SERVICE_LIST,
+                m::ListParams {
+                    stack: Some(stack.clone()),
+                },
+            )
+            .await?;
         list.into_iter().map(|s| s.name).collect()
     } else {
         services
     };
     let mut results = Vec::new();
     for name in names_list {
-        let r: m::HealthResult = c.call(names::SERVICE_HEALTH, m::ServiceParams { stack: stack.clone(), name }).await?;
+        let r: m::HealthResult = c
+            .call(
+                names::SERVICE_HEALTH,
+                m::ServiceParams {
+                    stack: stack.clone(),
+                    name,
+                },
+            )
+            .await?;
         results.push(r);
     }
     let all_ok = results.iter().all(|r| r.health != m::Health::Unhealthy);
@@ -245,24 +367,52 @@ async fn health(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCod
     } else {
         let mut t = output::table(&["service", "health", "check", "output"]);
         for r in &results {
-            t.add_row(vec![r.name.clone(), format!("{:?}", r.health).to_lowercase(), r.check.clone(), r.output.clone()]);
+            t.add_row(vec![
+                r.name.clone(),
+                format!("{:?}", r.health).to_lowercase(),
+                r.check.clone(),
+                r.output.clone(),
+            ]);
         }
         println!("{t}");
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { super::failure() })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        super::failure()
+    })
 }
 
-async fn events(g: &GlobalOpts, since: Option<u64>, topics: Vec<String>) -> anyhow::Result<ExitCode> {
+async fn events(
+    g: &GlobalOpts,
+    since: Option<u64>,
+    topics: Vec<String>,
+) -> anyhow::Result<ExitCode> {
     let stack = config_file::current_stack(g).ok().flatten();
     let c = client(g).await?;
-    let _: m::SubscribeResult = c.call(names::SUBSCRIBE, m::SubscribeParams { topics, stack, since }).await?;
+    let _: m::SubscribeResult = c
+        .call(
+            names::SUBSCRIBE,
+            m::SubscribeParams {
+                topics,
+                stack,
+                since,
+            },
+        )
+        .await?;
     let events = c.events();
     while let Ok(e) = events.recv().await {
         if g.json {
             println!("{}", serde_json::to_string(&e).expect("events serialize"));
         } else {
             let data = serde_json::to_value(&e.kind).expect("events serialize");
-            println!("{:>6} {} {} {}", e.seq, e.time, data["event"].as_str().unwrap_or(""), data["data"]);
+            println!(
+                "{:>6} {} {} {}",
+                e.seq,
+                e.time,
+                data["event"].as_str().unwrap_or(""),
+                data["data"]
+            );
         }
         let _ = std::io::stdout().flush();
     }
@@ -274,14 +424,23 @@ async fn config_cmd(g: &GlobalOpts, cmd: ConfigCmd) -> anyhow::Result<ExitCode> 
         ConfigCmd::Show => {
             let stack = require_stack(g)?;
             let c = client(g).await?;
-            let cfg: config::StackConfig = c.call(names::CONFIG_GET, m::StackParams { stack }).await?;
+            let cfg: config::StackConfig =
+                c.call(names::CONFIG_GET, m::StackParams { stack }).await?;
             print_config(&cfg, g.json)?;
         }
         ConfigCmd::Resolve => print_config(&config_file::load(g)?.config, g.json)?,
         ConfigCmd::Env { service } => {
             let stack = require_stack(g)?;
             let c = client(g).await?;
-            let r: m::EnvResult = c.call(names::CONFIG_ENV, m::ServiceParams { stack, name: service }).await?;
+            let r: m::EnvResult = c
+                .call(
+                    names::CONFIG_ENV,
+                    m::ServiceParams {
+                        stack,
+                        name: service,
+                    },
+                )
+                .await?;
             if g.json {
                 output::json(&r.env);
             } else {
@@ -294,7 +453,12 @@ async fn config_cmd(g: &GlobalOpts, cmd: ConfigCmd) -> anyhow::Result<ExitCode> 
             let loaded = config_file::load(g)?;
             let order = config::start_order(&loaded.config);
             if g.json {
-                let deps: std::collections::BTreeMap<_, Vec<_>> = loaded.config.services.iter().map(|(n, s)| (n.clone(), s.depends_on.keys().cloned().collect())).collect();
+                let deps: std::collections::BTreeMap<_, Vec<_>> = loaded
+                    .config
+                    .services
+                    .iter()
+                    .map(|(n, s)| (n.clone(), s.depends_on.keys().cloned().collect()))
+                    .collect();
                 output::json(&json!({"start_order": order, "depends_on": deps}));
             } else {
                 for n in order {
@@ -302,7 +466,13 @@ async fn config_cmd(g: &GlobalOpts, cmd: ConfigCmd) -> anyhow::Result<ExitCode> 
                     if deps.is_empty() {
                         println!("{n}");
                     } else {
-                        println!("{n} <- {}", deps.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", "));
+                        println!(
+                            "{n} <- {}",
+                            deps.iter()
+                                .map(|d| d.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
                     }
                 }
             }
@@ -315,7 +485,10 @@ fn print_config(cfg: &config::StackConfig, json_out: bool) -> anyhow::Result<()>
     if json_out {
         output::json(cfg);
     } else {
-        print!("{}", serde_saphyr::to_string(cfg).context("cannot print the config as YAML")?);
+        print!(
+            "{}",
+            serde_saphyr::to_string(cfg).context("cannot print the config as YAML")?
+        );
     }
     Ok(())
 }
@@ -331,12 +504,17 @@ async fn daemon_cmd(g: &GlobalOpts, cmd: DaemonCmd) -> anyhow::Result<ExitCode> 
             drop(spawn_daemon(&dir)?);
             let c = ensure_daemon(&dir, CLIENT, |_| {}).await?;
             let s: m::DaemonStatus = c.call(names::DAEMON_STATUS, json!({})).await?;
-            eprintln!("harnessd {} (pid {}) serves {} at {}", s.instance, s.pid, s.state_dir, s.url);
+            eprintln!(
+                "harnessd {} (pid {}) serves {} at {}",
+                s.instance, s.pid, s.state_dir, s.url
+            );
         }
         DaemonCmd::Stop { stop_services } => {
             let c = client(g).await?;
             let s: m::DaemonStatus = c.call(names::DAEMON_STATUS, json!({})).await?;
-            let _: m::Empty = c.call(names::DAEMON_SHUTDOWN, m::ShutdownParams { stop_services }).await?;
+            let _: m::Empty = c
+                .call(names::DAEMON_SHUTDOWN, m::ShutdownParams { stop_services })
+                .await?;
             // Wait until it is gone so a following start does not race it.
             for _ in 0..200 {
                 if !PathBuf::from(format!("/proc/{}", s.pid)).exists() {

@@ -36,8 +36,12 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
         bail!("no harness.yaml or services.yaml in this directory; pass -f FILE or create one with `harness init`");
     };
     let path = std::path::absolute(&path).with_context(|| format!("{}", path.display()))?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let shown = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let mut config = config::parse_stack(&text, &shown).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     config
@@ -46,7 +50,11 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
     let home = std::env::var("HOME").ok();
     config.resolve_paths(&dir.display().to_string(), home.as_deref());
     let stack = stack_name(opts, Some(&config), dir);
-    Ok(Loaded { path, stack, config })
+    Ok(Loaded {
+        path,
+        stack,
+        config,
+    })
 }
 
 /// Stack name: `-p`, else `name:` in the config, else the config directory's name.
@@ -55,8 +63,10 @@ pub fn stack_name(opts: &GlobalOpts, config: Option<&StackConfig>, dir: &Path) -
         .clone()
         .or_else(|| config.and_then(|c| c.name.clone()))
         .unwrap_or_else(|| {
-            dir.file_name()
-                .map_or_else(|| "default".to_owned(), |n| n.to_string_lossy().into_owned())
+            dir.file_name().map_or_else(
+                || "default".to_owned(),
+                |n| n.to_string_lossy().into_owned(),
+            )
         })
 }
 
@@ -73,7 +83,8 @@ pub fn current_stack(opts: &GlobalOpts) -> anyhow::Result<Option<String>> {
 
 /// The stack, or an error saying how to name one.
 pub fn require_stack(opts: &GlobalOpts) -> anyhow::Result<String> {
-    current_stack(opts)?.context("no stack: run in a directory with harness.yaml, or pass -f FILE or -p STACK")
+    current_stack(opts)?
+        .context("no stack: run in a directory with harness.yaml, or pass -f FILE or -p STACK")
 }
 
 /// The commented config `harness init` writes.

@@ -13,7 +13,13 @@ pub use commands::run;
 
 /// `harness`: run and control stacks of services through harnessd.
 #[derive(Parser)]
-#[command(name = "harness", bin_name = "harness", version, about, propagate_version = true)]
+#[command(
+    name = "harness",
+    bin_name = "harness",
+    version,
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -25,7 +31,8 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct GlobalOpts {
     /// Config file (default: harness.yaml or services.yaml in the working directory).
-    #[arg(short = 'f', long = "file", global = true)]
+    /// Given before the command (`harness -f FILE up`), as `-f` after `logs` means follow.
+    #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// Stack name (default: `name:` in the config, else the config directory's name).
     #[arg(short = 'p', long = "project", global = true)]

@@ -12,7 +12,10 @@ pub fn color() -> bool {
 
 /// Prints a value as pretty JSON.
 pub fn json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("values serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("values serialize")
+    );
 }
 
 /// A table with the house style.
@@ -50,7 +53,9 @@ fn health_cell(health: Health) -> Cell {
 
 /// The `ps` table.
 pub fn services_table(list: &[ServiceInfo], show_stack: bool) -> Table {
-    let mut header = vec!["service", "state", "health", "backend", "address", "pid", "restarts", "note"];
+    let mut header = vec![
+        "service", "state", "health", "backend", "address", "pid", "restarts", "note",
+    ];
     if show_stack {
         header.insert(0, "stack");
     }

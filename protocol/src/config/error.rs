@@ -5,7 +5,8 @@ use std::fmt;
 /// One problem in a config file.
 ///
 /// Displayed as `harness.yaml:12:5: services.api.port: bad port 70000: ...`; the line and
-/// column are left out when unknown (a config that came over the wire has none).
+/// column are left out when unknown (a config that came over the wire has none), the file
+/// when empty (errors of a pass over an already parsed config).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// File name as shown to the user.
@@ -23,17 +24,19 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.file)?;
+        let mut place = self.file.clone();
         if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+            place.push_str(&format!(":{line}"));
             if let Some(column) = self.column {
-                write!(f, ":{column}")?;
+                place.push_str(&format!(":{column}"));
             }
         }
-        if !self.key.is_empty() {
-            write!(f, ": {}", self.key)?;
+        for part in [place.as_str(), self.key.as_str()] {
+            if !part.is_empty() {
+                write!(f, "{part}: ")?;
+            }
         }
-        write!(f, ": {}", self.message)
+        f.write_str(&self.message)
     }
 }
 
@@ -55,7 +58,10 @@ impl fmt::Display for ConfigErrors {
 
 /// The candidate closest to `word` when it is close enough to be a likely typo
 /// (at most a third of its length in edits, at least one), for "did you mean X?" hints.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let limit = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
@@ -87,7 +93,14 @@ mod tests {
 
     #[track_caller]
     fn check_hint(word: &str, expected: Option<&str>) {
-        let known = ["health_check", "depends_on", "dependencies", "env", "env_file", "port"];
+        let known = [
+            "health_check",
+            "depends_on",
+            "dependencies",
+            "env",
+            "env_file",
+            "port",
+        ];
         assert_eq!(did_you_mean(word, known).as_deref(), expected);
     }
 
@@ -97,7 +110,7 @@ mod tests {
         check_hint("healthcheck", Some("health_check"));
         check_hint("depends-on", Some("depends_on"));
         check_hint("envfile", Some("env_file"));
-        check_hint("prot", Some("port"));
+        check_hint("prt", Some("port"));
         check_hint("image", None);
         check_hint("x", None);
     }
@@ -111,9 +124,15 @@ mod tests {
             key: "services.api.port".into(),
             message: "bad port 70000".into(),
         };
-        assert_eq!(e.to_string(), "harness.yaml:12:5: services.api.port: bad port 70000");
+        assert_eq!(
+            e.to_string(),
+            "harness.yaml:12:5: services.api.port: bad port 70000"
+        );
         e.line = None;
-        assert_eq!(e.to_string(), "harness.yaml: services.api.port: bad port 70000");
+        assert_eq!(
+            e.to_string(),
+            "harness.yaml: services.api.port: bad port 70000"
+        );
         let all = ConfigErrors(vec![e.clone(), e]);
         assert_eq!(all.to_string().lines().count(), 2);
     }

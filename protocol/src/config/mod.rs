@@ -2,8 +2,25 @@
 //!
 //! [`parse_stack`] reads YAML (both seed shapes: `target: {process: {...}}` and
 //! `backend: {type: process, ...}`) into the canonical [`StackConfig`] and validates it;
-//! errors name the file, line and key.
+//! errors name the file, line and key. [`validate`] checks a config that arrived in
+//! canonical form, [`start_order`] and [`dependency_waves`] order its services, and
+//! [`template`] expands `${...}` references. The client then calls
+//! [`StackConfig::resolve_environment`] and [`StackConfig::resolve_paths`] before it
+//! sends the config to the daemon.
 
+mod error;
 mod model;
+mod parse;
+mod read;
+mod resolve;
+pub mod template;
+mod validate;
+mod yaml;
 
+#[cfg(test)]
+mod tests;
+
+pub use error::{did_you_mean, ConfigError, ConfigErrors};
 pub use model::*;
+pub use parse::parse_stack;
+pub use validate::{dependency_waves, start_order, validate, DISCOVERY_KINDS};

@@ -40,11 +40,15 @@ fn parse_args() -> Result<Opts, String> {
                 o.upstreams.push((n.to_owned(), addr.to_owned()));
             }
             "--crash-after-ms" => {
-                let ms: u64 = value()?.parse().map_err(|e| format!("--crash-after-ms: {e}"))?;
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--crash-after-ms: {e}"))?;
                 o.crash_after = Some(Duration::from_millis(ms));
             }
             "--heartbeat-ms" => {
-                let ms: u64 = value()?.parse().map_err(|e| format!("--heartbeat-ms: {e}"))?;
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--heartbeat-ms: {e}"))?;
                 o.heartbeat = Duration::from_millis(ms);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -74,11 +78,21 @@ fn main() {
     let listener = match TcpListener::bind((opts.bind.as_str(), opts.port)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("{}: cannot listen on {}:{}: {e}", opts.name, opts.bind, opts.port);
+            eprintln!(
+                "{}: cannot listen on {}:{}: {e}",
+                opts.name, opts.bind, opts.port
+            );
             std::process::exit(1);
         }
     };
-    println!("{}: listening on {}", opts.name, listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "{}: listening on {}",
+        opts.name,
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
     let started = Instant::now();
     {
         let (name, every, crash) = (opts.name.clone(), opts.heartbeat, opts.crash_after);
@@ -88,7 +102,10 @@ fn main() {
                 eprintln!("{name}: crashing on purpose");
                 std::process::exit(3);
             }
-            println!("{name}: heartbeat after {} ms", started.elapsed().as_millis());
+            println!(
+                "{name}: heartbeat after {} ms",
+                started.elapsed().as_millis()
+            );
         });
     }
     for stream in listener.incoming().flatten() {
@@ -100,18 +117,38 @@ fn main() {
 
 fn serve(mut stream: TcpStream, name: &str, upstreams: &[(String, String)]) {
     let mut request_line = String::new();
-    if BufReader::new(&stream).read_line(&mut request_line).is_err() {
+    if BufReader::new(&stream)
+        .read_line(&mut request_line)
+        .is_err()
+    {
         return;
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_owned();
     let (status, body) = match path.as_str() {
         "/health" => ("200 OK", "ok\n".to_owned()),
         "/" => {
-            let ups: Vec<String> = upstreams.iter().map(|(n, a)| format!("\"{n}\":\"{a}\"")).collect();
-            ("200 OK", format!("{{\"service\":\"{name}\",\"upstreams\":{{{}}}}}\n", ups.join(",")))
+            let ups: Vec<String> = upstreams
+                .iter()
+                .map(|(n, a)| format!("\"{n}\":\"{a}\""))
+                .collect();
+            (
+                "200 OK",
+                format!(
+                    "{{\"service\":\"{name}\",\"upstreams\":{{{}}}}}\n",
+                    ups.join(",")
+                ),
+            )
         }
         _ => ("404 Not Found", "not found\n".to_owned()),
     };
     println!("{name}: GET {path} -> {status}");
-    let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }

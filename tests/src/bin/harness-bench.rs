@@ -22,7 +22,10 @@ fn main() {
     let all = which.is_empty();
     let want = |n: &str| all || which.iter().any(|w| w == n);
     let d = TestDaemon::start_with_log("warn");
-    println!("harness-bench: harnessd pid {} at {}", d.info.pid, d.info.url);
+    println!(
+        "harness-bench: harnessd pid {} at {}",
+        d.info.pid, d.info.url
+    );
     if want("rss") {
         rss_idle(&d);
     }
@@ -55,9 +58,13 @@ fn ms(d: Duration) -> String {
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
 }
 
 fn busybox() -> String {
@@ -73,7 +80,9 @@ fn busybox() -> String {
 /// the same index in wave k-1 (a DAG of depth 5); tcp checks.
 fn stack_yaml(ports: &[u16], www: &Path) -> String {
     let bb = busybox();
-    let mut y = String::from("name: bench\nsettings: { max_parallel: 20, default_timeout: 60 }\nservices:\n");
+    let mut y = String::from(
+        "name: bench\nsettings: { max_parallel: 20, default_timeout: 60 }\nservices:\n",
+    );
     for w in 0..WAVES {
         for i in 0..PER_WAVE {
             let port = ports[w * PER_WAVE + i];
@@ -144,7 +153,11 @@ fn up_and_ps(d: &TestDaemon, do_up: bool, do_ps: bool) {
         let start = Instant::now();
         let out = cli(&["up"]);
         let took = start.elapsed();
-        assert!(out.status.success(), "harness up failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "harness up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ours.push(took);
         let last = run + 1 == runs;
         if !(last && do_ps) {
@@ -171,7 +184,8 @@ fn up_and_ps(d: &TestDaemon, do_up: bool, do_ps: bool) {
                 .output()
                 .expect("ps");
             ps.push(start.elapsed());
-            let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ps --json output");
+            let rows: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).expect("ps --json output");
             assert_eq!(rows.len(), WAVES * PER_WAVE);
         }
         let mut hello = Vec::new();
@@ -201,9 +215,24 @@ fn get_latency(d: &TestDaemon) {
     )
     .expect("config");
     let c = d.client();
-    let cfg = protocol::config::parse_stack(&std::fs::read_to_string(dir.join("harness.yaml")).unwrap(), "harness.yaml").unwrap();
-    let _: m::ApplyResult = smol::block_on(c.call(names::CONFIG_APPLY, m::ApplyParams { stack: "get".into(), config: cfg, source: None })).unwrap();
-    for (label, method) in [("baseline (unknown method)", "bench.noop"), ("service.get", names::SERVICE_GET)] {
+    let cfg = protocol::config::parse_stack(
+        &std::fs::read_to_string(dir.join("harness.yaml")).unwrap(),
+        "harness.yaml",
+    )
+    .unwrap();
+    let _: m::ApplyResult = smol::block_on(c.call(
+        names::CONFIG_APPLY,
+        m::ApplyParams {
+            stack: "get".into(),
+            config: cfg,
+            source: None,
+        },
+    ))
+    .unwrap();
+    for (label, method) in [
+        ("baseline (unknown method)", "bench.noop"),
+        ("service.get", names::SERVICE_GET),
+    ] {
         let (lat, wall) = load(d, 16, 10_000, method);
         println!(
             "{label}: {} requests from 16 clients: p50 {} p99 {} throughput {:.0}/s{}",
@@ -211,7 +240,11 @@ fn get_latency(d: &TestDaemon) {
             ms(pct(&lat, 0.5)),
             ms(pct(&lat, 0.99)),
             lat.len() as f64 / wall.as_secs_f64(),
-            if method == names::SERVICE_GET { " (target p99 < 2 ms)" } else { "" }
+            if method == names::SERVICE_GET {
+                " (target p99 < 2 ms)"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -227,7 +260,10 @@ fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Dura
         .map(|c| {
             let (lat, method) = (lat.clone(), method.to_owned());
             ex.spawn(async move {
-                let params = m::ServiceParams { stack: "get".into(), name: "one".into() };
+                let params = m::ServiceParams {
+                    stack: "get".into(),
+                    name: "one".into(),
+                };
                 let mut mine = Vec::with_capacity(per);
                 for _ in 0..per {
                     let t = Instant::now();
@@ -253,7 +289,10 @@ fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Dura
 }
 
 /// Runs `fut` on `ex` with two threads (this machine has two cores).
-fn run_on_threads<T>(ex: &Arc<smol::Executor<'static>>, fut: impl std::future::Future<Output = T>) -> T {
+fn run_on_threads<T>(
+    ex: &Arc<smol::Executor<'static>>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
     let (stop, stopped) = smol::channel::bounded::<()>(1);
     let helper = {
         let ex = ex.clone();
@@ -264,6 +303,9 @@ fn run_on_threads<T>(ex: &Arc<smol::Executor<'static>>, fut: impl std::future::F
     let _ = helper.join();
     out
 }
+
+/// When a subscriber got an event: (seq, arrival, the event's own `time`).
+type Arrival = (u64, SystemTime, String);
 
 /// Time from an event's publication (its `time`, microseconds) until the last of N
 /// subscribers has it, for N = 500 against the baseline N = 1.
@@ -279,12 +321,16 @@ fn fanout(d: &TestDaemon) {
         for s in &conns {
             let _: m::SubscribeResult = smol::block_on(s.call(
                 names::SUBSCRIBE,
-                m::SubscribeParams { topics: vec!["service".into()], stack: Some("fan".into()), since: None },
+                m::SubscribeParams {
+                    topics: vec!["service".into()],
+                    stack: Some("fan".into()),
+                    since: None,
+                },
             ))
             .unwrap();
         }
         const EVENTS: usize = 200;
-        let arrivals: Arc<Mutex<Vec<Vec<(u64, SystemTime, String)>>>> = Arc::new(Mutex::new(Vec::new()));
+        let arrivals: Arc<Mutex<Vec<Vec<Arrival>>>> = Arc::new(Mutex::new(Vec::new()));
         let tasks: Vec<_> = conns
             .into_iter()
             .map(|s| {
@@ -306,7 +352,14 @@ fn fanout(d: &TestDaemon) {
             async move {
                 for v in 0..EVENTS {
                     let _: m::ApplyResult = c
-                        .call(names::CONFIG_APPLY, m::ApplyParams { stack: "fan".into(), config: stack_cfg(v + subscribers), source: None })
+                        .call(
+                            names::CONFIG_APPLY,
+                            m::ApplyParams {
+                                stack: "fan".into(),
+                                config: stack_cfg(v + subscribers),
+                                source: None,
+                            },
+                        )
                         .await
                         .unwrap();
                     smol::Timer::after(Duration::from_millis(5)).await;
@@ -348,7 +401,10 @@ fn rss_kib(pid: u32) -> u64 {
 fn rss_idle(d: &TestDaemon) {
     drop(d.client());
     std::thread::sleep(Duration::from_millis(200));
-    println!("harnessd RSS idle: {} KiB (target < 20 MB)", rss_kib(d.info.pid));
+    println!(
+        "harnessd RSS idle: {} KiB (target < 20 MB)",
+        rss_kib(d.info.pid)
+    );
 }
 
 fn rss_1000(d: &TestDaemon) {
@@ -361,7 +417,15 @@ fn rss_1000(d: &TestDaemon) {
     }
     let cfg = protocol::config::parse_stack(&yaml, "big.yaml").unwrap();
     let c = d.client();
-    let r: m::ApplyResult = smol::block_on(c.call(names::CONFIG_APPLY, m::ApplyParams { stack: "big".into(), config: cfg, source: None })).unwrap();
+    let r: m::ApplyResult = smol::block_on(c.call(
+        names::CONFIG_APPLY,
+        m::ApplyParams {
+            stack: "big".into(),
+            config: cfg,
+            source: None,
+        },
+    ))
+    .unwrap();
     assert_eq!(r.added.len(), 1000);
     std::thread::sleep(Duration::from_millis(500));
     let full = rss_kib(d.info.pid);

@@ -18,19 +18,28 @@ fn error_code(r: &Response) -> (ErrorCode, String) {
 fn bad_requests_get_clear_errors_and_change_nothing() {
     let d = TestDaemon::start();
     let dir = d.workdir("solid");
-    write_config(&dir, r#"
+    write_config(
+        &dir,
+        r#"
 name: solid
 services:
   one:
     target: { process: { binary: DEMO, args: [--name, one, --port, "${self.port}"] } }
     port: auto
-"#);
+"#,
+    );
     assert!(d.cli(&dir, &["up"]).status.success());
     let registry = d.state_dir.join("registry.json");
     // The save of `running` happens just after `up` returns: wait for it.
-    let before = tests::wait_for("registry.json to say running", std::time::Duration::from_secs(10), || {
-        std::fs::read(&registry).ok().filter(|b| String::from_utf8_lossy(b).contains("\"running\""))
-    });
+    let before = tests::wait_for(
+        "registry.json to say running",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read(&registry)
+                .ok()
+                .filter(|b| String::from_utf8_lossy(b).contains("\"running\""))
+        },
+    );
     let c = d.client();
     let listed = list(&c, "solid");
 
@@ -41,31 +50,90 @@ services:
         assert_eq!(code, ErrorCode::ParseError);
         assert!(msg.contains("invalid JSON"), "{msg}");
         // JSON that is not a request.
-        c.send_raw(r#"{"id": 900, "params": {}}"#.into()).await.unwrap();
-        assert_eq!(error_code(&c.raw_response(900).await.unwrap()).0, ErrorCode::InvalidRequest);
+        c.send_raw(r#"{"id": 900, "params": {}}"#.into())
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(&c.raw_response(900).await.unwrap()).0,
+            ErrorCode::InvalidRequest
+        );
         // Unknown method, with a suggestion.
-        let e = c.call::<serde_json::Value>("service.lsit", serde_json::json!({})).await.unwrap_err();
-        let harness_client::ClientError::Daemon(e) = e else { panic!("{e}") };
+        let e = c
+            .call::<serde_json::Value>("service.lsit", serde_json::json!({}))
+            .await
+            .unwrap_err();
+        let harness_client::ClientError::Daemon(e) = e else {
+            panic!("{e}")
+        };
         assert_eq!(e.code, ErrorCode::UnknownMethod);
-        assert!(e.message.contains("did you mean service.list"), "{}", e.message);
+        assert!(
+            e.message.contains("did you mean service.list"),
+            "{}",
+            e.message
+        );
         // Wrong params.
-        let e = c.call::<serde_json::Value>(names::SERVICE_GET, serde_json::json!({"stack": 5})).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidParams), "{e}");
+        let e = c
+            .call::<serde_json::Value>(names::SERVICE_GET, serde_json::json!({"stack": 5}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidParams),
+            "{e}"
+        );
         // Unknown service.
-        let e = c.call::<serde_json::Value>(names::SERVICE_START, m::ServicesParams { stack: "solid".into(), names: vec!["onr".into()] }).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::NotFound && o.message.contains("did you mean one")), "{e}");
+        let e = c
+            .call::<serde_json::Value>(
+                names::SERVICE_START,
+                m::ServicesParams {
+                    stack: "solid".into(),
+                    names: vec!["onr".into()],
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::NotFound && o.message.contains("did you mean one")),
+            "{e}"
+        );
         // Invalid YAML and an invalid config: errors name file, line and key.
-        let e = c.call::<m::ValidateResult>(names::CONFIG_VALIDATE, m::ValidateParams { yaml: "services:\n  a: [\n".into(), file: Some("bad.yaml".into()) }).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidConfig && o.message.contains("bad.yaml")), "{e}");
+        let e = c
+            .call::<m::ValidateResult>(
+                names::CONFIG_VALIDATE,
+                m::ValidateParams {
+                    yaml: "services:\n  a: [\n".into(),
+                    file: Some("bad.yaml".into()),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidConfig && o.message.contains("bad.yaml")),
+            "{e}"
+        );
         let cyclic = "services:\n  a:\n    target: {process: {binary: x}}\n    dependencies: [b]\n  b:\n    target: {process: {binary: x}}\n    dependencies: [a]\n";
-        let e = c.call::<m::ValidateResult>(names::CONFIG_VALIDATE, m::ValidateParams { yaml: cyclic.into(), file: Some("cyc.yaml".into()) }).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidConfig && o.message.contains("cycle")), "{e}");
+        let e = c
+            .call::<m::ValidateResult>(
+                names::CONFIG_VALIDATE,
+                m::ValidateParams {
+                    yaml: cyclic.into(),
+                    file: Some("cyc.yaml".into()),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidConfig && o.message.contains("cycle")),
+            "{e}"
+        );
     });
 
     // Oversized message: a clear error, then that connection is closed.
     smol::block_on(async {
         let big = d.client();
-        let huge = format!(r#"{{"id":1,"method":"daemon.status","params":{{"pad":"{}"}}}}"#, "x".repeat(protocol::MAX_MESSAGE_BYTES + 10));
+        let huge = format!(
+            r#"{{"id":1,"method":"daemon.status","params":{{"pad":"{}"}}}}"#,
+            "x".repeat(protocol::MAX_MESSAGE_BYTES + 10)
+        );
         big.send_raw(huge).await.unwrap();
         let (code, msg) = error_code(&big.raw_response(0).await.unwrap());
         assert_eq!(code, ErrorCode::MessageTooLarge, "{msg}");
@@ -73,15 +141,40 @@ services:
 
     // No hello, then a wrong token.
     smol::block_on(async {
-        let anon = harness_client::Client::connect_unauthenticated(&d.info).await.unwrap();
-        let e = anon.call::<serde_json::Value>(names::DAEMON_STATUS, serde_json::json!({})).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::HelloRequired), "{e}");
-        let e = anon.call::<serde_json::Value>(names::HELLO, m::HelloParams { token: "0".repeat(64), protocol: 1, client: None }).await.unwrap_err();
-        assert!(matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::Unauthorized), "{e}");
+        let anon = harness_client::Client::connect_unauthenticated(&d.info)
+            .await
+            .unwrap();
+        let e = anon
+            .call::<serde_json::Value>(names::DAEMON_STATUS, serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::HelloRequired),
+            "{e}"
+        );
+        let e = anon
+            .call::<serde_json::Value>(
+                names::HELLO,
+                m::HelloParams {
+                    token: "0".repeat(64),
+                    protocol: 1,
+                    client: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::Unauthorized),
+            "{e}"
+        );
     });
 
     // The daemon still serves, and nothing changed.
     let c2 = d.client();
     assert_eq!(list(&c2, "solid"), listed);
-    assert_eq!(std::fs::read(&registry).unwrap(), before, "registry.json changed");
+    assert_eq!(
+        std::fs::read(&registry).unwrap(),
+        before,
+        "registry.json changed"
+    );
 }

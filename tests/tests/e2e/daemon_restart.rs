@@ -12,7 +12,9 @@ use crate::support::*;
 fn kill9_of_the_daemon_loses_nothing_and_restarts_nothing() {
     let mut d = TestDaemon::start();
     let dir = d.workdir("keep");
-    write_config(&dir, r#"
+    write_config(
+        &dir,
+        r#"
 name: keep
 services:
   chatty:
@@ -22,9 +24,14 @@ services:
     restart: on-failure
   job:
     target: { process: { binary: /bin/sh, args: [-c, "echo job runs; sleep 1; echo job done; exit 7"] } }
-"#);
+"#,
+    );
     let up = d.cli(&dir, &["up"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let c = d.client();
     let before = get(&c, "keep", "chatty");
     let pid = before.pid.expect("chatty pid");
@@ -40,7 +47,9 @@ services:
     let after = get(&c, "keep", "chatty");
     assert_eq!(after.pid, Some(pid), "re-adopted, not restarted");
     assert_eq!(after.state, ServiceState::Running);
-    let job = wait_service(&c, "keep", "job", "job's exit to be seen", |s| s.exit_code.is_some());
+    let job = wait_service(&c, "keep", "job", "job's exit to be seen", |s| {
+        s.exit_code.is_some()
+    });
     assert_eq!((job.exit_code, job.state), (Some(7), ServiceState::Failed));
 
     // Started once; no line lost: offsets are contiguous and heartbeats kept coming while
@@ -49,14 +58,35 @@ services:
         let l = log_lines(&c, "keep", "chatty");
         (l.len() > 60).then_some(l)
     });
-    assert_eq!(lines.iter().filter(|l| l.line.contains("listening on")).count(), 1);
-    assert!(lines.iter().enumerate().all(|(i, l)| l.offset == i as u64), "offsets have a gap");
-    let job_lines: Vec<String> = log_lines(&c, "keep", "job").into_iter().map(|l| l.line).collect();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.line.contains("listening on"))
+            .count(),
+        1
+    );
+    assert!(
+        lines.iter().enumerate().all(|(i, l)| l.offset == i as u64),
+        "offsets have a gap"
+    );
+    let job_lines: Vec<String> = log_lines(&c, "keep", "job")
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
     assert_eq!(job_lines, ["job runs", "job done"]);
 
     // Still controllable.
-    let stopped: ServicesResult = smol::block_on(c.call(names::SERVICE_STOP, ServicesParams { stack: "keep".into(), names: vec!["chatty".into()] })).unwrap();
+    let stopped: ServicesResult = smol::block_on(c.call(
+        names::SERVICE_STOP,
+        ServicesParams {
+            stack: "keep".into(),
+            names: vec!["chatty".into()],
+        },
+    ))
+    .unwrap();
     assert_eq!(stopped.services, ["chatty"]);
-    wait_for("chatty to exit", Duration::from_secs(5), || (!alive(pid)).then_some(()));
+    wait_for("chatty to exit", Duration::from_secs(5), || {
+        (!alive(pid)).then_some(())
+    });
     assert_eq!(get(&c, "keep", "chatty").state, ServiceState::Stopped);
 }

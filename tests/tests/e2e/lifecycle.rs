@@ -46,12 +46,18 @@ fn up_starts_in_order_injects_addresses_follows_logs_and_down_cleans_up() {
     let dir = d.workdir("shop");
     write_config(&dir, STACK);
     let up = d.cli(&dir, &["up"]);
-    assert!(up.status.success(), "harness up failed:\n{}\n{}", String::from_utf8_lossy(&up.stderr), d.log());
+    assert!(
+        up.status.success(),
+        "harness up failed:\n{}\n{}",
+        String::from_utf8_lossy(&up.stderr),
+        d.log()
+    );
 
     // ps --json: every service running and healthy where checked, with address and pid.
     let ps = d.cli(&dir, &["ps", "--json"]);
     assert!(ps.status.success());
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("ps --json is a JSON array");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&ps.stdout).expect("ps --json is a JSON array");
     assert_eq!(rows.len(), 4);
     for row in &rows {
         for key in ["name", "state", "health", "backend", "address", "pid"] {
@@ -67,7 +73,13 @@ fn up_starts_in_order_injects_addresses_follows_logs_and_down_cleans_up() {
 
     // Order: api started only after db was healthy and cache running; web after api healthy.
     let events = replay(&c);
-    let seq_of = |pred: &dyn Fn(&EventKind) -> bool| events.iter().find(|e| pred(&e.kind)).map(|e| e.seq).expect("event");
+    let seq_of = |pred: &dyn Fn(&EventKind) -> bool| {
+        events
+            .iter()
+            .find(|e| pred(&e.kind))
+            .map(|e| e.seq)
+            .expect("event")
+    };
     let healthy = |n: &'static str| move |k: &EventKind| matches!(k, EventKind::ServiceHealth(h) if h.name == n && h.status == Health::Healthy);
     let running = |n: &'static str| move |k: &EventKind| matches!(k, EventKind::ServiceState(s) if s.name == n && s.to == ServiceState::Running);
     assert!(seq_of(&healthy("db")) < seq_of(&running("api")));
@@ -77,19 +89,54 @@ fn up_starts_in_order_injects_addresses_follows_logs_and_down_cleans_up() {
     // Injected addresses really connect: api and web say so, and report what they got.
     let db_addr = svc("db").address.expect("db address");
     let api_addr = svc("api").address.expect("api address");
-    let api_log: Vec<String> = log_lines(&c, "shop", "api").into_iter().map(|l| l.line).collect();
-    assert!(api_log.iter().any(|l| l == &format!("api: connected to db at {db_addr}")), "{api_log:?}");
-    let web_log: Vec<String> = log_lines(&c, "shop", "web").into_iter().map(|l| l.line).collect();
-    assert!(web_log.iter().any(|l| l == &format!("web: connected to api at {api_addr}")), "{web_log:?}");
+    let api_log: Vec<String> = log_lines(&c, "shop", "api")
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
+    assert!(
+        api_log
+            .iter()
+            .any(|l| l == &format!("api: connected to db at {db_addr}")),
+        "{api_log:?}"
+    );
+    let web_log: Vec<String> = log_lines(&c, "shop", "web")
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
+    assert!(
+        web_log
+            .iter()
+            .any(|l| l == &format!("web: connected to api at {api_addr}")),
+        "{web_log:?}"
+    );
     assert!(http_get(&api_addr, "/").contains(&format!("\"db\":\"{db_addr}\"")));
-    let env: m::EnvResult = smol::block_on(c.call(names::CONFIG_ENV, m::ServiceParams { stack: "shop".into(), name: "api".into() })).unwrap();
+    let env: m::EnvResult = smol::block_on(c.call(
+        names::CONFIG_ENV,
+        m::ServiceParams {
+            stack: "shop".into(),
+            name: "api".into(),
+        },
+    ))
+    .unwrap();
     assert_eq!(env.env["DB_ADDR"], db_addr);
-    assert_eq!(env.env["DATABASE_URL"], format!("postgres://{db_addr}/shop"));
+    assert_eq!(
+        env.env["DATABASE_URL"],
+        format!("postgres://{db_addr}/shop")
+    );
 
     // Follow db's heartbeat: new lines arrive with increasing offsets.
     smol::block_on(async {
         let mut stream = c
-            .start_request(names::SERVICE_LOGS, m::LogsParams { stack: "shop".into(), name: "db".into(), tail: Some(1), since: None, follow: true })
+            .start_request(
+                names::SERVICE_LOGS,
+                m::LogsParams {
+                    stack: "shop".into(),
+                    name: "db".into(),
+                    tail: Some(1),
+                    since: None,
+                    follow: true,
+                },
+            )
             .await
             .unwrap();
         let mut offsets = Vec::new();
@@ -103,23 +150,45 @@ fn up_starts_in_order_injects_addresses_follows_logs_and_down_cleans_up() {
                 _ => {}
             }
         }
-        assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "offsets {offsets:?}");
+        assert!(
+            offsets.windows(2).all(|w| w[1] == w[0] + 1),
+            "offsets {offsets:?}"
+        );
     });
 
     // Down: nothing of the stack keeps running.
     let pids: Vec<u32> = list(&c, "shop").iter().filter_map(|s| s.pid).collect();
     assert_eq!(pids.len(), 4);
     let down = d.cli(&dir, &["down"]);
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
     for pid in pids {
-        wait_for("service process to exit", Duration::from_secs(5), || (!alive(pid)).then_some(()));
+        wait_for("service process to exit", Duration::from_secs(5), || {
+            (!alive(pid)).then_some(())
+        });
     }
-    let left = smol::block_on(c.call::<Vec<m::ServiceInfo>>(names::SERVICE_LIST, m::ListParams { stack: Some("shop".into()) }));
+    let left = smol::block_on(c.call::<Vec<m::ServiceInfo>>(
+        names::SERVICE_LIST,
+        m::ListParams {
+            stack: Some("shop".into()),
+        },
+    ));
     assert!(left.is_err(), "the stack is forgotten after down");
 }
 
 fn replay(c: &harness_client::Client) -> Vec<protocol::Event> {
-    let r: m::SubscribeResult = smol::block_on(c.call(names::SUBSCRIBE, m::SubscribeParams { topics: vec![], stack: None, since: Some(0) })).unwrap();
+    let r: m::SubscribeResult = smol::block_on(c.call(
+        names::SUBSCRIBE,
+        m::SubscribeParams {
+            topics: vec![],
+            stack: None,
+            since: Some(0),
+        },
+    ))
+    .unwrap();
     let rx = c.events();
     let mut out = Vec::new();
     while out.last().is_none_or(|e: &protocol::Event| e.seq < r.seq) {
@@ -132,20 +201,44 @@ fn replay(c: &harness_client::Client) -> Vec<protocol::Event> {
 fn a_crashing_service_restarts_with_backoff_then_fails() {
     let d = TestDaemon::start();
     let dir = d.workdir("crash");
-    write_config(&dir, r#"
+    write_config(
+        &dir,
+        r#"
 name: crash
 services:
   flaky:
     target: { process: { binary: DEMO, args: [--name, flaky, --port, "0", --crash-after-ms, "50"] } }
     restart: { policy: on-failure, max_restarts: 3 }
-"#);
+"#,
+    );
     let c = d.client();
-    let _: m::SubscribeResult = smol::block_on(c.call(names::SUBSCRIBE, m::SubscribeParams { topics: vec!["service".into()], stack: Some("crash".into()), since: None })).unwrap();
+    let _: m::SubscribeResult = smol::block_on(c.call(
+        names::SUBSCRIBE,
+        m::SubscribeParams {
+            topics: vec!["service".into()],
+            stack: Some("crash".into()),
+            since: None,
+        },
+    ))
+    .unwrap();
     let up = d.cli(&dir, &["up"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let failed = wait_service(&c, "crash", "flaky", "flaky to fail", |s| s.state == ServiceState::Failed);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let failed = wait_service(&c, "crash", "flaky", "flaky to fail", |s| {
+        s.state == ServiceState::Failed
+    });
     assert_eq!(failed.exit_code, Some(3));
-    assert!(failed.reason.as_deref().unwrap_or("").contains("gave up after 3 restarts"), "{failed:?}");
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("gave up after 3 restarts"),
+        "{failed:?}"
+    );
     let rx = c.events();
     let mut backoffs = Vec::new();
     while let Ok(e) = rx.try_recv() {
@@ -184,12 +277,16 @@ services:
 #[test]
 fn a_second_daemon_on_the_same_state_dir_refuses() {
     let d = TestDaemon::start();
-    let out = d.spawn_daemon().wait_with_output().expect("second harnessd");
+    let out = d
+        .spawn_daemon()
+        .wait_with_output()
+        .expect("second harnessd");
     assert!(!out.status.success());
     let log = d.log();
     assert!(log.contains("holds the state directory"), "{log}");
     // The first one still serves.
     let c = d.client();
-    let s: m::DaemonStatus = smol::block_on(c.call(names::DAEMON_STATUS, serde_json::json!({}))).unwrap();
+    let s: m::DaemonStatus =
+        smol::block_on(c.call(names::DAEMON_STATUS, serde_json::json!({}))).unwrap();
     assert_eq!(s.pid, d.info.pid);
 }

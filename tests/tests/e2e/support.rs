@@ -17,25 +17,48 @@ pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
 
 /// Lists a stack's services.
 pub fn list(c: &Client, stack: &str) -> Vec<m::ServiceInfo> {
-    smol::block_on(c.call(names::SERVICE_LIST, m::ListParams { stack: Some(stack.to_owned()) })).expect("service.list")
+    smol::block_on(c.call(
+        names::SERVICE_LIST,
+        m::ListParams {
+            stack: Some(stack.to_owned()),
+        },
+    ))
+    .expect("service.list")
 }
 
 /// One service.
 pub fn get(c: &Client, stack: &str, name: &str) -> m::ServiceInfo {
-    list(c, stack).into_iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no service {name}"))
+    list(c, stack)
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
 }
 
 /// Waits until a service satisfies `pred`.
 #[track_caller]
-pub fn wait_service(c: &Client, stack: &str, name: &str, what: &str, pred: impl Fn(&m::ServiceInfo) -> bool) -> m::ServiceInfo {
-    wait_for(what, Duration::from_secs(20), || Some(get(c, stack, name)).filter(|s| pred(s)))
+pub fn wait_service(
+    c: &Client,
+    stack: &str,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&m::ServiceInfo) -> bool,
+) -> m::ServiceInfo {
+    wait_for(what, Duration::from_secs(20), || {
+        Some(get(c, stack, name)).filter(|s| pred(s))
+    })
 }
 
 /// Log lines of a service.
 pub fn log_lines(c: &Client, stack: &str, name: &str) -> Vec<m::LogLine> {
     let r: m::LogsResult = smol::block_on(c.call(
         names::SERVICE_LOGS,
-        m::LogsParams { stack: stack.to_owned(), name: name.to_owned(), tail: None, since: Some(0), follow: false },
+        m::LogsParams {
+            stack: stack.to_owned(),
+            name: name.to_owned(),
+            tail: None,
+            since: Some(0),
+            follow: false,
+        },
     ))
     .expect("service.logs");
     r.lines
@@ -45,8 +68,14 @@ pub fn log_lines(c: &Client, stack: &str, name: &str) -> Vec<m::LogLine> {
 pub fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }

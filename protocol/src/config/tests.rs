@@ -1,0 +1,656 @@
+//! Tests of parsing, validation, ordering and resolution of configs, driven by small YAML
+//! documents and the exact messages users see.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+const FILE: &str = "t.yaml";
+
+#[track_caller]
+fn load(yaml: &str) -> StackConfig {
+    parse_stack(yaml, FILE).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The only service of a one-service document.
+#[track_caller]
+fn one(yaml: &str) -> ServiceConfig {
+    load(yaml).services.into_values().next().expect("a service")
+}
+
+/// Asserts the exact error lines (file:line:col: key: message) of a document.
+#[track_caller]
+fn check_errors(yaml: &str, expected: &[&str]) {
+    let errors = match parse_stack(yaml, FILE) {
+        Ok(_) => panic!("expected errors, it loaded:\n{yaml}"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    };
+    assert_eq!(errors, expected, "\n{yaml}");
+}
+
+/// A document with one service `api` whose body is `body` (indented by the caller).
+fn svc(body: &str) -> String {
+    format!("services:\n  api:\n{body}")
+}
+
+const PROCESS: &str = "    target: { process: { binary: /bin/api } }\n";
+
+#[test]
+fn both_target_shapes_give_the_same_model() {
+    let adr = one(&svc("    target:\n      process:\n        binary: ./api\n        args: [--port, \"8080\"]\n        env: { A: b }\n        working_dir: /w\n"));
+    let readme = one(&svc("    backend:\n      type: process\n      binary: ./api\n      args: [--port, 8080]\n      env: { A: b }\n      working_dir: /w\n"));
+    assert_eq!(adr, readme);
+    let Target::Process(p) = adr.target else {
+        panic!()
+    };
+    assert_eq!(p.args, ["--port", "8080"]);
+}
+
+#[track_caller]
+fn check_target(body: &str, expected: Target) {
+    assert_eq!(one(&svc(body)).target, expected);
+}
+
+#[test]
+fn target_kinds() {
+    let remote = |host: &str| RemoteTarget {
+        host: Some(host.into()),
+        ..Default::default()
+    };
+    check_target(
+        "    backend: { type: ssh, host: h, user: u, key_file: ~/.k, binary: /b, env: { PORT: 8080, ON: true } }\n",
+        Target::RemoteLan(RemoteTarget {
+            user: Some("u".into()),
+            ssh_key: Some("~/.k".into()),
+            binary: Some("/b".into()),
+            env: [("ON".into(), "true".into()), ("PORT".into(), "8080".into())].into(),
+            ..remote("h")
+        }),
+    );
+    check_target(
+        "    backend: { type: package, host: h, package: ./p.tar.zst }\n",
+        Target::RemoteLan(RemoteTarget {
+            package: Some("./p.tar.zst".into()),
+            ..remote("h")
+        }),
+    );
+    check_target(
+        "    target: { wireguard: { host: h, package: ./p.tar.zst } }\n",
+        Target::Wireguard(RemoteTarget {
+            package: Some("./p.tar.zst".into()),
+            ..remote("h")
+        }),
+    );
+    check_target(
+        "    target: { remote_lan: { hosts: [a, b], binary: /b, args: [x] } }\n",
+        Target::RemoteLan(RemoteTarget {
+            hosts: vec!["a".into(), "b".into()],
+            binary: Some("/b".into()),
+            args: vec!["x".into()],
+            ..Default::default()
+        }),
+    );
+    check_target(
+        "    backend: { type: docker, image: 'app:1', ports: ['8080:80', 5432], volumes: [/d:/v] }\n",
+        Target::Docker(DockerTarget {
+            image: "app:1".into(),
+            ports: vec!["8080:80".into(), "5432".into()],
+            volumes: vec!["/d:/v".into()],
+            ..Default::default()
+        }),
+    );
+    check_target(
+        "    target: { discovered: { type: postgresql } }\n",
+        Target::Discovered(DiscoveredTarget {
+            kind: "postgresql".into(),
+            ranges: vec![],
+        }),
+    );
+    check_target(
+        "    target: { external: { address: 'db.lan:5432' } }\n",
+        Target::External(ExternalTarget {
+            address: "db.lan:5432".into(),
+        }),
+    );
+}
+
+#[track_caller]
+fn check_check(yaml_check: &str, expected: HealthCheck) {
+    let s = one(&svc(&format!("{PROCESS}    health_check: {yaml_check}\n")));
+    assert_eq!(s.health_check, Some(expected));
+}
+
+fn every(check: CheckKind) -> HealthCheck {
+    HealthCheck {
+        check,
+        interval_ms: None,
+        timeout_ms: None,
+        retries: None,
+        start_period_ms: None,
+    }
+}
+
+#[test]
+fn health_checks_and_durations() {
+    let http = |url: &str| CheckKind::Http {
+        url: url.into(),
+        expected_status: None,
+    };
+    check_check(
+        "{ type: http, url: 'http://x/h', expected_status: 200, interval_secs: 30 }",
+        HealthCheck {
+            interval_ms: Some(30_000),
+            ..every(CheckKind::Http {
+                url: "http://x/h".into(),
+                expected_status: Some(200),
+            })
+        },
+    );
+    check_check(
+        "{ type: http, url: u, interval: 2s, timeout: 500ms, start_period: 1m, retries: 3 }",
+        HealthCheck {
+            interval_ms: Some(2000),
+            timeout_ms: Some(500),
+            start_period_ms: Some(60_000),
+            retries: Some(3),
+            ..every(http("u"))
+        },
+    );
+    check_check(
+        "{ type: http, url: u, interval: 2, timeout: 1.5 }",
+        HealthCheck {
+            interval_ms: Some(2000),
+            timeout_ms: Some(1500),
+            ..every(http("u"))
+        },
+    );
+    check_check(
+        "{ type: tcp, port: 5432, timeout_secs: 10 }",
+        HealthCheck {
+            timeout_ms: Some(10_000),
+            ..every(CheckKind::Tcp {
+                host: None,
+                port: Some(5432),
+            })
+        },
+    );
+    check_check(
+        "{ type: command, command: pg_isready, args: [-h, localhost], expected_exit_code: 0 }",
+        every(CheckKind::Command {
+            command: "pg_isready".into(),
+            args: vec!["-h".into(), "localhost".into()],
+            expected_exit_code: Some(0),
+        }),
+    );
+    check_check(
+        "{ type: script, path: ./c.sh }",
+        every(CheckKind::Script {
+            path: "./c.sh".into(),
+            args: vec![],
+        }),
+    );
+}
+
+#[test]
+fn bad_durations_name_the_key() {
+    let h = |check: &str| {
+        svc(&format!(
+            "{PROCESS}    health_check:\n      type: tcp\n{check}"
+        ))
+    };
+    check_errors(&h("      interval: 5 parsecs\n"), &[
+        "t.yaml:6:17: services.api.health_check.interval: bad duration \"5 parsecs\" (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)): expected a number of seconds or a duration such as 500ms, 2s, 1m",
+    ]);
+    check_errors(&h("      interval_secs: 2s\n"), &[
+        "t.yaml:6:22: services.api.health_check.interval_secs: bad duration \"2s\": expected a whole number of seconds (a key without `_secs` takes units: 500ms, 2s, 1m)",
+    ]);
+    check_errors(&h("      timeout: 1s\n      timeout_secs: 1\n"), &[
+        "t.yaml:7:21: services.api.health_check.timeout_secs: give either `timeout` or `timeout_secs`, not both",
+    ]);
+    check_errors(&h("      start_period: -1\n"), &[
+        "t.yaml:6:21: services.api.health_check.start_period: bad duration -1: expected a number of seconds or a duration such as 500ms, 2s, 1m",
+    ]);
+    check_errors(
+        &h("      interval: 0s\n"),
+        &["t.yaml:6:7: services.api.health_check.interval: `interval` must be more than 0"],
+    );
+    check_errors(&svc(&format!("{PROCESS}    stop_timeout: soon\n")), &[
+        "t.yaml:4:19: services.api.stop_timeout: bad duration \"soon\" (expected number at 0): expected a number of seconds or a duration such as 500ms, 2s, 1m",
+    ]);
+}
+
+#[test]
+fn ports() {
+    let port = |p: &str| one(&svc(&format!("{PROCESS}    port: {p}\n"))).port;
+    assert_eq!(port("8080"), Some(PortSpec::Fixed(8080)));
+    assert_eq!(port("\"8080\""), Some(PortSpec::Fixed(8080)));
+    assert_eq!(port("auto"), Some(PortSpec::Auto));
+    let bad = |p: &str| svc(&format!("{PROCESS}    port: {p}\n"));
+    let expected = "expected a port number from 1 to 65535 or \"auto\"";
+    check_errors(
+        &bad("0"),
+        &[&format!(
+            "t.yaml:4:11: services.api.port: bad port 0: {expected}"
+        )],
+    );
+    check_errors(
+        &bad("70000"),
+        &[&format!(
+            "t.yaml:4:11: services.api.port: bad port 70000: {expected}"
+        )],
+    );
+    check_errors(
+        &bad("abc"),
+        &[&format!(
+            "t.yaml:4:11: services.api.port: bad port \"abc\": {expected}"
+        )],
+    );
+    check_errors(&svc(&format!("{PROCESS}    health_check: {{ type: tcp, port: 65536 }}\n")), &[
+        "t.yaml:4:38: services.api.health_check.port: bad port 65536: expected a port number from 1 to 65535",
+    ]);
+}
+
+#[test]
+fn restart_policies() {
+    let restart = |r: &str| one(&svc(&format!("{PROCESS}    restart: {r}\n"))).restart;
+    let policy = |policy| RestartConfig {
+        policy,
+        max_restarts: None,
+    };
+    assert_eq!(restart("no"), policy(RestartPolicy::No));
+    assert_eq!(restart("\"no\""), policy(RestartPolicy::No));
+    assert_eq!(restart("on-failure"), policy(RestartPolicy::OnFailure));
+    assert_eq!(restart("always"), policy(RestartPolicy::Always));
+    assert_eq!(
+        restart("{ policy: on-failure, max_restarts: 5 }"),
+        RestartConfig {
+            policy: RestartPolicy::OnFailure,
+            max_restarts: Some(5)
+        }
+    );
+    let bad = |r: &str| svc(&format!("{PROCESS}    restart: {r}\n"));
+    check_errors(&bad("unless-stopped"), &[
+        "t.yaml:4:14: services.api.restart: `unless-stopped` is not supported: use `always` (harness restarts nothing it was told to stop)",
+    ]);
+    check_errors(&bad("on_failure"), &["t.yaml:4:14: services.api.restart: unknown restart policy `on_failure` (did you mean `on-failure`?)"]);
+    check_errors(&bad("false"), &["t.yaml:4:14: services.api.restart: bad restart policy false: expected no, on-failure or always"]);
+}
+
+#[test]
+fn dependency_forms() {
+    let base = "  db:\n    target: { docker: { image: postgres } }\n  api:\n    target: { process: { binary: /a } }\n";
+    let deps = |d: &str| {
+        load(&format!("services:\n{base}{d}")).services["api"]
+            .depends_on
+            .clone()
+    };
+    let plain: BTreeMap<String, Dependency> = [("db".to_owned(), Dependency::default())].into();
+    assert_eq!(deps("    dependencies: [db]\n"), plain);
+    assert_eq!(deps("    depends_on: [db]\n"), plain);
+    assert_eq!(deps("    depends_on: { db: }\n"), plain);
+    let healthy: BTreeMap<String, Dependency> = [(
+        "db".to_owned(),
+        Dependency {
+            condition: Some(Condition::Healthy),
+        },
+    )]
+    .into();
+    assert_eq!(
+        deps("    depends_on: { db: { condition: healthy } }\n"),
+        healthy
+    );
+    assert_eq!(
+        deps("    depends_on:\n      db: service_healthy\n"),
+        healthy
+    );
+}
+
+#[test]
+fn dependency_errors() {
+    let doc = "services:
+  db:
+    target: { docker: { image: postgres } }
+  api:
+    target: { process: { binary: /a } }
+    dependencies: [dbb, api]
+  a:
+    target: { process: { binary: /a } }
+    depends_on: { b: { condition: healthy } }
+  b:
+    target: { process: { binary: /b } }
+    depends_on:
+      - a
+";
+    check_errors(
+        doc,
+        &[
+            "t.yaml:6:20: services.api.dependencies: unknown dependency `dbb` (did you mean `db`?)",
+            "t.yaml:6:25: services.api.dependencies: `api` depends on itself",
+            "t.yaml:9:19: services.a.depends_on.b: dependency cycle: a -> b -> a",
+        ],
+    );
+    check_errors(&svc(&format!("{PROCESS}    dependencies: [x]\n    depends_on: [x]\n")), &[
+        "t.yaml:5:17: services.api.depends_on: give either `dependencies` or `depends_on`, not both",
+    ]);
+    check_errors(&svc(&format!("{PROCESS}    depends_on: {{ x: {{ condition: ready }} }}\n")), &[
+        "t.yaml:4:19: services.api.depends_on.x: unknown dependency `x`",
+        "t.yaml:4:35: services.api.depends_on.x.condition: unknown condition `ready` (expected one of: healthy, started, completed)",
+    ]);
+}
+
+#[track_caller]
+fn check_target_loads(body: &str) {
+    one(&svc(body));
+}
+
+#[test]
+fn names_and_targets() {
+    check_errors("services:\n  Api_Server:\n    target: { process: { binary: /a } }\n", &[
+        "t.yaml:2:3: services.Api_Server: bad service name \"Api_Server\": use lower-case letters, digits, `-` and `_`, starting with a letter or digit (names become environment variable and file names)",
+    ]);
+    check_errors(&svc("    target: { process: { args: [x] } }\n"), &[
+        "t.yaml:3:15: services.api.target.process.binary: a process target needs `binary` (the program to run)",
+    ]);
+    check_errors(&svc("    backend:\n      type: process\n      args: [x]\n"), &[
+        "t.yaml:3:5: services.api.backend.binary: a process target needs `binary` (the program to run)",
+    ]);
+    check_errors(&svc("    target: { remote_lan: { host: h } }\n"), &[
+        "t.yaml:3:15: services.api.target.remote_lan: a remote target needs `binary` (a program on the host) or `package` (a package to deploy)",
+    ]);
+    check_errors(&svc("    target: { wireguard: { host: h, binary: /b, package: p.tar.zst } }\n"), &[
+        "t.yaml:3:49: services.api.target.wireguard.package: give either `binary` or `package`, not both",
+    ]);
+    check_errors(&svc("    backend: { type: ssh, binary: /b }\n"), &[
+        "t.yaml:3:5: services.api.backend: a remote target needs `host` (or `hosts: [...]` for several)",
+    ]);
+    check_errors(&svc("    port: 1\n"), &[
+        "t.yaml:2:3: services.api: a service needs `target:` (e.g. `target: {process: {binary: ./app}}`) or `backend: {type: ...}`",
+    ]);
+    check_errors(
+        &svc(&format!(
+            "{PROCESS}    backend: {{ type: process, binary: /b }}\n"
+        )),
+        &["t.yaml:4:14: services.api.backend: give either `target` or `backend`, not both"],
+    );
+    check_errors(&svc("    target: { process: { binary: /a }, docker: { image: i } }\n"), &[
+        "t.yaml:3:13: services.api.target: expected exactly one of process, docker, remote_lan, wireguard, discovered, external",
+    ]);
+    check_errors(&svc("    target: { ssh: { host: h } }\n"), &[
+        "t.yaml:3:15: services.api.target.ssh: `ssh` is not supported: use `remote_lan` (a program on a LAN host over SSH)",
+    ]);
+    check_errors(&svc("    backend: { type: dokker, image: i }\n"), &[
+        "t.yaml:3:22: services.api.backend.type: unknown backend type `dokker` (did you mean `docker`?)",
+    ]);
+    check_errors(&svc("    target: { discovered: { type: postgres } }\n"), &[
+        "t.yaml:3:29: services.api.target.discovered.type: unknown discovery type \"postgres\": did you mean `postgresql`? expected one of postgresql, redis, http, ssh",
+    ]);
+    // Checked again once the client resolved the reference.
+    check_target_loads("    target: { external: { address: '${TEAM_DB}' } }\n");
+    check_errors(&svc("    target: { external: { address: db.lan } }\n"), &[
+        "t.yaml:3:27: services.api.target.external.address: bad address \"db.lan\": expected host:port",
+    ]);
+}
+
+#[test]
+fn unknown_keys_and_values() {
+    check_errors(&svc(&format!("{PROCESS}    helth_check: {{ type: tcp }}\n")), &[
+        "t.yaml:4:5: services.api.helth_check: unknown key `helth_check` (did you mean `health_check`?)",
+    ]);
+    check_errors(
+        &svc(&format!(
+            "{PROCESS}    health_check: {{ type: tcp, url: x }}\n"
+        )),
+        &["t.yaml:4:32: services.api.health_check.url: `url` does not apply to a tcp check"],
+    );
+    check_errors(
+        &svc(&format!("{PROCESS}    health_check: {{ type: http }}\n")),
+        &["t.yaml:4:5: services.api.health_check.url: an http check needs `url`"],
+    );
+    check_errors(&svc(&format!("{PROCESS}    env: {{ A: [1], B: , 1X: y }}\n")), &[
+        "t.yaml:4:15: services.api.env.A: expected a string, found a list",
+        "t.yaml:4:20: services.api.env.B: `B` has no value (write \"\" for an empty one)",
+        "t.yaml:4:25: services.api.env.1X: bad variable name \"1X\": use letters, digits and `_`, not starting with a digit",
+    ]);
+    check_errors("settings: { state_dir: /x, max_parallel: 0 }\nservices: {}\n", &[
+        "t.yaml:1:13: settings.state_dir: `state_dir` is not supported: use the HARNESS_STATE_DIR environment variable",
+        "t.yaml:1:28: settings.max_parallel: must be at least 1",
+    ]);
+    check_errors(
+        "hosts:\n  h1: { user: u, sudo: yes }\n",
+        &[
+            "t.yaml:2:3: hosts.h1.address: a host needs `address` (an IP address or host name)",
+            "t.yaml:2:24: hosts.h1.sudo: expected true or false, found a string",
+        ],
+    );
+    check_errors(
+        "services: [a]\n",
+        &["t.yaml:1:11: services: expected a mapping, found a list"],
+    );
+    check_errors(
+        "services:\n  a: {\n",
+        &["t.yaml:2:6: invalid YAML: unclosed bracket '{'"],
+    );
+    check_errors(
+        "services:\n  a: {}\n  a: {}\n",
+        &["t.yaml:3:3: invalid YAML: duplicate mapping key: a"],
+    );
+}
+
+#[test]
+fn settings_network_hosts() {
+    let c = load(
+        "version: 1.0\nname: shop\nsettings: { max_parallel: 4, default_timeout: 300 }\nnetwork: { wireguard_subnet: 10.42.0.0/16, listen_port: 51820 }\nhosts:\n  lan1: { address: 10.0.0.5, port: 2222, sudo: true, ssh_key: ~/.ssh/k }\n",
+    );
+    assert_eq!(c.version.as_deref(), Some("1.0"));
+    assert_eq!(
+        c.settings,
+        Settings {
+            max_parallel: Some(4),
+            default_timeout_ms: Some(300_000)
+        }
+    );
+    assert_eq!(c.network.listen_port, Some(51820));
+    assert_eq!(c.hosts["lan1"].port, Some(2222));
+    assert!(c.hosts["lan1"].sudo);
+    check_errors("network: { wireguard_subnet: 10.42.0.0 }\n", &[
+        "t.yaml:1:12: network.wireguard_subnet: bad subnet \"10.42.0.0\": expected an address/prefix such as 10.42.0.0/16",
+    ]);
+}
+
+#[test]
+fn validate_reports_without_lines() {
+    let mut c = load(&svc(PROCESS));
+    c.services
+        .get_mut("api")
+        .unwrap()
+        .depends_on
+        .insert("ghost".into(), Dependency::default());
+    c.services.get_mut("api").unwrap().port = Some(PortSpec::Fixed(0));
+    let errors = validate(&c, "config").unwrap_err().to_string();
+    assert_eq!(
+        errors,
+        "config: services.api.port: bad port 0: expected a port number from 1 to 65535\nconfig: services.api.depends_on.ghost: unknown dependency `ghost`"
+    );
+    assert_eq!(validate(&load(&svc(PROCESS)), "config"), Ok(()));
+}
+
+#[test]
+fn orders() {
+    let c = load(
+        "services:
+  web: { target: { process: { binary: /w } }, dependencies: [api] }
+  api: { target: { process: { binary: /a } }, dependencies: [db, cache] }
+  db: { target: { process: { binary: /d } } }
+  cache: { target: { process: { binary: /c } } }
+  zed: { target: { process: { binary: /z } } }
+",
+    );
+    assert_eq!(start_order(&c), ["cache", "db", "api", "web", "zed"]);
+    assert_eq!(
+        dependency_waves(&c),
+        [vec!["cache", "db", "zed"], vec!["api"], vec!["web"]]
+    );
+    // A cycle (rejected by validate) still orders every service.
+    let mut cyclic = c.clone();
+    cyclic
+        .services
+        .get_mut("db")
+        .unwrap()
+        .depends_on
+        .insert("web".into(), Dependency::default());
+    assert_eq!(start_order(&cyclic), ["cache", "zed", "api", "db", "web"]);
+    assert_eq!(
+        dependency_waves(&cyclic),
+        [vec!["cache", "zed"], vec!["api", "db", "web"]]
+    );
+}
+
+#[test]
+fn resolve_environment_keeps_service_refs() {
+    let mut c = load(
+        "services:
+  api:
+    target: { process: { binary: '${BIN_DIR}/api', args: ['--db', '${db.addr}', '${PORT:-80}'], working_dir: '${HOME}/w' } }
+    env: { URL: 'http://${self.addr}/${NAME}', PASS: '${SECRET}', LIT: '$${NAME}' }
+    health_check: { type: http, url: 'http://${self.addr}/health' }
+  db:
+    target: { docker: { image: 'postgres:${PG:-14}' } }
+",
+    );
+    let vars = [
+        ("BIN_DIR", "/opt/bin"),
+        ("HOME", "/home/u"),
+        ("NAME", "shop"),
+        ("SECRET", "a$b"),
+    ];
+    c.resolve_environment(&mut |k| {
+        vars.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
+    let api = &c.services["api"];
+    let Target::Process(p) = &api.target else {
+        panic!()
+    };
+    assert_eq!(p.binary, "/opt/bin/api");
+    assert_eq!(p.args, ["--db", "${db.addr}", "80"]);
+    assert_eq!(p.working_dir.as_deref(), Some("/home/u/w"));
+    assert_eq!(api.env["URL"], "http://${self.addr}/shop");
+    assert_eq!(
+        api.env["PASS"], "a$$b",
+        "a `$` in a value is escaped for the daemon's pass"
+    );
+    assert_eq!(api.env["LIT"], "$${NAME}");
+    let Some(HealthCheck {
+        check: CheckKind::Http { url, .. },
+        ..
+    }) = &api.health_check
+    else {
+        panic!()
+    };
+    assert_eq!(url, "http://${self.addr}/health");
+    let Target::Docker(d) = &c.services["db"].target else {
+        panic!()
+    };
+    assert_eq!(d.image, "postgres:14");
+    // What the daemon then makes of it.
+    let pass = template::expand_service_refs(&api.env["PASS"], &mut |_, _| None).unwrap();
+    assert_eq!(pass, "a$b");
+}
+
+#[test]
+fn resolve_environment_reports_every_problem() {
+    let mut c = load(
+        "services:
+  api:
+    target: { process: { binary: /a, working_dir: '${db.host}/x' } }
+    env: { A: '${MISSING}', B: '${ALSO}' }
+",
+    );
+    let errors = c
+        .resolve_environment(&mut |_| None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        errors,
+        "services.api.env.A: unresolved variable `MISSING`
+services.api.env.B: unresolved variable `ALSO`
+services.api.target.process.working_dir: `${db.host}` cannot be used here: service references work in env, args, binary and health checks"
+    );
+}
+
+#[test]
+fn resolve_paths() {
+    let mut c = load(
+        "hosts:
+  h: { address: a, ssh_key: ~/.ssh/k, known_hosts: ./kh }
+services:
+  rel: { target: { process: { binary: ./bin/api, working_dir: ../w } }, env_file: .env }
+  path: { target: { process: { binary: sh } }, health_check: { type: script, path: checks/c.sh } }
+  nested: { target: { process: { binary: bin/api, working_dir: /abs } } }
+  remote: { target: { remote_lan: { host: h, package: pkg.tar.zst, ssh_key: '~/k' } } }
+  remote2: { target: { remote_lan: { host: h, binary: ./on-host } } }
+  box: { target: { docker: { image: i, volumes: ['./data:/d:ro', 'named:/n', '/abs:/a'] } } }
+",
+    );
+    c.resolve_paths("/p/stack", Some("/home/u"));
+    let process = |name: &str| match &c.services[name].target {
+        Target::Process(p) => (p.binary.clone(), p.working_dir.clone().unwrap()),
+        _ => panic!(),
+    };
+    assert_eq!(
+        process("rel"),
+        ("/p/stack/bin/api".into(), "/p/stack/../w".into())
+    );
+    assert_eq!(process("path"), ("sh".into(), "/p/stack".into()));
+    assert_eq!(
+        process("nested"),
+        ("/p/stack/bin/api".into(), "/abs".into())
+    );
+    assert_eq!(c.services["rel"].env_file.as_deref(), Some("/p/stack/.env"));
+    let Some(HealthCheck {
+        check: CheckKind::Script { path, .. },
+        ..
+    }) = &c.services["path"].health_check
+    else {
+        panic!()
+    };
+    assert_eq!(path, "/p/stack/checks/c.sh");
+    assert_eq!(c.hosts["h"].ssh_key.as_deref(), Some("/home/u/.ssh/k"));
+    assert_eq!(c.hosts["h"].known_hosts.as_deref(), Some("/p/stack/kh"));
+    let Target::RemoteLan(r) = &c.services["remote"].target else {
+        panic!()
+    };
+    assert_eq!(
+        (r.package.as_deref(), r.ssh_key.as_deref()),
+        (Some("/p/stack/pkg.tar.zst"), Some("/home/u/k"))
+    );
+    let Target::RemoteLan(r) = &c.services["remote2"].target else {
+        panic!()
+    };
+    assert_eq!(
+        r.binary.as_deref(),
+        Some("./on-host"),
+        "a path on the remote host is not ours to resolve"
+    );
+    let Target::Docker(d) = &c.services["box"].target else {
+        panic!()
+    };
+    assert_eq!(d.volumes, ["/p/stack/data:/d:ro", "named:/n", "/abs:/a"]);
+}
+
+#[test]
+fn every_error_is_collected() {
+    let doc = "services:
+  api:
+    target: { process: { binary: /a } }
+    port: 0
+    restart: sometimes
+    dependencies: [ghost]
+    helth_check: {}
+";
+    let errors = parse_stack(doc, FILE).unwrap_err();
+    let lines: Vec<_> = errors.0.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [Some(4), Some(5), Some(6), Some(7)], "{errors}");
+}

@@ -1,0 +1,398 @@
+//! Checks on the canonical model (names, dependencies, cycles, targets) and the start
+//! order derived from the dependency graph.
+//!
+//! These run on every config, whether parsed from YAML (the parser then adds lines) or
+//! received over the wire by `config.apply` (no lines).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::error::{did_you_mean, ConfigError, ConfigErrors};
+use super::model::*;
+use super::read::join;
+
+/// The kinds of service [`DiscoveredTarget::kind`] may name.
+pub const DISCOVERY_KINDS: [&str; 4] = ["postgresql", "redis", "http", "ssh"];
+
+/// Checks a canonical config; every problem is returned. Errors have no line numbers
+/// (the config did not come from a file); `file` is the name shown in them.
+pub fn validate(config: &StackConfig, file: &str) -> Result<(), ConfigErrors> {
+    let problems = problems(config, file);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+/// Collects problems keyed by canonical dotted paths.
+struct Problems<'a> {
+    file: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: String, message: impl Into<String>) {
+        let file = self.file.to_owned();
+        self.list.push(ConfigError {
+            file,
+            line: None,
+            column: None,
+            key,
+            message: message.into(),
+        });
+    }
+}
+
+/// Every problem of `config`, keyed by canonical paths and without lines.
+pub(crate) fn problems(config: &StackConfig, file: &str) -> Vec<ConfigError> {
+    let mut p = Problems {
+        file,
+        list: Vec::new(),
+    };
+    if config.settings.max_parallel == Some(0) {
+        p.add("settings.max_parallel".into(), "must be at least 1");
+    }
+    check_network(&mut p, &config.network);
+    for (name, host) in &config.hosts {
+        check_host(&mut p, &join("hosts", name), host);
+    }
+    for (name, svc) in &config.services {
+        check_service(&mut p, config, name, svc);
+    }
+    for cycle in cycles(config) {
+        let key = format!("services.{}.depends_on.{}", cycle[0], cycle[1]);
+        p.add(key, format!("dependency cycle: {}", cycle.join(" -> ")));
+    }
+    p.list
+}
+
+fn check_network(p: &mut Problems<'_>, network: &NetworkConfig) {
+    if network.listen_port == Some(0) {
+        p.add("network.listen_port".into(), bad_port_message("0"));
+    }
+    if let Some(subnet) = &network.wireguard_subnet {
+        if !is_cidr(subnet) {
+            p.add(
+                "network.wireguard_subnet".into(),
+                format!("bad subnet {subnet:?}: expected an address/prefix such as 10.42.0.0/16"),
+            );
+        }
+    }
+}
+
+fn check_host(p: &mut Problems<'_>, key: &str, host: &HostConfig) {
+    if host.address.trim().is_empty() {
+        p.add(
+            join(key, "address"),
+            "a host needs `address` (an IP address or host name)",
+        );
+    }
+    if host.port == Some(0) {
+        p.add(join(key, "port"), bad_port_message("0"));
+    }
+}
+
+fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &ServiceConfig) {
+    let key = join("services", name);
+    if !is_service_name(name) {
+        let message = format!(
+            "bad service name {name:?}: use lower-case letters, digits, `-` and `_`, starting with a letter or digit (names become environment variable and file names)"
+        );
+        p.add(key.clone(), message);
+    }
+    if svc.port == Some(PortSpec::Fixed(0)) {
+        p.add(join(&key, "port"), bad_port_message("0"));
+    }
+    for dep in svc.depends_on.keys() {
+        let dep_key = format!("{key}.depends_on.{dep}");
+        if dep == name {
+            p.add(dep_key, format!("`{name}` depends on itself"));
+        } else if !config.services.contains_key(dep) {
+            let others = config
+                .services
+                .keys()
+                .map(String::as_str)
+                .filter(|s| *s != name);
+            let hint = did_you_mean(dep, others)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            p.add(dep_key, format!("unknown dependency `{dep}`{hint}"));
+        }
+    }
+    check_env(p, &join(&key, "env"), &svc.env);
+    check_target(p, &join(&key, "target"), &svc.target);
+    if let Some(check) = &svc.health_check {
+        check_health(p, &join(&key, "health_check"), check);
+    }
+}
+
+fn check_env(p: &mut Problems<'_>, key: &str, env: &BTreeMap<String, String>) {
+    for name in env.keys().filter(|n| !is_env_name(n)) {
+        let message = format!(
+            "bad variable name {name:?}: use letters, digits and `_`, not starting with a digit"
+        );
+        p.add(join(key, name), message);
+    }
+}
+
+fn check_target(p: &mut Problems<'_>, key: &str, target: &Target) {
+    let key = join(key, target.backend());
+    match target {
+        Target::Process(t) => {
+            if t.binary.trim().is_empty() {
+                p.add(
+                    join(&key, "binary"),
+                    "a process target needs `binary` (the program to run)",
+                );
+            }
+            check_env(p, &join(&key, "env"), &t.env);
+        }
+        Target::Docker(t) => {
+            if t.image.trim().is_empty() {
+                p.add(join(&key, "image"), "a docker target needs `image`");
+            }
+            if let Some(pull) = t
+                .pull
+                .as_deref()
+                .filter(|s| !["never", "missing", "always"].contains(s))
+            {
+                p.add(
+                    join(&key, "pull"),
+                    format!("bad pull policy {pull:?}: expected never, missing or always"),
+                );
+            }
+            check_env(p, &join(&key, "env"), &t.env);
+        }
+        Target::RemoteLan(t) | Target::Wireguard(t) => check_remote(p, &key, t),
+        Target::Discovered(t) => {
+            if !DISCOVERY_KINDS.contains(&t.kind.as_str()) {
+                let hint = did_you_mean(&t.kind, DISCOVERY_KINDS)
+                    .map(|s| format!("did you mean `{s}`? "))
+                    .unwrap_or_default();
+                let message = format!(
+                    "unknown discovery type {:?}: {hint}expected one of {}",
+                    t.kind,
+                    DISCOVERY_KINDS.join(", ")
+                );
+                p.add(join(&key, "type"), message);
+            }
+        }
+        Target::External(t) => {
+            if !is_host_port(&t.address) {
+                p.add(
+                    join(&key, "address"),
+                    format!("bad address {:?}: expected host:port", t.address),
+                );
+            }
+        }
+    }
+}
+
+fn check_remote(p: &mut Problems<'_>, key: &str, t: &RemoteTarget) {
+    match (&t.binary, &t.package) {
+        (None, None) => p.add(key.to_owned(), "a remote target needs `binary` (a program on the host) or `package` (a package to deploy)"),
+        (Some(_), Some(_)) => p.add(join(key, "package"), "give either `binary` or `package`, not both"),
+        _ => {}
+    }
+    match (&t.host, t.hosts.is_empty()) {
+        (None, true) => p.add(
+            key.to_owned(),
+            "a remote target needs `host` (or `hosts: [...]` for several)",
+        ),
+        (Some(_), false) => p.add(
+            join(key, "hosts"),
+            "give either `host` or `hosts`, not both",
+        ),
+        _ => {}
+    }
+    if !t.args.is_empty() && t.binary.is_none() {
+        p.add(
+            join(key, "args"),
+            "`args` go with `binary`; a package names its own command",
+        );
+    }
+    check_env(p, &join(key, "env"), &t.env);
+}
+
+fn check_health(p: &mut Problems<'_>, key: &str, check: &HealthCheck) {
+    match &check.check {
+        CheckKind::Http { url, .. } if url.trim().is_empty() => {
+            p.add(join(key, "url"), "an http check needs `url`")
+        }
+        CheckKind::Tcp { port: Some(0), .. } => p.add(join(key, "port"), bad_port_message("0")),
+        CheckKind::Command { command, .. } if command.trim().is_empty() => {
+            p.add(join(key, "command"), "a command check needs `command`")
+        }
+        CheckKind::Script { path, .. } if path.trim().is_empty() => {
+            p.add(join(key, "path"), "a script check needs `path`")
+        }
+        _ => {}
+    }
+    for (field, value) in [
+        ("interval", check.interval_ms),
+        ("timeout", check.timeout_ms),
+    ] {
+        if value == Some(0) {
+            p.add(join(key, field), format!("`{field}` must be more than 0"));
+        }
+    }
+}
+
+fn bad_port_message(shown: &str) -> String {
+    format!("bad port {shown}: expected a port number from 1 to 65535")
+}
+
+/// `[a-z0-9][a-z0-9_-]*`: service names become env var prefixes and file names.
+fn is_service_name(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    name.chars().next().is_some_and(ok) && name.chars().all(|c| ok(c) || c == '-' || c == '_')
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535. A value holding a
+/// `${VAR}` reference passes: it is checked again, resolved, when the daemon gets it.
+fn is_host_port(address: &str) -> bool {
+    if address.contains("${") {
+        return true;
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+/// `address/prefix` for IPv4 or IPv6 (or a `${VAR}` reference, see [`is_host_port`]).
+fn is_cidr(subnet: &str) -> bool {
+    if subnet.contains("${") {
+        return true;
+    }
+    let Some((addr, prefix)) = subnet.split_once('/') else {
+        return false;
+    };
+    let Ok(addr) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    prefix.parse::<u8>().is_ok_and(|p| p <= max)
+}
+
+/// The dependencies of `name` that exist and are not itself (others are reported
+/// elsewhere and must not stop ordering).
+fn deps<'a>(config: &'a StackConfig, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    config.services[name]
+        .depends_on
+        .keys()
+        .map(String::as_str)
+        .filter(move |d| *d != name && config.services.contains_key(*d))
+}
+
+/// Each dependency cycle once, as `[a, b, a]`, found by a depth-first walk in name order.
+fn cycles(config: &StackConfig) -> Vec<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Active,
+        Done,
+    }
+    fn walk<'a>(
+        config: &'a StackConfig,
+        name: &'a str,
+        marks: &mut BTreeMap<&'a str, Mark>,
+        stack: &mut Vec<&'a str>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        marks.insert(name, Mark::Active);
+        stack.push(name);
+        for dep in deps(config, name) {
+            match marks.get(dep) {
+                None => walk(config, dep, marks, stack, found),
+                Some(Mark::Active) => {
+                    // 1. The cycle is the part of the stack from `dep` to here...
+                    let start = stack.iter().position(|n| *n == dep).unwrap_or(0);
+                    let mut cycle: Vec<String> =
+                        stack[start..].iter().map(|s| s.to_string()).collect();
+                    // 2. ...closed by the edge back to `dep`.
+                    cycle.push(dep.to_owned());
+                    found.push(cycle);
+                }
+                Some(Mark::Done) => {}
+            }
+        }
+        stack.pop();
+        marks.insert(name, Mark::Done);
+    }
+    let mut marks = BTreeMap::new();
+    let mut found = Vec::new();
+    for name in config.services.keys() {
+        if !marks.contains_key(name.as_str()) {
+            walk(config, name, &mut marks, &mut Vec::new(), &mut found);
+        }
+    }
+    found
+}
+
+/// Services in the order they start: each after its dependencies, alphabetical among
+/// those ready at the same time. Services caught in a cycle (which `validate` rejects)
+/// come last, alphabetically, so none is ever lost.
+pub fn start_order(config: &StackConfig) -> Vec<String> {
+    // Kahn's algorithm with the ready set kept sorted.
+    let mut waiting: BTreeMap<&str, usize> = config
+        .services
+        .keys()
+        .map(|n| (n.as_str(), deps(config, n).count()))
+        .collect();
+    let mut ready: BTreeSet<&str> = waiting
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(s, _)| *s)
+        .collect();
+    let mut order = Vec::with_capacity(config.services.len());
+    while let Some(next) = ready.pop_first() {
+        waiting.remove(next);
+        order.push(next.to_owned());
+        for (name, count) in waiting.iter_mut() {
+            if deps(config, name).any(|d| d == next) {
+                *count -= 1;
+                if *count == 0 {
+                    ready.insert(name);
+                }
+            }
+        }
+    }
+    order.extend(waiting.into_keys().map(str::to_owned));
+    order
+}
+
+/// Services grouped in waves that may start together: wave 0 has no dependencies, wave
+/// N depends only on earlier waves; each wave is sorted. Services in a cycle form a last
+/// wave.
+pub fn dependency_waves(config: &StackConfig) -> Vec<Vec<String>> {
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    let mut waves = Vec::new();
+    while placed.len() < config.services.len() {
+        let wave: Vec<&str> = config
+            .services
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !placed.contains(n) && deps(config, n).all(|d| placed.contains(d)))
+            .collect();
+        if wave.is_empty() {
+            let rest = config
+                .services
+                .keys()
+                .map(String::as_str)
+                .filter(|n| !placed.contains(n));
+            waves.push(rest.map(str::to_owned).collect());
+            break;
+        }
+        placed.extend(wave.iter().copied());
+        waves.push(wave.into_iter().map(str::to_owned).collect());
+    }
+    waves
+}
