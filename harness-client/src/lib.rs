@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::Message;
 use futures_rustls::rustls;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use protocol::envelope::Outcome;
 use protocol::{DaemonFile, ErrorObject, Event, Request, Response, ServerMessage};
 use rustls_pki_types::pem::PemObject;
@@ -187,8 +187,17 @@ impl Client {
         let (events_tx, events) = async_channel::unbounded();
         let pending: Pending = Arc::default();
         let writer = smol::spawn(async move {
-            while let Ok(msg) = out_rx.recv().await {
-                if ws_tx.send(msg).await.is_err() {
+            // Feed what is queued, flush once: concurrent calls share TLS records.
+            'outer: while let Ok(msg) = out_rx.recv().await {
+                if ws_tx.feed(msg).await.is_err() {
+                    break;
+                }
+                while let Ok(more) = out_rx.try_recv() {
+                    if ws_tx.feed(more).await.is_err() {
+                        break 'outer;
+                    }
+                }
+                if ws_tx.flush().await.is_err() {
                     break;
                 }
             }
@@ -203,8 +212,10 @@ impl Client {
                         continue;
                     };
                     let id = match &parsed {
-                        ServerMessage::Event(e) => {
-                            let _ = events_tx.send(e.clone()).await;
+                        ServerMessage::Event(_) => {
+                            if let ServerMessage::Event(e) = parsed {
+                                let _ = events_tx.send(e).await;
+                            }
                             continue;
                         }
                         ServerMessage::Log(l) => Some(l.id.0),

@@ -121,8 +121,10 @@ pub struct Core {
     pub started: Instant,
     /// The executor every task runs on.
     pub ex: Arc<Executor<'static>>,
-    /// Notified after every state or health change; waiters re-check their condition.
-    pub changed: event_listener::Event,
+    /// One notifier per service, fired when an event about it is published; waiters
+    /// for a service's state or health re-check only then (waking every waiter on
+    /// every change made starting 100 services cost more than the starts).
+    watchers: Mutex<HashMap<Key, Arc<event_listener::Event>>>,
     /// Event journal and subscribers.
     pub events: EventBus,
     /// Saves the snapshot and journal in the background.
@@ -153,7 +155,7 @@ impl Core {
             shim_exe,
             started: Instant::now(),
             ex,
-            changed: event_listener::Event::new(),
+            watchers: Mutex::new(HashMap::new()),
             events,
             persister,
             clients: AtomicUsize::new(0),
@@ -175,18 +177,39 @@ impl Core {
     /// save. Returns what `f` returned.
     pub fn update<R>(&self, f: impl FnOnce(&mut State, &mut Changes) -> R) -> R {
         let mut changes = Changes::default();
+        let mut touched: Vec<Key> = Vec::new();
         let result = {
             let mut st = self.lock();
             let r = f(&mut st, &mut changes);
             // Publishing under the lock keeps event order equal to state-change order.
             for ev in changes.events.drain(..) {
+                if let Some(key) = ev.service() {
+                    touched.push((key.0.to_owned(), key.1.to_owned()));
+                }
                 self.events.publish(ev);
             }
             r
         };
         self.persister.mark_dirty();
-        self.changed.notify(usize::MAX);
+        if !touched.is_empty() {
+            let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+            for key in &touched {
+                if let Some(w) = watchers.get(key) {
+                    w.notify(usize::MAX);
+                }
+            }
+        }
         result
+    }
+
+    /// The notifier of a service (see `watchers`).
+    pub fn watcher(&self, stack: &str, name: &str) -> Arc<event_listener::Event> {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((stack.to_owned(), name.to_owned()))
+            .or_default()
+            .clone()
     }
 
     /// Saves now (group commit) and waits until it is on disk.

@@ -165,6 +165,24 @@ fn unknown_method(method: &str) -> ErrorObject {
     )
 }
 
+/// Whether a method answers from memory at once, so the connection's reader can run it
+/// inline instead of spawning a task (which it does for anything that waits).
+pub fn is_quick(method: &str) -> bool {
+    matches!(
+        method,
+        names::HELLO
+            | names::CONFIG_VALIDATE
+            | names::CONFIG_GET
+            | names::CONFIG_ENV
+            | names::STACK_LIST
+            | names::SERVICE_LIST
+            | names::SERVICE_GET
+            | names::SUBSCRIBE
+            | names::UNSUBSCRIBE
+            | names::DAEMON_STATUS
+    ) || !names::ALL.contains(&method)
+}
+
 /// Runs one request; `None` when the response was already queued (log follow).
 pub async fn handle(core: &Arc<Core>, conn: &Arc<Conn>, req: Request) -> Option<Response> {
     let id = req.id;

@@ -1,8 +1,9 @@
 //! Health checks run by the daemon: tcp, http, command and script.
 //!
-//! While a service is starting, checks run fast (from 10 ms, growing to at most 250 ms
-//! or the interval) so a stack comes up as soon as its services listen; once healthy,
-//! they run every `interval`. `retries` failures in a row (not counted during
+//! Until a service is healthy for the first time, checks run fast (every 2 ms for the
+//! first 200 ms, every 10 ms up to 2 s, then backing off to at most 250 ms or the
+//! interval), so a stack comes up as soon as its services listen: a refused connect
+//! costs microseconds. Once healthy, they run every `interval`. `retries` failures in a row (not counted during
 //! `start_period`) make a service unhealthy. Becoming healthy resets the restart backoff.
 
 use std::sync::Arc;
@@ -18,8 +19,19 @@ use protocol::methods::{Health, ServiceState};
 use crate::core::{Core, State};
 use crate::env;
 
-const FAST_START: Duration = Duration::from_millis(10);
 const FAST_MAX: Duration = Duration::from_millis(250);
+
+/// Wait before the next check while a service has never been healthy, by time since
+/// its monitor started.
+fn startup_delay(since_start: Duration, interval: Duration) -> Duration {
+    let delay = match since_start.as_millis() {
+        0..200 => Duration::from_millis(2),
+        200..2000 => Duration::from_millis(10),
+        // 2 s and later: 10 ms doubling every 2 s of waiting.
+        ms => Duration::from_millis(10) * 2u32.pow(((ms - 2000) / 2000).min(8) as u32 + 1),
+    };
+    delay.min(FAST_MAX).min(interval)
+}
 
 /// A check ready to run: what it is and how to run it, references resolved.
 #[derive(Debug, Clone)]
@@ -195,7 +207,7 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
     let start_period = Duration::from_millis(hc.start_period_ms.unwrap_or(0));
     let started = Instant::now();
     let check = probe.describe();
-    let mut fast = FAST_START;
+    let mut was_healthy = false;
     let mut failures = 0u32;
     loop {
         let outcome = probe.run(timeout).await;
@@ -247,11 +259,11 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
         if !still_current {
             return;
         }
-        let wait = if outcome.is_ok() {
+        was_healthy |= outcome.is_ok();
+        let wait = if was_healthy {
             interval
         } else {
-            fast = (fast * 2).min(FAST_MAX).min(interval);
-            fast
+            startup_delay(started.elapsed(), interval)
         };
         smol::Timer::after(wait).await;
     }
@@ -315,4 +327,31 @@ fn truncate(s: &str, max: usize) -> String {
         return s.trim_end().to_owned();
     }
     format!("{}…", &s[..s.floor_char_boundary(max)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_checks_are_fast_then_back_off() {
+        let long = Duration::from_secs(10);
+        assert_eq!(
+            startup_delay(Duration::ZERO, long),
+            Duration::from_millis(2)
+        );
+        assert_eq!(
+            startup_delay(Duration::from_millis(500), long),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            startup_delay(Duration::from_millis(2500), long),
+            Duration::from_millis(20)
+        );
+        assert_eq!(startup_delay(Duration::from_secs(60), long), FAST_MAX);
+        assert_eq!(
+            startup_delay(Duration::ZERO, Duration::from_millis(1)),
+            Duration::from_millis(1)
+        );
+    }
 }

@@ -53,9 +53,14 @@ fn main() -> ExitCode {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_dir.clone());
-    // The shim is this binary. /proc/self/exe (resolved by the forked child) keeps
+    // The shim: the small `harness-shim` installed beside harnessd (it starts faster),
+    // else harnessd itself (`harnessd shim SPEC`) through /proc/self/exe, which keeps
     // working when the file on disk was replaced by a rebuild or an upgrade.
-    let shim_exe = PathBuf::from("/proc/self/exe");
+    let shim_exe = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("harness-shim")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
     let daemon_opts = harnessd::DaemonOpts {
         default_state_dir: is_default && state_dir == default_dir,
         state_dir,

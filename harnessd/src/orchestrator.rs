@@ -168,10 +168,17 @@ fn check_condition(st: &State, stack: &str, dep: &str, cond: Condition) -> Check
     }
 }
 
-/// Waits until `check` says met or broken, re-checking after every state change.
-async fn wait_until(core: &Core, mut check: impl FnMut(&State) -> Check) -> Result<(), String> {
+/// Waits until `check` says met or broken, re-checking whenever an event about service
+/// `name` of `stack` is published.
+async fn wait_until(
+    core: &Core,
+    stack: &str,
+    name: &str,
+    mut check: impl FnMut(&State) -> Check,
+) -> Result<(), String> {
+    let watcher = core.watcher(stack, name);
     loop {
-        let listener = core.changed.listen();
+        let listener = watcher.listen();
         match core.read(&mut check) {
             Check::Met => return Ok(()),
             Check::Broken(reason) => return Err(reason),
@@ -268,7 +275,7 @@ impl Core {
         let deadline = Instant::now() + timeout;
         let mut failed = Vec::new();
         for n in &order {
-            let wait = wait_until(self, |st| check_ready(st, stack, n));
+            let wait = wait_until(self, stack, n, |st| check_ready(st, stack, n));
             let timer = async {
                 smol::Timer::at(deadline).await;
                 Err(format!("not ready after {} s", timeout.as_secs()))
@@ -305,7 +312,10 @@ impl Core {
                 .map_or(0, |r| r.generation)
         });
         for (dep, cond) in deps {
-            if let Err(reason) = wait_until(self, |st| check_condition(st, stack, &dep, cond)).await
+            if let Err(reason) = wait_until(self, stack, &dep, |st| {
+                check_condition(st, stack, &dep, cond)
+            })
+            .await
             {
                 self.update(|st, ch| {
                     if current(st, stack, name, generation) {

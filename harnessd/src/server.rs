@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{self, Message};
 use futures_rustls::TlsAcceptor;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use protocol::events::{EventKind, Lagged};
 use protocol::{ErrorCode, Response, MAX_MESSAGE_BYTES};
 use registry::{Journal, StateLock, Store};
@@ -27,6 +27,8 @@ use crate::pki::{self, PkiPaths};
 use crate::{daemon_file_path, DaemonError, DaemonOpts};
 use protocol::DaemonFile;
 
+/// Most messages written between two flushes.
+const WRITE_BATCH: usize = 64;
 /// Responses and streamed output queued per connection.
 const CONNECTION_OUT_QUEUE: usize = 256;
 /// A connection that neither sends nor answers pings for this long is closed.
@@ -182,13 +184,32 @@ async fn connection(
                     }),
                 )
                 .await;
-                let msg = match next {
+                let first = match next {
                     Next::Out(Some(text)) => Message::text(text),
                     Next::Event(Some(text)) => Message::text(text.to_string()),
                     Next::Ping => Message::Ping(b"harness".to_vec().into()),
                     Next::Out(None) | Next::Event(None) => break,
                 };
-                if ws_tx.send(msg).await.is_err() {
+                // Write whatever else is already queued with it, then flush once: under
+                // load that is one TLS record flush for many messages.
+                if ws_tx.feed(first).await.is_err() {
+                    break;
+                }
+                let mut failed = false;
+                for _ in 0..WRITE_BATCH {
+                    let more = match out_rx.try_recv() {
+                        Ok(text) => Message::text(text),
+                        Err(_) => match ev_rx.try_recv() {
+                            Ok(text) => Message::text(text.to_string()),
+                            Err(_) => break,
+                        },
+                    };
+                    if ws_tx.feed(more).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed || ws_tx.flush().await.is_err() {
                     break;
                 }
                 let missed = lagged.load(Ordering::Acquire);
@@ -253,6 +274,12 @@ async fn connection(
                 let _ = out_tx.send(serde_json::to_string(&response)?).await;
                 if close {
                     break;
+                }
+            }
+            Ok(request) if dispatch::is_quick(&request.method) => {
+                // Answered from memory: no task, no extra hop.
+                if let Some(response) = dispatch::handle(&core, &conn, request).await {
+                    let _ = out_tx.send(serde_json::to_string(&response)?).await;
                 }
             }
             Ok(request) => {

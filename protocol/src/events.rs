@@ -68,16 +68,23 @@ impl EventKind {
         }
     }
 
-    /// Stack the event is about, if any.
-    pub fn stack(&self) -> Option<&str> {
+    /// (stack, service) the event is about, if it is about one service.
+    pub fn service(&self) -> Option<(&str, &str)> {
         match self {
-            EventKind::ServiceRegistered(r) | EventKind::ServiceRemoved(r) => Some(&r.stack),
-            EventKind::ServiceState(c) => Some(&c.stack),
-            EventKind::ServiceHealth(c) => Some(&c.stack),
-            EventKind::ServiceRestarting(c) => Some(&c.stack),
-            EventKind::ServiceExited(c) => Some(&c.stack),
+            EventKind::ServiceRegistered(r) | EventKind::ServiceRemoved(r) => {
+                Some((&r.stack, &r.name))
+            }
+            EventKind::ServiceState(c) => Some((&c.stack, &c.name)),
+            EventKind::ServiceHealth(c) => Some((&c.stack, &c.name)),
+            EventKind::ServiceRestarting(c) => Some((&c.stack, &c.name)),
+            EventKind::ServiceExited(c) => Some((&c.stack, &c.name)),
             _ => None,
         }
+    }
+
+    /// Stack the event is about, if any.
+    pub fn stack(&self) -> Option<&str> {
+        self.service().map(|(stack, _)| stack)
     }
 }
 
