@@ -27,8 +27,6 @@ pub struct Runtime {
     /// The exit watcher, health monitor and pending restart of the current run;
     /// dropping them cancels them.
     pub tasks: Vec<smol::Task<()>>,
-    /// Last health check: (check description, output).
-    pub last_check: Option<(String, String)>,
 }
 
 /// Mutable state behind the core's lock.

@@ -225,37 +225,44 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
         let output = match &outcome {
             Ok(o) | Err(o) => truncate(o, 512),
         };
-        let still_current = core.update(|st, ch| {
+        // Most checks change nothing: look first, so they cost neither a save nor events.
+        let look = core.read(|st| {
             let is_current = st
                 .runtime
                 .get(&(stack.clone(), name.clone()))
                 .is_some_and(|r| r.generation == generation);
-            if !is_current {
-                return false;
-            }
-            st.runtime(&stack, &name).last_check = Some((check.clone(), output.clone()));
-            let Some(rec) = st.service_mut(&stack, &name) else {
-                return false;
-            };
-            if rec.state != ServiceState::Running {
-                return rec.state == ServiceState::Starting;
-            }
-            if let Some(status) = status.filter(|s| *s != rec.health) {
-                rec.health = status;
-                if status == Health::Healthy {
-                    // Recovered: the next crash starts the backoff from the beginning.
-                    rec.restarts = 0;
-                }
-                ch.push(EventKind::ServiceHealth(HealthChange {
-                    stack: stack.clone(),
-                    name: name.clone(),
-                    status,
-                    check: check.clone(),
-                    output: output.clone(),
-                }));
-            }
-            true
+            let rec = st.service(&stack, &name).filter(|_| is_current)?;
+            let changes = rec.state == ServiceState::Running && status.is_some_and(|s| s != rec.health);
+            Some((rec.state, changes))
         });
+        let still_current = match look {
+            None => false,
+            Some((state, false)) => matches!(state, ServiceState::Running | ServiceState::Starting),
+            Some((_, true)) => core.update(|st, ch| {
+                let is_current = st
+                    .runtime
+                    .get(&(stack.clone(), name.clone()))
+                    .is_some_and(|r| r.generation == generation);
+                let Some(rec) = st.service_mut(&stack, &name).filter(|_| is_current) else {
+                    return false;
+                };
+                if let Some(status) = status.filter(|s| *s != rec.health) {
+                    rec.health = status;
+                    if status == Health::Healthy {
+                        // Recovered: the next crash starts the backoff from the beginning.
+                        rec.restarts = 0;
+                    }
+                    ch.push(EventKind::ServiceHealth(HealthChange {
+                        stack: stack.clone(),
+                        name: name.clone(),
+                        status,
+                        check: check.clone(),
+                        output: output.clone(),
+                    }));
+                }
+                true
+            }),
+        };
         if !still_current {
             return;
         }

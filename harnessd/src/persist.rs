@@ -1,13 +1,21 @@
 //! Background saving with group commit: any number of changes made while a save is in
 //! flight are written together by the next one (one snapshot write, one journal append,
 //! one fsync each), so starting 100 services costs a handful of fsyncs, not hundreds.
+//! Background saves are paced (at most one per [`PACE`]); a [`Persister::commit`]
+//! waiter, which needs durability now, skips the pacing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use registry::{Journal, Store};
 
 use crate::core::Core;
+
+/// Least time between two background saves (each clones and writes the whole
+/// snapshot).
+pub const PACE: Duration = Duration::from_millis(50);
 
 /// Handle to the persister task.
 pub struct Persister {
@@ -16,6 +24,8 @@ pub struct Persister {
     requested: AtomicU64,
     done: AtomicU64,
     committed: event_listener::Event,
+    urgent: AtomicBool,
+    urgent_wake: event_listener::Event,
     last_error: Mutex<Option<String>>,
     /// The journal, shared with subscribers that replay older events.
     pub journal: Arc<Mutex<Journal>>,
@@ -31,6 +41,8 @@ impl Persister {
             requested: AtomicU64::new(0),
             done: AtomicU64::new(0),
             committed: event_listener::Event::new(),
+            urgent: AtomicBool::new(false),
+            urgent_wake: event_listener::Event::new(),
             last_error: Mutex::new(None),
             journal: Arc::new(Mutex::new(journal)),
         }
@@ -45,6 +57,8 @@ impl Persister {
 
     /// Schedules a save and waits until it (or a later one) is on disk.
     pub async fn commit(&self) -> Result<(), String> {
+        self.urgent.store(true, Ordering::Release);
+        self.urgent_wake.notify(usize::MAX);
         let ticket = self.mark_dirty();
         loop {
             let listener = self.committed.listen();
@@ -76,7 +90,22 @@ impl Persister {
 pub async fn run(core: Arc<Core>, store: Store) {
     let store = Arc::new(Mutex::new(store));
     let p = &core.persister;
+    let mut last_save = Instant::now() - PACE;
     while p.wake_rx.recv().await.is_ok() {
+        // Pace background saves; wake early when someone commits.
+        let deadline = last_save + PACE;
+        loop {
+            let listener = p.urgent_wake.listen();
+            if p.urgent.load(Ordering::Acquire) || Instant::now() >= deadline {
+                break;
+            }
+            smol::future::or(listener, async {
+                smol::Timer::at(deadline).await;
+            })
+            .await;
+        }
+        p.urgent.store(false, Ordering::Release);
+        last_save = Instant::now();
         let ticket = p.requested.load(Ordering::Acquire);
         let snapshot = core.snapshot();
         let events = core.events.take_unjournaled();

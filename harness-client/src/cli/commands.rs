@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use harness_client::daemon::{connect, ensure_daemon, spawn_daemon};
+use harness_client::daemon::{connect, ensure_daemon};
 use harness_client::{Client, ClientError};
 use protocol::config;
 use protocol::events::EventKind;
@@ -497,12 +497,7 @@ async fn daemon_cmd(g: &GlobalOpts, cmd: DaemonCmd) -> anyhow::Result<ExitCode> 
     let dir = state_dir(g);
     match cmd {
         DaemonCmd::Start => {
-            if connect(&dir, CLIENT).await.is_ok() {
-                eprintln!("harnessd already runs for {}", dir.display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            drop(spawn_daemon(&dir)?);
-            let c = ensure_daemon(&dir, CLIENT, |_| {}).await?;
+            let c = ensure_daemon(&dir, CLIENT, |m| eprintln!("{m}")).await?;
             let s: m::DaemonStatus = c.call(names::DAEMON_STATUS, json!({})).await?;
             eprintln!(
                 "harnessd {} (pid {}) serves {} at {}",

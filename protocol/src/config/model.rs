@@ -447,3 +447,20 @@ pub enum RestartPolicy {
     /// Whenever it exits on its own.
     Always,
 }
+
+/// Linux number of a signal named like `TERM`, `SIGTERM`, `sigint` or `15`, as accepted
+/// by `stop_signal`.
+pub fn signal_number(name: &str) -> Option<i32> {
+    const NAMES: &[(&str, i32)] = &[
+        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("ABRT", 6), ("KILL", 9), ("USR1", 10),
+        ("USR2", 12), ("ALRM", 14), ("TERM", 15), ("CONT", 18), ("STOP", 19), ("TSTP", 20),
+        ("WINCH", 28), ("PWR", 30),
+    ];
+    let name = name.trim();
+    if let Ok(n) = name.parse::<i32>() {
+        return NAMES.iter().any(|(_, v)| *v == n).then_some(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    NAMES.iter().find(|(n, _)| *n == bare).map(|(_, v)| *v)
+}

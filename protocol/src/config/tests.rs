@@ -654,3 +654,14 @@ fn every_error_is_collected() {
     let lines: Vec<_> = errors.0.iter().map(|e| e.line).collect();
     assert_eq!(lines, [Some(4), Some(5), Some(6), Some(7)], "{errors}");
 }
+
+#[test]
+fn stop_signals_are_checked() {
+    assert_eq!(super::signal_number("TERM"), Some(15));
+    assert_eq!(super::signal_number("sigint"), Some(2));
+    assert_eq!(super::signal_number("9"), Some(9));
+    assert_eq!(super::signal_number("SIGNOPE"), None);
+    assert_eq!(one(&svc(&format!("{PROCESS}    stop_signal: INT\n"))).stop_signal.as_deref(), Some("INT"));
+    let errors = parse_stack(&svc(&format!("{PROCESS}    stop_signal: TREM\n")), FILE).unwrap_err().to_string();
+    assert!(errors.contains("services.api.stop_signal: unknown signal \"TREM\""), "{errors}");
+}

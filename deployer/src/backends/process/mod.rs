@@ -187,16 +187,14 @@ fn start_shim(mut spec: ProcessSpec, exe: &Path) -> Result<Child, DeployError> {
         *path = std::path::absolute(&*path).map_err(write_err(path))?;
     }
     std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
-    // Files of the previous run must not be read as this run's.
-    for name in [SHIM_FILE, EXIT_FILE] {
-        let path = spec.run_dir.join(name);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(write_err(&path)(e)),
-            _ => {}
-        }
-    }
+    // Written in place, not through a temporary file: the shim reads it only after
+    // this returns, and every file created costs an inode allocation, which ext4 makes
+    // slow under the create/delete churn of starting and stopping many services. Files
+    // of the previous run stay: exit.json names its shim, so it is never read as this
+    // run's, and the shim overwrites shim.json.
     let spec_path = spec.run_dir.join(SPEC_FILE);
-    write_json(&spec_path, &spec)?;
+    let json = serde_json::to_vec(&spec).map_err(|e| write_err(&spec_path)(e.into()))?;
+    std::fs::write(&spec_path, json).map_err(write_err(&spec_path))?;
     Command::new(exe)
         .arg("shim")
         .arg(&spec_path)
@@ -335,33 +333,13 @@ fn signal_group(record: &ProcessRecord, signal: Signal) -> Result<(), DeployErro
     }
 }
 
-/// Parses "TERM", "SIGTERM", "sigterm" or "15".
+/// Parses "TERM", "SIGTERM", "sigterm" or "15" (the names config validation accepts).
 fn parse_signal(name: &str) -> Result<Signal, DeployError> {
-    let unknown = || DeployError::UnknownSignal {
-        name: name.to_owned(),
-    };
-    if let Ok(n) = name.parse::<i32>() {
-        return Signal::from_named_raw(n).ok_or_else(unknown);
-    }
-    let upper = name.trim().to_ascii_uppercase();
-    let signal = match upper.strip_prefix("SIG").unwrap_or(&upper) {
-        "HUP" => Signal::HUP,
-        "INT" => Signal::INT,
-        "QUIT" => Signal::QUIT,
-        "ABRT" | "ABORT" => Signal::ABORT,
-        "KILL" => Signal::KILL,
-        "USR1" => Signal::USR1,
-        "USR2" => Signal::USR2,
-        "ALRM" | "ALARM" => Signal::ALARM,
-        "TERM" => Signal::TERM,
-        "CONT" => Signal::CONT,
-        "STOP" => Signal::STOP,
-        "TSTP" => Signal::TSTP,
-        "WINCH" => Signal::WINCH,
-        "PWR" | "POWER" => Signal::POWER,
-        _ => return Err(unknown()),
-    };
-    Ok(signal)
+    protocol::config::signal_number(name)
+        .and_then(Signal::from_named_raw)
+        .ok_or_else(|| DeployError::UnknownSignal {
+            name: name.to_owned(),
+        })
 }
 
 /// Every process whose environment carries a `HARNESS_INSTANCE` starting with

@@ -110,7 +110,11 @@ fn start(spec_path: &Path) -> Result<Started, (String, Option<PathBuf>)> {
         start: procfs::start_time(child.id()).unwrap_or_default(),
         run_dir: spec.run_dir.clone(),
     };
-    if let Err(e) = write_json(&spec.run_dir.join(SHIM_FILE), &record) {
+    // In place (see `start_shim`): informational, never read back by harness.
+    let shim_file = spec.run_dir.join(SHIM_FILE);
+    let json = serde_json::to_vec(&record).unwrap_or_default();
+    if let Err(e) = std::fs::write(&shim_file, json) {
+        let e = DeployError::WriteFile { path: shim_file, source: e };
         return Err(fail(e.to_string()));
     }
     report(&Ready::Running(record));
