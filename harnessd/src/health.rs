@@ -232,7 +232,8 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
                 .get(&(stack.clone(), name.clone()))
                 .is_some_and(|r| r.generation == generation);
             let rec = st.service(&stack, &name).filter(|_| is_current)?;
-            let changes = rec.state == ServiceState::Running && status.is_some_and(|s| s != rec.health);
+            let changes =
+                rec.state == ServiceState::Running && status.is_some_and(|s| s != rec.health);
             Some((rec.state, changes))
         });
         let still_current = match look {

@@ -284,6 +284,8 @@ impl Core {
                 failed.push((n.clone(), reason));
             }
         }
+        // What `start` reports is on disk before the client hears it.
+        self.commit().await.map_err(OpError::Storage)?;
         if failed.is_empty() {
             Ok(order)
         } else {
@@ -735,6 +737,9 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             rt.generation += 1;
             rt.generation
         });
+        // A crash between spawn and saving the record leaves the record only in the
+        // run directory, where the shim wrote it.
+        let record = record.or_else(|| process::recover(&core.run_dir(&stack, &name)));
         let adoption = match &record {
             Some(r) => process::adopt(r),
             None => process::Adoption::Gone,
@@ -742,6 +747,11 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
         match (adoption, record) {
             (process::Adoption::Alive, Some(record)) => {
                 owned.insert(format!("{}/{stack}/{name}", core.instance));
+                core.update(|st, _| {
+                    if let Some(rec) = st.service_mut(&stack, &name) {
+                        rec.process = serde_json::to_value(&record).ok();
+                    }
+                });
                 if state == ServiceState::Stopping {
                     fixes.push(format!(
                         "{stack}/{name}: finishing a stop interrupted by the daemon's exit"

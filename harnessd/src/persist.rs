@@ -4,8 +4,8 @@
 //! Background saves are paced (at most one per [`PACE`]); a [`Persister::commit`]
 //! waiter, which needs durability now, skips the pacing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

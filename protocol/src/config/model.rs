@@ -452,9 +452,20 @@ pub enum RestartPolicy {
 /// by `stop_signal`.
 pub fn signal_number(name: &str) -> Option<i32> {
     const NAMES: &[(&str, i32)] = &[
-        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("ABRT", 6), ("KILL", 9), ("USR1", 10),
-        ("USR2", 12), ("ALRM", 14), ("TERM", 15), ("CONT", 18), ("STOP", 19), ("TSTP", 20),
-        ("WINCH", 28), ("PWR", 30),
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("ABRT", 6),
+        ("KILL", 9),
+        ("USR1", 10),
+        ("USR2", 12),
+        ("ALRM", 14),
+        ("TERM", 15),
+        ("CONT", 18),
+        ("STOP", 19),
+        ("TSTP", 20),
+        ("WINCH", 28),
+        ("PWR", 30),
     ];
     let name = name.trim();
     if let Ok(n) = name.parse::<i32>() {

@@ -661,7 +661,17 @@ fn stop_signals_are_checked() {
     assert_eq!(super::signal_number("sigint"), Some(2));
     assert_eq!(super::signal_number("9"), Some(9));
     assert_eq!(super::signal_number("SIGNOPE"), None);
-    assert_eq!(one(&svc(&format!("{PROCESS}    stop_signal: INT\n"))).stop_signal.as_deref(), Some("INT"));
-    let errors = parse_stack(&svc(&format!("{PROCESS}    stop_signal: TREM\n")), FILE).unwrap_err().to_string();
-    assert!(errors.contains("services.api.stop_signal: unknown signal \"TREM\""), "{errors}");
+    assert_eq!(
+        one(&svc(&format!("{PROCESS}    stop_signal: INT\n")))
+            .stop_signal
+            .as_deref(),
+        Some("INT")
+    );
+    let errors = parse_stack(&svc(&format!("{PROCESS}    stop_signal: TREM\n")), FILE)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("services.api.stop_signal: unknown signal \"TREM\""),
+        "{errors}"
+    );
 }

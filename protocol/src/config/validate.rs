@@ -58,7 +58,11 @@ pub(crate) fn problems(config: &StackConfig, file: &str) -> Vec<ConfigError> {
     }
     for (name, svc) in &config.services {
         check_service(&mut p, config, name, svc);
-        if let Some(sig) = svc.stop_signal.as_deref().filter(|s| super::signal_number(s).is_none()) {
+        if let Some(sig) = svc
+            .stop_signal
+            .as_deref()
+            .filter(|s| super::signal_number(s).is_none())
+        {
             p.add(
                 join(&join("services", name), "stop_signal"),
                 format!("unknown signal {sig:?}: use a name such as TERM, INT, QUIT, HUP or KILL"),

@@ -90,3 +90,55 @@ services:
     });
     assert_eq!(get(&c, "keep", "chatty").state, ServiceState::Stopped);
 }
+
+/// The daemon dies after spawning a service but before its record is saved: the
+/// registry says `starting` with no process. The next daemon finds the running service
+/// through the record its shim left in the run directory and adopts it.
+#[test]
+fn a_crash_between_spawn_and_record_adopts_the_running_service() {
+    let mut d = TestDaemon::start();
+    let dir = d.workdir("gap");
+    write_config(
+        &dir,
+        r#"
+name: gap
+services:
+  svc:
+    target: { process: { binary: DEMO, args: [--name, svc, --port, "${self.port}"] } }
+    port: auto
+    health_check: { type: tcp }
+"#,
+    );
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let c = d.client();
+    let pid = get(&c, "gap", "svc").pid.expect("pid");
+    drop(c);
+    d.kill9();
+
+    // Rewrite the registry as it was between intent and record.
+    let path = d.state_dir.join("registry.json");
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rec = &mut reg["stacks"]["gap"]["services"]["svc"];
+    assert!(rec["process"].is_object(), "{rec}");
+    rec["process"] = serde_json::Value::Null;
+    rec["state"] = "starting".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+
+    d.restart();
+    let c = d.client();
+    let svc = wait_service(&c, "gap", "svc", "svc to be adopted", |s| {
+        s.state == ServiceState::Running
+    });
+    assert_eq!(svc.pid, Some(pid), "adopted, not started again");
+    assert!(alive(pid));
+    let log: Vec<String> = log_lines(&c, "gap", "svc")
+        .into_iter()
+        .map(|l| l.line)
+        .collect();
+    assert_eq!(
+        log.iter().filter(|l| l.contains("listening on")).count(),
+        1,
+        "{log:?}"
+    );
+}

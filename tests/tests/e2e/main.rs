@@ -2,6 +2,7 @@
 //! the client library and the `harness` CLI. Run with `cargo nextest run -p tests`.
 
 mod bad_input;
+mod cli;
 mod daemon_restart;
 mod lifecycle;
 mod support;

@@ -243,6 +243,14 @@ fn read_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError> {
     Ok(file.status)
 }
 
+/// The record the shim of `run_dir` wrote when it started its service (shim.json), for
+/// a daemon that died between the spawn and saving the record. Check it with
+/// [`adopt`] before trusting it.
+pub fn recover(run_dir: &Path) -> Option<ProcessRecord> {
+    let text = std::fs::read(run_dir.join(SHIM_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
 /// Checks a record against the running system, e.g. after a daemon restart.
 ///
 /// The shim decides: while the shim with the recorded pid and start time runs, the

@@ -114,7 +114,10 @@ fn start(spec_path: &Path) -> Result<Started, (String, Option<PathBuf>)> {
     let shim_file = spec.run_dir.join(SHIM_FILE);
     let json = serde_json::to_vec(&record).unwrap_or_default();
     if let Err(e) = std::fs::write(&shim_file, json) {
-        let e = DeployError::WriteFile { path: shim_file, source: e };
+        let e = DeployError::WriteFile {
+            path: shim_file,
+            source: e,
+        };
         return Err(fail(e.to_string()));
     }
     report(&Ready::Running(record));

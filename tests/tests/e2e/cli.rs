@@ -1,0 +1,163 @@
+//! The `harness` CLI as people use it: init and validate, a failing `up` that says why,
+//! exec with the service's environment, racing `up`s that end with one daemon, and a
+//! taken port.
+
+use std::process::{Command, Stdio};
+
+use tests::{bin, TestDaemon};
+
+use crate::support::*;
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn init_writes_a_config_that_validates() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("fresh");
+    let init = d.cli(&dir, &["init"]);
+    assert!(init.status.success(), "{}", text(&init));
+    let validate = d.cli(&dir, &["validate"]);
+    assert!(validate.status.success(), "{}", text(&validate));
+    assert!(
+        text(&validate).contains("start order: db, api"),
+        "{}",
+        text(&validate)
+    );
+    // A second init refuses to overwrite.
+    assert!(!d.cli(&dir, &["init"]).status.success());
+}
+
+#[test]
+fn a_failing_up_names_the_reason_and_shows_the_last_log_lines() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("broken");
+    write_config(
+        &dir,
+        r#"
+name: broken
+settings: { default_timeout: 20 }
+services:
+  db:
+    target: { process: { binary: /bin/sh, args: [-c, "echo cannot open data dir >&2; exit 2"] } }
+    port: auto
+    health_check: { type: tcp }
+  api:
+    target: { process: { binary: DEMO, args: [--port, "${self.port}"] } }
+    port: auto
+    dependencies: [db]
+"#,
+    );
+    let up = d.cli(&dir, &["up"]);
+    let out = text(&up);
+    assert!(!up.status.success(), "{out}");
+    assert!(out.contains("db: exited with code 2"), "{out}");
+    assert!(out.contains("api: dependency db failed"), "{out}");
+    assert!(
+        out.contains("cannot open data dir"),
+        "the failing service's log is shown:\n{out}"
+    );
+}
+
+#[test]
+fn exec_runs_with_the_service_environment_and_returns_its_exit_code() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("ex");
+    write_config(
+        &dir,
+        r#"
+name: ex
+services:
+  db:
+    target: { process: { binary: DEMO, args: [--port, "${self.port}"] } }
+    port: auto
+  api:
+    target: { process: { binary: DEMO, args: [--port, "${self.port}"], working_dir: /tmp } }
+    port: auto
+    depends_on: [db]
+    env: { GREETING: hello }
+"#,
+    );
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let out = d.cli(
+        &dir,
+        &[
+            "exec",
+            "api",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $DB_PORT; pwd; echo oops >&2; exit 5",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let c = d.client();
+    let db_port = get(&c, "ex", "db").port.unwrap();
+    assert_eq!(stdout, format!("hello {db_port}\n/tmp\n"));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+}
+
+#[test]
+fn racing_ups_end_with_one_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    write_config(&work, "name: race\nservices:\n  one:\n    target: { process: { binary: DEMO, args: [--port, \"${self.port}\"] } }\n    port: auto\n");
+    let up = || {
+        Command::new(bin("harness"))
+            .arg("up")
+            .current_dir(&work)
+            .env("HARNESS_STATE_DIR", &state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (up(), up());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    let info: protocol::DaemonFile =
+        serde_json::from_str(&std::fs::read_to_string(state.join("daemon.json")).unwrap()).unwrap();
+    let c = smol::block_on(harness_client::Client::connect(&info, "race")).unwrap();
+    assert_eq!(list(&c, "race").len(), 1);
+    let _: serde_json::Value = smol::block_on(c.call(
+        "daemon.shutdown",
+        serde_json::json!({"stop_services": true}),
+    ))
+    .unwrap();
+    // Exactly one harnessd ran for this state directory: the log shows one start.
+    let log = std::fs::read_to_string(state.join("harnessd.log")).unwrap();
+    assert_eq!(log.matches("listening on").count(), 1, "{log}");
+    tests::wait_for(
+        "harnessd to exit",
+        std::time::Duration::from_secs(10),
+        || (!tests::alive(info.pid)).then_some(()),
+    );
+}
+
+#[test]
+fn a_taken_port_gets_a_clear_message() {
+    let d = TestDaemon::start();
+    let port = d.info.url.rsplit(':').next().unwrap().to_owned();
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("harnessd"))
+        .args(["--state-dir"])
+        .arg(other.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the port is taken") && err.contains("--listen"),
+        "{err}"
+    );
+}
