@@ -557,6 +557,9 @@ impl Core {
             }
             remaining.retain(|n| !wave.contains(n));
         }
+        // A stop is on disk before the client hears of it: a daemon killed right after
+        // must not find the service "running", see it gone and restart it by policy.
+        self.commit().await.map_err(OpError::Storage)?;
         Ok(order)
     }
 

@@ -118,7 +118,22 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
             .detach();
         }
     };
-    smol::future::or(accept_loop, shutdown).await;
+    // SIGTERM (systemd, kill) and SIGINT (Ctrl-C) end the daemon like daemon.shutdown:
+    // the state is saved, services keep running for the next daemon.
+    let signals = async {
+        match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
+            Ok(mut s) => {
+                if let Some(Ok(sig)) = s.next().await {
+                    tracing::info!("received {sig:?}; stopping (services keep running)");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot handle signals: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    smol::future::or(accept_loop, smol::future::or(shutdown, signals)).await;
     let _ = core.commit().await;
     let _ = std::fs::remove_file(daemon_file_path(&opts.state_dir));
     tracing::info!("harnessd stopped");

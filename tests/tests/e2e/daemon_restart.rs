@@ -142,3 +142,30 @@ services:
         "{log:?}"
     );
 }
+
+/// SIGTERM stops the daemon cleanly (as systemd does): it exits 0, removes daemon.json,
+/// leaves the services running, and the next daemon adopts them.
+#[test]
+fn sigterm_stops_the_daemon_cleanly_and_services_keep_running() {
+    let mut d = TestDaemon::start();
+    let dir = d.workdir("term");
+    write_config(&dir, "name: term\nservices:\n  svc:\n    target: { process: { binary: DEMO, args: [--port, \"${self.port}\"] } }\n    port: auto\n");
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let pid = get(&d.client(), "term", "svc").pid.expect("pid");
+    let mut child = d.child.take().expect("daemon child");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "harnessd exited with {status}:\n{}",
+        d.log()
+    );
+    assert!(!d.state_dir.join("daemon.json").exists());
+    assert!(alive(pid));
+    d.restart();
+    assert_eq!(get(&d.client(), "term", "svc").pid, Some(pid));
+}
