@@ -169,3 +169,56 @@ fn sigterm_stops_the_daemon_cleanly_and_services_keep_running() {
     d.restart();
     assert_eq!(get(&d.client(), "term", "svc").pid, Some(pid));
 }
+
+/// A corrupt registry is moved aside and reported, never silently reset: the daemon
+/// still starts, says what it did in `daemon.reconciled`, and the original bytes are
+/// kept for a human.
+#[test]
+fn a_corrupt_registry_is_moved_aside_and_reported() {
+    let mut d = TestDaemon::start();
+    d.kill9();
+    let path = d.state_dir.join("registry.json");
+    std::fs::write(&path, b"{ this is not json").unwrap();
+    d.restart();
+    let c = d.client();
+    let r: protocol::methods::SubscribeResult = smol::block_on(c.call(
+        names::SUBSCRIBE,
+        protocol::methods::SubscribeParams {
+            topics: vec!["daemon".into()],
+            stack: None,
+            since: Some(0),
+        },
+    ))
+    .unwrap();
+    let rx = c.events();
+    let mut fixes = Vec::new();
+    loop {
+        let e = smol::block_on(rx.recv()).unwrap();
+        if let protocol::events::EventKind::DaemonReconciled(rec) = &e.kind {
+            fixes.extend(rec.fixes.clone());
+        }
+        if e.seq >= r.seq {
+            break;
+        }
+    }
+    assert!(
+        fixes
+            .iter()
+            .any(|f| f.contains("registry.json") && f.contains("corrupt")),
+        "{fixes:?}"
+    );
+    let moved: Vec<_> = std::fs::read_dir(&d.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("registry.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        std::fs::read(moved[0].path()).unwrap(),
+        b"{ this is not json"
+    );
+}
