@@ -45,10 +45,11 @@ pub async fn ensure_daemon(
             Ok(c) => return Ok(c),
             Err(e) => last_error = Some(e),
         }
-        // If ours exited (e.g. another daemon won the lock), keep waiting for the winner
-        // unless nobody writes daemon.json.
+        // If ours exited because another daemon won the lock, keep waiting for the
+        // winner's daemon.json; any other failure ends the wait with its log.
         if let Ok(Some(status)) = child.try_wait() {
-            if !status.success() && read_daemon_file(state_dir).is_err() {
+            let lost_race = status.code() == Some(i32::from(protocol::EXIT_STATE_DIR_LOCKED));
+            if !lost_race && read_daemon_file(state_dir).is_err() {
                 let log =
                     std::fs::read_to_string(state_dir.join("harnessd.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();

@@ -71,7 +71,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("harnessd: {e}");
-            ExitCode::FAILURE
+            match e {
+                // A distinct code, so `harness up` racing another start knows to wait
+                // for the winner instead of failing.
+                harnessd::DaemonError::Registry(registry::RegistryError::Locked { .. }) => {
+                    ExitCode::from(protocol::EXIT_STATE_DIR_LOCKED)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

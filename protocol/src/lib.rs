@@ -63,6 +63,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest WebSocket message (in bytes) the daemon accepts from a client.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// Exit code of harnessd when another harnessd holds its state directory (clients that
+/// start a daemon then wait for the other one).
+pub const EXIT_STATE_DIR_LOCKED: u8 = 3;
+
 /// Default port of a daemon serving the default state directory.
 pub const DEFAULT_PORT: u16 = 7461;
 
