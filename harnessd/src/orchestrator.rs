@@ -358,15 +358,23 @@ impl Core {
             Err(e) => return self.fail(stack, name, generation, e.to_string()),
         };
         let started = Instant::now();
-        self.update(|st, ch| {
+        let still_wanted = self.update(|st, ch| {
             if !current(st, stack, name, generation) {
-                return;
+                return false;
             }
             if let Some(rec) = st.service_mut(stack, name) {
                 rec.process = serde_json::to_value(&record).ok();
             }
             ch.set_state(st, stack, name, ServiceState::Running, None);
+            true
         });
+        if !still_wanted {
+            // Stopped or removed while it was being spawned: nobody else knows this
+            // process, so end it here rather than leave it running unrecorded.
+            let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
+            let _ = process::stop(&record, "TERM", timeout).await;
+            return;
+        }
         self.supervise(stack, name, generation, record, started);
     }
 
