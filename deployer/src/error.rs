@@ -94,6 +94,22 @@ pub enum DeployError {
         /// The cause.
         source: io::Error,
     },
+    /// No Docker engine answers.
+    #[error("no Docker engine answers at {host} ({detail}); start one (`sudo systemctl start docker`, or `sudo dockerd &`) or point DOCKER_HOST at one")]
+    NoEngine {
+        /// Where it was looked for.
+        host: String,
+        /// What the connection attempt said.
+        detail: String,
+    },
+    /// The Docker engine refused or failed a request.
+    #[error("cannot {action}: {detail}")]
+    Docker {
+        /// What was attempted, e.g. "start container harness-shop-db".
+        action: String,
+        /// The engine's message.
+        detail: String,
+    },
     /// Reading a log file failed.
     #[error("cannot read log {path}: {source}")]
     ReadLog {

@@ -35,5 +35,5 @@ mod backends;
 mod error;
 pub mod logs;
 
-pub use backends::process;
+pub use backends::{docker, process};
 pub use error::DeployError;

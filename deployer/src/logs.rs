@@ -287,9 +287,15 @@ impl LogWriter {
 
     /// Appends one line of `stream` (`stdout` or `stderr`), at most [`MAX_LINE`] bytes.
     pub(crate) fn write(&mut self, stream: &str, line: &[u8]) -> io::Result<()> {
+        let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        self.write_at(stream, line, now)
+    }
+
+    /// Appends one line stamped with `time` (RFC 3339), e.g. the engine's timestamp.
+    pub(crate) fn write_at(&mut self, stream: &str, line: &[u8], time: String) -> io::Result<()> {
         let entry = LogEntry {
             offset: self.next,
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time,
             stream: stream.to_owned(),
             line: String::from_utf8_lossy(line).into_owned(),
         };

@@ -1,3 +1,4 @@
 //! The backends that run services; one module each.
 
+pub mod docker;
 pub mod process;

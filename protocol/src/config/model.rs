@@ -198,6 +198,72 @@ pub struct DockerTarget {
     /// User inside the container.
     #[serde(default)]
     pub user: Option<String>,
+    /// Extra `/etc/hosts` entries: `"name:ip"` (`host-gateway` is the host's address).
+    #[serde(default)]
+    pub extra_hosts: Vec<String>,
+    /// Build `image` from this context directory (its `Dockerfile`) when it is missing
+    /// or the context changed.
+    #[serde(default)]
+    pub build: Option<String>,
+    /// Dockerfile inside the `build` context (default `Dockerfile`).
+    #[serde(default)]
+    pub dockerfile: Option<String>,
+    /// Import `image` from this root filesystem tarball (like `docker import`) when it
+    /// is missing.
+    #[serde(default)]
+    pub rootfs: Option<String>,
+}
+
+/// One entry of a docker target's `ports`: `80` (published on a port the harness
+/// picks), `"8080:80"`, `"127.0.0.1:8080:80"`, each optionally with `/tcp` or `/udp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    /// Host address to publish on (default: all).
+    pub host_ip: Option<String>,
+    /// Host port; `None` lets the harness pick one.
+    pub host_port: Option<u16>,
+    /// Port inside the container.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+impl PortMapping {
+    /// Parses one `ports` entry.
+    pub fn parse(text: &str) -> Result<PortMapping, String> {
+        let (spec, protocol) = match text.rsplit_once('/') {
+            Some((spec, proto @ ("tcp" | "udp"))) => (spec, proto),
+            Some((_, other)) => {
+                return Err(format!(
+                    "bad port {text:?}: unknown protocol {other:?} (use tcp or udp)"
+                ))
+            }
+            None => (text, "tcp"),
+        };
+        let number = |s: &str| match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!(
+                "bad port {text:?}: {s:?} is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""
+            )),
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (host_ip, host_port, container) = match parts.as_slice() {
+            [c] => (None, None, *c),
+            [h, c] => (None, Some(number(h)?), *c),
+            [ip, h, c] => (Some((*ip).to_owned()), Some(number(h)?), *c),
+            _ => {
+                return Err(format!(
+                    "bad port {text:?}: expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""
+                ))
+            }
+        };
+        Ok(PortMapping {
+            host_ip,
+            host_port,
+            container_port: number(container)?,
+            protocol: protocol.to_owned(),
+        })
+    }
 }
 
 /// A service on a remote host over SSH (LAN or mesh).

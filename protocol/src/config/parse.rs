@@ -191,7 +191,7 @@ const PROCESS_BACKEND: Spec = Spec {
     retired: PROCESS.retired,
 };
 
-const DOCKER_KNOWN: [&str; 9] = [
+const DOCKER_KNOWN: [&str; 13] = [
     "image",
     "pull",
     "command",
@@ -201,14 +201,12 @@ const DOCKER_KNOWN: [&str; 9] = [
     "volumes",
     "working_dir",
     "user",
+    "extra_hosts",
+    "build",
+    "dockerfile",
+    "rootfs",
 ];
-const DOCKER_RETIRED: [(&str, &str); 2] = [
-    ("environment", "use `env`"),
-    (
-        "build",
-        "build the image yourself (`docker build`) and give its `image`",
-    ),
-];
+const DOCKER_RETIRED: [(&str, &str); 1] = [("environment", "use `env`")];
 const DOCKER: Spec = Spec {
     known: &DOCKER_KNOWN,
     retired: &DOCKER_RETIRED,
@@ -225,6 +223,10 @@ const DOCKER_BACKEND: Spec = Spec {
         "volumes",
         "working_dir",
         "user",
+        "extra_hosts",
+        "build",
+        "dockerfile",
+        "rootfs",
     ],
     retired: &DOCKER_RETIRED,
 };
@@ -616,6 +618,10 @@ fn target_of_kind(cx: &mut Cx<'_>, kind: &str, f: &Fields<'_>) -> Target {
             volumes: f.texts(cx, "volumes"),
             working_dir: f.text(cx, "working_dir"),
             user: f.text(cx, "user"),
+            extra_hosts: f.texts(cx, "extra_hosts"),
+            build: f.text(cx, "build"),
+            dockerfile: f.text(cx, "dockerfile"),
+            rootfs: f.text(cx, "rootfs"),
         }),
         "discovered" => Target::Discovered(DiscoveredTarget {
             kind: f.text(cx, "type").unwrap_or_default(),

@@ -106,6 +106,10 @@ impl Pass<'_> {
                 self.client_list(&join(key, "volumes"), &mut t.volumes);
                 self.client_opt(join(key, "working_dir"), &mut t.working_dir);
                 self.client_opt(join(key, "user"), &mut t.user);
+                self.client_list(&join(key, "extra_hosts"), &mut t.extra_hosts);
+                self.client_opt(join(key, "build"), &mut t.build);
+                self.client_opt(join(key, "dockerfile"), &mut t.dockerfile);
+                self.client_opt(join(key, "rootfs"), &mut t.rootfs);
             }
             Target::RemoteLan(t) | Target::Wireguard(t) => {
                 self.client_opt(join(key, "host"), &mut t.host);
@@ -213,6 +217,8 @@ impl StackConfig {
                     for volume in &mut t.volumes {
                         *volume = paths.bind_mount(volume);
                     }
+                    paths.fix_opt(&mut t.build);
+                    paths.fix_opt(&mut t.rootfs);
                 }
                 Target::RemoteLan(t) | Target::Wireguard(t) => {
                     paths.fix_opt(&mut t.ssh_key);

@@ -675,3 +675,22 @@ fn stop_signals_are_checked() {
         "{errors}"
     );
 }
+
+#[test]
+fn docker_port_mappings_parse_or_say_what_is_expected() {
+    let m = PortMapping::parse("127.0.0.1:8080:80/udp").unwrap();
+    assert_eq!(m.host_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!((m.host_port, m.container_port), (Some(8080), 80));
+    assert_eq!(m.protocol, "udp");
+    let m = PortMapping::parse("5432").unwrap();
+    assert_eq!((m.host_port, m.container_port), (None, 5432));
+    assert_eq!(m.protocol, "tcp");
+    let e = PortMapping::parse("80:http").unwrap_err();
+    assert!(e.contains("\"http\" is not a port number"), "{e}");
+    let e = PortMapping::parse("80/sctp").unwrap_err();
+    assert!(e.contains("unknown protocol"), "{e}");
+    check_errors(
+        &svc("    target: { docker: { image: i, ports: ['70000'] } }\n"),
+        &["t.yaml:3:15: services.api.target.docker.ports[0]: bad port \"70000\": \"70000\" is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""],
+    );
+}

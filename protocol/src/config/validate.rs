@@ -171,6 +171,17 @@ fn check_target(p: &mut Problems<'_>, key: &str, target: &Target) {
                     format!("bad pull policy {pull:?}: expected never, missing or always"),
                 );
             }
+            for (i, port) in t.ports.iter().enumerate() {
+                if let Err(e) = PortMapping::parse(port) {
+                    p.add(join(&key, &format!("ports[{i}]")), e);
+                }
+            }
+            if t.build.is_some() && t.rootfs.is_some() {
+                p.add(
+                    join(&key, "rootfs"),
+                    "give either `build` or `rootfs`, not both",
+                );
+            }
             check_env(p, &join(&key, "env"), &t.env);
         }
         Target::RemoteLan(t) | Target::Wireguard(t) => check_remote(p, &key, t),
