@@ -131,6 +131,8 @@ pub struct Core {
     pub clients: AtomicUsize,
     /// Start semaphores per stack (`settings.max_parallel`).
     pub semaphores: Mutex<HashMap<String, Arc<async_lock::Semaphore>>>,
+    /// The Docker engine, connected on first use (see `containers`).
+    pub docker: async_lock::Mutex<Option<deployer::docker::Engine>>,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
     state: Mutex<State>,
 }
@@ -158,6 +160,7 @@ impl Core {
             persister,
             clients: AtomicUsize::new(0),
             semaphores: Mutex::new(HashMap::new()),
+            docker: async_lock::Mutex::new(None),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {
                 snap,
@@ -225,13 +228,12 @@ impl Core {
         let stack_rec = st.stack(stack)?;
         let cfg = stack_rec.config.services.get(name)?;
         let rec = stack_rec.services.get(name)?;
-        let pid = rec
-            .process
-            .as_ref()
-            .and_then(|p| {
-                serde_json::from_value::<deployer::process::ProcessRecord>(p.clone()).ok()
-            })
-            .map(|p| p.pid);
+        let run = crate::run::Run::of(rec);
+        let pid = run.as_ref().and_then(crate::run::Run::pid);
+        let container = match run {
+            Some(crate::run::Run::Container(c)) => Some(c.container_name),
+            _ => None,
+        };
         Some(ServiceInfo {
             stack: stack.to_owned(),
             name: name.to_owned(),
@@ -241,6 +243,7 @@ impl Core {
             address: rec.port.map(|p| format!("127.0.0.1:{p}")),
             port: rec.port,
             pid,
+            container,
             restarts: rec.restarts,
             exit_code: rec.exit_code,
             reason: rec.reason.clone(),

@@ -224,8 +224,14 @@ async fn route(
             let env_file = core.run_dir(&s.stack, &s.name).join("service.env");
             let env = core.read(|st| {
                 known_service(st, &s.stack, &s.name)?;
-                crate::env::service_env(st, &s.stack, &s.name, &env_file)
-                    .map_err(|e| error(ErrorCode::InvalidConfig, e))
+                crate::env::service_env(
+                    st,
+                    &s.stack,
+                    &s.name,
+                    &crate::env::place_of(st, &s.stack, &s.name),
+                    &env_file,
+                )
+                .map_err(|e| error(ErrorCode::InvalidConfig, e))
             })?;
             ok(m::EnvResult { env })
         }
@@ -432,6 +438,14 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
     for name in &to_stop {
         core.stop_one(&p.stack, name).await;
     }
+    let removed_containers = old_services
+        .iter()
+        .any(|(n, s)| result.removed.contains(n) && matches!(s.target, config::Target::Docker(_)));
+    if removed_containers {
+        for note in core.remove_containers(&p.stack, &result.removed).await {
+            tracing::info!("{}: {note}", p.stack);
+        }
+    }
     core.update(|st, ch| {
         let stack =
             st.snap
@@ -480,6 +494,15 @@ async fn remove(
     names: &[String],
 ) -> Result<m::ServicesResult, ErrorObject> {
     let services = core.stop_services(stack, names).await.map_err(op_error)?;
+    let had_containers = core.read(|st| {
+        st.stack(stack)
+            .is_some_and(|r| crate::containers::has_containers(&r.config))
+    });
+    if had_containers {
+        for note in core.remove_containers(stack, names).await {
+            tracing::info!("{stack}: {note}");
+        }
+    }
     let removed = core.update(|st, ch| {
         if names.is_empty() {
             let rec = st.snap.stacks.remove(stack)?;
@@ -531,7 +554,7 @@ async fn check_health(
         });
     };
     let timeout = Duration::from_millis(hc.timeout_ms.unwrap_or(config::DEFAULT_CHECK_TIMEOUT_MS));
-    let (health, output) = match probe.run(timeout).await {
+    let (health, output) = match probe.run(core, timeout).await {
         Ok(o) => (m::Health::Healthy, o),
         Err(o) => (m::Health::Unhealthy, o),
     };
@@ -645,18 +668,31 @@ async fn exec(
         return Err(error(ErrorCode::InvalidParams, "command is empty"));
     }
     let env_file = core.run_dir(&p.stack, &p.name).join("service.env");
-    let (env, cwd) = core.read(|st| {
+    let (env, cwd, container) = core.read(|st| {
         known_service(st, &p.stack, &p.name)?;
-        let env = crate::env::service_env(st, &p.stack, &p.name, &env_file)
+        let place = crate::env::place_of(st, &p.stack, &p.name);
+        let env = crate::env::service_env(st, &p.stack, &p.name, &place, &env_file)
             .map_err(|e| error(ErrorCode::InvalidConfig, e))?;
-        let cwd = match &st
+        let target = st
             .stack(&p.stack)
-            .map(|r| &r.config.services[&p.name].target)
-        {
-            Some(config::Target::Process(t)) => t.working_dir.clone(),
-            _ => None,
+            .map(|r| &r.config.services[&p.name].target);
+        let (cwd, container) = match target {
+            Some(config::Target::Process(t)) => (t.working_dir.clone(), None),
+            Some(config::Target::Docker(_)) => {
+                let record = st
+                    .service(&p.stack, &p.name)
+                    .and_then(crate::containers::record_of)
+                    .ok_or_else(|| {
+                        error(
+                            ErrorCode::InvalidParams,
+                            format!("service {} is not running; start it first", p.name),
+                        )
+                    })?;
+                (None, Some(record.container_id))
+            }
+            _ => (None, None),
         };
-        Ok::<_, ErrorObject>((env, cwd))
+        Ok::<_, ErrorObject>((env, cwd, container))
     })?;
     let (tx, rx) = async_channel::bounded(64);
     let out = conn.out.clone();
@@ -673,7 +709,16 @@ async fn exec(
         }
     };
     let env: Vec<(String, String)> = env.into_iter().collect();
-    let run = crate::exec::run_streamed(&p.command, &env, cwd.as_deref(), tx);
+    let run = async {
+        match container {
+            Some(id) => {
+                let engine = core.engine().await?;
+                let code = engine.exec(&id, &p.command, &env, tx).await;
+                code.map(|c| (c, None)).map_err(|e| e.to_string())
+            }
+            None => crate::exec::run_streamed(&p.command, &env, cwd.as_deref(), tx).await,
+        }
+    };
     let (status, ()) = futures_lite::future::zip(run, forward).await;
     let (exit_code, signal) = status.map_err(|e| error(ErrorCode::BackendError, e))?;
     Ok(m::ExecResult { exit_code, signal })

@@ -9,14 +9,53 @@
 //! 4. the target's `env` (e.g. `target.process.env`),
 //! 5. the service's `env`.
 //!
-//! Every caller here is a host process, so every address is `127.0.0.1:port`.
+//! The address a caller is given for a service depends on where the caller runs
+//! ([`Place`]), as DESIGN.md's network model says: a host process reaches a process at
+//! 127.0.0.1 and a container at its published port; a container reaches a process
+//! through its network's gateway and another container at its bridge address.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use protocol::config::{template, ServiceConfig, StackConfig, Target};
+use registry::StackRecord;
 
+use crate::containers;
 use crate::core::State;
+
+/// Where a caller runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A process on the harness host.
+    Host,
+    /// A container on its stack's network; `gateway` is the host as seen from it.
+    Container {
+        /// The network's gateway address.
+        gateway: String,
+    },
+    /// The daemon's own health checks, which reach containers at their bridge
+    /// address (a published port is accepted by docker-proxy before the app listens,
+    /// so a check there would prove nothing).
+    Probe,
+}
+
+/// Where service `name` of `stack` runs, as a caller of others.
+pub fn place_of(st: &State, stack: &str, name: &str) -> Place {
+    let Some(stack_rec) = st.stack(stack) else {
+        return Place::Host;
+    };
+    match stack_rec.config.services.get(name).map(|s| &s.target) {
+        Some(Target::Docker(_)) => Place::Container {
+            gateway: stack_rec
+                .services
+                .get(name)
+                .and_then(containers::record_of)
+                .and_then(|c| c.gateway)
+                .unwrap_or_else(|| "host-gateway".to_owned()),
+        },
+        _ => Place::Host,
+    }
+}
 
 /// Bind address a host process should listen on (`${self.bind}`): loopback while every
 /// service of the stack is a local process, all interfaces once anything else needs to
@@ -33,24 +72,50 @@ fn bind_address(config: &StackConfig) -> &'static str {
     }
 }
 
-/// Resolves `${svc.field}` references in `input` for service `me` of `stack`.
-pub fn expand(st: &State, stack: &str, me: &str, input: &str) -> Result<String, String> {
+/// (host, port) of service `target` as a caller at `place` reaches it.
+fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<(String, u16)> {
+    let cfg = stack_rec.config.services.get(target)?;
+    let rec = stack_rec.services.get(target)?;
+    match (&cfg.target, place) {
+        (Target::Docker(_), Place::Container { .. } | Place::Probe) => {
+            let port = containers::main_port(cfg)?.container_port;
+            // Before its first start a container has no address yet; its name on the
+            // stack's network resolves for other containers.
+            let host = containers::record_of(rec)
+                .and_then(|c| c.ip)
+                .unwrap_or_else(|| target.to_owned());
+            Some((host, port))
+        }
+        (_, Place::Container { gateway }) => Some((gateway.clone(), rec.port?)),
+        _ => Some(("127.0.0.1".to_owned(), rec.port?)),
+    }
+}
+
+/// Resolves `${svc.field}` references in `input` for service `me` of `stack`, as seen
+/// from `place`.
+pub fn expand(
+    st: &State,
+    stack: &str,
+    me: &str,
+    place: &Place,
+    input: &str,
+) -> Result<String, String> {
     let stack_rec = st
         .stack(stack)
         .ok_or_else(|| format!("no stack named {stack}"))?;
     let mut lookup = |svc: &str, field: &str| -> Option<String> {
         let name = if svc == "self" { me } else { svc };
         if field == "bind" {
-            return stack_rec
-                .config
-                .services
-                .contains_key(name)
-                .then(|| bind_address(&stack_rec.config).to_owned());
+            let cfg = stack_rec.config.services.get(name)?;
+            return Some(match cfg.target {
+                Target::Process(_) => bind_address(&stack_rec.config).to_owned(),
+                _ => "0.0.0.0".to_owned(),
+            });
         }
-        let port = stack_rec.services.get(name)?.port?;
+        let (host, port) = endpoint(stack_rec, name, place)?;
         match field {
-            "addr" => Some(format!("127.0.0.1:{port}")),
-            "host" => Some("127.0.0.1".to_owned()),
+            "addr" => Some(format!("{host}:{port}")),
+            "host" => Some(host),
             "port" => Some(port.to_string()),
             _ => None,
         }
@@ -64,6 +129,7 @@ pub fn service_env(
     st: &State,
     stack: &str,
     name: &str,
+    place: &Place,
     env_file_path: &Path,
 ) -> Result<BTreeMap<String, String>, String> {
     let stack_rec = st
@@ -82,12 +148,12 @@ pub fn service_env(
         env_file_path.display().to_string(),
     );
     for dep in cfg.depends_on.keys() {
-        let Some(port) = stack_rec.services.get(dep).and_then(|r| r.port) else {
+        let Some((host, port)) = endpoint(stack_rec, dep, place) else {
             continue;
         };
         let prefix = template::env_var_prefix(dep);
-        env.insert(format!("{prefix}_ADDR"), format!("127.0.0.1:{port}"));
-        env.insert(format!("{prefix}_HOST"), "127.0.0.1".to_owned());
+        env.insert(format!("{prefix}_ADDR"), format!("{host}:{port}"));
+        env.insert(format!("{prefix}_HOST"), host);
         env.insert(format!("{prefix}_PORT"), port.to_string());
     }
     if let Some(file) = &cfg.env_file {
@@ -97,10 +163,11 @@ pub fn service_env(
     }
     let target_env = match &cfg.target {
         Target::Process(p) => Some(&p.env),
+        Target::Docker(d) => Some(&d.env),
         _ => None,
     };
     for (k, v) in target_env.into_iter().flatten().chain(&cfg.env) {
-        env.insert(k.clone(), expand(st, stack, name, v)?);
+        env.insert(k.clone(), expand(st, stack, name, place, v)?);
     }
     Ok(env)
 }

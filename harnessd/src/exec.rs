@@ -1,5 +1,5 @@
 //! Running one-off commands in a service's context: `service.exec` (output streamed) and
-//! command/script health checks (output captured).
+//! command/script health checks (output captured), on the host or in a container.
 
 use std::process::Stdio;
 
@@ -27,6 +27,33 @@ fn command(
         cmd.current_dir(dir);
     }
     Ok(cmd)
+}
+
+/// Runs a command inside a running container to completion; returns its exit code
+/// and the start of its output.
+pub async fn run_in_container_captured(
+    engine: &deployer::docker::Engine,
+    container: &str,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<(Option<i32>, String), String> {
+    let (tx, rx) = async_channel::bounded::<ExecOutput>(16);
+    let collect = async {
+        let mut text = String::new();
+        while let Ok(chunk) = rx.recv().await {
+            if text.len() < CAPTURE_LIMIT {
+                text.push_str(&chunk.data);
+            }
+        }
+        text.truncate(text.floor_char_boundary(CAPTURE_LIMIT));
+        text
+    };
+    let run = async {
+        let code = engine.exec(container, argv, env, tx).await;
+        code.map_err(|e| e.to_string())
+    };
+    let (code, text) = futures_lite::future::zip(run, collect).await;
+    Ok((code?, text))
 }
 
 /// Runs a command to completion; returns its exit code and the start of its output.

@@ -40,6 +40,13 @@ pub enum Probe {
     Tcp(String),
     /// GET this URL; healthy on `expected` or any 2xx.
     Http { url: String, expected: Option<u16> },
+    /// Run a program inside the service's container.
+    InContainer {
+        container: String,
+        argv: Vec<String>,
+        expected: i32,
+        env: Vec<(String, String)>,
+    },
     /// Run a program with the service's environment.
     Command {
         argv: Vec<String>,
@@ -55,12 +62,14 @@ impl Probe {
         match self {
             Probe::Tcp(a) => format!("tcp {a}"),
             Probe::Http { url, .. } => format!("http {url}"),
-            Probe::Command { argv, .. } => format!("command {}", argv.join(" ")),
+            Probe::Command { argv, .. } | Probe::InContainer { argv, .. } => {
+                format!("command {}", argv.join(" "))
+            }
         }
     }
 
     /// Runs the check once; Ok(output) when healthy, Err(output) when not.
-    pub async fn run(&self, timeout: Duration) -> Result<String, String> {
+    pub async fn run(&self, core: &Core, timeout: Duration) -> Result<String, String> {
         let attempt = async {
             match self {
                 Probe::Tcp(addr) => async_net::TcpStream::connect(addr.as_str())
@@ -75,11 +84,18 @@ impl Probe {
                     cwd,
                 } => {
                     let out = crate::exec::run_captured(argv, env, cwd.as_deref()).await?;
-                    if out.0 == Some(*expected) {
-                        Ok(out.1)
-                    } else {
-                        Err(format!("exit code {:?}: {}", out.0, out.1))
-                    }
+                    judge(out, *expected)
+                }
+                Probe::InContainer {
+                    container,
+                    argv,
+                    expected,
+                    env,
+                } => {
+                    let engine = core.engine().await?;
+                    let out = crate::exec::run_in_container_captured(&engine, container, argv, env)
+                        .await?;
+                    judge(out, *expected)
                 }
             }
         };
@@ -88,6 +104,15 @@ impl Probe {
             Err(format!("timed out after {} ms", timeout.as_millis()))
         };
         smol::future::or(attempt, timer).await
+    }
+}
+
+/// A command check's verdict from its exit code and output.
+fn judge((code, output): (Option<i32>, String), expected: i32) -> Result<String, String> {
+    if code == Some(expected) {
+        Ok(output)
+    } else {
+        Err(format!("exit code {code:?}: {output}"))
     }
 }
 
@@ -109,12 +134,23 @@ pub fn probe_for(
     else {
         return Ok(None);
     };
-    let port = stack_rec.services.get(name).and_then(|r| r.port);
+    let cfg = &stack_rec.config.services[name];
+    let rec = stack_rec.services.get(name);
+    // The daemon checks a container at its bridge address and container port (see
+    // `Place::Probe`), a process at 127.0.0.1 and its port.
+    let container = rec.and_then(crate::containers::record_of);
+    let (default_host, port) = match (&container, crate::containers::main_port(cfg)) {
+        (Some(c), Some(main)) => (c.ip.clone(), Some(main.container_port)),
+        _ => (Some("127.0.0.1".to_owned()), rec.and_then(|r| r.port)),
+    };
+    let place = env::Place::Probe;
+    let expand = |s: &str| env::expand(st, stack, name, &place, s);
     let probe = match &hc.check {
         CheckKind::Tcp { host, port: p } => {
             let host = match host {
-                Some(h) => env::expand(st, stack, name, h)?,
-                None => "127.0.0.1".to_owned(),
+                Some(h) => expand(h)?,
+                None => default_host
+                    .ok_or_else(|| format!("service {name}: its container has no address yet"))?,
             };
             let port = p.or(port).ok_or_else(|| {
                 format!("service {name}: a tcp check needs `port` on the check or the service")
@@ -125,7 +161,7 @@ pub fn probe_for(
             url,
             expected_status,
         } => Probe::Http {
-            url: env::expand(st, stack, name, url)?,
+            url: expand(url)?,
             expected: *expected_status,
         },
         CheckKind::Command {
@@ -133,16 +169,15 @@ pub fn probe_for(
             args,
             expected_exit_code,
         } => {
+            // A command runs where the service runs, and sees addresses from there.
+            let own = env::place_of(st, stack, name);
+            let expand = |s: &str| env::expand(st, stack, name, &own, s);
             let argv = if args.is_empty() {
-                vec![
-                    "/bin/sh".to_owned(),
-                    "-c".to_owned(),
-                    env::expand(st, stack, name, command)?,
-                ]
+                vec!["/bin/sh".to_owned(), "-c".to_owned(), expand(command)?]
             } else {
-                let mut v = vec![env::expand(st, stack, name, command)?];
+                let mut v = vec![expand(command)?];
                 for a in args {
-                    v.push(env::expand(st, stack, name, a)?);
+                    v.push(expand(a)?);
                 }
                 v
             };
@@ -156,9 +191,10 @@ pub fn probe_for(
             )?
         }
         CheckKind::Script { path, args } => {
-            let mut argv = vec![env::expand(st, stack, name, path)?];
+            let own = env::place_of(st, stack, name);
+            let mut argv = vec![env::expand(st, stack, name, &own, path)?];
             for a in args {
-                argv.push(env::expand(st, stack, name, a)?);
+                argv.push(env::expand(st, stack, name, &own, a)?);
             }
             command_probe(st, stack, name, argv, 0, run_dir_env)?
         }
@@ -174,19 +210,37 @@ fn command_probe(
     expected: i32,
     env_file: &std::path::Path,
 ) -> Result<Probe, String> {
-    let env: Vec<(String, String)> = env::service_env(st, stack, name, env_file)?
+    let place = env::place_of(st, stack, name);
+    let env: Vec<(String, String)> = env::service_env(st, stack, name, &place, env_file)?
         .into_iter()
         .collect();
-    let cwd = match &st.stack(stack).map(|r| &r.config.services[name].target) {
-        Some(protocol::config::Target::Process(p)) => p.working_dir.clone(),
-        _ => None,
-    };
-    Ok(Probe::Command {
-        argv,
-        expected,
-        env,
-        cwd,
-    })
+    let target = st.stack(stack).map(|r| &r.config.services[name].target);
+    match target {
+        Some(protocol::config::Target::Docker(_)) => {
+            let container = st
+                .service(stack, name)
+                .and_then(crate::containers::record_of)
+                .ok_or_else(|| format!("service {name}: its container is not running"))?;
+            Ok(Probe::InContainer {
+                container: container.container_id,
+                argv,
+                expected,
+                env,
+            })
+        }
+        Some(protocol::config::Target::Process(p)) => Ok(Probe::Command {
+            argv,
+            expected,
+            env,
+            cwd: p.working_dir.clone(),
+        }),
+        _ => Ok(Probe::Command {
+            argv,
+            expected,
+            env,
+            cwd: None,
+        }),
+    }
 }
 
 /// Runs a service's checks for the lifetime of run `generation`.
@@ -210,7 +264,7 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
     let mut was_healthy = false;
     let mut failures = 0u32;
     loop {
-        let outcome = probe.run(timeout).await;
+        let outcome = probe.run(&core, timeout).await;
         let status = match &outcome {
             Ok(_) => {
                 failures = 0;

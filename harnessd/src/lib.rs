@@ -13,6 +13,7 @@
 //! state lives in [`core::Core`] behind one mutex that is never held across an `.await`.
 #![warn(missing_docs)]
 
+mod containers;
 pub mod core;
 mod dispatch;
 mod env;
@@ -22,6 +23,7 @@ mod health;
 mod orchestrator;
 mod persist;
 pub mod pki;
+pub mod run;
 mod server;
 
 use std::path::{Path, PathBuf};

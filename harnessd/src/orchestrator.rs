@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deployer::process::{self, ExitStatus, ProcessRecord, ProcessSpec};
+use deployer::process::{self, ExitStatus, ProcessSpec};
 use protocol::config::{
     Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_MAX_PARALLEL,
     DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
@@ -21,7 +21,9 @@ use protocol::events::{EventKind, Exited, Restarting};
 use protocol::methods::{Health, ServiceState};
 
 use crate::core::{Core, State};
-use crate::{env, health};
+use crate::env::Place;
+use crate::run::Run;
+use crate::{containers, env, health};
 
 /// Why an operation on services failed.
 #[derive(Debug, Clone)]
@@ -51,6 +53,10 @@ impl std::fmt::Display for OpError {
     }
 }
 
+/// Size at which a service's log file is rotated.
+const LOG_MAX_BYTES: u64 = 10 << 20;
+/// Rotated log files kept per service.
+const LOG_KEEP: usize = 3;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A service without a health check counts as recovered after running this long.
@@ -223,9 +229,9 @@ impl Core {
             let order = with_dependencies(&rec.config, names)?;
             for n in &order {
                 let target = &rec.config.services[n].target;
-                if !matches!(target, Target::Process(_)) {
+                if !matches!(target, Target::Process(_) | Target::Docker(_)) {
                     return Err(OpError::Unsupported(format!(
-                        "service {n}: the {} backend is not available in this build yet; use a process target",
+                        "service {n}: the {} backend is not available in this build yet; use a process or docker target",
                         target.backend()
                     )));
                 }
@@ -331,31 +337,26 @@ impl Core {
         self.launch(stack, name, generation).await;
     }
 
-    /// Spawns one run of a service and starts its watcher and health monitor.
+    /// Starts one run of a service and starts its watcher and health monitor.
     async fn launch(self: &Arc<Self>, stack: &str, name: &str, generation: u64) {
-        let prepared = self.read(|st| {
-            if !current(st, stack, name, generation) {
-                return Err(None);
-            }
-            self.process_spec(st, stack, name).map_err(Some)
+        let is_container = self.read(|st| {
+            st.stack(stack)
+                .and_then(|r| r.config.services.get(name))
+                .is_some_and(|s| matches!(s.target, Target::Docker(_)))
         });
-        let (spec, harness_env) = match prepared {
-            Ok(p) => p,
-            Err(None) => return,
-            Err(Some(reason)) => return self.fail(stack, name, generation, reason),
-        };
-        let env_file = spec.run_dir.join("service.env");
-        let write_env = {
-            let (dir, path) = (spec.run_dir.clone(), env_file.clone());
-            smol::unblock(move || env::write_env_file(&dir, &path, &harness_env))
-        };
-        if let Err(e) = write_env.await {
-            let reason = format!("cannot write {}: {e}", env_file.display());
-            return self.fail(stack, name, generation, reason);
+        if !self.read(|st| current(st, stack, name, generation)) {
+            return;
         }
-        let record = match process::spawn(&spec, &self.shim_exe).await {
-            Ok(r) => r,
-            Err(e) => return self.fail(stack, name, generation, e.to_string()),
+        let started = if is_container {
+            self.launch_container(stack, name)
+                .await
+                .map(|(record, _)| Run::Container(record))
+        } else {
+            self.launch_process(stack, name).await.map(Run::Process)
+        };
+        let run = match started {
+            Ok(run) => run,
+            Err(reason) => return self.fail(stack, name, generation, reason),
         };
         let started = Instant::now();
         let still_wanted = self.update(|st, ch| {
@@ -363,51 +364,81 @@ impl Core {
                 return false;
             }
             if let Some(rec) = st.service_mut(stack, name) {
-                rec.process = serde_json::to_value(&record).ok();
+                rec.process = run.to_value();
             }
             ch.set_state(st, stack, name, ServiceState::Running, None);
             true
         });
         if !still_wanted {
-            // Stopped or removed while it was being spawned: nobody else knows this
-            // process, so end it here rather than leave it running unrecorded.
+            // Stopped or removed while it was being started: nobody else knows this
+            // run, so end it here rather than leave it running unrecorded.
             let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
-            let _ = process::stop(&record, "TERM", timeout).await;
+            let _ = run.stop(self, "TERM", timeout).await;
             return;
         }
-        self.supervise(stack, name, generation, record, started);
+        self.supervise(stack, name, generation, run, started);
     }
 
-    /// Starts the exit watcher and the health monitor of a run.
+    /// Spawns a service's process under its shim.
+    async fn launch_process(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+    ) -> Result<process::ProcessRecord, String> {
+        let (spec, harness_env) = self.read(|st| self.process_spec(st, stack, name))?;
+        let env_file = spec.run_dir.join("service.env");
+        let write_env = {
+            let (dir, path) = (spec.run_dir.clone(), env_file.clone());
+            smol::unblock(move || env::write_env_file(&dir, &path, &harness_env))
+        };
+        write_env
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", env_file.display()))?;
+        process::spawn(&spec, &self.shim_exe)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts the exit watcher and the health monitor of a run (and, for a container,
+    /// the copier of its output into the service's log).
     pub fn supervise(
         self: &Arc<Self>,
         stack: &str,
         name: &str,
         generation: u64,
-        record: ProcessRecord,
+        run: Run,
         started: Instant,
     ) {
-        let watcher = {
-            let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
-            self.ex.spawn(async move {
-                let status = process::wait_exit(&record)
-                    .await
-                    .unwrap_or_else(|e| ExitStatus {
-                        code: None,
-                        signal: None,
-                        error: Some(e.to_string()),
-                    });
-                core.on_exit(&stack, &name, generation, status, started);
-            })
-        };
-        let monitor = {
-            let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
+        let mut tasks = Vec::new();
+        if let Run::Container(c) = &run {
+            let (core, id, log) = (
+                self.clone(),
+                c.container_id.clone(),
+                self.log_path(stack, name),
+            );
+            tasks.push(self.ex.spawn(async move {
+                let copied = match core.engine().await {
+                    Ok(engine) => engine.copy_logs(&id, &log, LOG_MAX_BYTES, LOG_KEEP).await,
+                    Err(_) => Ok(()),
+                };
+                if let Err(e) = copied {
+                    tracing::warn!("{e}");
+                }
+            }));
+        }
+        let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+        tasks.push(self.ex.spawn(async move {
+            let status = run.wait_exit(&core).await;
+            core.on_exit(&stack2, &name2, generation, status, started);
+        }));
+        let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+        tasks.push(
             self.ex
-                .spawn(async move { health::monitor(core, stack, name, generation).await })
-        };
+                .spawn(async move { health::monitor(core, stack2, name2, generation).await }),
+        );
         self.update(|st, _| {
             if current(st, stack, name, generation) {
-                st.runtime(stack, name).tasks = vec![watcher, monitor];
+                st.runtime(stack, name).tasks = tasks;
             }
         });
     }
@@ -578,10 +609,7 @@ impl Core {
             if !rec.state.is_active() {
                 return None;
             }
-            let record: Option<ProcessRecord> = rec
-                .process
-                .as_ref()
-                .and_then(|p| serde_json::from_value(p.clone()).ok());
+            let record = Run::of(rec);
             let cfg = &st.stack(stack)?.config.services[name];
             let signal = cfg.stop_signal.clone().unwrap_or_else(|| "TERM".into());
             let timeout =
@@ -597,7 +625,7 @@ impl Core {
             return;
         };
         let status = match &record {
-            Some(r) => process::stop(r, &signal, timeout).await.ok(),
+            Some(r) => r.stop(self, &signal, timeout).await,
             None => None,
         };
         self.update(|st, ch| {
@@ -633,7 +661,8 @@ impl Core {
             ));
         };
         let run_dir = self.run_dir(stack, name);
-        let harness_env = env::service_env(st, stack, name, &run_dir.join("service.env"))?;
+        let harness_env =
+            env::service_env(st, stack, name, &Place::Host, &run_dir.join("service.env"))?;
         let mut full_env: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| !k.starts_with("HARNESS_"))
             .collect();
@@ -641,18 +670,18 @@ impl Core {
         let args = target
             .args
             .iter()
-            .map(|a| env::expand(st, stack, name, a))
+            .map(|a| env::expand(st, stack, name, &Place::Host, a))
             .collect::<Result<Vec<_>, _>>()?;
         let spec = ProcessSpec {
             instance: format!("{}/{stack}/{name}", self.instance),
-            binary: env::expand(st, stack, name, &target.binary)?,
+            binary: env::expand(st, stack, name, &Place::Host, &target.binary)?,
             args,
             env: full_env,
             working_dir: PathBuf::from(target.working_dir.clone().unwrap_or_else(|| "/".into())),
             run_dir,
             log_path: self.log_path(stack, name),
-            log_max_bytes: 10 << 20,
-            log_keep: 3,
+            log_max_bytes: LOG_MAX_BYTES,
+            log_keep: LOG_KEEP,
         };
         Ok((spec, harness_env))
     }
@@ -684,20 +713,23 @@ fn current(st: &State, stack: &str, name: &str, generation: u64) -> bool {
 
 /// Gives a service its port: the fixed one, the one it had, or a free one.
 fn assign_port(st: &mut State, stack: &str, name: &str) {
-    let Some(spec) = st.stack(stack).and_then(|r| r.config.services[name].port) else {
+    let Some(cfg) = st.stack(stack).map(|r| r.config.services[name].clone()) else {
         return;
     };
     let Some(rec) = st.service_mut(stack, name) else {
         return;
     };
-    rec.port = match spec {
-        PortSpec::Fixed(p) => Some(p),
-        PortSpec::Auto => rec.port.or_else(free_port),
+    rec.port = match (&cfg.target, cfg.port) {
+        // A container is reached at the host port its main port is published on.
+        (Target::Docker(_), _) => containers::main_host_port(&cfg, rec.port),
+        (_, Some(PortSpec::Fixed(p))) => Some(p),
+        (_, Some(PortSpec::Auto)) => rec.port.or_else(free_port),
+        (_, None) => return,
     };
 }
 
 /// A port nobody listens on right now.
-fn free_port() -> Option<u16> {
+pub fn free_port() -> Option<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -714,13 +746,68 @@ pub fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
+/// What the reconcile pass found of a service's last run.
+enum Found {
+    /// It still runs.
+    Alive(Run),
+    /// It ended while the daemon was down.
+    Exited(ExitStatus),
+    /// Nothing of it is left; why.
+    Gone(String),
+}
+
+/// Looks for the run of an active service: its recorded run, or (after a crash
+/// between starting it and saving the record) the record its shim wrote or the
+/// container of its name.
+async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Run>) -> Found {
+    let is_container = core.read(|st| {
+        st.stack(stack)
+            .and_then(|r| r.config.services.get(name))
+            .is_some_and(|s| matches!(s.target, Target::Docker(_)))
+    });
+    if !is_container {
+        let record = match recorded {
+            Some(Run::Process(r)) => Some(r),
+            _ => process::recover(&core.run_dir(stack, name)),
+        };
+        return match record.as_ref().map(process::adopt) {
+            Some(process::Adoption::Alive) => Found::Alive(Run::Process(record.expect("adopted"))),
+            Some(process::Adoption::Exited(status)) => Found::Exited(status),
+            _ => Found::Gone("its process disappeared while the daemon was down".to_owned()),
+        };
+    }
+    let engine = match core.engine().await {
+        Ok(e) => e,
+        Err(e) => return Found::Gone(e),
+    };
+    let id = match recorded {
+        Some(Run::Container(c)) => c.container_id,
+        _ => containers::container_name(stack, name),
+    };
+    match engine.state(&id).await {
+        Ok(deployer::docker::ContainerState::Running) => {
+            match engine.record(&id, &containers::network_name(stack)).await {
+                Ok(record) => Found::Alive(Run::Container(record)),
+                Err(e) => Found::Gone(e.to_string()),
+            }
+        }
+        Ok(deployer::docker::ContainerState::Exited(status)) => Found::Exited(status),
+        Ok(deployer::docker::ContainerState::Gone) => {
+            Found::Gone("its container disappeared while the daemon was down".to_owned())
+        }
+        Err(e) => Found::Gone(e.to_string()),
+    }
+}
+
 /// The startup reconcile pass: re-adopts the services that still run, applies the
 /// restart policy to those that exited while the daemon was down, marks lost ones
-/// failed, and kills strays (processes carrying this daemon's `HARNESS_INSTANCE` that no
-/// record owns). Returns every difference it fixed, in words.
+/// failed, kills strays (processes carrying this daemon's `HARNESS_INSTANCE` that no
+/// record owns), stops running containers of this daemon that no running service owns
+/// and reports those of services no longer registered (`down` removes them). Returns
+/// every difference it fixed, in words.
 pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
     let mut fixes = Vec::new();
-    let active: Vec<(String, String, ServiceState, Option<ProcessRecord>)> = core.read(|st| {
+    let active: Vec<(String, String, ServiceState, Option<Run>)> = core.read(|st| {
         st.snap
             .stacks
             .iter()
@@ -728,13 +815,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                 r.services
                     .iter()
                     .filter(|(_, s)| s.state.is_active())
-                    .map(|(n, s)| {
-                        let record = s
-                            .process
-                            .as_ref()
-                            .and_then(|p| serde_json::from_value(p.clone()).ok());
-                        (stack.clone(), n.clone(), s.state, record)
-                    })
+                    .map(|(n, s)| (stack.clone(), n.clone(), s.state, Run::of(s)))
             })
             .collect()
     });
@@ -742,40 +823,30 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
     // one of them (the service, its shim, its children) is not a stray.
     let mut owned = std::collections::HashSet::new();
     let mut adopted = Vec::new();
-    for (stack, name, state, record) in active {
+    for (stack, name, state, recorded) in active {
         let generation = core.update(|st, _| {
             let rt = st.runtime(&stack, &name);
             rt.generation += 1;
             rt.generation
         });
-        // A crash between spawn and saving the record leaves the record only in the
-        // run directory, where the shim wrote it.
-        let record = record.or_else(|| process::recover(&core.run_dir(&stack, &name)));
-        let adoption = match &record {
-            Some(r) => process::adopt(r),
-            None => process::Adoption::Gone,
-        };
-        match (adoption, record) {
-            (process::Adoption::Alive, Some(record)) => {
+        match find_run(core, &stack, &name, recorded).await {
+            Found::Alive(run) => {
                 owned.insert(format!("{}/{stack}/{name}", core.instance));
                 core.update(|st, _| {
                     if let Some(rec) = st.service_mut(&stack, &name) {
-                        rec.process = serde_json::to_value(&record).ok();
+                        rec.process = run.to_value();
                     }
                 });
                 if state == ServiceState::Stopping {
                     fixes.push(format!(
                         "{stack}/{name}: finishing a stop interrupted by the daemon's exit"
                     ));
-                    core.supervise(&stack, &name, generation, record, Instant::now());
+                    core.supervise(&stack, &name, generation, run, Instant::now());
                     core.stop_one(&stack, &name).await;
                     continue;
                 }
                 if state == ServiceState::Starting {
-                    fixes.push(format!(
-                        "{stack}/{name}: was starting, found running (pid {})",
-                        record.pid
-                    ));
+                    fixes.push(format!("{stack}/{name}: was starting, found running"));
                     core.update(|st, ch| {
                         ch.set_state(st, &stack, &name, ServiceState::Running, None)
                     });
@@ -785,20 +856,20 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                     name: name.clone(),
                 });
                 // Uptime before the daemon's restart is unknown; count from now.
-                core.supervise(&stack, &name, generation, record, Instant::now());
+                core.supervise(&stack, &name, generation, run, Instant::now());
             }
-            (process::Adoption::Exited(status), Some(_)) => {
+            Found::Exited(status) => {
                 fixes.push(format!(
                     "{stack}/{name}: {} while the daemon was down",
                     describe_exit(&status)
                 ));
                 core.on_exit(&stack, &name, generation, status, Instant::now());
             }
-            _ => {
+            Found::Gone(why) => {
                 let reason = if state == ServiceState::Starting {
                     "its start was interrupted by the daemon's exit".to_owned()
                 } else {
-                    "its process disappeared while the daemon was down".to_owned()
+                    why
                 };
                 fixes.push(format!("{stack}/{name}: {reason}"));
                 core.update(|st, ch| {
@@ -824,12 +895,60 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             ));
         }
     }
+    fixes.extend(reconcile_containers(core, &owned).await);
     core.events
         .publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {
             instance: core.instance.clone(),
             pid: std::process::id(),
             adopted,
         }));
+    fixes
+}
+
+/// The container half of the stray hunt; only for daemons that run containers.
+async fn reconcile_containers(
+    core: &Arc<Core>,
+    owned: &std::collections::HashSet<String>,
+) -> Vec<String> {
+    let uses_docker = core.read(|st| {
+        st.snap
+            .stacks
+            .values()
+            .any(|r| containers::has_containers(&r.config))
+    });
+    if !uses_docker {
+        return Vec::new();
+    }
+    let Ok(engine) = core.engine().await else {
+        return Vec::new();
+    };
+    let list = match engine.owned(&core.instance, None).await {
+        Ok(list) => list,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut fixes = Vec::new();
+    for c in list {
+        let registered = core.read(|st| {
+            st.stack(&c.stack)
+                .is_some_and(|r| r.config.services.contains_key(&c.service))
+        });
+        let instance = format!("{}/{}/{}", core.instance, c.stack, c.service);
+        if !registered {
+            fixes.push(format!(
+                "found container {} of {}/{}, which is no longer registered; `harness down -p {}` removes it",
+                c.name, c.stack, c.service, c.stack
+            ));
+        } else if c.running && !owned.contains(&instance) {
+            let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
+            match engine.stop(&c.id, timeout).await {
+                Ok(_) => fixes.push(format!(
+                    "stopped container {} that no running service owned",
+                    c.name
+                )),
+                Err(e) => fixes.push(e.to_string()),
+            }
+        }
+    }
     fixes
 }
 

@@ -251,6 +251,9 @@ pub struct ServiceInfo {
     pub port: Option<u16>,
     /// Pid of the service's main process while it runs.
     pub pid: Option<u32>,
+    /// Container name, for a service running in a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// Restarts by policy since the service was last started by a client.
     pub restarts: u32,
     /// Exit code of the last exit, when it exited normally.

@@ -240,11 +240,13 @@ impl PortMapping {
             }
             None => (text, "tcp"),
         };
-        let number = |s: &str| match s.parse::<u16>() {
+        let number = |s: &str| {
+            match s.parse::<u16>() {
             Ok(p) if p > 0 => Ok(p),
             _ => Err(format!(
                 "bad port {text:?}: {s:?} is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""
             )),
+        }
         };
         let parts: Vec<&str> = spec.split(':').collect();
         let (host_ip, host_port, container) = match parts.as_slice() {

@@ -57,13 +57,14 @@ impl Engine {
         on_tokio(async {
             let mut frames = docker.logs(id, Some(options));
             while let Some(frame) = frames.next().await {
-                let (stream, bytes) = match frame.map_err(|e| engine_error("follow logs of", id, e))? {
-                    LogOutput::StdOut { message } => ("stdout", message),
-                    LogOutput::StdErr { message } | LogOutput::Console { message } => {
-                        ("stderr", message)
-                    }
-                    LogOutput::StdIn { .. } => continue,
-                };
+                let (stream, bytes) =
+                    match frame.map_err(|e| engine_error("follow logs of", id, e))? {
+                        LogOutput::StdOut { message } => ("stdout", message),
+                        LogOutput::StdErr { message } | LogOutput::Console { message } => {
+                            ("stderr", message)
+                        }
+                        LogOutput::StdIn { .. } => continue,
+                    };
                 let Some((time, line)) = split_frame(&bytes) else {
                     continue;
                 };

@@ -26,11 +26,12 @@ use bollard::models::{
     NetworkCreateRequest, NetworkingConfig, PortBinding,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
-    ListNetworksOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
+    RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use protocol::methods::ExecOutput;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -111,7 +112,7 @@ impl ContainerSpec {
 pub struct PublishedPort {
     /// Host address (`None`: all).
     pub host_ip: Option<String>,
-    /// Host port.
+    /// Host port (0 in a spec: the engine picks one).
     pub host_port: u16,
     /// Port inside the container.
     pub container_port: u16,
@@ -130,6 +131,9 @@ pub struct ContainerRecord {
     pub ip: Option<String>,
     /// The network's gateway: the host as seen from the container.
     pub gateway: Option<String>,
+    /// The container's main process, as the host sees it.
+    #[serde(default)]
+    pub pid: Option<u32>,
     /// Published ports.
     pub ports: Vec<PublishedPort>,
 }
@@ -399,9 +403,7 @@ impl Engine {
             match outcome {
                 Some(Ok(r)) => exit_status(r.status_code),
                 // bollard reports a non-zero exit as this error.
-                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => {
-                    exit_status(code)
-                }
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => exit_status(code),
                 Some(Err(e)) => match inspect(docker, id).await.map(|i| container_state(&i)) {
                     Ok(ContainerState::Exited(status)) => status,
                     _ => ExitStatus {
@@ -461,7 +463,7 @@ impl Engine {
         id: &str,
         argv: &[String],
         env: &[(String, String)],
-        sink: async_channel::Sender<(&'static str, Vec<u8>)>,
+        sink: async_channel::Sender<ExecOutput>,
     ) -> Result<Option<i32>, DeployError> {
         let config = CreateExecOptions {
             cmd: Some(argv.to_vec()),
@@ -482,16 +484,19 @@ impl Engine {
                 .map_err(|e| engine_error("exec in container", id, e))?;
             if let StartExecResults::Attached { mut output, .. } = started {
                 while let Some(chunk) = output.next().await {
-                    let (stream, bytes) = match chunk
-                        .map_err(|e| engine_error("read exec output of", id, e))?
-                    {
-                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                            ("stdout", message)
-                        }
-                        LogOutput::StdErr { message } => ("stderr", message),
-                        LogOutput::StdIn { .. } => continue,
+                    let (stream, bytes) =
+                        match chunk.map_err(|e| engine_error("read exec output of", id, e))? {
+                            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                                ("stdout", message)
+                            }
+                            LogOutput::StdErr { message } => ("stderr", message),
+                            LogOutput::StdIn { .. } => continue,
+                        };
+                    let output = ExecOutput {
+                        stream: stream.to_owned(),
+                        data: String::from_utf8_lossy(&bytes).into_owned(),
                     };
-                    if sink.send((stream, bytes.to_vec())).await.is_err() {
+                    if sink.send(output).await.is_err() {
                         break;
                     }
                 }
@@ -621,6 +626,11 @@ fn record(info: ContainerInspectResponse, network: &str) -> ContainerRecord {
             .unwrap_or_default()
             .trim_start_matches('/')
             .to_owned(),
+        pid: info
+            .state
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0),
         ip: nonempty(endpoint.ip_address),
         gateway: nonempty(endpoint.gateway),
         ports,
@@ -638,7 +648,8 @@ fn create_body(spec: &ContainerSpec, hash: &str) -> ContainerCreateBody {
             .get_or_insert_with(Vec::new)
             .push(PortBinding {
                 host_ip: p.host_ip.clone(),
-                host_port: Some(p.host_port.to_string()),
+                // 0: the engine picks one.
+                host_port: (p.host_port != 0).then(|| p.host_port.to_string()),
             });
     }
     let nonempty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());

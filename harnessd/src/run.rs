@@ -1,0 +1,79 @@
+//! One run of a service, whichever backend runs it: what the registry records about
+//! it, how to wait for its end and how to stop it.
+
+use std::time::Duration;
+
+use deployer::docker::ContainerRecord;
+use deployer::process::{self, ExitStatus, ProcessRecord};
+use registry::ServiceRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::core::Core;
+
+/// A running service: a process under its shim, or a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Untagged: the two records have no field in common, and process records saved before
+// containers existed still load.
+#[serde(untagged)]
+pub enum Run {
+    /// A local process.
+    Process(ProcessRecord),
+    /// A container.
+    Container(ContainerRecord),
+}
+
+impl Run {
+    /// The run recorded for a service, if any.
+    pub fn of(rec: &ServiceRecord) -> Option<Run> {
+        serde_json::from_value(rec.process.clone()?).ok()
+    }
+
+    /// What the registry stores.
+    pub fn to_value(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()
+    }
+
+    /// The main process's pid, as the host sees it.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Run::Process(p) => Some(p.pid),
+            Run::Container(c) => c.pid,
+        }
+    }
+
+    /// Waits until the run ends; returns how.
+    pub async fn wait_exit(&self, core: &Core) -> ExitStatus {
+        let lost = |e: String| ExitStatus {
+            code: None,
+            signal: None,
+            error: Some(e),
+        };
+        match self {
+            Run::Process(p) => process::wait_exit(p)
+                .await
+                .unwrap_or_else(|e| lost(e.to_string())),
+            Run::Container(c) => match core.engine().await {
+                Ok(engine) => engine.wait_exit(&c.container_id).await,
+                Err(e) => lost(e),
+            },
+        }
+    }
+
+    /// Stops the run: `signal` (containers use the stop signal they were made with),
+    /// then SIGKILL after `timeout`. Returns how it ended when that is known.
+    pub async fn stop(&self, core: &Core, signal: &str, timeout: Duration) -> Option<ExitStatus> {
+        match self {
+            Run::Process(p) => process::stop(p, signal, timeout).await.ok(),
+            Run::Container(c) => {
+                let engine = core.engine().await.ok()?;
+                match engine.stop(&c.container_id, timeout).await {
+                    Ok(status) => status,
+                    Err(e) => {
+                        tracing::warn!("{}: {e}", c.container_name);
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
