@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # 1. Packages the tests need (only what is missing, so a warm machine skips apt).
 need=()
-for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3; do
+for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,14 +17,24 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# 2. The Rust tools.
+# 2. A Docker engine for the docker tests: start dockerd when none answers.
+if ! docker info >/dev/null 2>&1; then
+  echo "starting dockerd (log: /tmp/harness-dockerd.log)"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  # --live-restore keeps containers running while dockerd itself restarts.
+  $sudo_cmd sh -c 'nohup dockerd --live-restore >/tmp/harness-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/harness-dockerd.log; exit 1; }
+fi
+
+# 3. The Rust tools.
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 export CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
 
-# 3. Checks and tests.
+# 4. Checks and tests.
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins

@@ -1,7 +1,7 @@
 //! Services with a docker target: turning their config into a container spec, the
 //! engine connection, and removing what the harness made on `down`.
 //!
-//! Each stack gets one bridge network, `harness-<stack>`, and each service one
+//! Each stack gets one bridge network, `harness-<stack>-<instance>`, and each service one
 //! container, `harness-<stack>-<service>`, both labelled with the daemon instance
 //! and the stack. Host ports of published container ports are picked by the harness
 //! (and kept in the registry), so a service's address stays the same across restarts.
@@ -24,9 +24,11 @@ use crate::env::{self, Place};
 /// Where a container finds its env file.
 const ENV_FILE_IN_CONTAINER: &str = "/run/harness/service.env";
 
-/// The network of a stack's containers.
-pub fn network_name(stack: &str) -> String {
-    format!("harness-{stack}")
+/// The network of a stack's containers. It carries the daemon instance in its name,
+/// so two daemons with a stack of the same name never share a network.
+pub fn network_name(instance: &str, stack: &str) -> String {
+    let short = instance.get(..8).unwrap_or(instance);
+    format!("harness-{stack}-{short}")
 }
 
 /// The container of a service.
@@ -125,12 +127,25 @@ impl Core {
         name: &str,
     ) -> Result<(ContainerRecord, BTreeMap<String, String>), String> {
         let engine = self.engine().await?;
-        let network = network_name(stack);
+        let network = network_name(&self.instance, stack);
         let gateway = engine
             .ensure_network(&network, &self.labels(stack))
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("network {network} has no gateway address"))?;
+        let candidates = self.read(|st| host_process_dependencies(st, stack, name));
+        let blocking = smol::unblock(move || {
+            candidates.into_iter().find(|(_, port)| {
+                let listeners = deployer::process::tcp_listeners(*port);
+                !listeners.is_empty() && listeners.iter().all(|ip| ip.is_loopback())
+            })
+        })
+        .await;
+        if let Some((dep, port)) = blocking {
+            return Err(format!(
+                "dependency {dep} listens on loopback only (127.0.0.1:{port}), which a container cannot reach; containers reach the host at {gateway}, so make {dep} listen on all interfaces (0.0.0.0, or ${{self.bind}} in its args)"
+            ));
+        }
         let place = Place::Container { gateway };
         let (spec, source, harness_env) =
             self.read(|st| self.container_spec(st, stack, name, &place))?;
@@ -154,9 +169,9 @@ impl Core {
         write_env
             .await
             .map_err(|e| format!("cannot write {}: {e}", env_file.display()))?;
-        let (id, _reused) = engine.create(&spec).await.map_err(|e| e.to_string())?;
+        engine.create(&spec).await.map_err(|e| e.to_string())?;
         let record = engine
-            .start(&id, &network)
+            .start(&spec.name, &network)
             .await
             .map_err(|e| e.to_string())?;
         Ok((record, harness_env))
@@ -231,7 +246,7 @@ impl Core {
             extra_hosts: target.extra_hosts.clone(),
             stop_signal: docker_signal(cfg.stop_signal.as_deref()),
             stop_timeout_secs: timeout_ms.div_ceil(1000) as u32,
-            network: network_name(stack),
+            network: network_name(&self.instance, stack),
             aliases: vec![name.to_owned()],
             labels,
         };
@@ -261,7 +276,7 @@ impl Core {
             }
         }
         if names.is_empty() {
-            match engine.remove_networks(&self.instance, stack).await {
+            match engine.remove_networks(&self.instance, Some(stack)).await {
                 Ok(removed) => {
                     done.extend(removed.into_iter().map(|n| format!("removed network {n}")))
                 }
@@ -270,6 +285,25 @@ impl Core {
         }
         done
     }
+}
+
+/// The host-process dependencies of a service with their ports: a container reaches
+/// them through the host gateway, which a loopback-only listener does not answer.
+fn host_process_dependencies(st: &State, stack: &str, name: &str) -> Vec<(String, u16)> {
+    let Some(stack_rec) = st.stack(stack) else {
+        return Vec::new();
+    };
+    stack_rec.config.services[name]
+        .depends_on
+        .keys()
+        .filter(|dep| {
+            matches!(
+                stack_rec.config.services.get(*dep).map(|s| &s.target),
+                Some(Target::Process(_))
+            )
+        })
+        .filter_map(|dep| Some((dep.clone(), stack_rec.services.get(dep)?.port?)))
+        .collect()
 }
 
 /// Whether a stack config has a docker service.

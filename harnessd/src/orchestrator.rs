@@ -786,7 +786,10 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
     };
     match engine.state(&id).await {
         Ok(deployer::docker::ContainerState::Running) => {
-            match engine.record(&id, &containers::network_name(stack)).await {
+            match engine
+                .record(&id, &containers::network_name(&core.instance, stack))
+                .await
+            {
                 Ok(record) => Found::Alive(Run::Container(record)),
                 Err(e) => Found::Gone(e.to_string()),
             }

@@ -71,6 +71,8 @@ pub struct TestDaemon {
     pub log_level: &'static str,
     /// daemon.json of the running daemon.
     pub info: DaemonFile,
+    /// Extra environment of harnessd.
+    pub env: Vec<(String, String)>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -82,6 +84,11 @@ impl TestDaemon {
 
     /// Starts harnessd with the log filter `level` (benchmarks use `warn`).
     pub fn start_with_log(level: &'static str) -> TestDaemon {
+        Self::start_with(level, &[])
+    }
+
+    /// Starts harnessd with the log filter `level` and extra environment `env`.
+    pub fn start_with(level: &'static str, env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("harness-e2e-")
             .tempdir()
@@ -92,6 +99,10 @@ impl TestDaemon {
             child: None,
             log_level: level,
             info: placeholder(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             dir: Some(dir),
         };
         d.restart();
@@ -123,6 +134,7 @@ impl TestDaemon {
             .arg(&self.state_dir)
             .args(["--listen", "127.0.0.1:0"])
             .env("HARNESS_LOG", self.log_level)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -168,6 +180,79 @@ impl TestDaemon {
     }
 }
 
+/// The engine's socket; the docker tests need it.
+pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// Removes the containers (with their anonymous volumes) and networks labelled with
+/// daemon `instance`; returns how many containers it removed.
+pub fn remove_docker_leftovers(instance: &str) -> usize {
+    smol::block_on(async {
+        let Ok(engine) = deployer::docker::Engine::connect().await else {
+            return 0;
+        };
+        let containers = engine.owned(instance, None).await.unwrap_or_default();
+        for c in &containers {
+            let _ = engine.remove(&c.id).await;
+        }
+        let _ = engine.remove_networks(instance, None).await;
+        containers.len()
+    })
+}
+
+/// Writes a root filesystem tarball of Debian's busybox-static (`/bin/busybox` with
+/// its applets as symlinks, and `/www/index.html`) to `path`, for `rootfs:` images.
+/// Every entry has time 0, so the tarball (and the image made from it) is the same
+/// on every run.
+pub fn busybox_rootfs(path: &Path) {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian's busybox-static; ./scripts/test.sh installs it)");
+    let mut tar = tar::Builder::new(std::fs::File::create(path).expect("create rootfs tar"));
+    let mut add = |name: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_mtime(0);
+        header.set_size(data.len() as u64);
+        if let Some(target) = link {
+            header.set_link_name(target).expect("link name");
+        }
+        header.set_cksum();
+        tar.append_data(&mut header, name, data)
+            .expect("append to rootfs tar");
+    };
+    for dir in ["bin", "www", "tmp", "etc"] {
+        add(dir, tar::EntryType::Directory, 0o755, &[], None);
+    }
+    add(
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        &busybox,
+        None,
+    );
+    for applet in [
+        "sh", "httpd", "wget", "nc", "sleep", "cat", "echo", "env", "ls", "true", "kill",
+    ] {
+        add(
+            &format!("bin/{applet}"),
+            tar::EntryType::Symlink,
+            0o777,
+            &[],
+            Some("busybox"),
+        );
+    }
+    add(
+        "www/index.html",
+        tar::EntryType::Regular,
+        0o644,
+        b"hello from busybox\n",
+        None,
+    );
+    tar.into_inner()
+        .and_then(|f| f.sync_all())
+        .expect("finish rootfs tar");
+}
+
 fn placeholder() -> DaemonFile {
     DaemonFile {
         url: String::new(),
@@ -209,7 +294,12 @@ impl Drop for TestDaemon {
                     .status();
             }
         }
-        // 3. The temp dir goes last.
+        // 3. Containers and networks this daemon made (a test that left them, or a
+        //    daemon that was killed): found by its instance label.
+        if !self.info.instance.is_empty() && std::path::Path::new(DOCKER_SOCKET).exists() {
+            remove_docker_leftovers(&self.info.instance);
+        }
+        // 4. The temp dir goes last.
         drop(self.dir.take());
     }
 }

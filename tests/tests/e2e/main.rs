@@ -4,5 +4,6 @@
 mod bad_input;
 mod cli;
 mod daemon_restart;
+mod docker;
 mod lifecycle;
 mod support;

@@ -265,27 +265,22 @@ impl Engine {
         .await
     }
 
-    /// Removes the networks labelled with `instance` and `stack`; returns their names.
+    /// Removes the networks labelled with `instance` (and `stack`, when given);
+    /// returns their names.
     pub async fn remove_networks(
         &self,
         instance: &str,
-        stack: &str,
+        stack: Option<&str>,
     ) -> Result<Vec<String>, DeployError> {
         let docker = &self.docker;
         on_tokio(async {
-            let filters = HashMap::from([(
-                "label".to_owned(),
-                vec![
-                    format!("{LABEL_INSTANCE}={instance}"),
-                    format!("{LABEL_STACK}={stack}"),
-                ],
-            )]);
+            let filters = HashMap::from([("label".to_owned(), label_filter(instance, stack))]);
             let networks = docker
                 .list_networks(Some(ListNetworksOptions {
                     filters: Some(filters),
                 }))
                 .await
-                .map_err(|e| engine_error("list networks of", stack, e))?;
+                .map_err(|e| engine_error("list networks of", instance, e))?;
             let mut removed = Vec::new();
             for name in networks.into_iter().filter_map(|n| n.name) {
                 match docker.remove_network(&name).await {
@@ -301,9 +296,9 @@ impl Engine {
 
     /// The container named `spec.name` when it exists and was made by this instance
     /// from the same config; otherwise removes it (only when it is ours) and creates
-    /// it afresh. Returns the container id and whether it was reused. A container of
-    /// that name that is not ours is an error: the harness never touches it.
-    pub async fn create(&self, spec: &ContainerSpec) -> Result<(String, bool), DeployError> {
+    /// it afresh. Returns the container id. A container of that name that is not ours
+    /// is an error: the harness never touches it.
+    pub async fn create(&self, spec: &ContainerSpec) -> Result<String, DeployError> {
         let hash = spec.config_hash();
         let instance = spec.labels.get(LABEL_INSTANCE).cloned().unwrap_or_default();
         let docker = &self.docker;
@@ -331,7 +326,7 @@ impl Engine {
                         });
                     }
                     if labels.get(LABEL_CONFIG) == Some(&hash) {
-                        return Ok((id, true));
+                        return Ok(id);
                     }
                     remove(docker, &id).await?;
                 }
@@ -349,13 +344,14 @@ impl Engine {
                 )
                 .await
                 .map_err(|e| engine_error("create container", &spec.name, e))?;
-            Ok((created.id, false))
+            Ok(created.id)
         })
         .await
     }
 
-    /// Starts a container (a running one is left alone) and returns its record.
-    /// A container that cannot start is removed, so nothing half-made stays behind.
+    /// Starts a container (by id or name; a running one is left alone) and returns its
+    /// record. A container that cannot start is removed, so nothing half-made stays
+    /// behind.
     pub async fn start(&self, id: &str, network: &str) -> Result<ContainerRecord, DeployError> {
         let docker = &self.docker;
         on_tokio(async {
@@ -516,13 +512,12 @@ impl Engine {
         instance: &str,
         stack: Option<&str>,
     ) -> Result<Vec<OwnedContainer>, DeployError> {
-        let mut labels = vec![format!("{LABEL_INSTANCE}={instance}")];
-        if let Some(stack) = stack {
-            labels.push(format!("{LABEL_STACK}={stack}"));
-        }
         let options = ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([("label".to_owned(), labels)])),
+            filters: Some(HashMap::from([(
+                "label".to_owned(),
+                label_filter(instance, stack),
+            )])),
             ..Default::default()
         };
         let docker = &self.docker;
@@ -548,6 +543,15 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// The engine's label filter for what `instance` made (for `stack`).
+fn label_filter(instance: &str, stack: Option<&str>) -> Vec<String> {
+    let mut labels = vec![format!("{LABEL_INSTANCE}={instance}")];
+    if let Some(stack) = stack {
+        labels.push(format!("{LABEL_STACK}={stack}"));
+    }
+    labels
 }
 
 async fn inspect(docker: &Docker, id: &str) -> Result<ContainerInspectResponse, DeployError> {

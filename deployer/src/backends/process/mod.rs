@@ -6,6 +6,8 @@
 //! with [`adopt`].
 
 mod procfs;
+
+pub use procfs::tcp_listeners;
 mod shim;
 
 use std::collections::BTreeMap;

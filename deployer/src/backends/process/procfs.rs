@@ -1,6 +1,8 @@
-//! What /proc says about a pid: whether it is still the process we started.
+//! What /proc says about a pid (whether it is still the process we started) and
+//! about listening sockets.
 
 use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The two fields of `/proc/<pid>/stat` that identify a process run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,51 @@ pub(crate) fn instance_of(pid: u32) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// The local addresses of TCP sockets listening on `port`, from /proc/net/tcp and
+/// /proc/net/tcp6 of this network namespace.
+pub fn tcp_listeners(port: u16) -> Vec<IpAddr> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .flat_map(|text| parse_listeners(&text, port))
+        .collect()
+}
+
+fn parse_listeners(text: &str, port: u16) -> Vec<IpAddr> {
+    const LISTEN: &str = "0A";
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let (addr, p) = local.split_once(':')?;
+            (state == LISTEN && u16::from_str_radix(p, 16).ok()? == port)
+                .then(|| parse_addr(addr))
+                .flatten()
+        })
+        .collect()
+}
+
+/// A /proc/net address: hex of 32-bit words, each in host (little-endian) byte order.
+fn parse_addr(hex: &str) -> Option<IpAddr> {
+    let words: Vec<u32> = (0..hex.len() / 8)
+        .map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).map(u32::swap_bytes))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    match words.as_slice() {
+        [a] => Some(IpAddr::V4(Ipv4Addr::from(*a))),
+        [a, b, c, d] => {
+            let bits = (u128::from(*a) << 96)
+                | (u128::from(*b) << 64)
+                | (u128::from(*c) << 32)
+                | u128::from(*d);
+            Some(IpAddr::V6(Ipv6Addr::from(bits)))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +118,23 @@ mod tests {
         let start = start_time(me).expect("own stat");
         assert!(is_running(me, start));
         assert!(!is_running(me, start + 1));
+    }
+
+    #[test]
+    fn listeners_are_read_from_proc_net() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 10 0 0 10 0\n   1: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 10 0 0 10 0\n   2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 10 0 0 10 0\n";
+        assert_eq!(
+            parse_listeners(tcp, 8080),
+            vec![IpAddr::from([127, 0, 0, 1])]
+        );
+        assert_eq!(parse_listeners(tcp, 80), vec![IpAddr::from([0, 0, 0, 0])]);
+        let tcp6 = "header\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A rest\n";
+        assert_eq!(
+            parse_listeners(tcp6, 8080),
+            vec![IpAddr::V6(Ipv6Addr::LOCALHOST)]
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(tcp_listeners(port), vec![IpAddr::from([127, 0, 0, 1])]);
     }
 }

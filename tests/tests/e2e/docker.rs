@@ -1,0 +1,323 @@
+//! Containers on a real Docker engine, side by side with processes: addresses both
+//! ways, exec, logs, restarts by the harness's policy, adoption after a daemon restart,
+//! `down`, two daemons on one engine, and bad input. The image is imported from a
+//! busybox-static rootfs (`rootfs:`), so no registry is needed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use protocol::methods::{Health, ServiceState};
+use tests::{busybox_rootfs, wait_for, TestDaemon, DOCKER_SOCKET};
+
+use crate::support::*;
+
+/// A stack: `api` (a host process), `web` (a container that fetches from `api` when it
+/// starts and serves what it got), `client` (a host process that needs `web`).
+const MIXED: &str = r#"
+name: NAME
+services:
+  api:
+    target: { process: { binary: DEMO, args: [--name, api, --port, "${self.port}", --bind, "${self.bind}"] } }
+    port: auto
+    health_check: { type: http, url: "http://${self.addr}/health" }
+  web:
+    target:
+      docker:
+        image: harness-test/busybox:e2e
+        rootfs: ROOTFS
+        pull: never
+        command: [sh, -c, 'echo "api is $API_ADDR"; wget -qO /www/api.json "http://$API_ADDR/" && exec httpd -f -v -p 80 -h /www']
+        ports: ["80"]
+    stop_timeout: 1s
+    depends_on: { api: { condition: healthy } }
+    restart: on-failure
+    health_check: { type: http, url: "http://${self.addr}/api.json" }
+  client:
+    target: { process: { binary: DEMO, args: [--name, client, --port, "${self.port}", --upstream, "web=${web.addr}"] } }
+    port: auto
+    depends_on: { web: { condition: healthy } }
+    health_check: { type: http, url: "http://${self.addr}/health" }
+"#;
+
+fn require_engine() {
+    assert!(
+        Path::new(DOCKER_SOCKET).exists(),
+        "the docker tests need a running engine at {DOCKER_SOCKET}: run ./scripts/test.sh, which installs docker.io and starts dockerd"
+    );
+}
+
+/// Writes the mixed stack under a unique stack name; returns (dir, stack).
+fn mixed_stack(d: &TestDaemon, yaml: &str) -> (std::path::PathBuf, String) {
+    require_engine();
+    let stack = format!("e2e{}", &d.info.instance[..8]);
+    let dir = d.workdir(&stack);
+    let rootfs = dir.join("busybox-rootfs.tar");
+    busybox_rootfs(&rootfs);
+    let yaml = yaml
+        .replace("NAME", &stack)
+        .replace("ROOTFS", &rootfs.display().to_string());
+    write_config(&dir, &yaml);
+    (dir, stack)
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run the docker CLI");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Names of the containers and networks labelled with a daemon instance.
+fn labelled(instance: &str) -> (String, String) {
+    let filter = format!("label=dev.harness.instance={instance}");
+    (
+        docker(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"]),
+        docker(&[
+            "network",
+            "ls",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Name}}",
+        ]),
+    )
+}
+
+#[track_caller]
+fn assert_ok(d: &TestDaemon, out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+}
+
+#[test]
+fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_all() {
+    let d = TestDaemon::start();
+    let (dir, stack) = mixed_stack(&d, MIXED);
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+
+    // A host process reaches the container at its published port...
+    let web = get(&c, &stack, "web");
+    assert_eq!(web.backend, "docker");
+    assert_eq!(web.health, Health::Healthy);
+    let container = web.container.clone().expect("ps names the container");
+    assert_eq!(container, format!("harness-{stack}-web"));
+    let addr = web.address.clone().expect("web has an address");
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert_eq!(get(&c, &stack, "client").health, Health::Healthy);
+    // ...and the container reached the host process through the gateway: what it
+    // fetched from api at start is what it serves.
+    let fetched = http_get(&addr, "/api.json");
+    assert!(
+        fetched.contains("\"service\":\"api\""),
+        "web served {fetched:?}"
+    );
+    // The addresses each side was given.
+    let env = d.cli(&dir, &["config", "env", "client"]);
+    let env = String::from_utf8_lossy(&env.stdout).into_owned();
+    assert!(env.contains(&format!("WEB_ADDR={addr}")), "{env}");
+    let api_port = get(&c, &stack, "api").port.expect("api port");
+    let lines = wait_for("web's first log line", Duration::from_secs(10), || {
+        let lines = log_lines(&c, &stack, "web");
+        (!lines.is_empty()).then_some(lines)
+    });
+    let first = &lines[0].line;
+    assert!(
+        first.starts_with("api is ") && first.ends_with(&format!(":{api_port}")),
+        "{first}"
+    );
+    assert!(!first.contains("127.0.0.1"), "{first}");
+
+    // exec runs inside the container, with the service's env.
+    let out = d.cli(
+        &dir,
+        &[
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "cat /www/api.json; echo; echo $API_PORT",
+        ],
+    );
+    assert_ok(&d, &out, "harness exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"service\":\"api\"") && text.contains(&api_port.to_string()),
+        "{text}"
+    );
+
+    // Killed from outside: the harness restarts it by its own policy, in the same
+    // container, at the same address.
+    let id = docker(&["inspect", "-f", "{{.Id}}", &container]);
+    docker(&["kill", &container]);
+    let restarted = wait_service(&c, &stack, "web", "web restarted and healthy", |s| {
+        s.restarts == 1 && s.state == ServiceState::Running && s.health == Health::Healthy
+    });
+    assert_eq!(restarted.address.as_deref(), Some(addr.as_str()));
+    assert_eq!(docker(&["inspect", "-f", "{{.Id}}", &container]), id);
+    let policy = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.RestartPolicy.Name}}",
+        &container,
+    ]);
+    assert!(
+        policy.is_empty() || policy == "no",
+        "engine restart policy {policy:?}"
+    );
+
+    // The container's output went through the engine into the log, across the restart.
+    let lines = log_lines(&c, &stack, "web");
+    let starts = lines
+        .iter()
+        .filter(|l| l.line.starts_with("api is "))
+        .count();
+    assert_eq!(starts, 2, "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.line.contains("response:200")),
+        "{lines:?}"
+    );
+
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+}
+
+#[test]
+fn containers_are_adopted_after_a_daemon_restart_and_another_daemons_are_never_touched() {
+    let mut d = TestDaemon::start();
+    let (dir, stack) = mixed_stack(&d, MIXED);
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let container = format!("harness-{stack}-web");
+    let started_at = docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]);
+
+    d.kill9();
+    d.restart();
+    let c = d.client();
+    let web = wait_service(&c, &stack, "web", "web adopted and healthy", |s| {
+        s.state == ServiceState::Running && s.health == Health::Healthy
+    });
+    assert_eq!(web.restarts, 0);
+    // The same container, never restarted.
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]),
+        started_at
+    );
+
+    // A second daemon on the same engine with a stack of the same name refuses to
+    // touch the first one's container.
+    let other = TestDaemon::start();
+    let other_dir = other.workdir("same");
+    std::fs::copy(dir.join("harness.yaml"), other_dir.join("harness.yaml")).expect("copy");
+    let up = other.cli(&other_dir, &["up", "web"]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        err.contains("was not made by this harness daemon"),
+        "second daemon said: {err}"
+    );
+    assert_ok(
+        &other,
+        &other.cli(&other_dir, &["down"]),
+        "second daemon's down",
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]),
+        started_at
+    );
+    assert_eq!(
+        labelled(&other.info.instance),
+        (String::new(), String::new())
+    );
+
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+}
+
+#[test]
+fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
+    require_engine();
+    let d = TestDaemon::start();
+    let stack = format!("bad{}", &d.info.instance[..8]);
+    let dir = d.workdir(&stack);
+
+    // An image the engine does not have, with pulling forbidden.
+    write_config(
+        &dir,
+        &format!("name: {stack}\nservices:\n  db:\n    target: {{ docker: {{ image: '127.0.0.1:1/nope', pull: never }} }}\n"),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        err.contains("127.0.0.1:1/nope") && err.contains("pull: never"),
+        "{err}"
+    );
+
+    // A host port somebody else holds.
+    let rootfs = dir.join("rootfs.tar");
+    busybox_rootfs(&rootfs);
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    write_config(
+        &dir,
+        &format!(
+            "name: {stack}\nservices:\n  web:\n    target: {{ docker: {{ image: 'harness-test/busybox:e2e', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'], ports: ['{port}:80'] }} }}\n",
+            rootfs.display()
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        err.contains(&port.to_string()) && err.contains("start container"),
+        "{err}"
+    );
+    // Nothing half-made: the container that could not start is gone.
+    assert_eq!(labelled(&d.info.instance).0, "");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+
+    // A container whose dependency listens on loopback only is told so.
+    write_config(
+        &dir,
+        &format!(
+            "name: {stack}\nservices:\n  api:\n    target: {{ process: {{ binary: DEMO, args: [--name, api, --port, '${{self.port}}', --bind, 127.0.0.1] }} }}\n    port: auto\n    health_check: {{ type: tcp }}\n  web:\n    target: {{ docker: {{ image: 'harness-test/busybox:e2e', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'] }} }}\n    dependencies: [api]\n",
+            rootfs.display()
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(err.contains("listens on loopback only"), "{err}");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    drop(taken);
+
+    // No engine at all.
+    let nowhere = TestDaemon::start_with(
+        "debug",
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    let dir = nowhere.workdir(&stack);
+    write_config(
+        &dir,
+        &format!("name: {stack}\nservices:\n  db:\n    target: {{ docker: {{ image: busybox, pull: never }} }}\n"),
+    );
+    let up = nowhere.cli(&dir, &["up"]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        err.contains("no Docker engine answers at unix:///nonexistent/docker.sock")
+            && err.contains("dockerd"),
+        "{err}"
+    );
+    // The daemon still serves.
+    assert!(nowhere.cli(&dir, &["ps"]).status.success());
+}
