@@ -316,10 +316,20 @@ async fn connection(
     core.events.drop_connection(id);
     conn.close();
     drop(out_tx);
-    // Let the writer flush what is queued (e.g. the error that ended the connection).
+    // Let the writer flush what is queued (e.g. the error that ended the connection) and
+    // send its close frame.
     let _ = smol::future::or(writer, async {
         smol::Timer::after(Duration::from_secs(2)).await;
     })
+    .await;
+    // Then read until the client closes too: a socket closed with unread input sends a
+    // reset, and a reset can make the client drop the error it has not read yet.
+    let _ = smol::future::or(
+        async { while let Some(Ok(_)) = ws_rx.next().await {} },
+        async {
+            smol::Timer::after(Duration::from_secs(1)).await;
+        },
+    )
     .await;
     Ok(())
 }
