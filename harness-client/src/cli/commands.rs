@@ -1,7 +1,7 @@
 //! What each command does.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -36,6 +36,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Init => init(),
         Cmd::Validate => validate(g),
+        Cmd::Import {
+            compose_file,
+            output,
+        } => import(&compose_file, output.as_deref()),
         Cmd::Up { services } => up(g, services).await,
         Cmd::Down { services } => {
             let stack = require_stack(g)?;
@@ -81,6 +85,25 @@ fn init() -> anyhow::Result<ExitCode> {
     }
     std::fs::write(&path, config_file::TEMPLATE).context("cannot write harness.yaml")?;
     eprintln!("wrote harness.yaml; start it with `harness up`");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(compose_file: &Path, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let imported = config_file::import(compose_file)?;
+    match output {
+        Some(path) => {
+            if path.exists() {
+                bail!(
+                    "{} already exists; remove it or pick another -o",
+                    path.display()
+                );
+            }
+            std::fs::write(path, &imported.yaml)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => print!("{}", imported.yaml),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

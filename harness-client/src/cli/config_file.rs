@@ -42,8 +42,14 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let mut config = config::parse_stack(&text, &shown).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut config = if config::is_compose_file_name(&shown) {
+        let imported = import(&path)?;
+        config::parse_stack(&imported.yaml, &format!("{shown} (as imported)"))
+    } else {
+        config::parse_stack(&text, &shown)
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     config
         .resolve_environment(&mut |k| std::env::var(k).ok())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -55,6 +61,30 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
         stack,
         config,
     })
+}
+
+/// Translates a docker compose file into harness.yaml text; tells stderr what it could
+/// not translate. The stack is named after the file's `name:`, else its directory.
+pub fn import(path: &Path) -> anyhow::Result<config::ComposeImport> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let dir = std::path::absolute(path)?
+        .parent()
+        .and_then(|d| d.file_name())
+        .map_or_else(
+            || "default".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+    let imported =
+        config::import_compose(&text, &shown, &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for note in &imported.untranslated {
+        eprintln!("warning: {note}");
+    }
+    Ok(imported)
 }
 
 /// Stack name: `-p`, else `name:` in the config, else the config directory's name.

@@ -51,6 +51,14 @@ pub enum Cmd {
     Init,
     /// Check the config file and print the start order.
     Validate,
+    /// Translate a docker compose file into a harness.yaml, naming what is not translated.
+    Import {
+        /// The compose file (e.g. docker-compose.yml).
+        compose_file: PathBuf,
+        /// Where to write the harness config (default: print it).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
     /// Apply the config and start services (all by default) with their dependencies; wait until healthy.
     Up {
         /// Services to start (default: all).

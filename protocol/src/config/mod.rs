@@ -8,6 +8,7 @@
 //! [`StackConfig::resolve_environment`] and [`StackConfig::resolve_paths`] before it
 //! sends the config to the daemon.
 
+mod compose;
 mod error;
 mod model;
 mod parse;
@@ -20,6 +21,7 @@ mod yaml;
 #[cfg(test)]
 mod tests;
 
+pub use compose::{import_compose, is_compose_file_name, ComposeImport};
 pub use error::{did_you_mean, ConfigError, ConfigErrors};
 pub use model::*;
 pub use parse::parse_stack;

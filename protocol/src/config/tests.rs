@@ -694,3 +694,90 @@ fn docker_port_mappings_parse_or_say_what_is_expected() {
         &["t.yaml:3:15: services.api.target.docker.ports[0]: bad port \"70000\": \"70000\" is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""],
     );
 }
+
+#[test]
+fn compose_files_import_as_docker_services_naming_what_is_not_translated() {
+    let compose = r#"
+version: "3.8"
+services:
+  db:
+    image: postgres:14
+    environment: [POSTGRES_PASSWORD=test, PGDATA]
+    ports: ["5432"]
+    healthcheck:
+      test: [CMD, pg_isready, -U, postgres]
+      interval: 2s
+      retries: 5
+    container_name: my-db
+    restart: unless-stopped
+  api:
+    build: { context: ./api, dockerfile: Dockerfile.dev }
+    command: serve --port "8080"
+    depends_on:
+      db: { condition: service_healthy }
+    ports: [{ target: 8080, published: 18080 }]
+    volumes: ["./data:/data:ro"]
+    healthcheck: { test: "wget -qO- http://localhost:8080/health" }
+    stop_grace_period: 3s
+    networks: [back]
+networks: { back: {} }
+"#;
+    let imported = import_compose(compose, "docker-compose.yml", "shop").unwrap();
+    let config = parse_stack(&imported.yaml, "imported.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{}", imported.yaml));
+    assert_eq!(config.name.as_deref(), Some("shop"));
+    let db = &config.services["db"];
+    let Target::Docker(d) = &db.target else {
+        panic!()
+    };
+    assert_eq!(d.image, "postgres:14");
+    assert_eq!(d.env["POSTGRES_PASSWORD"], "test");
+    assert_eq!(d.env["PGDATA"], "${PGDATA}");
+    assert_eq!(d.ports, ["5432"]);
+    assert_eq!(db.restart.policy, RestartPolicy::Always);
+    let check = db.health_check.as_ref().unwrap();
+    assert_eq!(
+        check.check,
+        CheckKind::Command {
+            command: "pg_isready".into(),
+            args: vec!["-U".into(), "postgres".into()],
+            expected_exit_code: None
+        }
+    );
+    assert_eq!(check.interval_ms, Some(2000));
+    assert_eq!(check.retries, Some(5));
+    let api = &config.services["api"];
+    let Target::Docker(a) = &api.target else {
+        panic!()
+    };
+    assert_eq!(a.image, "shop-api");
+    assert_eq!(a.build.as_deref(), Some("./api"));
+    assert_eq!(a.dockerfile.as_deref(), Some("Dockerfile.dev"));
+    assert_eq!(a.command, ["serve", "--port", "8080"]);
+    assert_eq!(a.ports, ["18080:8080"]);
+    assert_eq!(a.volumes, ["./data:/data:ro"]);
+    assert_eq!(api.depends_on["db"].condition, Some(Condition::Healthy));
+    assert_eq!(api.stop_timeout_ms, Some(3000));
+    let notes = imported.untranslated.join("\n");
+    for key in [
+        "services.db.container_name",
+        "services.api.networks",
+        "networks",
+    ] {
+        assert!(
+            imported
+                .untranslated
+                .iter()
+                .any(|n| n.contains(&format!(": {key}: not translated"))),
+            "{key} not named in:\n{notes}"
+        );
+    }
+    assert!(
+        notes.contains("docker-compose.yml:12:5: services.db.container_name"),
+        "{notes}"
+    );
+    assert_eq!(imported.untranslated.len(), 3, "{notes}");
+    assert!(is_compose_file_name("docker-compose.yml"));
+    assert!(is_compose_file_name("compose.yaml"));
+    assert!(!is_compose_file_name("harness.yaml"));
+}

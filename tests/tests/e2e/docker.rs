@@ -321,3 +321,95 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     // The daemon still serves.
     assert!(nowhere.cli(&dir, &["ps"]).status.success());
 }
+
+#[test]
+fn a_compose_file_imports_and_comes_up_like_its_harness_twin() {
+    let d = TestDaemon::start();
+    // The twin, written by hand; bringing it up also imports the image.
+    let twin = r#"
+name: NAME
+services:
+  web:
+    target: { docker: { image: harness-test/busybox:e2e, rootfs: ROOTFS, pull: never, command: [httpd, -f, -p, "80", -h, /www], ports: ["80"] } }
+    health_check: { type: command, command: wget, args: [-qO-, "http://127.0.0.1/"], interval: 1s }
+    stop_timeout: 1s
+  probe:
+    target: { docker: { image: harness-test/busybox:e2e, pull: never, command: [sh, -c, "wget -qO- http://web/ && exec sleep 1000"] } }
+    depends_on: { web: { condition: healthy } }
+    stop_timeout: 1s
+"#;
+    let (twin_dir, twin_stack) = mixed_stack(&d, twin);
+    assert_ok(&d, &d.cli(&twin_dir, &["up"]), "harness up (twin)");
+
+    let compose_stack = format!("{twin_stack}c");
+    let dir = d.workdir(&compose_stack);
+    let compose = format!(
+        r#"
+name: {compose_stack}
+services:
+  web:
+    image: harness-test/busybox:e2e
+    pull_policy: never
+    command: httpd -f -p 80 -h /www
+    ports: ["80"]
+    healthcheck:
+      test: ["CMD", "wget", "-qO-", "http://127.0.0.1/"]
+      interval: 1s
+    stop_grace_period: 1s
+    container_name: fixed-name
+  probe:
+    image: harness-test/busybox:e2e
+    pull_policy: never
+    command: sh -c 'wget -qO- http://web/ && exec sleep 1000'
+    depends_on:
+      web: {{ condition: service_healthy }}
+    stop_grace_period: 1s
+"#
+    );
+    std::fs::write(dir.join("docker-compose.yml"), compose).expect("write compose file");
+
+    // `harness import` names what it cannot translate.
+    let imported = d.cli(
+        &dir,
+        &["import", "docker-compose.yml", "-o", "harness.yaml"],
+    );
+    assert_ok(&d, &imported, "harness import");
+    let warnings = String::from_utf8_lossy(&imported.stderr);
+    assert!(
+        warnings.contains("docker-compose.yml:13:5: services.web.container_name: not translated"),
+        "{warnings}"
+    );
+    let validated = d.cli(&dir, &["validate"]);
+    assert_ok(&d, &validated, "harness validate of the import");
+
+    // `-f docker-compose.yml` works directly, and the stack comes up like its twin.
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["-f", "docker-compose.yml", "up"]),
+        "harness -f compose up",
+    );
+    let c = d.client();
+    let shape = |stack: &str| {
+        let mut rows: Vec<_> = list(&c, stack)
+            .into_iter()
+            .map(|s| (s.name, s.state, s.health, s.backend, s.dependencies))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    };
+    assert_eq!(shape(&compose_stack), shape(&twin_stack));
+    let probe_log = log_lines(&c, &compose_stack, "probe");
+    assert!(
+        probe_log
+            .iter()
+            .any(|l| l.line.contains("hello from busybox")),
+        "{probe_log:?}"
+    );
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["-f", "docker-compose.yml", "down"]),
+        "down (compose)",
+    );
+    assert_ok(&d, &d.cli(&twin_dir, &["down"]), "down (twin)");
+    assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+}
