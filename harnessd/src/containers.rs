@@ -266,15 +266,20 @@ impl Core {
             Ok(list) => list,
             Err(e) => return vec![e.to_string()],
         };
-        for c in owned
+        let removals = owned
             .into_iter()
             .filter(|c| names.is_empty() || names.contains(&c.service))
-        {
-            match engine.remove(&c.id).await {
-                Ok(()) => done.push(format!("removed container {}", c.name)),
-                Err(e) => done.push(e.to_string()),
-            }
-        }
+            .map(|c| {
+                let engine = engine.clone();
+                async move {
+                    match engine.remove(&c.id).await {
+                        Ok(()) => format!("removed container {}", c.name),
+                        Err(e) => e.to_string(),
+                    }
+                }
+            });
+        // All at once: the engine removes containers in parallel.
+        done.extend(futures_util::future::join_all(removals).await);
         if names.is_empty() {
             match engine.remove_networks(&self.instance, Some(stack)).await {
                 Ok(removed) => {

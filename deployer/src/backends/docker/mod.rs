@@ -59,6 +59,9 @@ fn on_tokio<F: Future>(future: F) -> Compat<F> {
 pub struct Engine {
     docker: Docker,
     host: String,
+    /// Serializes [`Engine::ensure_network`]: the engine lets several networks share
+    /// a name, so concurrent starts of one stack would each make one.
+    network_lock: std::sync::Arc<async_lock::Mutex<()>>,
 }
 
 /// What the harness asks the engine to run for one service.
@@ -212,7 +215,11 @@ impl Engine {
         })
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-        Ok(Engine { docker, host })
+        Ok(Engine {
+            docker,
+            host,
+            network_lock: Default::default(),
+        })
     }
 
     /// The address the engine was reached at.
@@ -228,6 +235,7 @@ impl Engine {
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>, DeployError> {
         let docker = &self.docker;
+        let _one_at_a_time = self.network_lock.lock().await;
         on_tokio(async {
             let existing = match docker.inspect_network(name, None).await {
                 Ok(n) => Some(n),
@@ -243,14 +251,10 @@ impl Engine {
                         labels: Some(labels.clone().into_iter().collect()),
                         ..Default::default()
                     };
-                    match docker.create_network(request).await {
-                        Ok(_) => {}
-                        // Two services of a stack racing to make it: the other won.
-                        Err(BollardError::DockerResponseServerError {
-                            status_code: 409, ..
-                        }) => {}
-                        Err(e) => return Err(engine_error("create network", name, e)),
-                    }
+                    docker
+                        .create_network(request)
+                        .await
+                        .map_err(|e| engine_error("create network", name, e))?;
                     docker
                         .inspect_network(name, None)
                         .await
@@ -282,8 +286,12 @@ impl Engine {
                 .await
                 .map_err(|e| engine_error("list networks of", instance, e))?;
             let mut removed = Vec::new();
-            for name in networks.into_iter().filter_map(|n| n.name) {
-                match docker.remove_network(&name).await {
+            // By id: names need not be unique on an engine.
+            for network in networks {
+                let (Some(id), name) = (network.id, network.name.unwrap_or_default()) else {
+                    continue;
+                };
+                match docker.remove_network(&id).await {
                     Ok(()) => removed.push(name),
                     Err(e) if is_not_found(&e) => {}
                     Err(e) => return Err(engine_error("remove network", &name, e)),

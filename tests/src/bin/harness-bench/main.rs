@@ -1,8 +1,11 @@
 //! Benchmarks of harness against the targets of the foundation issue. Each result is
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss]...`
-//! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`.
+//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker]...`
+//! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
+//! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
+
+mod containers;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -40,6 +43,9 @@ fn main() {
     }
     if want("fanout") {
         fanout(&d);
+    }
+    if want("docker") {
+        containers::bench(&d);
     }
 }
 
