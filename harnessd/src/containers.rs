@@ -16,6 +16,7 @@ use deployer::docker::{
 use protocol::config::{
     DockerTarget, PortMapping, PortSpec, ServiceConfig, Target, DEFAULT_STOP_TIMEOUT_MS,
 };
+use protocol::events::{EventKind, Progress};
 use registry::ServiceRecord;
 
 use crate::core::{Core, State};
@@ -147,13 +148,20 @@ impl Core {
             ));
         }
         let place = Place::Container { gateway };
-        let (spec, source, harness_env) =
+        let (mut spec, source, harness_env) =
             self.read(|st| self.container_spec(st, stack, name, &place))?;
-        let mut progress = {
-            let (stack, name) = (stack.to_owned(), name.to_owned());
-            move |line: String| tracing::info!("{stack}/{name}: {line}")
+        // Each distinct line once: a pull repeats "<layer>: Downloading" for every chunk.
+        let mut seen = std::collections::HashSet::new();
+        let mut progress = |message: String| {
+            if seen.insert(message.clone()) {
+                self.events.publish(EventKind::ServiceProgress(Progress {
+                    stack: stack.to_owned(),
+                    name: name.to_owned(),
+                    message,
+                }));
+            }
         };
-        engine
+        spec.image_id = engine
             .ensure_image(&spec.image, &source, &mut progress)
             .await
             .map_err(|e| e.to_string())?;
@@ -228,6 +236,8 @@ impl Core {
         let spec = ContainerSpec {
             name: container_name(stack, name),
             image: target.image.clone(),
+            // Known once the image is made (see `launch_container`).
+            image_id: String::new(),
             command: target
                 .command
                 .iter()

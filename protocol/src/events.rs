@@ -35,6 +35,10 @@ pub enum EventKind {
     /// A service is being restarted by its restart policy after a backoff.
     #[serde(rename = "service.restarting")]
     ServiceRestarting(Restarting),
+    /// A step of getting a service ready to start: pulling, building or importing its
+    /// image.
+    #[serde(rename = "service.progress")]
+    ServiceProgress(Progress),
     /// A service's process exited.
     #[serde(rename = "service.exited")]
     ServiceExited(Exited),
@@ -60,6 +64,7 @@ impl EventKind {
             | EventKind::ServiceState(_)
             | EventKind::ServiceHealth(_)
             | EventKind::ServiceRestarting(_)
+            | EventKind::ServiceProgress(_)
             | EventKind::ServiceExited(_)
             | EventKind::ServiceRemoved(_) => "service",
             EventKind::DaemonStarted(_)
@@ -77,6 +82,7 @@ impl EventKind {
             EventKind::ServiceState(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceHealth(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceRestarting(c) => Some((&c.stack, &c.name)),
+            EventKind::ServiceProgress(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceExited(c) => Some((&c.stack, &c.name)),
             _ => None,
         }
@@ -138,6 +144,17 @@ pub struct Restarting {
     pub attempt: u32,
     /// Wait before the restart.
     pub backoff_ms: u64,
+}
+
+/// `service.progress` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Progress {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// What happens, e.g. "pulling postgres:14" or "a1b2c3: Download complete".
+    pub message: String,
 }
 
 /// `service.exited` data.

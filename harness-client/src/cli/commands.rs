@@ -171,6 +171,7 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
                     "  {:<20} restarting in {} ms (attempt {})",
                     r.name, r.backoff_ms, r.attempt
                 ),
+                EventKind::ServiceProgress(p) => eprintln!("  {:<20} {}", p.name, p.message),
                 _ => {}
             }
             let _ = std::io::stderr().flush();

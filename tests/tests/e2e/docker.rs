@@ -99,8 +99,16 @@ fn assert_ok(d: &TestDaemon, out: &std::process::Output, what: &str) {
 #[test]
 fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_all() {
     let d = TestDaemon::start();
-    let (dir, stack) = mixed_stack(&d, MIXED);
-    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    // An image of its own, so that this run imports it and shows that as progress.
+    let image = format!("harness-test/busybox:e2e-{}", &d.info.instance[..8]);
+    let (dir, stack) = mixed_stack(&d, &MIXED.replace("harness-test/busybox:e2e", &image));
+    let up = d.cli(&dir, &["up"]);
+    assert_ok(&d, &up, "harness up");
+    let shown = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        shown.contains(&format!("web                  importing {image} from ")),
+        "{shown}"
+    );
     let c = d.client();
 
     // A host process reaches the container at its published port...
@@ -188,6 +196,7 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
 
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
     assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+    docker(&["rmi", &image]);
 }
 
 #[test]
@@ -412,4 +421,66 @@ services:
     );
     assert_ok(&d, &d.cli(&twin_dir, &["down"]), "down (twin)");
     assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+}
+
+#[test]
+fn an_image_built_from_a_context_is_rebuilt_when_the_context_changes() {
+    let d = TestDaemon::start();
+    let (dir, stack) = mixed_stack(&d, "name: NAME\nservices: {}\n");
+    let short = &d.info.instance[..8];
+    let (base, built) = (
+        format!("harness-test/busybox:base-{short}"),
+        format!("harness-test/built:{short}"),
+    );
+    let out = Command::new("docker")
+        .args(["import"])
+        .arg(dir.join("busybox-rootfs.tar"))
+        .arg(&base)
+        .output()
+        .expect("docker import");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let context = dir.join("web");
+    std::fs::create_dir_all(&context).expect("context dir");
+    std::fs::write(
+        context.join("Dockerfile"),
+        format!("FROM {base}\nCOPY hello.txt /www/hello.txt\nCMD [\"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n"),
+    )
+    .expect("Dockerfile");
+    std::fs::write(context.join("hello.txt"), "first\n").expect("hello.txt");
+    write_config(
+        &dir,
+        &format!(
+            "name: {stack}\nservices:\n  web:\n    target: {{ docker: {{ image: '{built}', build: ./web, pull: never, ports: ['80'] }} }}\n    stop_timeout: 1s\n    health_check: {{ type: http, url: 'http://${{self.addr}}/hello.txt' }}\n"
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert_ok(&d, &up, "harness up");
+    assert!(String::from_utf8_lossy(&up.stderr).contains(&format!("building {built}")));
+    let c = d.client();
+    let addr = get(&c, &stack, "web").address.expect("address");
+    assert_eq!(http_get(&addr, "/hello.txt"), "first\n");
+    let first_id = docker(&["inspect", "-f", "{{.Id}}", &format!("harness-{stack}-web")]);
+    let first_image = docker(&["inspect", "-f", "{{.Image}}", &format!("harness-{stack}-web")]);
+
+    // Unchanged context: no rebuild, same container.
+    assert_ok(&d, &d.cli(&dir, &["restart", "web"]), "harness restart");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}}", &format!("harness-{stack}-web")]),
+        first_id
+    );
+
+    // Changed context: rebuilt, and the container is made again from the new image.
+    std::fs::write(context.join("hello.txt"), "second\n").expect("hello.txt");
+    assert_ok(&d, &d.cli(&dir, &["restart", "web"]), "harness restart");
+    let second_id = docker(&["inspect", "-f", "{{.Id}}", &format!("harness-{stack}-web")]);
+    assert_ne!(second_id, first_id);
+    assert_eq!(http_get(&addr, "/hello.txt"), "second\n");
+
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
+    docker(&["rmi", &built, &first_image, &base]);
 }

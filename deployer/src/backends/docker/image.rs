@@ -108,25 +108,48 @@ fn tar_context(context: &Path) -> Result<Vec<u8>, DeployError> {
 }
 
 impl Engine {
-    /// The `dev.harness.source` label of a local image; `Ok(None)` when the image is
-    /// missing, `Ok(Some(""))` when it has no such label.
-    async fn local_image(&self, image: &str) -> Result<Option<String>, DeployError> {
+    /// The id and the `dev.harness.source` label (empty when it has none) of a local
+    /// image; `Ok(None)` when the image is missing.
+    async fn local_image(&self, image: &str) -> Result<Option<(String, String)>, DeployError> {
         let docker = &self.docker;
         match on_tokio(docker.inspect_image(image)).await {
-            Ok(info) => Ok(Some(
-                info.config
+            Ok(info) => {
+                let label = info
+                    .config
                     .and_then(|c| c.labels)
                     .and_then(|l| l.get(LABEL_SOURCE).cloned())
-                    .unwrap_or_default(),
-            )),
+                    .unwrap_or_default();
+                Ok(Some((info.id.unwrap_or_default(), label)))
+            }
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(engine_error("inspect image", image, e)),
         }
     }
 
-    /// Makes sure `image` is on the engine, by `source`; progress lines (pull status,
-    /// build output) go to `progress`.
+    /// The id of a local image that must exist now.
+    async fn image_id(&self, image: &str) -> Result<String, DeployError> {
+        match self.local_image(image).await? {
+            Some((id, _)) => Ok(id),
+            None => Err(DeployError::Docker {
+                action: format!("find image {image}"),
+                detail: "the engine does not have it after making it".to_owned(),
+            }),
+        }
+    }
+
+    /// Makes sure `image` is on the engine, by `source`, and returns its id; progress
+    /// lines (pull status, build output) go to `progress`.
     pub async fn ensure_image(
+        &self,
+        image: &str,
+        source: &ImageSource,
+        progress: &mut (dyn FnMut(String) + Send),
+    ) -> Result<String, DeployError> {
+        self.make_image(image, source, progress).await?;
+        self.image_id(image).await
+    }
+
+    async fn make_image(
         &self,
         image: &str,
         source: &ImageSource,
@@ -141,7 +164,11 @@ impl Engine {
                 let context = context.clone();
                 let tarball = smol::unblock(move || tar_context(&context)).await?;
                 let hash = source_hash(&tarball);
-                if self.local_image(image).await?.as_deref() == Some(hash.as_str()) {
+                if self
+                    .local_image(image)
+                    .await?
+                    .is_some_and(|(_, label)| label == hash)
+                {
                     return Ok(());
                 }
                 progress(format!("building {image}"));
@@ -171,7 +198,11 @@ impl Engine {
                         source,
                     })?;
                 let hash = source_hash(&tarball);
-                if self.local_image(image).await?.as_deref() == Some(hash.as_str()) {
+                if self
+                    .local_image(image)
+                    .await?
+                    .is_some_and(|(_, label)| label == hash)
+                {
                     return Ok(());
                 }
                 progress(format!("importing {image} from {}", path.display()));

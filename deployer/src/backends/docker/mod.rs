@@ -71,6 +71,9 @@ pub struct ContainerSpec {
     pub name: String,
     /// Image reference.
     pub image: String,
+    /// The image's id ([`Engine::ensure_image`]): a rebuilt image changes the config
+    /// hash, so the container is made again from it.
+    pub image_id: String,
     /// Command (empty: the image's CMD).
     pub command: Vec<String>,
     /// Entrypoint (empty: the image's ENTRYPOINT).
@@ -706,6 +709,7 @@ mod tests {
         ContainerSpec {
             name: "harness-s-web".into(),
             image: "busybox".into(),
+            image_id: "sha256:1".into(),
             command: vec!["httpd".into(), "-f".into()],
             entrypoint: vec![],
             env: BTreeMap::from([("A".into(), "1".into())]),

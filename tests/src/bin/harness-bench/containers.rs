@@ -80,9 +80,7 @@ pub fn bench(d: &TestDaemon) {
     let ports = free_ports(CONTAINERS);
 
     // harness
-    let mut yaml = format!(
-        "name: {tag}h\nsettings: {{ max_parallel: {CONTAINERS} }}\nservices:\n"
-    );
+    let mut yaml = format!("name: {tag}h\nsettings: {{ max_parallel: {CONTAINERS} }}\nservices:\n");
     for (i, port) in ports.iter().enumerate() {
         yaml.push_str(&format!(
             "  c{i}:\n    target: {{ docker: {{ image: {IMAGE}, pull: never, command: [httpd, -f, -p, \"80\", -h, /www], ports: [\"{port}:80\"] }} }}\n    stop_timeout: 1s\n    health_check: {{ type: http, url: \"http://${{self.addr}}/\" }}\n"
@@ -107,8 +105,13 @@ pub fn bench(d: &TestDaemon) {
     std::fs::write(&compose_file, compose).expect("docker-compose.yml");
     let compose_cmd = |args: &[&str]| {
         let mut c = Command::new("docker-compose");
-        c.args(["-f", &compose_file.display().to_string(), "-p", &format!("{tag}c")])
-            .args(args);
+        c.args([
+            "-f",
+            &compose_file.display().to_string(),
+            "-p",
+            &format!("{tag}c"),
+        ])
+        .args(args);
         c
     };
     // docker run
@@ -119,8 +122,16 @@ pub fn bench(d: &TestDaemon) {
             .zip(&ports)
             .map(|(name, port)| {
                 let mut c = Command::new("docker");
-                c.args(["run", "-d", "--name", name, "-p", &format!("{port}:80"), IMAGE])
-                    .args(["httpd", "-f", "-p", "80", "-h", "/www"]);
+                c.args([
+                    "run",
+                    "-d",
+                    "--name",
+                    name,
+                    "-p",
+                    &format!("{port}:80"),
+                    IMAGE,
+                ])
+                .args(["httpd", "-f", "-p", "80", "-h", "/www"]);
                 c
             })
             .collect::<Vec<_>>()
@@ -154,7 +165,10 @@ pub fn bench(d: &TestDaemon) {
             wait_for_200s(&ports);
         }));
         c_down.push(timed(&mut || {
-            run(&mut compose_cmd(&["down", "-t", "1"]), "docker-compose down")
+            run(
+                &mut compose_cmd(&["down", "-t", "1"]),
+                "docker-compose down",
+            )
         }));
         r_up.push(timed(&mut || {
             in_parallel(runs(), "docker run");
@@ -178,6 +192,7 @@ pub fn bench(d: &TestDaemon) {
         ms(r_up),
         h_up.as_secs_f64() / r_up.as_secs_f64()
     );
+    run(Command::new("docker").args(["rmi", IMAGE]), "docker rmi");
     println!(
         "docker down (1 s stop timeout): harness {} vs docker-compose {} -> ratio {:.2} (target <= 0.7); parallel docker rm -f {} -> ratio {:.2}",
         ms(h_down),
