@@ -782,7 +782,18 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
     };
     let id = match recorded {
         Some(Run::Container(c)) => c.container_id,
-        _ => containers::container_name(stack, name),
+        // Started but not recorded (the daemon died in between): find it by this
+        // daemon's labels, never by name alone.
+        _ => {
+            let owned = engine.owned(&core.instance, Some(stack)).await;
+            match owned.map(|list| list.into_iter().find(|c| c.service == name)) {
+                Ok(Some(c)) => c.id,
+                Ok(None) => {
+                    return Found::Gone("its container was never made".to_owned());
+                }
+                Err(e) => return Found::Gone(e.to_string()),
+            }
+        }
     };
     match engine.state(&id).await {
         Ok(deployer::docker::ContainerState::Running) => {

@@ -219,6 +219,37 @@ fn containers_are_adopted_after_a_daemon_restart_and_another_daemons_are_never_t
         docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]),
         started_at
     );
+    // Its output is copied on from where the killed daemon left it: a request made
+    // now is logged (busybox httpd logs a 404 as "response:404"), and no line from
+    // before appears twice.
+    http_get(web.address.as_deref().expect("address"), "/no-such-page");
+    let lines = wait_for(
+        "the new request in web's log",
+        Duration::from_secs(10),
+        || {
+            let lines = log_lines(&c, &stack, "web");
+            lines
+                .iter()
+                .any(|l| l.line.contains("response:404"))
+                .then_some(lines)
+        },
+    );
+    let distinct: std::collections::BTreeSet<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l.time.as_str(), l.line.as_str()))
+        .collect();
+    assert_eq!(
+        distinct.len(),
+        lines.len(),
+        "a line was copied twice: {lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.line.starts_with("api is "))
+            .count(),
+        1
+    );
 
     // A second daemon on the same engine with a stack of the same name refuses to
     // touch the first one's container.
@@ -464,7 +495,12 @@ fn an_image_built_from_a_context_is_rebuilt_when_the_context_changes() {
     let addr = get(&c, &stack, "web").address.expect("address");
     assert_eq!(http_get(&addr, "/hello.txt"), "first\n");
     let first_id = docker(&["inspect", "-f", "{{.Id}}", &format!("harness-{stack}-web")]);
-    let first_image = docker(&["inspect", "-f", "{{.Image}}", &format!("harness-{stack}-web")]);
+    let first_image = docker(&[
+        "inspect",
+        "-f",
+        "{{.Image}}",
+        &format!("harness-{stack}-web"),
+    ]);
 
     // Unchanged context: no rebuild, same container.
     assert_ok(&d, &d.cli(&dir, &["restart", "web"]), "harness restart");
