@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # 1. Packages the tests need (only what is missing, so a warm machine skips apt).
 need=()
-for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io; do
+for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io systemd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

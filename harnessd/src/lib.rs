@@ -20,6 +20,7 @@ mod env;
 mod events;
 mod exec;
 mod health;
+mod notify;
 mod orchestrator;
 mod persist;
 pub mod pki;

@@ -93,6 +93,14 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
             fixes,
         }));
     let _ = core.commit().await;
+    // The listener is bound and daemon.json written: clients can connect now.
+    let ready = format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {url}",
+        std::process::id()
+    );
+    if let Err(e) = crate::notify::notify(&ready) {
+        tracing::warn!("cannot tell systemd that harnessd is ready: {e}");
+    }
 
     let acceptor = TlsAcceptor::from(pki.server_config.clone());
     let token: Arc<str> = pki.token.into();
@@ -134,6 +142,7 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
         }
     };
     smol::future::or(accept_loop, smol::future::or(shutdown, signals)).await;
+    let _ = crate::notify::notify("STOPPING=1");
     let _ = core.commit().await;
     let _ = std::fs::remove_file(daemon_file_path(&opts.state_dir));
     tracing::info!("harnessd stopped");

@@ -36,6 +36,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Init => init(),
         Cmd::Validate => validate(g),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut super::Cli::command(), "harness", &mut script);
+            match std::io::stdout().write_all(&script) {
+                // `harness completions bash | head` is not a failure.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(super::Cli::command(), &dir)
+                .with_context(|| format!("cannot write man pages to {}", dir.display()))?;
+            eprintln!("wrote man pages to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Import {
             compose_file,
             output,

@@ -132,6 +132,17 @@ pub enum Cmd {
     /// Control the daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Print a shell completion script (e.g. `harness completions bash > /etc/bash_completion.d/harness`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (harness.1 and one per command) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

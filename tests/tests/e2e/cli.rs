@@ -161,3 +161,52 @@ fn a_taken_port_gets_a_clear_message() {
         "{err}"
     );
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_definition() {
+    let run = |args: &[&str]| {
+        Command::new(bin("harness"))
+            .args(args)
+            .output()
+            .expect("run harness")
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout).into_owned();
+    assert!(
+        script.contains("_harness()") && script.contains("import"),
+        "{script}"
+    );
+    // The bash script parses.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("harness.bash"), &script).expect("write");
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(dir.path().join("harness.bash"))
+        .status()
+        .expect("bash -n");
+    assert!(check.success());
+    for shell in ["zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("daemon"),
+            "{shell}"
+        );
+    }
+    let man_dir = dir.path().join("man");
+    let man = run(&["man", man_dir.to_str().expect("path")]);
+    assert!(man.status.success());
+    for page in [
+        "harness.1",
+        "harness-up.1",
+        "harness-logs.1",
+        "harness-daemon-stop.1",
+    ] {
+        let text = std::fs::read_to_string(man_dir.join(page)).expect(page);
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+}

@@ -7,3 +7,4 @@ mod daemon_restart;
 mod docker;
 mod lifecycle;
 mod support;
+mod systemd;
