@@ -311,34 +311,61 @@ async fn logs(
     tail: usize,
 ) -> anyhow::Result<ExitCode> {
     let stack = require_stack(g)?;
-    let c = client(g).await?;
-    let mut stream = c
-        .start_request(
-            names::SERVICE_LOGS,
-            m::LogsParams {
-                stack,
-                name: service,
-                tail: Some(tail),
-                since: None,
-                follow,
-            },
-        )
-        .await?;
+    let mut c = client(g).await?;
+    // Where to resume after a reconnect: the offset after the last line printed.
+    let mut since = None;
     loop {
-        match stream.next().await? {
-            ServerMessage::Response(r) => {
-                let result: m::LogsResult = harness_client::decode(r)?;
-                for l in &result.lines {
-                    print_line(l, g.json);
-                }
-                if !follow {
-                    return Ok(ExitCode::SUCCESS);
-                }
+        let params = m::LogsParams {
+            stack: stack.clone(),
+            name: service.clone(),
+            tail: Some(tail),
+            since,
+            follow,
+        };
+        let mut stream = match c.start_request(names::SERVICE_LOGS, params).await {
+            Ok(s) => s,
+            Err(e) if follow && matches!(e, ClientError::Closed) => {
+                c = reconnect(g).await;
+                continue;
             }
-            ServerMessage::Log(l) => print_line(&l.log, g.json),
-            _ => {}
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            match stream.next().await {
+                Ok(ServerMessage::Response(r)) => {
+                    let result: m::LogsResult = harness_client::decode(r)?;
+                    for l in &result.lines {
+                        print_line(l, g.json);
+                    }
+                    since = Some(result.next_offset);
+                    if !follow {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                Ok(ServerMessage::Log(l)) => {
+                    print_line(&l.log, g.json);
+                    since = Some(l.log.offset + 1);
+                }
+                Ok(_) => {}
+                // The daemon went away (e.g. it restarted): follow on from `since`.
+                Err(ClientError::Closed) if follow => break,
+                Err(e) => return Err(e.into()),
+            }
+            let _ = std::io::stdout().flush();
         }
-        let _ = std::io::stdout().flush();
+        c = reconnect(g).await;
+    }
+}
+
+/// Connects again after the daemon went away, waiting for it to come back (a follow
+/// outlives daemon restarts); says so once on stderr.
+async fn reconnect(g: &GlobalOpts) -> Client {
+    eprintln!("lost the connection to harnessd; reconnecting");
+    loop {
+        if let Ok(c) = client(g).await {
+            return c;
+        }
+        smol::Timer::after(std::time::Duration::from_millis(200)).await;
     }
 }
 
@@ -432,34 +459,51 @@ async fn events(
     topics: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let stack = config_file::current_stack(g).ok().flatten();
-    let c = client(g).await?;
-    let _: m::SubscribeResult = c
-        .call(
-            names::SUBSCRIBE,
-            m::SubscribeParams {
-                topics,
-                stack,
-                since,
-            },
-        )
-        .await?;
-    let events = c.events();
-    while let Ok(e) = events.recv().await {
-        if g.json {
-            println!("{}", serde_json::to_string(&e).expect("events serialize"));
-        } else {
-            let data = serde_json::to_value(&e.kind).expect("events serialize");
-            println!(
-                "{:>6} {} {} {}",
-                e.seq,
-                e.time,
-                data["event"].as_str().unwrap_or(""),
-                data["data"]
-            );
+    let mut c = client(g).await?;
+    // The next seq to ask for after a reconnect or a lag.
+    let mut next = since;
+    loop {
+        let params = m::SubscribeParams {
+            topics: topics.clone(),
+            stack: stack.clone(),
+            since: next,
+        };
+        let subscribed: Result<m::SubscribeResult, ClientError> =
+            c.call(names::SUBSCRIBE, params).await;
+        match subscribed {
+            Ok(r) => {
+                next.get_or_insert(r.seq + 1);
+            }
+            Err(ClientError::Closed) => {
+                c = reconnect(g).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         }
-        let _ = std::io::stdout().flush();
+        let events = c.events();
+        while let Ok(e) = events.recv().await {
+            if let EventKind::DaemonLagged(lag) = &e.kind {
+                // This client fell behind: subscribe again from what it missed.
+                next = Some(lag.missed_from_seq);
+                break;
+            }
+            next = Some(e.seq + 1);
+            if g.json {
+                println!("{}", serde_json::to_string(&e).expect("events serialize"));
+            } else {
+                let data = serde_json::to_value(&e.kind).expect("events serialize");
+                println!(
+                    "{:>6} {} {} {}",
+                    e.seq,
+                    e.time,
+                    data["event"].as_str().unwrap_or(""),
+                    data["data"]
+                );
+            }
+            let _ = std::io::stdout().flush();
+        }
+        c = reconnect(g).await;
     }
-    bail!("the connection to harnessd closed")
 }
 
 async fn config_cmd(g: &GlobalOpts, cmd: ConfigCmd) -> anyhow::Result<ExitCode> {
