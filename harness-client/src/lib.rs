@@ -245,6 +245,7 @@ impl Client {
                 protocol: 0,
                 instance: String::new(),
                 seq: 0,
+                session: None,
             },
             _reader: reader,
             _writer: writer,

@@ -131,6 +131,8 @@ pub struct Core {
     pub clients: AtomicUsize,
     /// Start semaphores per stack (`settings.max_parallel`).
     pub semaphores: Mutex<HashMap<String, Arc<async_lock::Semaphore>>>,
+    /// Browser login codes and sessions.
+    pub logins: crate::logins::Logins,
     /// The Docker engine, connected on first use (see `containers`).
     pub docker: async_lock::Mutex<Option<deployer::docker::Engine>>,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
@@ -160,6 +162,7 @@ impl Core {
             persister,
             clients: AtomicUsize::new(0),
             semaphores: Mutex::new(HashMap::new()),
+            logins: Default::default(),
             docker: async_lock::Mutex::new(None),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {

@@ -121,10 +121,19 @@ pub fn hello(core: &Core, token: &str, req: &Request) -> (Response, bool, bool) 
         }
     };
     // Constant time, so response timing reveals nothing about the token.
-    if !bool::from(params.token.as_bytes().ct_eq(token.as_bytes())) {
-        let r = Response::err(Some(req.id), ErrorCode::Unauthorized, "wrong token: read it from the token file named in daemon.json in the daemon's state directory");
-        return (r, false, true);
-    }
+    let session = if bool::from(params.token.as_bytes().ct_eq(token.as_bytes())) {
+        None
+    } else {
+        let new_session = || crate::pki::random_hex(32).unwrap_or_default();
+        match core.logins.check(&params.token, new_session) {
+            crate::logins::Login::Session => None,
+            crate::logins::Login::NewSession(s) if !s.is_empty() => Some(s),
+            _ => {
+                let r = Response::err(Some(req.id), ErrorCode::Unauthorized, "wrong token: read it from the token file named in daemon.json in the daemon's state directory (a browser gets a login link from `harness ui`)");
+                return (r, false, true);
+            }
+        }
+    };
     if params.protocol != protocol::PROTOCOL_VERSION {
         let r = Response::err(Some(req.id), ErrorCode::ProtocolMismatch, format!(
             "this daemon speaks protocol {}, the client {}: use matching versions of harness and harnessd",
@@ -137,6 +146,7 @@ pub fn hello(core: &Core, token: &str, req: &Request) -> (Response, bool, bool) 
         protocol: protocol::PROTOCOL_VERSION,
         instance: core.instance.clone(),
         seq: core.events.last_seq(),
+        session,
     };
     (Response::ok(Some(req.id), result), true, false)
 }
@@ -180,6 +190,7 @@ pub fn is_quick(method: &str) -> bool {
             | names::SUBSCRIBE
             | names::UNSUBSCRIBE
             | names::DAEMON_STATUS
+            | names::UI_LOGIN
     ) || !names::ALL.contains(&method)
 }
 
@@ -343,6 +354,18 @@ async fn route(
                 ));
             }
             ok(m::Empty {})
+        }
+        names::UI_LOGIN => {
+            let code = crate::pki::random_hex(16)
+                .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+            core.logins.add_code(code.clone());
+            // The daemon's URL is wss://host:port; the dashboard is served there too.
+            let base = core.url.replacen("wss://", "https://", 1);
+            ok(m::UiLoginResult {
+                url: format!("{}/#code={code}", base.trim_end_matches('/')),
+                code,
+                expires_in_secs: crate::logins::CODE_TTL.as_secs(),
+            })
         }
         names::DAEMON_STATUS => ok(core.read(|st| m::DaemonStatus {
             daemon: format!("harnessd {}", env!("CARGO_PKG_VERSION")),

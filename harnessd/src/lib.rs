@@ -20,12 +20,14 @@ mod env;
 mod events;
 mod exec;
 mod health;
+mod logins;
 mod notify;
 mod orchestrator;
 mod persist;
 pub mod pki;
 pub mod run;
 mod server;
+mod ui;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

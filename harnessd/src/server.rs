@@ -177,7 +177,18 @@ async fn connection(
     id: u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
-    let tls = acceptor.accept(tcp).await?;
+    let mut tls = acceptor.accept(tcp).await?;
+    let head = smol::future::or(crate::ui::read_head(&mut tls), async {
+        smol::Timer::after(IDLE_TIMEOUT).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    })
+    .await?;
+    if !crate::ui::is_websocket(&head) {
+        // A browser asking for the dashboard.
+        crate::ui::respond(&mut tls, &head).await?;
+        return Ok(());
+    }
+    let tls = crate::ui::Prefixed::new(head, tls);
     let ws = async_tungstenite::accept_async_with_config(tls, Some(ws_config())).await?;
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (out_tx, out_rx) = async_channel::bounded::<String>(CONNECTION_OUT_QUEUE);

@@ -50,6 +50,8 @@ pub mod names {
     pub const DAEMON_STATUS: &str = "daemon.status";
     /// Stop the daemon (services keep running unless asked).
     pub const DAEMON_SHUTDOWN: &str = "daemon.shutdown";
+    /// A one-time login link for the browser dashboard.
+    pub const UI_LOGIN: &str = "ui.login";
 
     /// All method names, for `unknown_method` suggestions.
     pub const ALL: &[&str] = &[
@@ -72,6 +74,7 @@ pub mod names {
         UNSUBSCRIBE,
         DAEMON_STATUS,
         DAEMON_SHUTDOWN,
+        UI_LOGIN,
     ];
 }
 
@@ -79,7 +82,8 @@ pub mod names {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HelloParams {
-    /// The daemon's token (from the token file named in daemon.json).
+    /// The daemon's token (from the token file named in daemon.json), a one-time
+    /// login code from `ui.login`, or a session from an earlier hello with such a code.
     pub token: String,
     /// Protocol version the client speaks.
     pub protocol: u32,
@@ -99,6 +103,22 @@ pub struct HelloResult {
     pub instance: String,
     /// Latest journal `seq` at the time of the hello.
     pub seq: u64,
+    /// After a hello with a one-time login code: a session to say hello with again
+    /// (after a reload or reconnect) until the daemon stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// `ui.login` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UiLoginResult {
+    /// The dashboard's address with the code in its fragment
+    /// (`https://127.0.0.1:7461/#code=...`); the fragment never reaches a server log.
+    pub url: String,
+    /// The one-time code (valid for `expires_in_secs`, for one hello).
+    pub code: String,
+    /// Seconds the code stays valid.
+    pub expires_in_secs: u64,
 }
 
 /// `config.apply` parameters.

@@ -30,6 +30,7 @@ struct WireTypes {
     exec: (ExecParams, ExecResult),
     subscribe: (SubscribeParams, SubscribeResult, UnsubscribeParams),
     daemon: (DaemonStatus, ShutdownParams, Empty),
+    ui: UiLoginResult,
 }
 
 /// The JSON Schema of every wire type, pretty-printed, ending in a newline.

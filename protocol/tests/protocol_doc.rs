@@ -134,7 +134,7 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
         names::CONFIG_ENV | names::SERVICE_GET | names::SERVICE_HEALTH => {
             parses::<m::ServiceParams>(params)
         }
-        names::STACK_LIST | names::DAEMON_STATUS => no_params(params),
+        names::STACK_LIST | names::DAEMON_STATUS | names::UI_LOGIN => no_params(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
         names::SERVICE_START
         | names::SERVICE_STOP
@@ -172,6 +172,7 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::SUBSCRIBE => round_trips::<m::SubscribeResult>(result),
         names::UNSUBSCRIBE | names::DAEMON_SHUTDOWN => round_trips::<m::Empty>(result),
         names::DAEMON_STATUS => round_trips::<m::DaemonStatus>(result),
+        names::UI_LOGIN => round_trips::<m::UiLoginResult>(result),
         other => Err(format!(
             "no result type known for method {other}: add it to this test"
         )),

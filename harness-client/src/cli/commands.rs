@@ -36,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Init => init(),
         Cmd::Validate => validate(g),
+        Cmd::Ui => ui(g).await,
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();
@@ -104,6 +105,27 @@ fn init() -> anyhow::Result<ExitCode> {
     }
     std::fs::write(&path, config_file::TEMPLATE).context("cannot write harness.yaml")?;
     eprintln!("wrote harness.yaml; start it with `harness up`");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ui(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let c = client(g).await?;
+    let login: m::UiLoginResult = c.call(names::UI_LOGIN, json!({})).await?;
+    if g.json {
+        output::json(&login);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ca = harness_client::read_daemon_file(&state_dir(g))
+        .map(|d| d.ca.display().to_string())
+        .unwrap_or_else(|_| "ca.pem in the daemon's state directory".to_owned());
+    println!("{}", login.url);
+    eprintln!(
+        "Open that link within {} s; it works once (the page keeps a session until harnessd stops).\n\
+         Your browser must trust the daemon's own CA, {ca}:\n  \
+         Chromium/Chrome on Linux: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n harness -i {ca}\n  \
+         Firefox: Settings > Privacy & Security > Certificates > View Certificates > Authorities > Import",
+        login.expires_in_secs
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -132,6 +132,8 @@ pub enum Cmd {
     /// Control the daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Print a one-time login link to the browser dashboard.
+    Ui,
     /// Print a shell completion script (e.g. `harness completions bash > /etc/bash_completion.d/harness`).
     Completions {
         /// The shell.

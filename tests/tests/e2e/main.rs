@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod daemon_restart;
+mod dashboard;
 mod docker;
 mod lifecycle;
 mod scripts;

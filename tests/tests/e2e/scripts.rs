@@ -21,7 +21,11 @@ fn up_one_service(d: &TestDaemon) {
         "name: scripted\nservices:\n  web:\n    target: { process: { binary: DEMO, args: [--name, web, --port, '${self.port}'] } }\n    port: auto\n    health_check: { type: tcp }\n",
     );
     let up = d.cli(&dir, &["up"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
 }
 
 #[test]
@@ -48,7 +52,9 @@ fn the_python_events_script_replays_and_prints_events() {
     assert_eq!(events.len(), 3, "{stdout}");
     assert_eq!(events[0]["event"], "service.registered");
     assert_eq!(events[0]["data"]["name"], "web");
-    assert!(events.windows(2).all(|w| w[1]["seq"].as_u64() > w[0]["seq"].as_u64()));
+    assert!(events
+        .windows(2)
+        .all(|w| w[1]["seq"].as_u64() > w[0]["seq"].as_u64()));
 }
 
 #[test]
