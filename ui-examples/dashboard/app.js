@@ -109,7 +109,7 @@ function onEvent(e) {
 }
 
 async function followLog(stack, name) {
-  if (logFollow) {
+  if (logFollow && pending.has(logFollow.id)) {
     call("unsubscribe", { subscription: logFollow.id }).catch(() => {});
   }
   const pre = document.getElementById("log");
@@ -146,16 +146,27 @@ function connect() {
     if (msg.error) p.reject(new Error(msg.error.message));
     else p.resolve(msg.result);
   };
-  ws.onclose = () => setStatus("offline", false);
+  ws.onclose = () => {
+    setStatus("offline", false);
+    for (const p of pending.values()) p.reject(new Error("connection closed"));
+    pending.clear();
+    // Come back with the session (the daemon restarted, or the network changed).
+    if (sessionStorage.getItem(SESSION_KEY)) setTimeout(connect, 1000);
+  };
   ws.onopen = async () => {
     try {
       const hello = await call("hello", { token, protocol: 1, client: "dashboard" });
       if (hello.session) sessionStorage.setItem(SESSION_KEY, hello.session);
       document.getElementById("daemon").textContent = `${hello.daemon} (${hello.instance})`;
       await call("subscribe", { topics: ["service"] });
+      services.clear();
       for (const s of await call("service.list", {})) services.set(`${s.stack}/${s.name}`, s);
       render();
       setStatus("live", true);
+      if (logFollow) {
+        const [stack, name] = logFollow.key.split("/");
+        followLog(stack, name);
+      }
     } catch (e) {
       sessionStorage.removeItem(SESSION_KEY);
       setStatus(e.message, false);

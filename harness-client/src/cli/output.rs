@@ -22,10 +22,15 @@ pub fn json(value: &impl serde::Serialize) {
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
         .set_header(header.to_vec());
     if !color() {
         t.force_no_tty();
+    }
+    // Fit a real terminal's width; a terminal that reports no useful width (a pty
+    // without a size, as under `script` or some CI runners) would squeeze every
+    // column to one character, so the table keeps its natural width there.
+    if t.width().is_some_and(|w| w >= 40) {
+        t.set_content_arrangement(ContentArrangement::Dynamic);
     }
     t
 }

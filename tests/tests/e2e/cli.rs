@@ -210,3 +210,60 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
         );
     }
 }
+
+#[test]
+fn colour_only_on_a_terminal_without_no_color_and_errors_suggest_the_fix() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("tty");
+    write_config(
+        &dir,
+        "name: tty\nservices:\n  web:\n    target: { process: { binary: DEMO, args: [--name, web, --port, '${self.port}'] } }\n    port: auto\n    health_check: { type: tcp }\n",
+    );
+    assert!(d.cli(&dir, &["up"]).status.success());
+    // `script` gives the command a terminal; its output comes back through the pipe.
+    let under_tty = |no_color: bool| {
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec"])
+            .arg(format!("{} ps", bin("harness").display()))
+            .arg("/dev/null")
+            .current_dir(&dir)
+            .env("HARNESS_STATE_DIR", &d.state_dir)
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null());
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd.output().expect("script (util-linux)");
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = under_tty(false);
+    assert!(
+        coloured.contains("running") && coloured.contains("\x1b["),
+        "{coloured:?}"
+    );
+    let plain = under_tty(true);
+    assert!(
+        plain.contains("running") && !plain.contains("\x1b["),
+        "{plain:?}"
+    );
+    // Not a terminal (the test's pipe): no colour either.
+    let piped = d.cli(&dir, &["ps"]);
+    assert!(!String::from_utf8_lossy(&piped.stdout).contains("\x1b["));
+
+    // A mistyped service name and a mistyped key each come with the fix.
+    let logs = d.cli(&dir, &["logs", "wbe"]);
+    assert!(!logs.status.success());
+    assert!(text(&logs).contains("did you mean web"), "{}", text(&logs));
+    write_config(
+        &dir,
+        "name: tty\nservices:\n  web:\n    target: { process: { binary: DEMO } }\n    helth_check: { type: tcp }\n",
+    );
+    let validate = d.cli(&dir, &["validate"]);
+    assert!(!validate.status.success());
+    assert!(
+        text(&validate).contains("health_check"),
+        "{}",
+        text(&validate)
+    );
+}

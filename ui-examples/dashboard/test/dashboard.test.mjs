@@ -38,7 +38,18 @@ const context = await chromium.launchPersistentContext(profile, {
 try {
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error("page error:", e.message));
-  await page.goto(LOGIN_URL);
+  // Chromium aborts a navigation when the machine's interfaces change (other tests
+  // make and remove container networks); the code is spent only by the page's script,
+  // so loading again is safe.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await page.goto(LOGIN_URL);
+      break;
+    } catch (e) {
+      if (attempt >= 5 || !String(e.message).includes("ERR_NETWORK_CHANGED")) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
   await page.waitForSelector("#status.online", { timeout: 20000 });
   const row = page.locator(`tr[data-service="${SERVICE}"]`);
   await row.locator("td.state-running").waitFor({ timeout: 20000 });
