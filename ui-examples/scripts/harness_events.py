@@ -26,12 +26,15 @@ def state_dir():
     return os.path.join(base, "harness")
 
 
-async def call(ws, request_id, method, params):
-    """Sends a request and returns its result; events that arrive meanwhile are kept."""
+async def call(ws, request_id, method, params, early_events):
+    """Sends a request and returns its result. Events can arrive before the answer (a
+    replay is queued while `subscribe` runs): they go to `early_events`, in order."""
     await ws.send(json.dumps({"id": request_id, "method": method, "params": params}))
     while True:
         message = json.loads(await ws.recv())
-        if message.get("id") == request_id and ("result" in message or "error" in message):
+        if "event" in message:
+            early_events.append(message)
+        elif message.get("id") == request_id and ("result" in message or "error" in message):
             if "error" in message:
                 error = message["error"]
                 sys.exit(f"{method}: {error['code']}: {error['message']}")
@@ -54,18 +57,25 @@ async def main():
     tls = ssl.create_default_context(cafile=daemon["ca"])
 
     async with websockets.connect(daemon["url"], ssl=tls, max_size=1 << 20) as ws:
-        hello = await call(ws, 1, "hello", {"token": token, "protocol": 1, "client": "harness_events.py"})
+        events = []
+        hello = await call(ws, 1, "hello", {"token": token, "protocol": 1, "client": "harness_events.py"}, events)
         print(f"connected to {hello['daemon']} (latest seq {hello['seq']})", file=sys.stderr)
         params = {"topics": args.topic, "stack": args.stack, "since": args.since}
-        await call(ws, 2, "subscribe", params)
+        await call(ws, 2, "subscribe", params, events)
         seen = 0
+
+        def show(event):
+            nonlocal seen
+            print(json.dumps(event), flush=True)
+            seen += 1
+            return args.count is not None and seen >= args.count
+
+        for event in events:
+            if show(event):
+                return
         async for text in ws:
             message = json.loads(text)
-            if "event" not in message:
-                continue
-            print(json.dumps(message), flush=True)
-            seen += 1
-            if args.count is not None and seen >= args.count:
+            if "event" in message and show(message):
                 return
 
 

@@ -47,18 +47,44 @@ fn require_engine() {
     );
 }
 
-/// Writes the mixed stack under a unique stack name; returns (dir, stack).
-fn mixed_stack(d: &TestDaemon, yaml: &str) -> (std::path::PathBuf, String) {
+/// The image tag `IMAGE` in a test's YAML becomes, made from a busybox-static rootfs.
+const IMAGE: &str = "harness-test/busybox:e2e";
+
+/// An image tag of one test run (`IMAGE-<daemon id>`), so that concurrent tests never
+/// import over each other's tag; removed when the test ends, also when it fails.
+struct TestImage(String);
+
+impl TestImage {
+    fn new(d: &TestDaemon) -> TestImage {
+        TestImage(format!("{IMAGE}-{}", &d.info.instance[..8]))
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Writes a stack under a unique stack name, with its own image tag for `IMAGE`;
+/// returns (dir, stack, image).
+fn mixed_stack(d: &TestDaemon, yaml: &str) -> (std::path::PathBuf, String, TestImage) {
     require_engine();
     let stack = format!("e2e{}", &d.info.instance[..8]);
     let dir = d.workdir(&stack);
     let rootfs = dir.join("busybox-rootfs.tar");
     busybox_rootfs(&rootfs);
+    let image = TestImage::new(d);
     let yaml = yaml
+        .replace(IMAGE, &image.0)
         .replace("NAME", &stack)
         .replace("ROOTFS", &rootfs.display().to_string());
     write_config(&dir, &yaml);
-    (dir, stack)
+    (dir, stack, image)
 }
 
 fn docker(args: &[&str]) -> String {
@@ -100,8 +126,8 @@ fn assert_ok(d: &TestDaemon, out: &std::process::Output, what: &str) {
 fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_all() {
     let d = TestDaemon::start();
     // An image of its own, so that this run imports it and shows that as progress.
-    let image = format!("harness-test/busybox:e2e-{}", &d.info.instance[..8]);
-    let (dir, stack) = mixed_stack(&d, &MIXED.replace("harness-test/busybox:e2e", &image));
+    let (dir, stack, image) = mixed_stack(&d, MIXED);
+    let image = &image.0;
     let up = d.cli(&dir, &["up"]);
     assert_ok(&d, &up, "harness up");
     let shown = String::from_utf8_lossy(&up.stderr);
@@ -196,13 +222,12 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
 
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
     assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
-    docker(&["rmi", &image]);
 }
 
 #[test]
 fn containers_are_adopted_after_a_daemon_restart_and_another_daemons_are_never_touched() {
     let mut d = TestDaemon::start();
-    let (dir, stack) = mixed_stack(&d, MIXED);
+    let (dir, stack, _image) = mixed_stack(&d, MIXED);
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let container = format!("harness-{stack}-web");
     let started_at = docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]);
@@ -302,6 +327,7 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     );
 
     // A host port somebody else holds.
+    let image = TestImage::new(&d);
     let rootfs = dir.join("rootfs.tar");
     busybox_rootfs(&rootfs);
     let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
@@ -309,7 +335,8 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     write_config(
         &dir,
         &format!(
-            "name: {stack}\nservices:\n  web:\n    target: {{ docker: {{ image: 'harness-test/busybox:e2e', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'], ports: ['{port}:80'] }} }}\n",
+            "name: {stack}\nservices:\n  web:\n    target: {{ docker: {{ image: '{}', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'], ports: ['{port}:80'] }} }}\n",
+            image.0,
             rootfs.display()
         ),
     );
@@ -329,7 +356,8 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     write_config(
         &dir,
         &format!(
-            "name: {stack}\nservices:\n  api:\n    target: {{ process: {{ binary: DEMO, args: [--name, api, --port, '${{self.port}}', --bind, 127.0.0.1] }} }}\n    port: auto\n    health_check: {{ type: tcp }}\n  web:\n    target: {{ docker: {{ image: 'harness-test/busybox:e2e', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'] }} }}\n    dependencies: [api]\n",
+            "name: {stack}\nservices:\n  api:\n    target: {{ process: {{ binary: DEMO, args: [--name, api, --port, '${{self.port}}', --bind, 127.0.0.1] }} }}\n    port: auto\n    health_check: {{ type: tcp }}\n  web:\n    target: {{ docker: {{ image: '{}', rootfs: {}, pull: never, command: [httpd, -f, -p, '80'] }} }}\n    dependencies: [api]\n",
+            image.0,
             rootfs.display()
         ),
     );
@@ -378,7 +406,7 @@ services:
     depends_on: { web: { condition: healthy } }
     stop_timeout: 1s
 "#;
-    let (twin_dir, twin_stack) = mixed_stack(&d, twin);
+    let (twin_dir, twin_stack, image) = mixed_stack(&d, twin);
     assert_ok(&d, &d.cli(&twin_dir, &["up"]), "harness up (twin)");
 
     let compose_stack = format!("{twin_stack}c");
@@ -405,7 +433,8 @@ services:
       web: {{ condition: service_healthy }}
     stop_grace_period: 1s
 "#
-    );
+    )
+    .replace(IMAGE, &image.0);
     std::fs::write(dir.join("docker-compose.yml"), compose).expect("write compose file");
 
     // `harness import` names what it cannot translate.
@@ -457,7 +486,7 @@ services:
 #[test]
 fn an_image_built_from_a_context_is_rebuilt_when_the_context_changes() {
     let d = TestDaemon::start();
-    let (dir, stack) = mixed_stack(&d, "name: NAME\nservices: {}\n");
+    let (dir, stack, _image) = mixed_stack(&d, "name: NAME\nservices: {}\n");
     let short = &d.info.instance[..8];
     let (base, built) = (
         format!("harness-test/busybox:base-{short}"),
