@@ -50,13 +50,17 @@ fn require_engine() {
 /// The image tag `IMAGE` in a test's YAML becomes, made from a busybox-static rootfs.
 const IMAGE: &str = "harness-test/busybox:e2e";
 
-/// An image tag of one test run (`IMAGE-<daemon id>`), so that concurrent tests never
-/// import over each other's tag; removed when the test ends, also when it fails.
+/// An image tag of one test (`IMAGE-<pid>-<n>`), so that concurrent tests never import
+/// over each other's tag; removed when the test ends, also when it fails. Make it before
+/// the test's daemon, so that it is dropped after the daemon removed its containers
+/// (removing a tag still in use would leave the image behind, untagged).
 struct TestImage(String);
 
 impl TestImage {
-    fn new(d: &TestDaemon) -> TestImage {
-        TestImage(format!("{IMAGE}-{}", &d.info.instance[..8]))
+    fn new() -> TestImage {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TestImage(format!("{IMAGE}-{}-{n}", std::process::id()))
     }
 }
 
@@ -70,21 +74,20 @@ impl Drop for TestImage {
     }
 }
 
-/// Writes a stack under a unique stack name, with its own image tag for `IMAGE`;
-/// returns (dir, stack, image).
-fn mixed_stack(d: &TestDaemon, yaml: &str) -> (std::path::PathBuf, String, TestImage) {
+/// Writes a stack under a unique stack name, with `image` for `IMAGE`; returns (dir,
+/// stack).
+fn mixed_stack(d: &TestDaemon, yaml: &str, image: &TestImage) -> (std::path::PathBuf, String) {
     require_engine();
     let stack = format!("e2e{}", &d.info.instance[..8]);
     let dir = d.workdir(&stack);
     let rootfs = dir.join("busybox-rootfs.tar");
     busybox_rootfs(&rootfs);
-    let image = TestImage::new(d);
     let yaml = yaml
         .replace(IMAGE, &image.0)
         .replace("NAME", &stack)
         .replace("ROOTFS", &rootfs.display().to_string());
     write_config(&dir, &yaml);
-    (dir, stack, image)
+    (dir, stack)
 }
 
 fn docker(args: &[&str]) -> String {
@@ -124,10 +127,11 @@ fn assert_ok(d: &TestDaemon, out: &std::process::Output, what: &str) {
 
 #[test]
 fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_all() {
-    let d = TestDaemon::start();
     // An image of its own, so that this run imports it and shows that as progress.
-    let (dir, stack, image) = mixed_stack(&d, MIXED);
-    let image = &image.0;
+    let test_image = TestImage::new();
+    let d = TestDaemon::start();
+    let (dir, stack) = mixed_stack(&d, MIXED, &test_image);
+    let image = &test_image.0;
     let up = d.cli(&dir, &["up"]);
     assert_ok(&d, &up, "harness up");
     let shown = String::from_utf8_lossy(&up.stderr);
@@ -226,8 +230,9 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
 
 #[test]
 fn containers_are_adopted_after_a_daemon_restart_and_another_daemons_are_never_touched() {
+    let image = TestImage::new();
     let mut d = TestDaemon::start();
-    let (dir, stack, _image) = mixed_stack(&d, MIXED);
+    let (dir, stack) = mixed_stack(&d, MIXED, &image);
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let container = format!("harness-{stack}-web");
     let started_at = docker(&["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &container]);
@@ -309,6 +314,7 @@ fn containers_are_adopted_after_a_daemon_restart_and_another_daemons_are_never_t
 #[test]
 fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     require_engine();
+    let image = TestImage::new();
     let d = TestDaemon::start();
     let stack = format!("bad{}", &d.info.instance[..8]);
     let dir = d.workdir(&stack);
@@ -327,7 +333,6 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
     );
 
     // A host port somebody else holds.
-    let image = TestImage::new(&d);
     let rootfs = dir.join("rootfs.tar");
     busybox_rootfs(&rootfs);
     let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
@@ -392,6 +397,7 @@ fn bad_container_input_fails_clearly_and_leaves_nothing_behind() {
 
 #[test]
 fn a_compose_file_imports_and_comes_up_like_its_harness_twin() {
+    let image = TestImage::new();
     let d = TestDaemon::start();
     // The twin, written by hand; bringing it up also imports the image.
     let twin = r#"
@@ -406,7 +412,7 @@ services:
     depends_on: { web: { condition: healthy } }
     stop_timeout: 1s
 "#;
-    let (twin_dir, twin_stack, image) = mixed_stack(&d, twin);
+    let (twin_dir, twin_stack) = mixed_stack(&d, twin, &image);
     assert_ok(&d, &d.cli(&twin_dir, &["up"]), "harness up (twin)");
 
     let compose_stack = format!("{twin_stack}c");
@@ -485,8 +491,9 @@ services:
 
 #[test]
 fn an_image_built_from_a_context_is_rebuilt_when_the_context_changes() {
+    let unused = TestImage::new();
     let d = TestDaemon::start();
-    let (dir, stack, _image) = mixed_stack(&d, "name: NAME\nservices: {}\n");
+    let (dir, stack) = mixed_stack(&d, "name: NAME\nservices: {}\n", &unused);
     let short = &d.info.instance[..8];
     let (base, built) = (
         format!("harness-test/busybox:base-{short}"),
