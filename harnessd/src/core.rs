@@ -243,7 +243,8 @@ impl Core {
             state: rec.state,
             health: rec.health,
             backend: cfg.target.backend().to_owned(),
-            address: rec.port.map(|p| format!("127.0.0.1:{p}")),
+            address: crate::env::endpoint(stack_rec, name, &crate::env::Place::Host)
+                .map(|(host, port)| format!("{host}:{port}")),
             port: rec.port,
             pid,
             container,

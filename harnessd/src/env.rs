@@ -73,7 +73,7 @@ fn bind_address(config: &StackConfig) -> &'static str {
 }
 
 /// (host, port) of service `target` as a caller at `place` reaches it.
-fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<(String, u16)> {
+pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<(String, u16)> {
     let cfg = stack_rec.config.services.get(target)?;
     let rec = stack_rec.services.get(target)?;
     match (&cfg.target, place) {
@@ -85,6 +85,19 @@ fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<(Str
                 .and_then(|c| c.ip)
                 .unwrap_or_else(|| target.to_owned());
             Some((host, port))
+        }
+        (Target::External(t), place) => {
+            let (host, port) = t.host_port()?;
+            // A loopback address is the harness host's; a container reaches that
+            // through its gateway.
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            match place {
+                Place::Container { gateway } if loopback => Some((gateway.clone(), port)),
+                _ => Some((host, port)),
+            }
         }
         (_, Place::Container { gateway }) => Some((gateway.clone(), rec.port?)),
         _ => Some(("127.0.0.1".to_owned(), rec.port?)),

@@ -139,8 +139,15 @@ pub fn probe_for(
     // The daemon checks a container at its bridge address and container port (see
     // `Place::Probe`), a process at 127.0.0.1 and its port.
     let container = rec.and_then(crate::containers::record_of);
-    let (default_host, port) = match (&container, crate::containers::main_port(cfg)) {
-        (Some(c), Some(main)) => (c.ip.clone(), Some(main.container_port)),
+    let (default_host, port) = match (&cfg.target, &container) {
+        (protocol::config::Target::External(t), _) => match t.host_port() {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (None, None),
+        },
+        (_, Some(c)) => (
+            c.ip.clone(),
+            crate::containers::main_port(cfg).map(|m| m.container_port),
+        ),
         _ => (Some("127.0.0.1".to_owned()), rec.and_then(|r| r.port)),
     };
     let place = env::Place::Probe;

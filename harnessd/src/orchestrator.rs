@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use deployer::process::{self, ExitStatus, ProcessSpec};
 use protocol::config::{
-    Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_MAX_PARALLEL,
-    DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
+    Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_CHECK_TIMEOUT_MS,
+    DEFAULT_MAX_PARALLEL, DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
 };
 use protocol::events::{EventKind, Exited, Restarting};
 use protocol::methods::{Health, ServiceState};
@@ -229,9 +229,12 @@ impl Core {
             let order = with_dependencies(&rec.config, names)?;
             for n in &order {
                 let target = &rec.config.services[n].target;
-                if !matches!(target, Target::Process(_) | Target::Docker(_)) {
+                if !matches!(
+                    target,
+                    Target::Process(_) | Target::Docker(_) | Target::External(_)
+                ) {
                     return Err(OpError::Unsupported(format!(
-                        "service {n}: the {} backend is not available in this build yet; use a process or docker target",
+                        "service {n}: the {} backend is not available in this build yet; use a process, docker or external target",
                         target.backend()
                     )));
                 }
@@ -339,13 +342,24 @@ impl Core {
 
     /// Starts one run of a service and starts its watcher and health monitor.
     async fn launch(self: &Arc<Self>, stack: &str, name: &str, generation: u64) {
-        let is_container = self.read(|st| {
-            st.stack(stack)
+        let (is_container, is_external) = self.read(|st| {
+            let target = st
+                .stack(stack)
                 .and_then(|r| r.config.services.get(name))
-                .is_some_and(|s| matches!(s.target, Target::Docker(_)))
+                .map(|s| &s.target);
+            (
+                matches!(target, Some(Target::Docker(_))),
+                matches!(target, Some(Target::External(_))),
+            )
         });
         if !self.read(|st| current(st, stack, name, generation)) {
             return;
+        }
+        if is_external {
+            return self.use_running(stack, name, generation, None);
+        }
+        if let Some(reused_at) = self.already_running(stack, name).await {
+            return self.use_running(stack, name, generation, Some(reused_at));
         }
         let started = if is_container {
             self.launch_container(stack, name)
@@ -377,6 +391,70 @@ impl Core {
             return;
         }
         self.supervise(stack, name, generation, run, started);
+    }
+
+    /// A service that runs already: an external one, or (with `reused_at`) a healthy
+    /// instance found by `reuse_if_running`. It is only health-checked, never started
+    /// or stopped by the harness.
+    pub fn use_running(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        generation: u64,
+        reused_at: Option<String>,
+    ) {
+        let running = self.update(|st, ch| {
+            if !current(st, stack, name, generation) {
+                return false;
+            }
+            let reason = reused_at
+                .as_ref()
+                .map(|at| format!("reused the healthy instance that already answers ({at})"));
+            if let Some(rec) = st.service_mut(stack, name) {
+                rec.process = reused_at.clone().and_then(|reused_at| {
+                    Run::Reused(crate::run::ReusedRecord { reused_at }).to_value()
+                });
+            }
+            ch.set_state(st, stack, name, ServiceState::Running, reason);
+            true
+        });
+        if running {
+            let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+            let monitor = self
+                .ex
+                .spawn(async move { health::monitor(core, stack2, name2, generation).await });
+            self.update(|st, _| {
+                if current(st, stack, name, generation) {
+                    st.runtime(stack, name).tasks = vec![monitor];
+                }
+            });
+        }
+    }
+
+    /// For a service with `reuse_if_running`: the address where a healthy instance
+    /// already answers, so it need not be started; `None` otherwise.
+    async fn already_running(self: &Arc<Self>, stack: &str, name: &str) -> Option<String> {
+        let env_file = self.run_dir(stack, name).join("service.env");
+        let (probe, timeout) = self.read(|st| {
+            let stack_rec = st.stack(stack)?;
+            let cfg = stack_rec.config.services.get(name)?;
+            if !cfg.reuse_if_running {
+                return None;
+            }
+            let port = stack_rec.services.get(name)?.port?;
+            match health::probe_for(st, stack, name, &env_file) {
+                Ok(Some((probe, hc))) => Some((
+                    probe,
+                    Duration::from_millis(hc.timeout_ms.unwrap_or(DEFAULT_CHECK_TIMEOUT_MS)),
+                )),
+                _ => Some((
+                    health::Probe::Tcp(format!("127.0.0.1:{port}")),
+                    Duration::from_millis(DEFAULT_CHECK_TIMEOUT_MS),
+                )),
+            }
+        })?;
+        probe.run(self, timeout).await.ok()?;
+        Some(probe.describe())
     }
 
     /// Spawns a service's process under its shim.
@@ -722,6 +800,7 @@ fn assign_port(st: &mut State, stack: &str, name: &str) {
     rec.port = match (&cfg.target, cfg.port) {
         // A container is reached at the host port its main port is published on.
         (Target::Docker(_), _) => containers::main_host_port(&cfg, rec.port),
+        (Target::External(t), _) => t.host_port().map(|(_, port)| port),
         (_, Some(PortSpec::Fixed(p))) => Some(p),
         (_, Some(PortSpec::Auto)) => rec.port.or_else(free_port),
         (_, None) => return,
@@ -843,6 +922,24 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             rt.generation += 1;
             rt.generation
         });
+        let external = core.read(|st| {
+            st.stack(&stack)
+                .and_then(|r| r.config.services.get(&name))
+                .is_some_and(|s| matches!(s.target, Target::External(_)))
+        });
+        let reused_at = match &recorded {
+            Some(Run::Reused(r)) => Some(r.reused_at.clone()),
+            _ => None,
+        };
+        if external || reused_at.is_some() {
+            // Nothing of ours runs for it: check its health again, as before.
+            if state == ServiceState::Stopping {
+                core.update(|st, ch| ch.set_state(st, &stack, &name, ServiceState::Stopped, None));
+            } else {
+                core.use_running(&stack, &name, generation, reused_at);
+            }
+            continue;
+        }
         match find_run(core, &stack, &name, recorded).await {
             Found::Alive(run) => {
                 owned.insert(format!("{}/{stack}/{name}", core.instance));

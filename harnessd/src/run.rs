@@ -20,6 +20,16 @@ pub enum Run {
     Process(ProcessRecord),
     /// A container.
     Container(ContainerRecord),
+    /// An instance the harness found running and uses (`reuse_if_running`); it was
+    /// not started by the harness and is never stopped by it.
+    Reused(ReusedRecord),
+}
+
+/// What is known of a reused instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReusedRecord {
+    /// The address it answered at.
+    pub reused_at: String,
 }
 
 impl Run {
@@ -38,6 +48,7 @@ impl Run {
         match self {
             Run::Process(p) => Some(p.pid),
             Run::Container(c) => c.pid,
+            Run::Reused(_) => None,
         }
     }
 
@@ -56,11 +67,14 @@ impl Run {
                 Ok(engine) => engine.wait_exit(&c.container_id).await,
                 Err(e) => lost(e),
             },
+            // Not ours to watch: its health check tells how it does.
+            Run::Reused(_) => std::future::pending().await,
         }
     }
 
     /// Stops the run: `signal` (containers use the stop signal they were made with),
-    /// then SIGKILL after `timeout`. Returns how it ended when that is known.
+    /// then SIGKILL after `timeout`. Returns how it ended when that is known. A reused
+    /// instance is left running.
     pub async fn stop(&self, core: &Core, signal: &str, timeout: Duration) -> Option<ExitStatus> {
         match self {
             Run::Process(p) => process::stop(p, signal, timeout).await.ok(),
@@ -74,6 +88,7 @@ impl Run {
                     }
                 }
             }
+            Run::Reused(_) => None,
         }
     }
 }

@@ -117,6 +117,10 @@ pub struct ServiceConfig {
     /// Graceful stop: wait this long before SIGKILL, in ms (default 10 s).
     #[serde(default)]
     pub stop_timeout_ms: Option<u64>,
+    /// Do not start it when a healthy instance already answers at its fixed port; use
+    /// that one (and never stop it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse_if_running: bool,
 }
 
 /// Where a service runs.
@@ -316,6 +320,17 @@ pub struct DiscoveredTarget {
 pub struct ExternalTarget {
     /// `host:port`.
     pub address: String,
+}
+
+impl ExternalTarget {
+    /// (host, port) of the address (`[v6]:port` gives the bare v6 host); `None` when it
+    /// is not `host:port`.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let (host, port) = self.address.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then(|| (host.to_owned(), port))
+    }
 }
 
 /// Port of a service.

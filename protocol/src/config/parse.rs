@@ -98,6 +98,7 @@ const SERVICE: Spec = Spec {
     known: &[
         "target", "backend", "port", "dependencies", "depends_on", "env", "env_file",
         "health_check", "restart", "stop_signal", "stop_timeout", "stop_timeout_secs",
+        "reuse_if_running",
     ],
     retired: &[
         ("runtime", "say where it runs with `target:`, e.g. `target: {remote_lan: {host: ..., binary: ...}}`"),
@@ -439,6 +440,7 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
         restart: RestartConfig::default(),
         stop_signal: None,
         stop_timeout_ms: None,
+        reuse_if_running: false,
     };
     if let Some(text) = node.value.scalar_text() {
         cx.error(&path, node, placement_hint(&text));
@@ -467,6 +469,11 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
     }
     svc.stop_signal = f.text(cx, "stop_signal");
     svc.stop_timeout_ms = f.duration(cx, "stop_timeout");
+    if let Some(n) = f.get("reuse_if_running") {
+        svc.reuse_if_running = cx
+            .boolean(n, &f.key("reuse_if_running"))
+            .unwrap_or_default();
+    }
     svc
 }
 

@@ -781,3 +781,20 @@ networks: { back: {} }
     assert!(is_compose_file_name("compose.yaml"));
     assert!(!is_compose_file_name("harness.yaml"));
 }
+
+#[test]
+fn reuse_if_running_needs_a_fixed_port_and_external_addresses_split() {
+    check_errors(
+        &svc("    target: { process: { binary: /a } }\n    port: auto\n    reuse_if_running: true\n"),
+        &["t.yaml:5:5: services.api.reuse_if_running: reuse_if_running needs a fixed `port:`, where a running instance would answer"],
+    );
+    assert!(one(&svc("    target: { process: { binary: /a } }\n    port: 8080\n    reuse_if_running: true\n")).reuse_if_running);
+    let t = ExternalTarget {
+        address: "[::1]:5432".into(),
+    };
+    assert_eq!(t.host_port(), Some(("::1".to_owned(), 5432)));
+    let t = ExternalTarget {
+        address: "db.lan".into(),
+    };
+    assert_eq!(t.host_port(), None);
+}

@@ -113,6 +113,12 @@ fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &S
     if svc.port == Some(PortSpec::Fixed(0)) {
         p.add(join(&key, "port"), bad_port_message("0"));
     }
+    if svc.reuse_if_running && !matches!(svc.port, Some(PortSpec::Fixed(_))) {
+        p.add(
+            join(&key, "reuse_if_running"),
+            "reuse_if_running needs a fixed `port:`, where a running instance would answer",
+        );
+    }
     for dep in svc.depends_on.keys() {
         let dep_key = format!("{key}.depends_on.{dep}");
         if dep == name {
@@ -283,10 +289,11 @@ fn is_host_port(address: &str) -> bool {
     if address.contains("${") {
         return true;
     }
-    match address.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-        None => false,
+    ExternalTarget {
+        address: address.to_owned(),
     }
+    .host_port()
+    .is_some()
 }
 
 /// `address/prefix` for IPv4 or IPv6 (or a `${VAR}` reference, see [`is_host_port`]).

@@ -6,6 +6,7 @@ mod cli;
 mod daemon_restart;
 mod dashboard;
 mod docker;
+mod external;
 mod lifecycle;
 mod scripts;
 mod support;
