@@ -788,7 +788,12 @@ fn reuse_if_running_needs_a_fixed_port_and_external_addresses_split() {
         &svc("    target: { process: { binary: /a } }\n    port: auto\n    reuse_if_running: true\n"),
         &["t.yaml:5:5: services.api.reuse_if_running: reuse_if_running needs a fixed `port:`, where a running instance would answer"],
     );
-    assert!(one(&svc("    target: { process: { binary: /a } }\n    port: 8080\n    reuse_if_running: true\n")).reuse_if_running);
+    assert!(
+        one(&svc(
+            "    target: { process: { binary: /a } }\n    port: 8080\n    reuse_if_running: true\n"
+        ))
+        .reuse_if_running
+    );
     let t = ExternalTarget {
         address: "[::1]:5432".into(),
     };

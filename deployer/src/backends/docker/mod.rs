@@ -59,9 +59,10 @@ fn on_tokio<F: Future>(future: F) -> Compat<F> {
 pub struct Engine {
     docker: Docker,
     host: String,
-    /// Serializes [`Engine::ensure_network`]: the engine lets several networks share
-    /// a name, so concurrent starts of one stack would each make one.
-    network_lock: std::sync::Arc<async_lock::Mutex<()>>,
+    /// Networks known to exist, by name, with their gateways. The lock also
+    /// serializes [`Engine::ensure_network`]: the engine lets several networks share a
+    /// name, so concurrent starts of one stack would each make one.
+    networks: std::sync::Arc<async_lock::Mutex<HashMap<String, Option<String>>>>,
 }
 
 /// What the harness asks the engine to run for one service.
@@ -221,7 +222,7 @@ impl Engine {
         Ok(Engine {
             docker,
             host,
-            network_lock: Default::default(),
+            networks: Default::default(),
         })
     }
 
@@ -238,8 +239,13 @@ impl Engine {
         labels: &BTreeMap<String, String>,
     ) -> Result<Option<String>, DeployError> {
         let docker = &self.docker;
-        let _one_at_a_time = self.network_lock.lock().await;
-        on_tokio(async {
+        let mut known = self.networks.lock().await;
+        if let Some(gateway) = known.get(name) {
+            // Starting a stack's containers asks once per container; ask the engine
+            // once.
+            return Ok(gateway.clone());
+        }
+        let gateway = on_tokio(async {
             let existing = match docker.inspect_network(name, None).await {
                 Ok(n) => Some(n),
                 Err(e) if is_not_found(&e) => None,
@@ -269,7 +275,9 @@ impl Engine {
                 .and_then(|i| i.config)
                 .and_then(|c| c.into_iter().find_map(|c| c.gateway)))
         })
-        .await
+        .await?;
+        known.insert(name.to_owned(), gateway.clone());
+        Ok(gateway)
     }
 
     /// Removes the networks labelled with `instance` (and `stack`, when given);
@@ -280,6 +288,7 @@ impl Engine {
         stack: Option<&str>,
     ) -> Result<Vec<String>, DeployError> {
         let docker = &self.docker;
+        let mut known = self.networks.lock().await;
         on_tokio(async {
             let filters = HashMap::from([("label".to_owned(), label_filter(instance, stack))]);
             let networks = docker
@@ -294,6 +303,7 @@ impl Engine {
                 let (Some(id), name) = (network.id, network.name.unwrap_or_default()) else {
                     continue;
                 };
+                known.remove(&name);
                 match docker.remove_network(&id).await {
                     Ok(()) => removed.push(name),
                     Err(e) if is_not_found(&e) => {}
@@ -313,7 +323,7 @@ impl Engine {
         let hash = spec.config_hash();
         let instance = spec.labels.get(LABEL_INSTANCE).cloned().unwrap_or_default();
         let docker = &self.docker;
-        on_tokio(async {
+        let created = on_tokio(async {
             match docker
                 .inspect_container(&spec.name, None::<InspectContainerOptions>)
                 .await
@@ -357,7 +367,12 @@ impl Engine {
                 .map_err(|e| engine_error("create container", &spec.name, e))?;
             Ok(created.id)
         })
-        .await
+        .await;
+        if created.is_err() {
+            // Perhaps the network went away behind our back: look again next time.
+            self.networks.lock().await.remove(&spec.network);
+        }
+        created
     }
 
     /// Starts a container (by id or name; a running one is left alone) and returns its
