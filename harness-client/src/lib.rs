@@ -4,8 +4,8 @@
 //! (nothing else is trusted), sends `hello` with the token, and starts a reader task
 //! that routes each incoming message: responses to the waiting [`Client::call`], log
 //! lines and exec output to the stream of the request they belong to, and events to
-//! [`Client::events`]. [`Client::send_raw`] is the low-level escape hatch (tests use it
-//! to send malformed input).
+//! [`Client::events`]. [`Client::raw_request`] is the low-level escape hatch (tests use
+//! it to send malformed input).
 //!
 //! ```no_run
 //! # smol::block_on(async {
@@ -293,22 +293,20 @@ impl Client {
         }
     }
 
-    /// Sends raw text as one WebSocket message, bypassing the envelope.
-    pub async fn send_raw(&self, text: String) -> Result<(), ClientError> {
-        self.out
-            .send(Message::text(text))
-            .await
-            .map_err(|_| ClientError::Closed)
-    }
-
-    /// Waits for the next response that has no request id or an id this client did not
-    /// send through [`Client::call`] (answers to [`Client::send_raw`]).
-    pub async fn raw_response(&self, id: u64) -> Result<Response, ClientError> {
+    /// Sends raw text as one WebSocket message, bypassing the envelope, and waits for
+    /// the response with id `answer_id` (0 for a response without an id, as the answer
+    /// to unparseable input has). The waiter is in place before the text is sent, so a
+    /// fast answer is not missed.
+    pub async fn raw_request(&self, text: String, answer_id: u64) -> Result<Response, ClientError> {
         let (tx, rx) = async_channel::unbounded();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .insert(answer_id, tx);
+        self.out
+            .send(Message::text(text))
+            .await
+            .map_err(|_| ClientError::Closed)?;
         loop {
             match rx.recv().await.map_err(|_| ClientError::Closed)? {
                 ServerMessage::Response(r) => return Ok(r),

@@ -45,18 +45,15 @@ services:
 
     smol::block_on(async {
         // Malformed JSON.
-        c.send_raw("{not json".into()).await.unwrap();
-        let (code, msg) = error_code(&c.raw_response(0).await.unwrap());
+        let (code, msg) = error_code(&c.raw_request("{not json".into(), 0).await.unwrap());
         assert_eq!(code, ErrorCode::ParseError);
         assert!(msg.contains("invalid JSON"), "{msg}");
         // JSON that is not a request.
-        c.send_raw(r#"{"id": 900, "params": {}}"#.into())
+        let answer = c
+            .raw_request(r#"{"id": 900, "params": {}}"#.into(), 900)
             .await
             .unwrap();
-        assert_eq!(
-            error_code(&c.raw_response(900).await.unwrap()).0,
-            ErrorCode::InvalidRequest
-        );
+        assert_eq!(error_code(&answer).0, ErrorCode::InvalidRequest);
         // Unknown method, with a suggestion.
         let e = c
             .call::<serde_json::Value>("service.lsit", serde_json::json!({}))
@@ -134,8 +131,7 @@ services:
             r#"{{"id":1,"method":"daemon.status","params":{{"pad":"{}"}}}}"#,
             "x".repeat(protocol::MAX_MESSAGE_BYTES + 10)
         );
-        big.send_raw(huge).await.unwrap();
-        let (code, msg) = error_code(&big.raw_response(0).await.unwrap());
+        let (code, msg) = error_code(&big.raw_request(huge, 0).await.unwrap());
         assert_eq!(code, ErrorCode::MessageTooLarge, "{msg}");
     });
 
