@@ -165,18 +165,7 @@ impl Core {
             .ensure_image(&spec.image, &source, &mut progress)
             .await
             .map_err(|e| e.to_string())?;
-        let env_file = self.run_dir(stack, name).join("service.env");
-        let write_env = {
-            let (dir, path, vars) = (
-                self.run_dir(stack, name),
-                env_file.clone(),
-                harness_env.clone(),
-            );
-            smol::unblock(move || env::write_env_file(&dir, &path, &vars))
-        };
-        write_env
-            .await
-            .map_err(|e| format!("cannot write {}: {e}", env_file.display()))?;
+        env::save_env_file(self.env_file(stack, name), harness_env.clone()).await?;
         engine.create(&spec).await.map_err(|e| e.to_string())?;
         let record = engine
             .start(&spec.name, &network)
@@ -197,7 +186,7 @@ impl Core {
         let Target::Docker(target) = &cfg.target else {
             return Err(format!("service {name} is not a container"));
         };
-        let env_file = self.run_dir(stack, name).join("service.env");
+        let env_file = self.env_file(stack, name);
         let mut harness_env = env::service_env(st, stack, name, place, &env_file)?;
         harness_env.insert(
             "HARNESS_ENV_FILE".to_owned(),

@@ -232,7 +232,7 @@ async fn route(
         }
         names::CONFIG_ENV => {
             let s: m::ServiceParams = params(p)?;
-            let env_file = core.run_dir(&s.stack, &s.name).join("service.env");
+            let env_file = core.env_file(&s.stack, &s.name);
             let env = core.read(|st| {
                 known_service(st, &s.stack, &s.name)?;
                 crate::env::service_env(
@@ -561,7 +561,7 @@ async fn check_health(
     core: &Arc<Core>,
     s: &m::ServiceParams,
 ) -> Result<m::HealthResult, ErrorObject> {
-    let env_file = core.run_dir(&s.stack, &s.name).join("service.env");
+    let env_file = core.env_file(&s.stack, &s.name);
     let probe = core.read(|st| {
         known_service(st, &s.stack, &s.name)?;
         crate::health::probe_for(st, &s.stack, &s.name, &env_file)
@@ -690,7 +690,7 @@ async fn exec(
     if p.command.is_empty() {
         return Err(error(ErrorCode::InvalidParams, "command is empty"));
     }
-    let env_file = core.run_dir(&p.stack, &p.name).join("service.env");
+    let env_file = core.env_file(&p.stack, &p.name);
     let (env, cwd, container) = core.read(|st| {
         known_service(st, &p.stack, &p.name)?;
         let place = crate::env::place_of(st, &p.stack, &p.name);

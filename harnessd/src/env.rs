@@ -15,7 +15,7 @@
 //! through its network's gateway and another container at its bridge address.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use protocol::config::{template, ServiceConfig, StackConfig, Target};
 use registry::StackRecord;
@@ -212,23 +212,27 @@ pub fn render_env_file(env: &BTreeMap<String, String>) -> String {
         .collect()
 }
 
-/// Writes a service's env file (0600: values may be secrets). Not fsynced: it is
-/// rewritten on every launch, so a crash can only lose a file that is made again.
-pub fn write_env_file(
-    dir: &Path,
-    path: &Path,
-    env: &BTreeMap<String, String>,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(render_env_file(env).as_bytes())
+/// Writes a service's env file (0600: values may be secrets), off the executor. Not
+/// fsynced: it is rewritten on every launch, so a crash can only lose a file that is
+/// made again. Written in place, as containers mount it.
+pub async fn save_env_file(path: PathBuf, env: BTreeMap<String, String>) -> Result<(), String> {
+    let shown = path.display().to_string();
+    smol::unblock(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(render_env_file(&env).as_bytes())
+    })
+    .await
+    .map_err(|e| format!("cannot write {shown}: {e}"))
 }
 
 #[cfg(test)]

@@ -252,7 +252,7 @@ fn command_probe(
 
 /// Runs a service's checks for the lifetime of run `generation`.
 pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u64) {
-    let env_file = core.run_dir(&stack, &name).join("service.env");
+    let env_file = core.env_file(&stack, &name);
     let prepared = core.read(|st| probe_for(st, &stack, &name, &env_file));
     let (probe, hc) = match prepared {
         Ok(Some(p)) => p,

@@ -434,7 +434,7 @@ impl Core {
     /// For a service with `reuse_if_running`: the address where a healthy instance
     /// already answers, so it need not be started; `None` otherwise.
     async fn already_running(self: &Arc<Self>, stack: &str, name: &str) -> Option<String> {
-        let env_file = self.run_dir(stack, name).join("service.env");
+        let env_file = self.env_file(stack, name);
         let (probe, timeout) = self.read(|st| {
             let stack_rec = st.stack(stack)?;
             let cfg = stack_rec.config.services.get(name)?;
@@ -464,14 +464,7 @@ impl Core {
         name: &str,
     ) -> Result<process::ProcessRecord, String> {
         let (spec, harness_env) = self.read(|st| self.process_spec(st, stack, name))?;
-        let env_file = spec.run_dir.join("service.env");
-        let write_env = {
-            let (dir, path) = (spec.run_dir.clone(), env_file.clone());
-            smol::unblock(move || env::write_env_file(&dir, &path, &harness_env))
-        };
-        write_env
-            .await
-            .map_err(|e| format!("cannot write {}: {e}", env_file.display()))?;
+        env::save_env_file(self.env_file(stack, name), harness_env).await?;
         process::spawn(&spec, &self.shim_exe)
             .await
             .map_err(|e| e.to_string())
@@ -740,7 +733,7 @@ impl Core {
         };
         let run_dir = self.run_dir(stack, name);
         let harness_env =
-            env::service_env(st, stack, name, &Place::Host, &run_dir.join("service.env"))?;
+            env::service_env(st, stack, name, &Place::Host, &self.env_file(stack, name))?;
         let mut full_env: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| !k.starts_with("HARNESS_"))
             .collect();
@@ -767,6 +760,11 @@ impl Core {
     /// Run directory of a service (spec, pid and exit files, env file).
     pub fn run_dir(&self, stack: &str, name: &str) -> PathBuf {
         self.state_dir.join("run").join(stack).join(name)
+    }
+
+    /// The env file of a service (in its run directory) that it can `source`.
+    pub fn env_file(&self, stack: &str, name: &str) -> PathBuf {
+        self.run_dir(stack, name).join("service.env")
     }
 
     /// Log file of a service.
