@@ -48,6 +48,10 @@ const UNTRANSLATED: &[(&str, &str)] = &[
     ("profiles", "every service of the file is imported"),
 ];
 
+/// Turns a long-syntax list item (its scalar fields, by name) into the short form, or
+/// says what is missing.
+type LongSyntax = fn(&dyn Fn(&str) -> Option<String>) -> Result<String, &'static str>;
+
 struct Translator<'f> {
     file: &'f str,
     errors: Vec<ConfigError>,
@@ -154,87 +158,66 @@ impl Translator<'_> {
         }
     }
 
-    /// Short (`"8080:80"`) and long (`{target: 80, published: 8080}`) port syntax.
-    fn ports(&mut self, path: &str, node: &Node) -> Vec<String> {
+    /// A list whose items are strings (short syntax, kept as they are) or mappings (long
+    /// syntax), each mapping turned into the short form by `long`, which gets the
+    /// mapping's scalar fields and says what is missing when it cannot.
+    fn short_or_long(&mut self, path: &str, node: &Node, long: LongSyntax) -> Vec<String> {
         let Value::Seq(items) = &node.value else {
-            self.error(
-                path,
-                node,
-                format!("expected a list, found {}", node.value.kind()),
-            );
+            let found = node.value.kind();
+            self.error(path, node, format!("expected a list, found {found}"));
             return Vec::new();
         };
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let item_path = format!("{path}[{i}]");
-            if let Value::Map(fields) = &item.value {
-                let get = |k: &str| {
-                    fields
-                        .iter()
-                        .find(|(key, _)| key.name == k)
-                        .and_then(|(_, v)| v.value.scalar_text())
-                };
-                let Some(target) = get("target") else {
-                    self.error(&item_path, item, "a long-syntax port needs `target`".into());
-                    continue;
-                };
-                let mut spec = match (get("host_ip"), get("published")) {
-                    (Some(ip), Some(p)) => format!("{ip}:{p}:{target}"),
-                    (None, Some(p)) => format!("{p}:{target}"),
-                    _ => target,
-                };
-                if let Some(proto) = get("protocol") {
-                    spec = format!("{spec}/{proto}");
-                }
-                out.push(spec);
-            } else {
+            let Value::Map(fields) = &item.value else {
                 out.extend(self.text(&item_path, item));
+                continue;
+            };
+            let get = |k: &str| {
+                fields
+                    .iter()
+                    .find(|(key, _)| key.name == k)
+                    .and_then(|(_, v)| v.value.scalar_text())
+            };
+            match long(&get) {
+                Ok(short) => out.push(short),
+                Err(missing) => self.error(&item_path, item, missing.to_owned()),
             }
         }
         out
     }
 
+    /// Short (`"8080:80"`) and long (`{target: 80, published: 8080}`) port syntax.
+    fn ports(&mut self, path: &str, node: &Node) -> Vec<String> {
+        self.short_or_long(path, node, |get| {
+            let target = get("target").ok_or("a long-syntax port needs `target`")?;
+            let spec = match (get("host_ip"), get("published")) {
+                (Some(ip), Some(p)) => format!("{ip}:{p}:{target}"),
+                (None, Some(p)) => format!("{p}:{target}"),
+                _ => target,
+            };
+            Ok(match get("protocol") {
+                Some(proto) => format!("{spec}/{proto}"),
+                None => spec,
+            })
+        })
+    }
+
     /// Short (`"./data:/data:ro"`) and long (`{type: bind, source, target}`) syntax.
     fn volumes(&mut self, path: &str, node: &Node) -> Vec<String> {
-        let Value::Seq(items) = &node.value else {
-            self.error(
-                path,
-                node,
-                format!("expected a list, found {}", node.value.kind()),
-            );
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let item_path = format!("{path}[{i}]");
-            if let Value::Map(fields) = &item.value {
-                let get = |k: &str| {
-                    fields
-                        .iter()
-                        .find(|(key, _)| key.name == k)
-                        .and_then(|(_, v)| v.value.scalar_text())
-                };
-                match (get("source"), get("target")) {
-                    (Some(source), Some(target)) => {
-                        let ro = if get("read_only").as_deref() == Some("true") {
-                            ":ro"
-                        } else {
-                            ""
-                        };
-                        out.push(format!("{source}:{target}{ro}"));
-                    }
-                    (None, Some(target)) => out.push(target),
-                    _ => self.error(
-                        &item_path,
-                        item,
-                        "a long-syntax volume needs `target`".into(),
-                    ),
-                }
+        self.short_or_long(path, node, |get| {
+            let target = get("target").ok_or("a long-syntax volume needs `target`")?;
+            let ro = if get("read_only").as_deref() == Some("true") {
+                ":ro"
             } else {
-                out.extend(self.text(&item_path, item));
-            }
-        }
-        out
+                ""
+            };
+            Ok(match get("source") {
+                Some(source) => format!("{source}:{target}{ro}"),
+                None => target,
+            })
+        })
     }
 
     /// `healthcheck:` as a harness `command` check (it runs inside the container, as
@@ -444,15 +427,7 @@ pub fn import_compose(
     file: &str,
     default_name: &str,
 ) -> Result<ComposeImport, ConfigErrors> {
-    let root = yaml::parse_tree(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.to_owned(),
-            line: e.line,
-            column: e.column,
-            key: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }])
-    })?;
+    let root = yaml::parse_document(text, file)?;
     let mut t = Translator {
         file,
         errors: Vec::new(),

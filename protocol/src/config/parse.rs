@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::error::{ConfigError, ConfigErrors};
+use super::error::ConfigErrors;
 use super::model::*;
 use super::read::{join, unknown_message, Cx, Fields, Place, Spec};
 use super::validate;
@@ -20,15 +20,7 @@ use super::yaml::{self, Key, Node, Value};
 /// and `dependencies: [a]` / `depends_on: [a]` / `depends_on: {a: {condition: healthy}}`.
 /// Every problem found is returned, each naming the file, line and dotted key.
 pub fn parse_stack(text: &str, file: &str) -> Result<StackConfig, ConfigErrors> {
-    let root = yaml::parse_tree(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.to_owned(),
-            line: e.line,
-            column: e.column,
-            key: String::new(),
-            message: format!("invalid YAML: {}", e.message),
-        }])
-    })?;
+    let root = yaml::parse_document(text, file)?;
     let mut cx = Cx::new(file);
     let config = stack(&mut cx, &root);
     for problem in validate::problems(&config, file) {

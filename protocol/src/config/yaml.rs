@@ -113,6 +113,20 @@ pub(crate) fn parse_tree(text: &str) -> Result<Node, SyntaxError> {
     }
 }
 
+/// Parses `file`'s text into a tree; a syntax error becomes the one config error,
+/// "invalid YAML: ...", at its line and column.
+pub(crate) fn parse_document(text: &str, file: &str) -> Result<Node, super::ConfigErrors> {
+    parse_tree(text).map_err(|e| {
+        super::ConfigErrors(vec![super::ConfigError {
+            file: file.to_owned(),
+            line: e.line,
+            column: e.column,
+            key: String::new(),
+            message: format!("invalid YAML: {}", e.message),
+        }])
+    })
+}
+
 /// serde-saphyr appends " at line L column C" to its messages; we print the position in
 /// front, as `file:line:col`, so drop the duplicate. Advice meant for programmers ("set
 /// DuplicateKeyPolicy in Options") goes too.

@@ -126,6 +126,12 @@ impl Engine {
         }
     }
 
+    /// Whether the local `image` was made from the source with this hash.
+    async fn made_from(&self, image: &str, hash: &str) -> Result<bool, DeployError> {
+        let local = self.local_image(image).await?;
+        Ok(local.is_some_and(|(_, label)| label == hash))
+    }
+
     /// The id of a local image that must exist now.
     async fn image_id(&self, image: &str) -> Result<String, DeployError> {
         match self.local_image(image).await? {
@@ -164,11 +170,7 @@ impl Engine {
                 let context = context.clone();
                 let tarball = smol::unblock(move || tar_context(&context)).await?;
                 let hash = source_hash(&tarball);
-                if self
-                    .local_image(image)
-                    .await?
-                    .is_some_and(|(_, label)| label == hash)
-                {
+                if self.made_from(image, &hash).await? {
                     return Ok(());
                 }
                 progress(format!("building {image}"));
@@ -198,11 +200,7 @@ impl Engine {
                         source,
                     })?;
                 let hash = source_hash(&tarball);
-                if self
-                    .local_image(image)
-                    .await?
-                    .is_some_and(|(_, label)| label == hash)
-                {
+                if self.made_from(image, &hash).await? {
                     return Ok(());
                 }
                 progress(format!("importing {image} from {}", path.display()));
