@@ -26,12 +26,7 @@ services:
     target: { process: { binary: /bin/sh, args: [-c, "echo job runs; sleep 1; echo job done; exit 7"] } }
 "#,
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let before = get(&c, "keep", "chatty");
     let pid = before.pid.expect("chatty pid");
@@ -267,12 +262,7 @@ services:
     port: auto
 "#,
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let follow = |args: &[&str]| {
         let child = std::process::Command::new(tests::bin("harness"))
             .args(args)

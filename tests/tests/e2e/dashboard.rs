@@ -31,12 +31,7 @@ services:
     health_check: { type: http, url: "http://${self.addr}/health" }
 "#,
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
 
     let ui = d.cli(&dir, &["--json", "ui"]);
     assert!(

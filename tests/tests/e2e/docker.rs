@@ -114,17 +114,6 @@ fn labelled(instance: &str) -> (String, String) {
     )
 }
 
-#[track_caller]
-fn assert_ok(d: &TestDaemon, out: &std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        d.log()
-    );
-}
-
 #[test]
 fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_all() {
     // An image of its own, so that this run imports it and shows that as progress.

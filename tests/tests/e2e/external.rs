@@ -73,13 +73,7 @@ services:
 "#
         ),
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&up.stderr),
-        d.log()
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
 
     let db_info = get(&c, "ext", "db");

@@ -20,12 +20,7 @@ fn up_one_service(d: &TestDaemon) {
         &dir,
         "name: scripted\nservices:\n  web:\n    target: { process: { binary: DEMO, args: [--name, web, --port, '${self.port}'] } }\n    port: auto\n    health_check: { type: tcp }\n",
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert_ok(d, &d.cli(&dir, &["up"]), "harness up");
 }
 
 #[test]

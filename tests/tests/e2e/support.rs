@@ -79,3 +79,15 @@ pub fn http_get(addr: &str, path: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// Asserts that a CLI command succeeded; otherwise shows its output and the daemon's log.
+#[track_caller]
+pub fn assert_ok(d: &tests::TestDaemon, out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+}
