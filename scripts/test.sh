@@ -8,7 +8,7 @@ sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 
 # 1. Packages the tests need (only what is missing, so a warm machine skips apt).
 need=()
-for pkg in pkg-config libssl-dev iproute2 busybox-static procps python3 docker.io systemd chromium; do
+for pkg in pkg-config libssl-dev iproute2 openssh-server openssh-client busybox-static procps python3 docker.io systemd chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

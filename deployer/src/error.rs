@@ -118,4 +118,64 @@ pub enum DeployError {
         /// The cause.
         source: io::Error,
     },
+    /// An SSH connection or transfer failed.
+    #[error("ssh {host}: cannot {action}: {detail}")]
+    Ssh {
+        /// `user@address:port`.
+        host: String,
+        /// What was attempted.
+        action: String,
+        /// libssh2's message.
+        detail: String,
+    },
+    /// A remote command did not end in time.
+    #[error("ssh {host}: `{what}` did not finish within {timeout:?}")]
+    SshTimeout {
+        /// `user@address:port`.
+        host: String,
+        /// The command.
+        what: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// No known_hosts file knows the host's key.
+    #[error("ssh {host}: unknown host key {fingerprint} (not in {files}); check it and add it (`ssh-keyscan` the host into one of those files), or set `host_key_checking: accept-new` on the host")]
+    HostKeyUnknown {
+        /// `user@address:port`.
+        host: String,
+        /// The key's SHA256 fingerprint.
+        fingerprint: String,
+        /// The files looked in.
+        files: String,
+    },
+    /// The host's key differs from the recorded one.
+    #[error("ssh {host}: HOST KEY MISMATCH: the host offered {fingerprint}, which differs from the key recorded in {files}; someone may be intercepting the connection, or the host was reinstalled (then remove its old line)")]
+    HostKeyMismatch {
+        /// `user@address:port`.
+        host: String,
+        /// The offered key's SHA256 fingerprint.
+        fingerprint: String,
+        /// The files looked in.
+        files: String,
+    },
+    /// The host refused every key.
+    #[error("ssh {host}: authentication failed: {detail}")]
+    SshAuth {
+        /// `user@address:port`.
+        host: String,
+        /// What was tried and what each said.
+        detail: String,
+    },
+    /// A remote command exited non-zero.
+    #[error("{host}: {what} failed (exit {status}): {message}")]
+    RemoteCommand {
+        /// The host's address.
+        host: String,
+        /// What the command was for.
+        what: String,
+        /// Its exit status.
+        status: i32,
+        /// Its error output.
+        message: String,
+    },
 }

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use harness_client::Client;
+
+pub mod testbed;
 use protocol::DaemonFile;
 
 /// The directory holding this build's binaries (`target/debug`).

@@ -2,3 +2,4 @@
 
 pub mod docker;
 pub mod process;
+pub mod ssh;

@@ -7,6 +7,7 @@ mod daemon_restart;
 mod dashboard;
 mod docker;
 mod external;
+mod lan;
 mod lifecycle;
 mod scripts;
 mod support;

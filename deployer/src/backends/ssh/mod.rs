@@ -1,0 +1,433 @@
+//! SSH to LAN and remote hosts, on ssh2 (libssh2).
+//!
+//! libssh2 is blocking and a session is one mutex: every call, a channel read
+//! included, holds it. So each host gets one [`SshHost`]: a dedicated thread that owns
+//! the host's one session and runs jobs (commands, uploads) one after another, never
+//! on the executor. Callers await the job's answer on a channel. The session is made
+//! on first use, kept alive by keepalives while idle, and made again on the next job
+//! after any transport error, so a host that went away and came back just works.
+//!
+//! Host keys are checked strictly against the known_hosts files given; an unknown
+//! key is accepted only with [`HostKeyPolicy::AcceptNew`], which records it in the
+//! daemon's own known_hosts file (never the user's).
+
+mod connect;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ssh2::{ErrorCode, Session};
+
+pub use connect::HostKeyPolicy;
+
+use crate::DeployError;
+
+/// How often an idle session sends a keepalive.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Largest chunk written to SFTP at once.
+const UPLOAD_CHUNK: usize = 1 << 20;
+
+/// How to reach a host over SSH.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SshTarget {
+    /// Host name or address.
+    pub address: String,
+    /// SSH port.
+    pub port: u16,
+    /// User to log in as.
+    pub user: String,
+    /// Private key file; without one, the agent (`SSH_AUTH_SOCK`) and then the
+    /// default keys in `~/.ssh` are tried.
+    pub key: Option<PathBuf>,
+    /// known_hosts files to check the host key against, in order.
+    pub known_hosts: Vec<PathBuf>,
+    /// What to do with a host whose key no file knows.
+    pub policy: HostKeyPolicy,
+    /// The daemon's own known_hosts file: read too, and where `AcceptNew` writes.
+    pub own_known_hosts: PathBuf,
+    /// Connect and handshake timeout.
+    pub connect_timeout: Duration,
+}
+
+impl SshTarget {
+    /// `user@address:port`, for messages.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}", self.user, self.address, self.port)
+    }
+}
+
+/// What a remote command printed and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Exit status (-1 when the remote side did not say).
+    pub status: i32,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl CommandOutput {
+    /// Standard error (or output, when error is empty) as text, trimmed, for messages.
+    pub fn message(&self) -> String {
+        let text = if self.stderr.iter().all(u8::is_ascii_whitespace) {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        String::from_utf8_lossy(text).trim().to_owned()
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One host's SSH session, owned by a thread of its own. Cheap to clone; the thread
+/// ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct SshHost {
+    target: SshTarget,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for SshHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshHost")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// The worker thread's state: the target and, while connected, the session.
+struct Connection {
+    target: SshTarget,
+    live: Option<Live>,
+}
+
+struct Live {
+    session: Session,
+    /// A duplicate of the session's socket, to poll for readiness.
+    socket: TcpStream,
+}
+
+impl SshHost {
+    /// Starts the host's worker thread; nothing connects until the first job.
+    pub fn new(target: SshTarget) -> SshHost {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let mut conn = Connection {
+            target: target.clone(),
+            live: None,
+        };
+        let name = format!("ssh {}", target.address);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || loop {
+                match queue.recv_timeout(KEEPALIVE) {
+                    Ok(job) => job(&mut conn),
+                    Err(mpsc::RecvTimeoutError::Timeout) => conn.keepalive(),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            })
+            .expect("spawn an ssh thread");
+        SshHost { target, jobs }
+    }
+
+    /// The host this session reaches.
+    pub fn target(&self) -> &SshTarget {
+        &self.target
+    }
+
+    /// Runs `f` on the host's thread with a connected session.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Live, &SshTarget) -> Result<T, DeployError> + Send + 'static,
+    ) -> Result<T, DeployError> {
+        let (tx, rx) = async_channel::bounded(1);
+        let job: Job = Box::new(move |conn: &mut Connection| {
+            let target = conn.target.clone();
+            let result = conn.live().and_then(|live| f(live, &target));
+            if matches!(
+                result,
+                Err(DeployError::Ssh { .. } | DeployError::SshTimeout { .. })
+            ) {
+                // The session may be broken: make a new one for the next job.
+                conn.live = None;
+            }
+            let _ = tx.send_blocking(result);
+        });
+        self.jobs.send(job).map_err(|_| self.gone())?;
+        rx.recv().await.map_err(|_| self.gone())?
+    }
+
+    fn gone(&self) -> DeployError {
+        ssh_error(&self.target, "use the session", "its thread has ended")
+    }
+
+    /// Checks that the host answers and accepts us (connects when not connected).
+    pub async fn connect(&self) -> Result<(), DeployError> {
+        self.run(|_, _| Ok(())).await
+    }
+
+    /// Runs `command` (through the user's shell) with `stdin` as its input; fails only
+    /// when the command could not be run or did not end within `timeout`, not when it
+    /// exits non-zero.
+    pub async fn exec(
+        &self,
+        command: &str,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<CommandOutput, DeployError> {
+        let (command, stdin) = (command.to_owned(), stdin.to_vec());
+        self.run(move |live, target| live.exec(target, &command, &stdin, timeout))
+            .await
+    }
+
+    /// Like [`exec`](Self::exec), but a non-zero exit is an error that names `what`
+    /// and carries the command's own message.
+    pub async fn check(
+        &self,
+        what: &str,
+        command: &str,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<CommandOutput, DeployError> {
+        let out = self.exec(command, stdin, timeout).await?;
+        if out.status == 0 {
+            Ok(out)
+        } else {
+            Err(DeployError::RemoteCommand {
+                host: self.target.address.clone(),
+                what: what.to_owned(),
+                status: out.status,
+                message: out.message(),
+            })
+        }
+    }
+
+    /// Uploads `local` to `remote` over SFTP (written to a temporary name, then
+    /// renamed, so `remote` is never half written), with `mode`. `progress` is called
+    /// with (bytes sent, total) after each chunk. Returns the bytes sent.
+    pub async fn upload(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: i32,
+        progress: impl Fn(u64, u64) + Send + 'static,
+    ) -> Result<u64, DeployError> {
+        let (local, remote) = (local.to_owned(), remote.to_owned());
+        self.run(move |live, target| live.upload(target, &local, &remote, mode, progress))
+            .await
+    }
+}
+
+impl Connection {
+    fn live(&mut self) -> Result<&Live, DeployError> {
+        if self.live.is_none() {
+            let (session, socket) = connect::open(&self.target)?;
+            self.live = Some(Live { session, socket });
+        }
+        Ok(self.live.as_ref().expect("connected just above"))
+    }
+
+    fn keepalive(&mut self) {
+        if let Some(live) = &self.live {
+            if live.session.keepalive_send().is_err() {
+                self.live = None;
+            }
+        }
+    }
+}
+
+/// A transport-level SSH error.
+pub(crate) fn ssh_error(target: &SshTarget, action: &str, detail: impl ToString) -> DeployError {
+    DeployError::Ssh {
+        host: target.describe(),
+        action: action.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+fn is_timeout(e: &ssh2::Error) -> bool {
+    e.code() == ErrorCode::Session(-9) // LIBSSH2_ERROR_TIMEOUT
+}
+
+impl Live {
+    fn exec(
+        &self,
+        target: &SshTarget,
+        command: &str,
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<CommandOutput, DeployError> {
+        let deadline = Instant::now() + timeout;
+        let fail = |action: &str, e: ssh2::Error| {
+            if is_timeout(&e) {
+                DeployError::SshTimeout {
+                    host: target.describe(),
+                    what: command.to_owned(),
+                    timeout,
+                }
+            } else {
+                ssh_error(target, action, e)
+            }
+        };
+        let session = &self.session;
+        session.set_blocking(true);
+        session.set_timeout(timeout.as_millis().min(u32::MAX as u128) as u32);
+        let mut channel = session
+            .channel_session()
+            .map_err(|e| fail("open a channel", e))?;
+        channel
+            .exec(command)
+            .map_err(|e| fail("run a command", e))?;
+        if !stdin.is_empty() {
+            channel
+                .write_all(stdin)
+                .map_err(|e| ssh_error(target, "write a command's input", e))?;
+        }
+        channel
+            .send_eof()
+            .map_err(|e| fail("end a command's input", e))?;
+        // Read both streams as data arrives: reading one to its end first could fill
+        // the other's window and stall the command.
+        session.set_blocking(false);
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut buf = vec![0; 32 * 1024];
+        let read = 'read: loop {
+            let mut progressed = false;
+            for (stream, out) in [(0, &mut stdout), (1, &mut stderr)] {
+                match channel.stream(stream).read(&mut buf) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        out.extend_from_slice(&buf[..n]);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => break 'read Err(ssh_error(target, "read a command's output", e)),
+                }
+            }
+            if channel.eof() {
+                break Ok(());
+            }
+            if progressed {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(DeployError::SshTimeout {
+                    host: target.describe(),
+                    what: command.to_owned(),
+                    timeout,
+                });
+            }
+            self.wait_ready(left);
+        };
+        session.set_blocking(true);
+        read?;
+        channel
+            .wait_close()
+            .map_err(|e| fail("close a channel", e))?;
+        let status = channel.exit_status().unwrap_or(-1);
+        Ok(CommandOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Waits until the socket is ready in the direction libssh2 is blocked on, at
+    /// most `left`.
+    fn wait_ready(&self, left: Duration) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        use ssh2::BlockDirections;
+        let flags = match self.session.block_directions() {
+            BlockDirections::Inbound => PollFlags::IN,
+            BlockDirections::Outbound => PollFlags::OUT,
+            BlockDirections::Both | BlockDirections::None => PollFlags::IN | PollFlags::OUT,
+        };
+        let mut fds = [PollFd::from_borrowed_fd(self.socket.as_fd(), flags)];
+        let wait = left.min(Duration::from_millis(500));
+        let timeout = Timespec {
+            tv_sec: wait.as_secs() as i64,
+            tv_nsec: i64::from(wait.subsec_nanos()),
+        };
+        let _ = poll(&mut fds, Some(&timeout));
+    }
+
+    fn upload(
+        &self,
+        target: &SshTarget,
+        local: &Path,
+        remote: &str,
+        mode: i32,
+        progress: impl Fn(u64, u64),
+    ) -> Result<u64, DeployError> {
+        let fail = |action: &str, e: ssh2::Error| ssh_error(target, action, e);
+        let read_err = |source| DeployError::ReadFile {
+            path: local.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(local).map_err(read_err)?;
+        let total = file.metadata().map_err(read_err)?.len();
+        self.session.set_blocking(true);
+        self.session.set_timeout(60_000);
+        let sftp = self.session.sftp().map_err(|e| fail("start SFTP", e))?;
+        let tmp = format!("{remote}.part");
+        let mut out = sftp
+            .open_mode(
+                Path::new(&tmp),
+                ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::TRUNCATE,
+                mode,
+                ssh2::OpenType::File,
+            )
+            .map_err(|e| fail(&format!("create {tmp}"), e))?;
+        let mut buf = vec![0; UPLOAD_CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| ssh_error(target, &format!("write {tmp}"), e))?;
+            sent += n as u64;
+            progress(sent, total);
+        }
+        out.fsync().map_err(|e| fail(&format!("sync {tmp}"), e))?;
+        drop(out);
+        // POSIX rename replaces atomically; the OVERWRITE flag alone is refused by
+        // OpenSSH's sftp-server, so remove first when a plain rename fails.
+        if sftp
+            .rename(Path::new(&tmp), Path::new(remote), None)
+            .is_err()
+        {
+            let _ = sftp.unlink(Path::new(remote));
+            sftp.rename(Path::new(&tmp), Path::new(remote), None)
+                .map_err(|e| fail(&format!("rename {tmp} to {remote}"), e))?;
+        }
+        Ok(sent)
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn quote(s: &str) -> String {
+    // Only a NUL byte makes try_quote fail, and no path or argument holds one.
+    shlex::try_quote(s).map_or_else(|_| "''".to_owned(), |q| q.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_keeps_plain_words_and_wraps_the_rest() {
+        assert_eq!(quote("/opt/x-1.2/bin"), "/opt/x-1.2/bin");
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert!(quote("it's").contains("it"));
+    }
+}

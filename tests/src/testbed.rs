@@ -1,0 +1,447 @@
+//! The multi-host test bed: N "LAN hosts", each a network namespace joined by a veth
+//! pair to a bridge in the root namespace, each running a real OpenSSH `sshd` with
+//! generated host keys, and one generated user key that every host accepts.
+//!
+//! - Addresses come from 198.18.0.0/15 (never this machine's uplink): each bed takes
+//!   a free /24, `198.18.N.0/24`; the bridge (the harness host, the hub) is `.1`, host
+//!   `i` is `.(10 + i)`. Only that /24 is routed inside a host: nothing in a bed can
+//!   reach beyond it.
+//! - Names are unique per bed (`hb<id>` bridge, `hn<id>-<i>` namespace, `hv<id>-<i>`
+//!   veth); a record in /run/harness-testbed names what a bed made and which process
+//!   owns it, so a bed whose test process was killed is swept by the next bed.
+//! - The namespaces share the machine's filesystem, so each host gets its own
+//!   directory (its `install_root` lives there).
+//! - [`Drop`] ends every process in the bed's namespaces (only they can be in them),
+//!   then deletes the namespaces, veths, bridge, firewall rule and files.
+
+use std::fs;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{alive, wait_for};
+
+/// Where beds record what they made (for sweeping the leftovers of killed tests).
+const RECORDS: &str = "/run/harness-testbed";
+
+/// One SSH host of a bed.
+pub struct BedHost {
+    /// Index in the bed, from 0.
+    pub index: usize,
+    /// Network namespace name.
+    pub netns: String,
+    /// The host's address on the bed's LAN.
+    pub address: String,
+    /// This host's own directory (config, keys, `install_root`).
+    pub dir: PathBuf,
+    /// Where packages are installed on this host.
+    pub install_root: PathBuf,
+    /// The root-namespace end of the host's veth pair (down = link cut).
+    pub veth: String,
+    /// A known_hosts line for this host's key.
+    pub known_hosts_line: String,
+    sshd: Option<Child>,
+}
+
+/// A set of SSH hosts in network namespaces; removed completely on drop.
+pub struct TestBed {
+    /// Unique id of this bed (part of every name it makes).
+    pub id: String,
+    /// The bridge in the root namespace.
+    pub bridge: String,
+    /// The hub's address on the bed's LAN (the bridge's).
+    pub hub_address: String,
+    /// The hosts.
+    pub hosts: Vec<BedHost>,
+    /// The user key every host accepts (OpenSSH format, no passphrase).
+    pub user_key: PathBuf,
+    /// A known_hosts file with every host's key.
+    pub known_hosts: PathBuf,
+    /// The bed's directory.
+    pub dir: PathBuf,
+    /// The bed's LAN, e.g. `198.18.7.0/24`.
+    pub subnet: String,
+    forward_rule: bool,
+    _tmp: tempfile::TempDir,
+}
+
+/// Runs a command; panics with its output when it fails.
+#[track_caller]
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and ignores how it ends (cleanup).
+fn run_quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Makes an ed25519 key pair without a passphrase; returns the public key line.
+pub fn keygen(path: &Path, comment: &str) -> String {
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            comment,
+            "-f",
+            &path.display().to_string(),
+        ],
+    );
+    fs::read_to_string(path.with_extension("pub"))
+        .expect("public key")
+        .trim()
+        .to_owned()
+}
+
+impl TestBed {
+    /// Makes a bed of `n` hosts (at most 200) and waits until every sshd accepts
+    /// connections.
+    pub fn new(n: usize) -> TestBed {
+        assert!(n <= 200, "a bed has at most 200 hosts");
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "/usr/sbin/sshd is missing (Debian's openssh-server; ./scripts/test.sh installs it)"
+        );
+        sweep_dead_beds();
+        let tmp = tempfile::Builder::new()
+            .prefix("harness-bed-")
+            .tempdir()
+            .expect("bed dir");
+        let dir = tmp.path().to_owned();
+        let id = unique_id();
+        let bridge = format!("hb{id}");
+        // Claiming a subnet and making the bridge happen under one lock, so two beds
+        // never take the same /24.
+        fs::create_dir_all(RECORDS).expect("records dir");
+        let lock = fs::File::create(Path::new(RECORDS).join(".lock")).expect("lock file");
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("lock");
+        let third = free_subnet();
+        let subnet = format!("{third}.0/24");
+        let hub_address = format!("{third}.1");
+        record(&id, &format!("bridge {bridge}\n"));
+        run("ip", &["link", "add", &bridge, "type", "bridge"]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{hub_address}/24"), "dev", &bridge],
+        );
+        run("ip", &["link", "set", &bridge, "up"]);
+        drop(lock);
+        // Docker sets the FORWARD policy to DROP and (with br_netfilter) bridged frames
+        // pass through it: let the bed's hosts talk to each other.
+        let forward_rule = Command::new("iptables")
+            .args([
+                "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if forward_rule {
+            record(&id, &format!("forward {bridge}\n"));
+        }
+        let user_key = dir.join("id_ed25519");
+        let user_pub = keygen(&user_key, &format!("harness-bed-{id}"));
+        let mut bed = TestBed {
+            id: id.clone(),
+            bridge,
+            hub_address,
+            hosts: Vec::new(),
+            user_key,
+            known_hosts: dir.join("known_hosts"),
+            dir,
+            subnet,
+            forward_rule,
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            let host = bed.add_host(i, &third, &user_pub);
+            bed.hosts.push(host);
+        }
+        let lines: String = bed
+            .hosts
+            .iter()
+            .map(|h| format!("{}\n", h.known_hosts_line))
+            .collect();
+        fs::write(&bed.known_hosts, lines).expect("known_hosts");
+        for i in 0..n {
+            bed.start_sshd(i);
+        }
+        bed
+    }
+
+    fn add_host(&self, i: usize, third: &str, user_pub: &str) -> BedHost {
+        let netns = format!("hn{}-{i}", self.id);
+        let veth = format!("hv{}-{i}", self.id);
+        let peer = format!("hp{}-{i}", self.id);
+        let address = format!("{third}.{}", 10 + i);
+        record(&self.id, &format!("netns {netns}\nlink {veth}\n"));
+        run("ip", &["netns", "add", &netns]);
+        run(
+            "ip",
+            &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
+        );
+        run("ip", &["link", "set", &veth, "master", &self.bridge]);
+        run("ip", &["link", "set", &veth, "up"]);
+        run("ip", &["link", "set", &peer, "netns", &netns]);
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &netns, "ip"];
+            all.extend_from_slice(args);
+            run("ip", &all);
+        };
+        in_ns(&["link", "set", &peer, "name", "eth0"]);
+        in_ns(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+        in_ns(&["link", "set", "eth0", "up"]);
+        in_ns(&["link", "set", "lo", "up"]);
+
+        let dir = self.dir.join(format!("host{i}"));
+        let install_root = dir.join("root");
+        fs::create_dir_all(&install_root).expect("host dir");
+        let host_key = dir.join("ssh_host_ed25519_key");
+        let host_pub = keygen(&host_key, &format!("host{i}"));
+        let key_only: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+        fs::write(dir.join("authorized_keys"), format!("{user_pub}\n")).expect("authorized_keys");
+        let config = format!(
+            "Port 22\nListenAddress {address}\nHostKey {key}\nPidFile {dir}/sshd.pid\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\nMaxSessions 64\n\
+             MaxStartups 64\n",
+            key = host_key.display(),
+            dir = dir.display(),
+        );
+        fs::write(dir.join("sshd_config"), config).expect("sshd_config");
+        BedHost {
+            index: i,
+            netns,
+            known_hosts_line: format!("{address} {}", key_only.join(" ")),
+            address,
+            dir,
+            install_root,
+            veth,
+            sshd: None,
+        }
+    }
+
+    /// Starts host `i`'s sshd (again) and waits until it accepts connections.
+    pub fn start_sshd(&mut self, i: usize) {
+        // sshd's privilege separation directory; Debian makes it at boot.
+        fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        let host = &mut self.hosts[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(host.dir.join("sshd.log"))
+            .expect("sshd log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.netns,
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+            ])
+            .arg(host.dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        host.sshd = Some(child);
+        let addr: SocketAddr = format!("{}:22", host.address).parse().expect("address");
+        wait_for(
+            &format!("sshd of {} to accept", host.address),
+            Duration::from_secs(10),
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok(),
+        );
+    }
+
+    /// Kills host `i`'s sshd (SIGKILL; its sessions' processes stay).
+    pub fn kill_sshd(&mut self, i: usize) {
+        if let Some(mut child) = self.hosts[i].sshd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Cuts (or restores) host `i`'s link to the bridge.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        run("ip", &["link", "set", &self.hosts[i].veth, state]);
+    }
+
+    /// Runs `script` with `sh -c` inside host `i`'s namespace; returns its output.
+    pub fn sh(&self, i: usize, script: &str) -> String {
+        run(
+            "ip",
+            &["netns", "exec", &self.hosts[i].netns, "sh", "-c", script],
+        )
+    }
+
+    /// The pids of every process in host `i`'s namespace.
+    pub fn pids(&self, i: usize) -> Vec<u32> {
+        netns_pids(&self.hosts[i].netns)
+    }
+
+    /// A `hosts:` block naming every host `host0..hostN` for a harness config.
+    pub fn hosts_yaml(&self) -> String {
+        let mut out = String::from("hosts:\n");
+        for h in &self.hosts {
+            out += &format!(
+                "  host{i}: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}\n",
+                i = h.index,
+                addr = h.address,
+                key = self.user_key.display(),
+                kh = self.known_hosts.display(),
+                root = h.install_root.display(),
+            );
+        }
+        out
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill_sshd(i);
+        }
+        let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
+        remove(&self.id, &self.bridge, &names, self.forward_rule);
+    }
+}
+
+/// Ends every process in the namespaces, then removes namespaces, links and rule.
+fn remove(id: &str, bridge: &str, netns: &[String], forward_rule: bool) {
+    for ns in netns {
+        for pid in netns_pids(ns) {
+            run_quiet("kill", &["-KILL", &pid.to_string()]);
+        }
+        let _ = wait_gone(ns);
+        // Deleting the namespace deletes the veth pair with it.
+        run_quiet("ip", &["netns", "del", ns]);
+    }
+    if forward_rule {
+        run_quiet(
+            "iptables",
+            &["-D", "FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"],
+        );
+    }
+    run_quiet("ip", &["link", "del", bridge]);
+    let _ = fs::remove_file(Path::new(RECORDS).join(id));
+}
+
+fn wait_gone(ns: &str) -> bool {
+    for _ in 0..100 {
+        if netns_pids(ns).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn netns_pids(ns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A short id unique among live beds: this process's pid and a per-process counter.
+fn unique_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Interface names have at most 15 bytes: "hv" + id + "-" + index.
+    format!("{:x}{n:x}", std::process::id() & 0xfffff)
+}
+
+/// Appends to this bed's record, which starts with the owning pid.
+fn record(id: &str, line: &str) {
+    let path = Path::new(RECORDS).join(id);
+    let new = !path.exists();
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("bed record");
+    if new {
+        writeln!(f, "pid {}", std::process::id()).expect("bed record");
+    }
+    f.write_all(line.as_bytes()).expect("bed record");
+}
+
+/// Removes what beds of dead test processes left.
+fn sweep_dead_beds() {
+    let Ok(entries) = fs::read_dir(RECORDS) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        if id.starts_with('.') {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+                .collect()
+        };
+        let owner = field("pid ").first().and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(alive) {
+            continue;
+        }
+        let bridge = field("bridge ").pop().unwrap_or_default();
+        remove(
+            &id,
+            &bridge,
+            &field("netns "),
+            !field("forward ").is_empty(),
+        );
+    }
+}
+
+/// The third octet's prefix (`198.18.N`) of a /24 in 198.18.0.0/15 that no interface
+/// of this machine uses.
+fn free_subnet() -> String {
+    let used = run("ip", &["-4", "-o", "addr", "show"]);
+    let start = std::process::id() as usize;
+    (0..512)
+        .map(|k| (start + k) % 512)
+        .map(|n| format!("198.{}.{}", 18 + n / 256, n % 256))
+        .find(|p| !used.contains(&format!(" {p}.")))
+        .expect("a free /24 in 198.18.0.0/15")
+}

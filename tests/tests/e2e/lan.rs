@@ -1,0 +1,193 @@
+//! LAN hosts over SSH: the test bed's real sshd hosts in network namespaces.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deployer::ssh::{HostKeyPolicy, SshHost, SshTarget};
+use tests::testbed::TestBed;
+
+#[test]
+fn the_test_bed_hosts_answer_ssh_with_their_own_keys() {
+    let bed = TestBed::new(2);
+    for h in &bed.hosts {
+        let out = std::process::Command::new("ssh")
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", bed.known_hosts.display()))
+            .arg("-i")
+            .arg(&bed.user_key)
+            .arg(format!("root@{}", h.address))
+            .arg("ip -4 -o addr show dev eth0")
+            .output()
+            .expect("ssh");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&h.address), "{text}");
+    }
+}
+
+fn target(bed: &TestBed, i: usize, known_hosts: Vec<PathBuf>, policy: HostKeyPolicy) -> SshTarget {
+    SshTarget {
+        address: bed.hosts[i].address.clone(),
+        port: 22,
+        user: "root".into(),
+        key: Some(bed.user_key.clone()),
+        known_hosts,
+        policy,
+        own_known_hosts: bed.dir.join("own_known_hosts"),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+#[test]
+fn ssh_runs_commands_and_uploads_over_one_session() {
+    let bed = TestBed::new(1);
+    let host = SshHost::new(target(
+        &bed,
+        0,
+        vec![bed.known_hosts.clone()],
+        HostKeyPolicy::Strict,
+    ));
+    smol::block_on(async {
+        let out = host
+            .exec(
+                "cat; echo out; echo err >&2; exit 7",
+                b"in\n",
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("exec");
+        assert_eq!(out.status, 7);
+        assert_eq!(out.stdout, b"in\nout\n");
+        assert_eq!(out.stderr, b"err\n");
+        // A command's output larger than the channel window, on both streams.
+        let out = host
+            .exec(
+                "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2",
+                b"",
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("big output");
+        assert_eq!((out.stdout.len(), out.stderr.len()), (3_000_000, 3_000_000));
+        let err = host
+            .exec("sleep 5", b"", Duration::from_millis(300))
+            .await
+            .expect_err("times out");
+        assert!(err.to_string().contains("did not finish within"), "{err}");
+        // The session is made again after the timeout.
+        let local = bed.dir.join("payload");
+        let data: Vec<u8> = (0..2_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&local, &data).unwrap();
+        let remote = bed.hosts[0].dir.join("uploaded");
+        let sent = host
+            .upload(&local, &remote.display().to_string(), 0o640, |_, _| {})
+            .await
+            .expect("upload");
+        assert_eq!(sent, data.len() as u64);
+        assert_eq!(std::fs::read(&remote).unwrap(), data);
+        let mode = std::fs::metadata(&remote).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    });
+}
+
+#[test]
+fn ssh_refuses_unknown_and_mismatched_host_keys_and_accepts_new_only_when_told() {
+    let bed = TestBed::new(1);
+    let empty = bed.dir.join("empty_known_hosts");
+    std::fs::write(&empty, "").unwrap();
+    let unknown = SshHost::new(target(&bed, 0, vec![empty.clone()], HostKeyPolicy::Strict));
+    let err = smol::block_on(unknown.connect()).expect_err("unknown key refused");
+    let text = err.to_string();
+    assert!(text.contains("unknown host key SHA256:"), "{text}");
+    assert!(text.contains("accept-new"), "{text}");
+    assert!(!bed.dir.join("own_known_hosts").exists());
+
+    // Another key recorded for the address: a mismatch, also when types differ.
+    let other = tests::testbed::keygen(&bed.dir.join("other_key"), "other");
+    let wrong = bed.dir.join("wrong_known_hosts");
+    let fields: Vec<&str> = other.split_whitespace().take(2).collect();
+    std::fs::write(
+        &wrong,
+        format!("{} {}\n", bed.hosts[0].address, fields.join(" ")),
+    )
+    .unwrap();
+    let mismatched = SshHost::new(target(
+        &bed,
+        0,
+        vec![wrong.clone()],
+        HostKeyPolicy::AcceptNew,
+    ));
+    let err = smol::block_on(mismatched.connect()).expect_err("mismatch refused");
+    assert!(err.to_string().contains("HOST KEY MISMATCH"), "{err}");
+    assert!(
+        !bed.dir.join("own_known_hosts").exists(),
+        "a mismatch is never recorded"
+    );
+
+    // accept-new records the key, and the record is then checked strictly.
+    let tofu = SshHost::new(target(
+        &bed,
+        0,
+        vec![empty.clone()],
+        HostKeyPolicy::AcceptNew,
+    ));
+    smol::block_on(tofu.connect()).expect("accept-new connects");
+    let own = std::fs::read_to_string(bed.dir.join("own_known_hosts")).unwrap();
+    assert!(own.contains(&bed.hosts[0].address), "{own}");
+    let strict = SshHost::new(target(&bed, 0, vec![empty], HostKeyPolicy::Strict));
+    smol::block_on(strict.connect()).expect("the recorded key is known now");
+    // OpenSSH agrees with what was written.
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-F")
+        .arg(&bed.hosts[0].address)
+        .arg("-f")
+        .arg(bed.dir.join("own_known_hosts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn ssh_logs_in_through_the_agent_when_no_key_file_is_given() {
+    let bed = TestBed::new(1);
+    let sock = bed.dir.join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    tests::wait_for("agent socket", Duration::from_secs(5), || {
+        sock.exists().then_some(())
+    });
+    let added = std::process::Command::new("ssh-add")
+        .arg(&bed.user_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    // SSH_AUTH_SOCK is read at connect time; this test process has no other use of it.
+    std::env::set_var("SSH_AUTH_SOCK", &sock);
+    let mut t = target(
+        &bed,
+        0,
+        vec![bed.known_hosts.clone()],
+        HostKeyPolicy::Strict,
+    );
+    t.key = None;
+    let result = smol::block_on(SshHost::new(t).exec("echo agent", b"", Duration::from_secs(10)));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(result.expect("agent auth").stdout, b"agent\n");
+}
