@@ -35,5 +35,5 @@ mod backends;
 mod error;
 pub mod logs;
 
-pub use backends::{docker, process, ssh};
+pub use backends::{docker, process, remote, ssh};
 pub use error::DeployError;

@@ -41,7 +41,7 @@ pub fn container_name(stack: &str, name: &str) -> String {
 pub fn record_of(rec: &ServiceRecord) -> Option<ContainerRecord> {
     match crate::run::Run::of(rec)? {
         crate::run::Run::Container(c) => Some(c),
-        crate::run::Run::Process(_) | crate::run::Run::Reused(_) => None,
+        _ => None,
     }
 }
 

@@ -135,6 +135,8 @@ pub struct Core {
     pub logins: crate::logins::Logins,
     /// The Docker engine, connected on first use (see `containers`).
     pub docker: async_lock::Mutex<Option<deployer::docker::Engine>>,
+    /// SSH sessions, one per host and login (see `remote`).
+    pub ssh: Mutex<HashMap<deployer::ssh::SshTarget, deployer::ssh::SshHost>>,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
     state: Mutex<State>,
 }
@@ -164,6 +166,7 @@ impl Core {
             semaphores: Mutex::new(HashMap::new()),
             logins: Default::default(),
             docker: async_lock::Mutex::new(None),
+            ssh: Mutex::new(HashMap::new()),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {
                 snap,

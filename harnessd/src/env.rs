@@ -12,7 +12,9 @@
 //! The address a caller is given for a service depends on where the caller runs
 //! ([`Place`]), as DESIGN.md's network model says: a host process reaches a process at
 //! 127.0.0.1 and a container at its published port; a container reaches a process
-//! through its network's gateway and another container at its bridge address.
+//! through its network's gateway and another container at its bridge address; a LAN
+//! host reaches the harness host at the address the kernel uses towards it, and a
+//! LAN service at its host's address.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,12 @@ pub enum Place {
     Container {
         /// The network's gateway address.
         gateway: String,
+    },
+    /// A host on the LAN, reached over SSH; `hub` is the harness host's address as
+    /// that host sees it.
+    Lan {
+        /// The harness host's address towards that host.
+        hub: String,
     },
     /// The daemon's own health checks, which reach containers at their bridge
     /// address (a published port is accepted by docker-proxy before the app listens,
@@ -53,6 +61,9 @@ pub fn place_of(st: &State, stack: &str, name: &str) -> Place {
                 .and_then(|c| c.gateway)
                 .unwrap_or_else(|| "host-gateway".to_owned()),
         },
+        Some(Target::RemoteLan(_)) => {
+            crate::remote::lan_place(&stack_rec.config, name).unwrap_or(Place::Host)
+        }
         _ => Place::Host,
     }
 }
@@ -86,6 +97,10 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
                 .unwrap_or_else(|| target.to_owned());
             Some((host, port))
         }
+        (Target::RemoteLan(_), _) => {
+            let (_, _, host) = crate::remote::remote_target(&stack_rec.config, target)?;
+            Some((host.address, rec.port?))
+        }
         (Target::External(t), place) => {
             let (host, port) = t.host_port()?;
             // A loopback address is the harness host's; a container reaches that
@@ -96,10 +111,13 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
                     .is_ok_and(|ip| ip.is_loopback());
             match place {
                 Place::Container { gateway } if loopback => Some((gateway.clone(), port)),
+                Place::Lan { hub } if loopback => Some((hub.clone(), port)),
                 _ => Some((host, port)),
             }
         }
         (_, Place::Container { gateway }) => Some((gateway.clone(), rec.port?)),
+        // A process or a container's published port, on the harness host.
+        (_, Place::Lan { hub }) => Some((hub.clone(), rec.port?)),
         _ => Some(("127.0.0.1".to_owned(), rec.port?)),
     }
 }
@@ -177,6 +195,7 @@ pub fn service_env(
     let target_env = match &cfg.target {
         Target::Process(p) => Some(&p.env),
         Target::Docker(d) => Some(&d.env),
+        Target::RemoteLan(r) => Some(&r.env),
         _ => None,
     };
     for (k, v) in target_env.into_iter().flatten().chain(&cfg.env) {

@@ -47,6 +47,14 @@ pub enum Probe {
         expected: i32,
         env: Vec<(String, String)>,
     },
+    /// Run a shell command on the service's SSH host, in its run directory and with
+    /// its environment.
+    OnHost {
+        run: crate::remote::RemoteRun,
+        command: String,
+        shown: String,
+        expected: i32,
+    },
     /// Run a program with the service's environment.
     Command {
         argv: Vec<String>,
@@ -65,6 +73,7 @@ impl Probe {
             Probe::Command { argv, .. } | Probe::InContainer { argv, .. } => {
                 format!("command {}", argv.join(" "))
             }
+            Probe::OnHost { shown, .. } => format!("command {shown}"),
         }
     }
 
@@ -85,6 +94,24 @@ impl Probe {
                 } => {
                     let out = crate::exec::run_captured(argv, env, cwd.as_deref()).await?;
                     judge(out, *expected)
+                }
+                Probe::OnHost {
+                    run,
+                    command,
+                    expected,
+                    ..
+                } => {
+                    let ssh = core.ssh_for_run(run)?;
+                    let out = ssh
+                        .exec(command, b"", timeout)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    judge((Some(out.status), text), *expected)
                 }
                 Probe::InContainer {
                     container,
@@ -148,6 +175,12 @@ pub fn probe_for(
             c.ip.clone(),
             crate::containers::main_port(cfg).map(|m| m.container_port),
         ),
+        (protocol::config::Target::RemoteLan(_), _) => {
+            match env::endpoint(stack_rec, name, &env::Place::Probe) {
+                Some((host, port)) => (Some(host), Some(port)),
+                None => (None, None),
+            }
+        }
         _ => (Some("127.0.0.1".to_owned()), rec.and_then(|r| r.port)),
     };
     let place = env::Place::Probe;
@@ -233,6 +266,25 @@ fn command_probe(
                 argv,
                 expected,
                 env,
+            })
+        }
+        Some(protocol::config::Target::RemoteLan(_)) => {
+            let run = match st.service(stack, name).and_then(crate::run::Run::of) {
+                Some(crate::run::Run::Remote(r)) => r,
+                _ => return Err(format!("service {name}: it is not running on its host")),
+            };
+            let shown = argv.join(" ");
+            let argv: Vec<String> = argv.iter().map(|a| deployer::ssh::quote(a)).collect();
+            let dir = deployer::ssh::quote(&run.record.remote_dir);
+            let command = format!(
+                "cd {dir} && set -a && . ./env && set +a && exec {}",
+                argv.join(" ")
+            );
+            Ok(Probe::OnHost {
+                run,
+                command,
+                shown,
+                expected,
             })
         }
         Some(protocol::config::Target::Process(p)) => Ok(Probe::Command {

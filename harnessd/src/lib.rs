@@ -24,6 +24,7 @@ mod logins;
 mod notify;
 mod orchestrator;
 mod persist;
+mod remote;
 pub mod pki;
 pub mod run;
 mod server;

@@ -231,10 +231,13 @@ impl Core {
                 let target = &rec.config.services[n].target;
                 if !matches!(
                     target,
-                    Target::Process(_) | Target::Docker(_) | Target::External(_)
+                    Target::Process(_)
+                        | Target::Docker(_)
+                        | Target::External(_)
+                        | Target::RemoteLan(_)
                 ) {
                     return Err(OpError::Unsupported(format!(
-                        "service {n}: the {} backend is not available in this build yet; use a process, docker or external target",
+                        "service {n}: the {} backend is not available in this build yet; use a process, docker, remote_lan or external target",
                         target.backend()
                     )));
                 }
@@ -342,7 +345,7 @@ impl Core {
 
     /// Starts one run of a service and starts its watcher and health monitor.
     async fn launch(self: &Arc<Self>, stack: &str, name: &str, generation: u64) {
-        let (is_container, is_external) = self.read(|st| {
+        let (is_container, is_external, is_remote) = self.read(|st| {
             let target = st
                 .stack(stack)
                 .and_then(|r| r.config.services.get(name))
@@ -350,6 +353,7 @@ impl Core {
             (
                 matches!(target, Some(Target::Docker(_))),
                 matches!(target, Some(Target::External(_))),
+                matches!(target, Some(Target::RemoteLan(_))),
             )
         });
         if !self.read(|st| current(st, stack, name, generation)) {
@@ -365,6 +369,8 @@ impl Core {
             self.launch_container(stack, name)
                 .await
                 .map(|(record, _)| Run::Container(record))
+        } else if is_remote {
+            self.launch_remote(stack, name).await.map(Run::Remote)
         } else {
             self.launch_process(stack, name).await.map(Run::Process)
         };
@@ -490,6 +496,21 @@ impl Core {
             tasks.push(self.ex.spawn(async move {
                 let copied = match core.engine().await {
                     Ok(engine) => engine.copy_logs(&id, &log, LOG_MAX_BYTES, LOG_KEEP).await,
+                    Err(_) => Ok(()),
+                };
+                if let Err(e) = copied {
+                    tracing::warn!("{e}");
+                }
+            }));
+        }
+        if let Run::Remote(r) = &run {
+            let (core, r, log) = (self.clone(), r.clone(), self.log_path(stack, name));
+            tasks.push(self.ex.spawn(async move {
+                let copied = match core.ssh_for_run(&r) {
+                    Ok(ssh) => {
+                        deployer::remote::copy_logs(&ssh, &r.record, &log, LOG_MAX_BYTES, LOG_KEEP)
+                            .await
+                    }
                     Err(_) => Ok(()),
                 };
                 if let Err(e) = copied {
@@ -837,6 +858,9 @@ enum Found {
 /// between starting it and saving the record) the record its shim wrote or the
 /// container of its name.
 async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Run>) -> Found {
+    if let Some(Run::Remote(r)) = recorded {
+        return find_remote(core, r).await;
+    }
     let is_container = core.read(|st| {
         st.stack(stack)
             .and_then(|r| r.config.services.get(name))
@@ -887,6 +911,28 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
             Found::Gone("its container disappeared while the daemon was down".to_owned())
         }
         Err(e) => Found::Gone(e.to_string()),
+    }
+}
+
+/// Asks the host how a recorded remote run does.
+async fn find_remote(core: &Arc<Core>, run: crate::remote::RemoteRun) -> Found {
+    let ssh = match core.ssh_for_run(&run) {
+        Ok(ssh) => ssh,
+        Err(e) => return Found::Gone(e),
+    };
+    match deployer::remote::state(&ssh, &run.record).await {
+        Ok(deployer::remote::RemoteState::Running) => Found::Alive(Run::Remote(run)),
+        Ok(deployer::remote::RemoteState::Exited(status)) => Found::Exited(status),
+        Ok(deployer::remote::RemoteState::Gone) => Found::Gone(format!(
+            "its process on {} disappeared while the daemon was down",
+            run.record.address
+        )),
+        // The host may be unreachable for a while: keep the record and watch it; the
+        // watcher keeps asking.
+        Err(e) => {
+            tracing::warn!("{}: {e}", run.remote_service);
+            Found::Alive(Run::Remote(run))
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use registry::ServiceRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::core::Core;
+use crate::remote::RemoteRun;
 
 /// A running service: a process under its shim, or a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,8 @@ pub enum Run {
     Process(ProcessRecord),
     /// A container.
     Container(ContainerRecord),
+    /// A process on an SSH host.
+    Remote(RemoteRun),
     /// An instance the harness found running and uses (`reuse_if_running`); it was
     /// not started by the harness and is never stopped by it.
     Reused(ReusedRecord),
@@ -48,7 +51,7 @@ impl Run {
         match self {
             Run::Process(p) => Some(p.pid),
             Run::Container(c) => c.pid,
-            Run::Reused(_) => None,
+            Run::Remote(_) | Run::Reused(_) => None,
         }
     }
 
@@ -65,6 +68,10 @@ impl Run {
                 .unwrap_or_else(|e| lost(e.to_string())),
             Run::Container(c) => match core.engine().await {
                 Ok(engine) => engine.wait_exit(&c.container_id).await,
+                Err(e) => lost(e),
+            },
+            Run::Remote(r) => match core.ssh_for_run(r) {
+                Ok(ssh) => deployer::remote::wait_exit(&ssh, &r.record, REMOTE_POLL).await,
                 Err(e) => lost(e),
             },
             // Not ours to watch: its health check tells how it does.
@@ -88,7 +95,17 @@ impl Run {
                     }
                 }
             }
+            Run::Remote(r) => {
+                let ssh = core.ssh_for_run(r).ok()?;
+                if let Err(e) = deployer::remote::stop(&ssh, &r.record, signal, timeout).await {
+                    tracing::warn!("{}: {e}", r.remote_service);
+                }
+                None
+            }
             Run::Reused(_) => None,
         }
     }
 }
+
+/// How often the state of a run on an SSH host is polled.
+const REMOTE_POLL: Duration = Duration::from_secs(1);

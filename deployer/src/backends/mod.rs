@@ -2,4 +2,5 @@
 
 pub mod docker;
 pub mod process;
+pub mod remote;
 pub mod ssh;

@@ -85,6 +85,10 @@ pub struct HostConfig {
     /// Where releases are installed (default `/opt/harness`).
     #[serde(default)]
     pub install_root: Option<String>,
+    /// `strict` (default: an unknown host key is refused) or `accept-new` (an unknown
+    /// key is recorded in the daemon's known_hosts; a changed one is still refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_checking: Option<String>,
 }
 
 /// One service.

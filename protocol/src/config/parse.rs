@@ -72,6 +72,7 @@ const HOST: Spec = Spec {
         "known_hosts",
         "sudo",
         "install_root",
+        "host_key_checking",
     ],
     retired: &[
         ("key_file", "use `ssh_key`"),
@@ -396,6 +397,7 @@ fn hosts(cx: &mut Cx<'_>, node: &Node) -> BTreeMap<String, HostConfig> {
                 .and_then(|n| cx.boolean(n, &f.key("sudo")))
                 .unwrap_or(false),
             install_root: f.text(cx, "install_root"),
+            host_key_checking: f.text(cx, "host_key_checking"),
         };
         out.insert(key.name.clone(), host);
     }

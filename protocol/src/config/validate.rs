@@ -100,7 +100,18 @@ fn check_host(p: &mut Problems<'_>, key: &str, host: &HostConfig) {
     if host.port == Some(0) {
         p.add(join(key, "port"), bad_port_message("0"));
     }
+    if let Some(policy) = &host.host_key_checking {
+        if !HOST_KEY_POLICIES.contains(&policy.as_str()) {
+            p.add(
+                join(key, "host_key_checking"),
+                format!("bad host_key_checking {policy:?}: use `strict` or `accept-new`"),
+            );
+        }
+    }
 }
+
+/// Values of `host_key_checking`.
+pub const HOST_KEY_POLICIES: [&str; 2] = ["strict", "accept-new"];
 
 fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &ServiceConfig) {
     let key = join("services", name);

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use deployer::ssh::{HostKeyPolicy, SshHost, SshTarget};
+use protocol::methods::{Health, ServiceState};
 use tests::testbed::TestBed;
+use tests::TestDaemon;
+
+use crate::support::*;
 
 #[test]
 fn the_test_bed_hosts_answer_ssh_with_their_own_keys() {
@@ -190,4 +194,72 @@ fn ssh_logs_in_through_the_agent_when_no_key_file_is_given() {
     let _ = agent.kill();
     let _ = agent.wait();
     assert_eq!(result.expect("agent auth").stdout, b"agent\n");
+}
+
+/// Processes of host `i` other than its sshd (and that sshd's session children).
+fn services_on(bed: &TestBed, i: usize) -> Vec<String> {
+    bed.sh(i, "ps -eo pid,args | grep -v -e sshd -e 'ps -eo' -e grep -e 'sh -c' | tail -n +2 || true")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_lan_service_and_local_processes_reach_each_other_through_injected_addresses() {
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("lan");
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: lan
+{hosts}
+services:
+  db:
+    target: {{ process: {{ binary: DEMO, args: [--name, db, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  api:
+    target: {{ remote_lan: {{ host: host0, binary: DEMO, args: [--name, api, --port, "${{self.port}}", --upstream, "db=${{db.addr}}"] }} }}
+    port: auto
+    depends_on: {{ db: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
+  web:
+    target: {{ process: {{ binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
+    port: auto
+    depends_on: {{ api: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+            hosts = bed.hosts_yaml()
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    let api = get(&c, "lan", "api");
+    assert_eq!((api.state, api.health), (ServiceState::Running, Health::Healthy));
+    let port = api.port.expect("api port");
+    assert_eq!(api.address, Some(format!("{}:{port}", bed.hosts[0].address)));
+    // The LAN service was given the hub's address on the LAN for the local db, and
+    // reached it (its health needs its upstream), and web reached the LAN service.
+    let db_port = get(&c, "lan", "db").port.expect("db port");
+    let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "api"]).stdout).into_owned();
+    assert!(env.contains(&format!("DB_ADDR={}:{db_port}", bed.hub_address)), "{env}");
+    assert_eq!(get(&c, "lan", "web").health, Health::Healthy);
+    let body = http_get(&format!("{}:{port}", bed.hosts[0].address), "/");
+    assert!(body.contains(&format!("{}:{db_port}", bed.hub_address)), "{body}");
+    // It really runs in the host's namespace, and its output reaches the harness log.
+    let procs = services_on(&bed, 0);
+    assert!(procs.iter().any(|p| p.contains("demo-service") && p.contains("api")), "{procs:?}");
+    tests::wait_for("api's log lines", Duration::from_secs(10), || {
+        log_lines(&c, "lan", "api")
+            .iter()
+            .any(|l| l.line.contains("GET /health"))
+            .then_some(())
+    });
+
+    // down stops it on the host.
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    let procs = services_on(&bed, 0);
+    assert!(!procs.iter().any(|p| p.contains("demo-service")), "{procs:?}");
 }

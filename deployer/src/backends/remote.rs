@@ -1,0 +1,371 @@
+//! Services on SSH hosts: started detached, watched, stopped and their output copied,
+//! all through short commands on the host's one session ([`SshHost`]).
+//!
+//! A run lives in a directory of its own on the host (`dir`): `env` (the environment,
+//! 0600), `pid` (the run's process group), `out.log` and `err.log` (its output) and
+//! `exit` (its exit status, written when it ends on its own). The service runs under
+//! `setsid sh -c …`, so it survives the SSH session and the daemon, and its process
+//! group is its session: stopping signals the whole group. The wrapper shell carries
+//! `HARNESS_INSTANCE` in its environment, so a recycled pid is never mistaken for it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::process::ExitStatus;
+use super::ssh::{quote, SshHost};
+use crate::logs::LogWriter;
+use crate::DeployError;
+
+/// How long a short remote command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most bytes of each stream copied per poll.
+const CHUNK: u64 = 256 * 1024;
+
+/// How often output is copied while the service is quiet.
+const LOG_POLL: Duration = Duration::from_millis(500);
+
+/// The shell that runs a service: loads its environment, runs it with its output in
+/// the run directory and records how it ended. `$0` is the working directory.
+const WRAPPER: &str = r#"d="$HARNESS_RUN_DIR"; set -a; . "$d/env"; set +a; cd "$0" || exit 126; "$@" >>"$d/out.log" 2>>"$d/err.log" </dev/null; echo $? > "$d/exit.tmp"; mv "$d/exit.tmp" "$d/exit""#;
+
+/// What to start on a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSpec {
+    /// The run's directory on the host.
+    pub dir: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment (written to `dir/env`, 0600).
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `dir`).
+    pub cwd: Option<String>,
+    /// `HARNESS_INSTANCE` marker of the run.
+    pub instance: String,
+}
+
+/// A service started on a host: what the registry records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRecord {
+    /// The host's name in the config (or its address when given directly).
+    pub host: String,
+    /// The host's address.
+    pub address: String,
+    /// The run's directory on the host.
+    pub remote_dir: String,
+    /// The pid of the run's wrapper shell, which leads its process group.
+    pub remote_pid: u32,
+    /// `HARNESS_INSTANCE` marker of the run.
+    pub instance: String,
+}
+
+/// What a run is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteState {
+    /// It runs.
+    Running,
+    /// It ended on its own.
+    Exited(ExitStatus),
+    /// It is gone without a status (killed, or the host was reset).
+    Gone,
+}
+
+/// Starts `spec` on the host, detached; returns its record.
+pub async fn launch(
+    ssh: &SshHost,
+    host: &str,
+    spec: &RemoteSpec,
+) -> Result<RemoteRecord, DeployError> {
+    let dir = quote(&spec.dir);
+    let program = spec.argv.first().map(String::as_str).unwrap_or_default();
+    let argv: Vec<String> = spec.argv.iter().map(|a| quote(a)).collect();
+    let cwd = quote(spec.cwd.as_deref().unwrap_or(&spec.dir));
+    let env: String = spec
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", quote(v)))
+        .collect();
+    // The program is looked up first so a missing one is an error of `up`, not an
+    // exit a moment later.
+    let script = format!(
+        "set -e\n\
+         mkdir -p {dir} && cd {dir}\n\
+         rm -f exit pid out.log err.log\n\
+         (umask 077; cat > env)\n\
+         command -v {prog} >/dev/null 2>&1 || {{ echo \"{shown}: not found on the host (or not executable)\" >&2; exit 127; }}\n\
+         HARNESS_INSTANCE={marker} HARNESS_RUN_DIR=\"$PWD\" setsid sh -c {wrapper} {cwd} {argv} >/dev/null 2>&1 </dev/null &\n\
+         echo $! > pid\n\
+         echo $!\n",
+        prog = quote(program),
+        wrapper = quote(WRAPPER),
+        shown = program.replace(['"', '\\', '$', '`'], "_"),
+        marker = quote(&spec.instance),
+        argv = argv.join(" "),
+    );
+    let out = ssh
+        .check("start the service", &script, env.as_bytes(), COMMAND_TIMEOUT)
+        .await?;
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| DeployError::RemoteCommand {
+            host: ssh.target().address.clone(),
+            what: "start the service".into(),
+            status: out.status,
+            message: format!("no pid in {:?}", String::from_utf8_lossy(&out.stdout)),
+        })?;
+    Ok(RemoteRecord {
+        host: host.to_owned(),
+        address: ssh.target().address.clone(),
+        remote_dir: spec.dir.clone(),
+        remote_pid: pid,
+        instance: spec.instance.clone(),
+    })
+}
+
+/// Whether the run is alive, ended (and how), or gone.
+pub async fn state(ssh: &SshHost, rec: &RemoteRecord) -> Result<RemoteState, DeployError> {
+    let script = format!(
+        "cd {dir} 2>/dev/null || {{ echo gone; exit 0; }}\n\
+         if [ -f exit ]; then echo \"exit $(cat exit)\"; exit 0; fi\n\
+         if tr '\\0' '\\n' < /proc/{pid}/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker}; then echo running; \
+         elif [ -f exit ]; then echo \"exit $(cat exit)\"; else echo gone; fi\n",
+        dir = quote(&rec.remote_dir),
+        pid = rec.remote_pid,
+        marker = quote(&rec.instance),
+    );
+    let out = ssh
+        .check("check the service", &script, b"", COMMAND_TIMEOUT)
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let text = text.trim();
+    Ok(match text.strip_prefix("exit ") {
+        Some(code) => RemoteState::Exited(exit_status(code.trim().parse().ok())),
+        None if text == "running" => RemoteState::Running,
+        None => RemoteState::Gone,
+    }) 
+}
+
+/// A shell's `$?`: above 128 means killed by signal `$? - 128`.
+fn exit_status(code: Option<i32>) -> ExitStatus {
+    match code {
+        Some(c) if c > 128 => ExitStatus {
+            code: None,
+            signal: Some(c - 128),
+            error: None,
+        },
+        code => ExitStatus {
+            code,
+            signal: None,
+            error: code.is_none().then(|| "unreadable exit status".to_owned()),
+        },
+    }
+}
+
+/// Polls until the run ends; returns how. While the host cannot be reached it keeps
+/// trying (the run may well be fine; its health check tells).
+pub async fn wait_exit(ssh: &SshHost, rec: &RemoteRecord, every: Duration) -> ExitStatus {
+    loop {
+        match state(ssh, rec).await {
+            Ok(RemoteState::Running) => {}
+            Ok(RemoteState::Exited(status)) => return status,
+            Ok(RemoteState::Gone) => {
+                return ExitStatus {
+                    code: None,
+                    signal: None,
+                    error: Some(format!(
+                        "its process on {} is gone and left no exit status",
+                        rec.address
+                    )),
+                }
+            }
+            Err(e) => tracing::debug!("{}: {e}", rec.address),
+        }
+        smol::Timer::after(every).await;
+    }
+}
+
+/// Stops the run: `signal` to its process group, then SIGKILL after `timeout`.
+pub async fn stop(
+    ssh: &SshHost,
+    rec: &RemoteRecord,
+    signal: &str,
+    timeout: Duration,
+) -> Result<(), DeployError> {
+    let signal = signal.trim_start_matches("SIG");
+    let tenths = timeout.as_millis() / 100;
+    let script = format!(
+        "p={pid}\n\
+         tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker} || exit 0\n\
+         kill -s {signal} -- -$p 2>/dev/null || exit 0\n\
+         n=0\n\
+         while kill -0 -- -$p 2>/dev/null; do\n\
+           if [ $n -ge {tenths} ]; then kill -s KILL -- -$p 2>/dev/null; break; fi\n\
+           sleep 0.1; n=$((n+1))\n\
+         done\n",
+        pid = rec.remote_pid,
+        marker = quote(&rec.instance),
+        signal = quote(signal),
+    );
+    ssh.check(
+        "stop the service",
+        &script,
+        b"",
+        timeout + COMMAND_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Removes the run's directory from the host.
+pub async fn remove_dir(ssh: &SshHost, dir: &str) -> Result<(), DeployError> {
+    ssh.check(
+        "remove the run directory",
+        &format!("rm -rf {}", quote(dir)),
+        b"",
+        COMMAND_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Where the copier keeps how far it has read the host's files.
+fn offsets_path(log_path: &Path) -> PathBuf {
+    let mut p = log_path.as_os_str().to_owned();
+    p.push(".remote");
+    PathBuf::from(p)
+}
+
+/// Forgets how far a previous run's output was copied (a new run starts its files
+/// afresh).
+pub fn reset_copied(log_path: &Path) {
+    let _ = std::fs::remove_file(offsets_path(log_path));
+}
+
+/// Copies the run's output into the service's log file until cancelled (drop the
+/// future), continuing where the last copier stopped.
+pub async fn copy_logs(
+    ssh: &SshHost,
+    rec: &RemoteRecord,
+    log_path: &Path,
+    max_bytes: u64,
+    keep: usize,
+) -> Result<(), DeployError> {
+    let path = log_path.to_owned();
+    let state_path = offsets_path(log_path);
+    let mut writer = {
+        let path = path.clone();
+        smol::unblock(move || LogWriter::open(&path, max_bytes, keep)).await?
+    };
+    let mut offsets: [u64; 2] = std::fs::read_to_string(&state_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut partial: [Vec<u8>; 2] = Default::default();
+    loop {
+        let script = format!(
+            "cd {dir} 2>/dev/null || {{ echo 0; echo 0; exit 0; }}\n\
+             tail -c +{o1} out.log 2>/dev/null | head -c {CHUNK} > .chunk1 || true\n\
+             tail -c +{o2} err.log 2>/dev/null | head -c {CHUNK} > .chunk2 || true\n\
+             wc -c < .chunk1; wc -c < .chunk2; cat .chunk1 .chunk2\n",
+            dir = quote(&rec.remote_dir),
+            o1 = offsets[0] + 1,
+            o2 = offsets[1] + 1,
+        );
+        let got = match ssh.exec(&script, b"", COMMAND_TIMEOUT).await {
+            Ok(out) if out.status == 0 => split_chunks(&out.stdout),
+            Ok(_) | Err(_) => None,
+        };
+        let mut full = false;
+        if let Some(chunks) = got {
+            for (i, chunk) in chunks.iter().enumerate() {
+                full |= chunk.len() as u64 >= CHUNK;
+                offsets[i] += chunk.len() as u64;
+                partial[i].extend_from_slice(chunk);
+                let stream = if i == 0 { "stdout" } else { "stderr" };
+                write_lines(&mut writer, stream, &mut partial[i], &path)?;
+            }
+            // Lines reach the log before the offsets that skip them are saved: a
+            // crash in between repeats a chunk rather than loses one.
+            let saved: [u64; 2] = [
+                offsets[0] - partial[0].len() as u64,
+                offsets[1] - partial[1].len() as u64,
+            ];
+            std::fs::write(&state_path, serde_json::to_string(&saved).unwrap_or_default())
+                .map_err(|source| DeployError::WriteLog {
+                    path: state_path.clone(),
+                    source,
+                })?;
+        }
+        if !full {
+            smol::Timer::after(LOG_POLL).await;
+        }
+    }
+}
+
+/// `"N1\nN2\n<N1 bytes><N2 bytes>"` into the two chunks.
+fn split_chunks(out: &[u8]) -> Option<[Vec<u8>; 2]> {
+    let mut rest = out;
+    let mut sizes = [0usize; 2];
+    for size in &mut sizes {
+        let nl = rest.iter().position(|b| *b == b'\n')?;
+        *size = std::str::from_utf8(&rest[..nl]).ok()?.trim().parse().ok()?;
+        rest = &rest[nl + 1..];
+    }
+    if rest.len() < sizes[0] + sizes[1] {
+        return None;
+    }
+    Some([
+        rest[..sizes[0]].to_vec(),
+        rest[sizes[0]..sizes[0] + sizes[1]].to_vec(),
+    ])
+}
+
+/// Writes the complete lines of `buf` (and an over-long partial one) to the log,
+/// keeping the unfinished rest in `buf`.
+fn write_lines(
+    writer: &mut LogWriter,
+    stream: &str,
+    buf: &mut Vec<u8>,
+    path: &Path,
+) -> Result<(), DeployError> {
+    let err = |source| DeployError::WriteLog {
+        path: path.to_owned(),
+        source,
+    };
+    let mut start = 0;
+    while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
+        writer.write(stream, &buf[start..start + nl]).map_err(err)?;
+        start += nl + 1;
+    }
+    while buf.len() - start >= crate::logs::MAX_LINE {
+        let end = start + crate::logs::MAX_LINE;
+        writer.write(stream, &buf[start..end]).map_err(err)?;
+        start = end;
+    }
+    buf.drain(..start);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_split_by_their_sizes() {
+        let [a, b] = split_chunks(b"3\n2\nabcde").unwrap();
+        assert_eq!((a.as_slice(), b.as_slice()), (&b"abc"[..], &b"de"[..]));
+        assert!(split_chunks(b"3\n2\nabc").is_none());
+        assert!(split_chunks(b"x\n").is_none());
+    }
+
+    #[test]
+    fn shell_status_above_128_is_a_signal() {
+        assert_eq!(exit_status(Some(143)).signal, Some(15));
+        assert_eq!(exit_status(Some(3)).code, Some(3));
+        assert!(exit_status(None).error.is_some());
+    }
+}
