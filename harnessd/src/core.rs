@@ -236,9 +236,10 @@ impl Core {
         let rec = stack_rec.services.get(name)?;
         let run = crate::run::Run::of(rec);
         let pid = run.as_ref().and_then(crate::run::Run::pid);
-        let container = match run {
-            Some(crate::run::Run::Container(c)) => Some(c.container_name),
-            _ => None,
+        let (container, host) = match run {
+            Some(crate::run::Run::Container(c)) => (Some(c.container_name), None),
+            Some(crate::run::Run::Remote(r)) => (None, Some(r.record.host)),
+            _ => (None, None),
         };
         Some(ServiceInfo {
             stack: stack.to_owned(),
@@ -251,6 +252,7 @@ impl Core {
             port: rec.port,
             pid,
             container,
+            host,
             restarts: rec.restarts,
             exit_code: rec.exit_code,
             reason: rec.reason.clone(),

@@ -46,12 +46,13 @@ impl Run {
         serde_json::to_value(self).ok()
     }
 
-    /// The main process's pid, as the host sees it.
+    /// The main process's pid, as its host sees it.
     pub fn pid(&self) -> Option<u32> {
         match self {
             Run::Process(p) => Some(p.pid),
             Run::Container(c) => c.pid,
-            Run::Remote(_) | Run::Reused(_) => None,
+            Run::Remote(r) => Some(r.record.remote_pid),
+            Run::Reused(_) => None,
         }
     }
 

@@ -269,11 +269,14 @@ pub struct ServiceInfo {
     pub address: Option<String>,
     /// Port the service listens on, when it has one.
     pub port: Option<u16>,
-    /// Pid of the service's main process while it runs.
+    /// Pid of the service's main process while it runs, as its host sees it.
     pub pid: Option<u32>,
     /// Container name, for a service running in a container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The SSH host it runs on (its name in `hosts:`, or its address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Restarts by policy since the service was last started by a client.
     pub restarts: u32,
     /// Exit code of the last exit, when it exited normally.

@@ -10,7 +10,9 @@
 //!   veth); a record in /run/harness-testbed names what a bed made and which process
 //!   owns it, so a bed whose test process was killed is swept by the next bed.
 //! - The namespaces share the machine's filesystem, so each host gets its own
-//!   directory (its `install_root` lives there).
+//!   directory (its `install_root` lives there), which is also HOME in its SSH
+//!   sessions: the machine's own shell start-up files (root's .bashrc) never run
+//!   there, so ending a bed's processes can never leave their locks behind.
 //! - [`Drop`] ends every process in the bed's namespaces (only they can be in them),
 //!   then deletes the namespaces, veths, bridge, firewall rule and files.
 
@@ -228,7 +230,7 @@ impl TestBed {
              AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
              StrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\nMaxSessions 64\n\
-             MaxStartups 64\n",
+             MaxStartups 64\nSetEnv HOME={dir}\n",
             key = host_key.display(),
             dir = dir.display(),
         );

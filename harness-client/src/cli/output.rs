@@ -72,7 +72,12 @@ pub fn services_table(list: &[ServiceInfo], show_stack: bool) -> Table {
             health_cell(s.health),
             Cell::new(&s.backend),
             Cell::new(s.address.as_deref().unwrap_or("-")),
-            Cell::new(s.pid.map_or("-".to_owned(), |p| p.to_string())),
+            // A pid on another host is shown with that host.
+            Cell::new(match (s.pid, &s.host) {
+                (Some(p), Some(host)) => format!("{p}@{host}"),
+                (Some(p), None) => p.to_string(),
+                (None, _) => "-".to_owned(),
+            }),
             Cell::new(s.restarts),
             Cell::new(s.reason.as_deref().unwrap_or("")),
         ];

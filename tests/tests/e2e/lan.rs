@@ -22,7 +22,7 @@ fn the_test_bed_hosts_answer_ssh_with_their_own_keys() {
             .arg("-i")
             .arg(&bed.user_key)
             .arg(format!("root@{}", h.address))
-            .arg("ip -4 -o addr show dev eth0")
+            .arg("echo $HOME; ip -4 -o addr show dev eth0")
             .output()
             .expect("ssh");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -32,6 +32,9 @@ fn the_test_bed_hosts_answer_ssh_with_their_own_keys() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(text.contains(&h.address), "{text}");
+        // Sessions have the host's own HOME, so the machine's shell start-up files
+        // (root's .bashrc) do not run.
+        assert_eq!(text.lines().next(), Some(h.dir.to_str().unwrap()), "{text}");
     }
 }
 
@@ -207,7 +210,7 @@ fn services_on(bed: &TestBed, i: usize) -> Vec<String> {
 #[test]
 fn a_lan_service_and_local_processes_reach_each_other_through_injected_addresses() {
     let bed = TestBed::new(1);
-    let d = TestDaemon::start();
+    let mut d = TestDaemon::start();
     let dir = d.workdir("lan");
     write_config(
         &dir,
@@ -225,6 +228,7 @@ services:
     port: auto
     depends_on: {{ db: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
+    restart: on-failure
   web:
     target: {{ process: {{ binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
     port: auto
@@ -257,6 +261,28 @@ services:
             .any(|l| l.line.contains("GET /health"))
             .then_some(())
     });
+
+    // A daemon killed and restarted adopts the LAN service: same process, not restarted.
+    let pid = api.pid.expect("api pid on its host");
+    assert_eq!(api.host.as_deref(), Some("host0"));
+    let ps = String::from_utf8_lossy(&d.cli(&dir, &["ps"]).stdout).into_owned();
+    assert!(ps.contains(&format!("{pid}@host0")), "{ps}");
+    drop(c);
+    d.kill9();
+    d.restart();
+    let c = d.client();
+    let again = wait_service(&c, "lan", "api", "api adopted and healthy", |s| {
+        s.health == Health::Healthy
+    });
+    assert_eq!((again.pid, again.restarts), (Some(pid), 0));
+
+    // A crash on the host is seen and restarted by policy.
+    bed.sh(0, "pkill -KILL -f '^/.*demo-service --name api'");
+    let restarted = wait_service(&c, "lan", "api", "api restarted after its crash", |s| {
+        // (Becoming healthy again resets the restart count.)
+        s.health == Health::Healthy && s.pid.is_some_and(|p| p != pid)
+    });
+    assert_eq!(restarted.state, ServiceState::Running);
 
     // down stops it on the host.
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");

@@ -264,13 +264,14 @@ impl Live {
         timeout: Duration,
     ) -> Result<CommandOutput, DeployError> {
         let deadline = Instant::now() + timeout;
+        let timed_out = || DeployError::SshTimeout {
+            host: target.describe(),
+            what: short(command),
+            timeout,
+        };
         let fail = |action: &str, e: ssh2::Error| {
             if is_timeout(&e) {
-                DeployError::SshTimeout {
-                    host: target.describe(),
-                    what: command.to_owned(),
-                    timeout,
-                }
+                timed_out()
             } else {
                 ssh_error(target, action, e)
             }
@@ -318,11 +319,7 @@ impl Live {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(DeployError::SshTimeout {
-                    host: target.describe(),
-                    what: command.to_owned(),
-                    timeout,
-                });
+                break Err(timed_out());
             }
             self.wait_ready(left);
         };
@@ -410,6 +407,17 @@ impl Live {
                 .map_err(|e| fail(&format!("rename {tmp} to {remote}"), e))?;
         }
         Ok(sent)
+    }
+}
+
+/// A command's first line, cut short, for messages.
+fn short(command: &str) -> String {
+    let first = command.lines().next().unwrap_or_default();
+    let lines = command.lines().count();
+    if first.chars().count() > 60 || lines > 1 {
+        format!("{}…", first.chars().take(60).collect::<String>())
+    } else {
+        first.to_owned()
     }
 }
 
