@@ -178,4 +178,12 @@ pub enum DeployError {
         /// Its error output.
         message: String,
     },
+    /// A package is malformed or unsafe; nothing of it was installed.
+    #[error("package {path}: {reason}")]
+    BadPackage {
+        /// The package (file or directory).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -34,6 +34,7 @@
 mod backends;
 mod error;
 pub mod logs;
+pub mod package;
 
-pub use backends::{docker, process, remote, ssh};
+pub use backends::{docker, process, release, remote, ssh};
 pub use error::DeployError;

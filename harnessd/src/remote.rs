@@ -111,20 +111,21 @@ impl Core {
 
     /// The session of a recorded run (after a daemon restart too).
     pub fn ssh_for_run(&self, run: &RemoteRun) -> Result<SshHost, String> {
-        let (h, t) = self.read(|st| {
-            let config = &st.stack(&run.remote_stack)?.config;
-            let t = match &config.services.get(&run.remote_service)?.target {
-                Target::RemoteLan(t) => Some(t.clone()),
-                _ => None,
-            };
-            Some((host_config(config, &run.record.host), t))
-        })
-        .ok_or_else(|| {
-            format!(
-                "{}/{}: its stack or service is no longer registered",
-                run.remote_stack, run.remote_service
-            )
-        })?;
+        let (h, t) = self
+            .read(|st| {
+                let config = &st.stack(&run.remote_stack)?.config;
+                let t = match &config.services.get(&run.remote_service)?.target {
+                    Target::RemoteLan(t) => Some(t.clone()),
+                    _ => None,
+                };
+                Some((host_config(config, &run.record.host), t))
+            })
+            .ok_or_else(|| {
+                format!(
+                    "{}/{}: its stack or service is no longer registered",
+                    run.remote_stack, run.remote_service
+                )
+            })?;
         self.ssh_host(&h, t.as_ref())
     }
 
@@ -168,8 +169,13 @@ impl Core {
         };
         let place = env::place_of(st, stack, name);
         let dir = self.remote_dir(&h, stack, name);
-        let vars: BTreeMap<String, String> =
-            env::service_env(st, stack, name, &place, &PathBuf::from(format!("{dir}/env")))?;
+        let vars: BTreeMap<String, String> = env::service_env(
+            st,
+            stack,
+            name,
+            &place,
+            &PathBuf::from(format!("{dir}/env")),
+        )?;
         let mut argv = vec![env::expand(st, stack, name, &place, binary)?];
         for a in &t.args {
             argv.push(env::expand(st, stack, name, &place, a)?);
@@ -181,6 +187,7 @@ impl Core {
             env: vars,
             cwd: None,
             instance: format!("{}/{stack}/{name}", self.instance),
+            stop_script: None,
         };
         Ok((spec, ssh, host))
     }

@@ -45,6 +45,12 @@ pub enum EventKind {
     /// A service was removed from the registry.
     #[serde(rename = "service.removed")]
     ServiceRemoved(ServiceRef),
+    /// A step of deploying a package to a host.
+    #[serde(rename = "deploy.step")]
+    DeployStep(DeployStep),
+    /// A new release failed its health check; the previous one runs again.
+    #[serde(rename = "deploy.rollback")]
+    DeployRollback(DeployRollback),
     /// The daemon started serving.
     #[serde(rename = "daemon.started")]
     DaemonStarted(DaemonStarted),
@@ -67,6 +73,7 @@ impl EventKind {
             | EventKind::ServiceProgress(_)
             | EventKind::ServiceExited(_)
             | EventKind::ServiceRemoved(_) => "service",
+            EventKind::DeployStep(_) | EventKind::DeployRollback(_) => "deploy",
             EventKind::DaemonStarted(_)
             | EventKind::DaemonReconciled(_)
             | EventKind::DaemonLagged(_) => "daemon",
@@ -84,6 +91,8 @@ impl EventKind {
             EventKind::ServiceRestarting(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceProgress(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceExited(c) => Some((&c.stack, &c.name)),
+            EventKind::DeployStep(c) => Some((&c.stack, &c.name)),
+            EventKind::DeployRollback(c) => Some((&c.stack, &c.name)),
             _ => None,
         }
     }
@@ -155,6 +164,41 @@ pub struct Progress {
     pub name: String,
     /// What happens, e.g. "pulling postgres:14" or "a1b2c3: Download complete".
     pub message: String,
+}
+
+/// `deploy.step` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployStep {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// The host deployed to.
+    pub host: String,
+    /// The step: `check`, `upload`, `extract`, `requires`, `switch`, `start`, `health`.
+    pub step: String,
+    /// `started`, `done`, `skipped` or `failed`.
+    pub status: String,
+    /// What was done or went wrong (bytes sent, the release, the error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `deploy.rollback` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployRollback {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// The host.
+    pub host: String,
+    /// The release that failed.
+    pub from: String,
+    /// The release that runs again.
+    pub to: String,
+    /// Why the new release was given up.
+    pub reason: String,
 }
 
 /// `service.exited` data.

@@ -16,6 +16,7 @@ pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod methods;
+pub mod package;
 pub mod schema;
 
 pub use envelope::{ErrorCode, ErrorObject, Request, RequestId, Response, ServerMessage};

@@ -2,5 +2,6 @@
 
 pub mod docker;
 pub mod process;
+pub mod release;
 pub mod remote;
 pub mod ssh;

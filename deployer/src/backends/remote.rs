@@ -45,6 +45,8 @@ pub struct RemoteSpec {
     pub cwd: Option<String>,
     /// `HARNESS_INSTANCE` marker of the run.
     pub instance: String,
+    /// A command run first when stopping (a package's `stop.sh`).
+    pub stop_script: Option<String>,
 }
 
 /// A service started on a host: what the registry records.
@@ -60,6 +62,9 @@ pub struct RemoteRecord {
     pub remote_pid: u32,
     /// `HARNESS_INSTANCE` marker of the run.
     pub instance: String,
+    /// A command run first when stopping (a package's `stop.sh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_script: Option<String>,
 }
 
 /// What a run is doing.
@@ -106,7 +111,12 @@ pub async fn launch(
         argv = argv.join(" "),
     );
     let out = ssh
-        .check("start the service", &script, env.as_bytes(), COMMAND_TIMEOUT)
+        .check(
+            "start the service",
+            &script,
+            env.as_bytes(),
+            COMMAND_TIMEOUT,
+        )
         .await?;
     let pid = String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -123,19 +133,31 @@ pub async fn launch(
         remote_dir: spec.dir.clone(),
         remote_pid: pid,
         instance: spec.instance.clone(),
+        stop_script: spec.stop_script.clone(),
     })
+}
+
+/// Shell functions about a run: `ours` (its wrapper shell still runs) and `alive`
+/// (its wrapper runs, or it ended with 0 leaving its process group running: a
+/// `start.sh` that starts the service in the background and exits).
+fn run_functions(rec: &RemoteRecord) -> String {
+    format!(
+        "p={pid}\n\
+         ours() {{ tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker}; }}\n\
+         alive() {{ ours || {{ [ \"$(cat {dir}/exit 2>/dev/null)\" = 0 ] && kill -0 -- -$p 2>/dev/null; }}; }}\n",
+        pid = rec.remote_pid,
+        marker = quote(&rec.instance),
+        dir = quote(&rec.remote_dir),
+    )
 }
 
 /// Whether the run is alive, ended (and how), or gone.
 pub async fn state(ssh: &SshHost, rec: &RemoteRecord) -> Result<RemoteState, DeployError> {
     let script = format!(
-        "cd {dir} 2>/dev/null || {{ echo gone; exit 0; }}\n\
-         if [ -f exit ]; then echo \"exit $(cat exit)\"; exit 0; fi\n\
-         if tr '\\0' '\\n' < /proc/{pid}/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker}; then echo running; \
-         elif [ -f exit ]; then echo \"exit $(cat exit)\"; else echo gone; fi\n",
+        "{functions}\
+         if alive; then echo running; elif [ -f {dir}/exit ]; then echo \"exit $(cat {dir}/exit)\"; else echo gone; fi\n",
+        functions = run_functions(rec),
         dir = quote(&rec.remote_dir),
-        pid = rec.remote_pid,
-        marker = quote(&rec.instance),
     );
     let out = ssh
         .check("check the service", &script, b"", COMMAND_TIMEOUT)
@@ -146,7 +168,7 @@ pub async fn state(ssh: &SshHost, rec: &RemoteRecord) -> Result<RemoteState, Dep
         Some(code) => RemoteState::Exited(exit_status(code.trim().parse().ok())),
         None if text == "running" => RemoteState::Running,
         None => RemoteState::Gone,
-    }) 
+    })
 }
 
 /// A shell's `$?`: above 128 means killed by signal `$? - 128`.
@@ -188,7 +210,8 @@ pub async fn wait_exit(ssh: &SshHost, rec: &RemoteRecord, every: Duration) -> Ex
     }
 }
 
-/// Stops the run: `signal` to its process group, then SIGKILL after `timeout`.
+/// Stops the run: its stop script when it has one, then `signal` to its process
+/// group, then SIGKILL after `timeout`.
 pub async fn stop(
     ssh: &SshHost,
     rec: &RemoteRecord,
@@ -197,27 +220,32 @@ pub async fn stop(
 ) -> Result<(), DeployError> {
     let signal = signal.trim_start_matches("SIG");
     let tenths = timeout.as_millis() / 100;
+    let stop_script = rec
+        .stop_script
+        .as_deref()
+        .map(|s| {
+            format!(
+                "({s}) >>{}/out.log 2>&1 </dev/null || true\n",
+                quote(&rec.remote_dir)
+            )
+        })
+        .unwrap_or_default();
     let script = format!(
-        "p={pid}\n\
-         tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker} || exit 0\n\
+        "{functions}\
+         alive || exit 0\n\
+         {stop_script}\
          kill -s {signal} -- -$p 2>/dev/null || exit 0\n\
          n=0\n\
          while kill -0 -- -$p 2>/dev/null; do\n\
            if [ $n -ge {tenths} ]; then kill -s KILL -- -$p 2>/dev/null; break; fi\n\
            sleep 0.1; n=$((n+1))\n\
          done\n",
-        pid = rec.remote_pid,
-        marker = quote(&rec.instance),
+        functions = run_functions(rec),
         signal = quote(signal),
     );
-    ssh.check(
-        "stop the service",
-        &script,
-        b"",
-        timeout + COMMAND_TIMEOUT,
-    )
-    .await
-    .map(|_| ())
+    ssh.check("stop the service", &script, b"", timeout + COMMAND_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
 /// Removes the run's directory from the host.
@@ -294,11 +322,14 @@ pub async fn copy_logs(
                 offsets[0] - partial[0].len() as u64,
                 offsets[1] - partial[1].len() as u64,
             ];
-            std::fs::write(&state_path, serde_json::to_string(&saved).unwrap_or_default())
-                .map_err(|source| DeployError::WriteLog {
-                    path: state_path.clone(),
-                    source,
-                })?;
+            std::fs::write(
+                &state_path,
+                serde_json::to_string(&saved).unwrap_or_default(),
+            )
+            .map_err(|source| DeployError::WriteLog {
+                path: state_path.clone(),
+                source,
+            })?;
         }
         if !full {
             smol::Timer::after(LOG_POLL).await;

@@ -201,10 +201,13 @@ fn ssh_logs_in_through_the_agent_when_no_key_file_is_given() {
 
 /// Processes of host `i` other than its sshd (and that sshd's session children).
 fn services_on(bed: &TestBed, i: usize) -> Vec<String> {
-    bed.sh(i, "ps -eo pid,args | grep -v -e sshd -e 'ps -eo' -e grep -e 'sh -c' | tail -n +2 || true")
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    bed.sh(
+        i,
+        "ps -eo pid,args | grep -v -e sshd -e 'ps -eo' -e grep -e 'sh -c' | tail -n +2 || true",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 #[test]
@@ -241,20 +244,37 @@ services:
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let api = get(&c, "lan", "api");
-    assert_eq!((api.state, api.health), (ServiceState::Running, Health::Healthy));
+    assert_eq!(
+        (api.state, api.health),
+        (ServiceState::Running, Health::Healthy)
+    );
     let port = api.port.expect("api port");
-    assert_eq!(api.address, Some(format!("{}:{port}", bed.hosts[0].address)));
+    assert_eq!(
+        api.address,
+        Some(format!("{}:{port}", bed.hosts[0].address))
+    );
     // The LAN service was given the hub's address on the LAN for the local db, and
     // reached it (its health needs its upstream), and web reached the LAN service.
     let db_port = get(&c, "lan", "db").port.expect("db port");
     let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "api"]).stdout).into_owned();
-    assert!(env.contains(&format!("DB_ADDR={}:{db_port}", bed.hub_address)), "{env}");
+    assert!(
+        env.contains(&format!("DB_ADDR={}:{db_port}", bed.hub_address)),
+        "{env}"
+    );
     assert_eq!(get(&c, "lan", "web").health, Health::Healthy);
     let body = http_get(&format!("{}:{port}", bed.hosts[0].address), "/");
-    assert!(body.contains(&format!("{}:{db_port}", bed.hub_address)), "{body}");
+    assert!(
+        body.contains(&format!("{}:{db_port}", bed.hub_address)),
+        "{body}"
+    );
     // It really runs in the host's namespace, and its output reaches the harness log.
     let procs = services_on(&bed, 0);
-    assert!(procs.iter().any(|p| p.contains("demo-service") && p.contains("api")), "{procs:?}");
+    assert!(
+        procs
+            .iter()
+            .any(|p| p.contains("demo-service") && p.contains("api")),
+        "{procs:?}"
+    );
     tests::wait_for("api's log lines", Duration::from_secs(10), || {
         log_lines(&c, "lan", "api")
             .iter()
@@ -287,5 +307,8 @@ services:
     // down stops it on the host.
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
     let procs = services_on(&bed, 0);
-    assert!(!procs.iter().any(|p| p.contains("demo-service")), "{procs:?}");
+    assert!(
+        !procs.iter().any(|p| p.contains("demo-service")),
+        "{procs:?}"
+    );
 }

@@ -1,0 +1,226 @@
+//! Package releases on a host: `<root>/releases/<version>-<hash12>/` with a `current`
+//! link switched atomically (`<root>` is `<install_root>/<package name>`).
+//!
+//! A release is complete once it holds `.harness-complete`; it is extracted into a
+//! temporary directory and renamed, so a cut link or a killed sshd leaves no
+//! half-installed release, and a complete one is never sent again (its name carries
+//! the package's hash).
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::ssh::{quote, SshHost};
+use crate::package::{self, Package};
+use crate::DeployError;
+
+/// How long a step on the host may take (extraction of a large package included).
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Marker of a complete release.
+const COMPLETE: &str = ".harness-complete";
+
+/// What [`install`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The release's directory on the host.
+    pub dir: String,
+    /// Bytes sent (0 when the release was there already).
+    pub sent: u64,
+    /// The release `current` pointed at before, if any.
+    pub previous: Option<String>,
+}
+
+/// Checks that the host can run `pkg` (os/arch, before anything is sent).
+pub async fn check_platform(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError> {
+    let out = ssh
+        .check("read the platform", "uname -s; uname -m", b"", STEP_TIMEOUT)
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let (os, arch) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    if pkg.manifest.runs_on(os, arch) {
+        Ok(())
+    } else {
+        Err(DeployError::BadPackage {
+            path: pkg.path.clone(),
+            reason: format!(
+                "built for {}/{}, but {} is {os}/{arch}; nothing was sent",
+                pkg.manifest.os.as_deref().unwrap_or("any"),
+                pkg.manifest.arch.as_deref().unwrap_or("any"),
+                ssh.target().address
+            ),
+        })
+    }
+}
+
+/// Puts `pkg` on the host under `root` (sending it only when that release is not
+/// complete there yet), checks its `system_requires`, and points `current` at it.
+/// `progress` gets (bytes sent, total) while sending.
+pub async fn install(
+    ssh: &SshHost,
+    pkg: &Package,
+    root: &str,
+    progress: impl Fn(u64, u64) + Send + 'static,
+) -> Result<Installed, DeployError> {
+    let dir = format!("{root}/releases/{}", pkg.release());
+    let q = |s: &str| quote(s);
+    let present = ssh
+        .exec(
+            &format!("test -f {}/{COMPLETE}", q(&dir)),
+            b"",
+            STEP_TIMEOUT,
+        )
+        .await?
+        .status
+        == 0;
+    let mut sent = 0;
+    if !present {
+        sent = upload_and_extract(ssh, pkg, root, &dir, progress).await?;
+    }
+    check_requires(ssh, pkg).await?;
+    let previous = switch(ssh, root, &dir).await?;
+    Ok(Installed {
+        previous: previous.filter(|p| *p != dir),
+        dir,
+        sent,
+    })
+}
+
+async fn upload_and_extract(
+    ssh: &SshHost,
+    pkg: &Package,
+    root: &str,
+    dir: &str,
+    progress: impl Fn(u64, u64) + Send + 'static,
+) -> Result<u64, DeployError> {
+    let local_tar = tempfile::Builder::new()
+        .prefix("harness-upload-")
+        .suffix(".tar")
+        .tempfile()
+        .map_err(|source| DeployError::WriteFile {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let (pkg2, tar_path) = (pkg.clone(), local_tar.path().to_owned());
+    smol::unblock(move || package::write_plain_tar(&pkg2, &tar_path)).await?;
+    let remote_tar = format!("{root}/.upload-{}.tar", pkg.release());
+    let tmp = format!("{dir}.tmp");
+    ssh.check(
+        "prepare the install directory",
+        &format!("mkdir -p {}/releases", quote(root)),
+        b"",
+        STEP_TIMEOUT,
+    )
+    .await?;
+    let sent = ssh
+        .upload(local_tar.path(), &remote_tar, 0o600, progress)
+        .await?;
+    // GNU tar also refuses `..` and strips a leading `/` on its own: a second guard.
+    let script = format!(
+        "set -e\n\
+         trap 'rm -rf {tmp}; rm -f {tar}' EXIT\n\
+         rm -rf {tmp}\n\
+         mkdir -p {tmp}\n\
+         tar -xf {tar} -C {tmp} --no-same-owner\n\
+         touch {tmp}/{COMPLETE}\n\
+         rm -rf {dir}\n\
+         mv {tmp} {dir}\n",
+        tmp = quote(&tmp),
+        tar = quote(&remote_tar),
+        dir = quote(dir),
+    );
+    ssh.check("extract the package", &script, b"", STEP_TIMEOUT)
+        .await?;
+    Ok(sent)
+}
+
+async fn check_requires(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError> {
+    if pkg.manifest.system_requires.is_empty() {
+        return Ok(());
+    }
+    let tests: Vec<String> = pkg
+        .manifest
+        .system_requires
+        .iter()
+        .map(|r| {
+            let test = if r.starts_with('/') {
+                format!("test -e {}", quote(r))
+            } else {
+                format!("command -v {} >/dev/null 2>&1", quote(r))
+            };
+            format!("{test} || echo {}", quote(r))
+        })
+        .collect();
+    let out = ssh
+        .check(
+            "check system_requires",
+            &tests.join("\n"),
+            b"",
+            STEP_TIMEOUT,
+        )
+        .await?;
+    let missing: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // The release stays: it is complete and is used once the host has them.
+    Err(DeployError::RemoteCommand {
+        host: ssh.target().address.clone(),
+        what: "check system_requires".into(),
+        status: 1,
+        message: format!(
+            "missing on the host: {} (install them, e.g. with the host's package manager, or a `setup_commands` step)",
+            missing.join(", ")
+        ),
+    })
+}
+
+/// Points `<root>/current` at `dir` atomically; returns where it pointed before.
+pub async fn switch(ssh: &SshHost, root: &str, dir: &str) -> Result<Option<String>, DeployError> {
+    let script = format!(
+        "cd {root}\n\
+         readlink current 2>/dev/null || true\n\
+         ln -sfn {dir} .current.tmp && mv -T .current.tmp current\n",
+        root = quote(root),
+        dir = quote(dir),
+    );
+    let out = ssh
+        .check("switch the current release", &script, b"", STEP_TIMEOUT)
+        .await?;
+    let before = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok((!before.is_empty()).then_some(before))
+}
+
+/// Removes all but the newest `keep` releases (never `current`).
+pub async fn prune(ssh: &SshHost, root: &str, keep: usize) -> Result<(), DeployError> {
+    let script = format!(
+        "cd {root}/releases 2>/dev/null || exit 0\n\
+         cur=$(readlink ../current 2>/dev/null | sed 's|.*/||')\n\
+         ls -1t | grep -v '\\.tmp$' | tail -n +{from} | while read -r r; do [ \"$r\" = \"$cur\" ] || rm -rf \"$r\"; done\n",
+        root = quote(root),
+        from = keep + 1,
+    );
+    ssh.check("remove old releases", &script, b"", STEP_TIMEOUT)
+        .await
+        .map(|_| ())
+}
+
+/// Removes `<root>` (every release, `current`) from the host.
+pub async fn purge(ssh: &SshHost, root: &str) -> Result<(), DeployError> {
+    ssh.check(
+        "remove the releases",
+        &format!("rm -rf {}", quote(root)),
+        b"",
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The package root of `name` under `install_root`.
+pub fn package_root(install_root: &str, name: &str) -> String {
+    Path::new(install_root).join(name).display().to_string()
+}
