@@ -317,7 +317,7 @@ async fn route(
         }
         names::SERVICE_REMOVE => {
             let s: m::ServicesParams = params(p)?;
-            ok(remove(core, &s.stack, &s.names).await?)
+            ok(remove(core, &s.stack, &s.names, s.purge).await?)
         }
         names::SERVICE_HEALTH => {
             let s: m::ServiceParams = params(p)?;
@@ -354,6 +354,10 @@ async fn route(
                 ));
             }
             ok(m::Empty {})
+        }
+        names::PACKAGE_BUILD => {
+            let b: m::PackageBuildParams = params(p)?;
+            ok(build_package(b).await?)
         }
         names::UI_LOGIN => {
             let code = crate::pki::random_hex(16)
@@ -515,8 +519,34 @@ async fn remove(
     core: &Arc<Core>,
     stack: &str,
     names: &[String],
+    purge: bool,
 ) -> Result<m::ServicesResult, ErrorObject> {
     let services = core.stop_services(stack, names).await.map_err(op_error)?;
+    if purge {
+        let remote: Vec<String> = core.read(|st| {
+            st.stack(stack).map_or_else(Vec::new, |r| {
+                services
+                    .iter()
+                    .filter(|n| {
+                        matches!(
+                            r.config.services.get(*n).map(|s| &s.target),
+                            Some(protocol::config::Target::RemoteLan(_))
+                        )
+                    })
+                    .cloned()
+                    .collect()
+            })
+        });
+        let mut failed = Vec::new();
+        for name in remote {
+            if let Err(e) = core.purge_remote(stack, &name).await {
+                failed.push((name, e));
+            }
+        }
+        if !failed.is_empty() {
+            return Err(op_error(OpError::Failed(failed)));
+        }
+    }
     let had_containers = core.read(|st| {
         st.stack(stack)
             .is_some_and(|r| crate::containers::has_containers(&r.config))
@@ -555,6 +585,24 @@ async fn remove(
         .await
         .map_err(|e| op_error(OpError::Storage(e)))?;
     Ok(m::ServicesResult { services })
+}
+
+async fn build_package(b: m::PackageBuildParams) -> Result<m::PackageInfo, ErrorObject> {
+    let dir = std::path::PathBuf::from(&b.dir);
+    let out = match &b.out_dir {
+        Some(o) => std::path::PathBuf::from(o),
+        None => dir.parent().unwrap_or(&dir).to_owned(),
+    };
+    let pkg = smol::unblock(move || deployer::package::build(&dir, &out))
+        .await
+        .map_err(|e| error(ErrorCode::InvalidParams, e.to_string()))?;
+    Ok(m::PackageInfo {
+        path: pkg.path.display().to_string(),
+        name: pkg.manifest.name,
+        version: pkg.manifest.version,
+        sha256: pkg.sha256,
+        bytes: pkg.bytes,
+    })
 }
 
 async fn check_health(

@@ -158,6 +158,7 @@ pub fn probe_for(
         .services
         .get(name)
         .and_then(|s| s.health_check.clone())
+        .or_else(|| package_health_check(stack_rec.services.get(name)?))
     else {
         return Ok(None);
     };
@@ -242,6 +243,24 @@ pub fn probe_for(
     Ok(Some((probe, hc)))
 }
 
+/// A deployed package's `scripts/health.sh`, as the check of a service that has
+/// none of its own.
+fn package_health_check(rec: &registry::ServiceRecord) -> Option<HealthCheck> {
+    let Some(crate::run::Run::Remote(run)) = crate::run::Run::of(rec) else {
+        return None;
+    };
+    Some(HealthCheck {
+        check: CheckKind::Script {
+            path: run.health_script?,
+            args: Vec::new(),
+        },
+        interval_ms: None,
+        timeout_ms: None,
+        retries: None,
+        start_period_ms: None,
+    })
+}
+
 fn command_probe(
     st: &State,
     stack: &str,
@@ -274,12 +293,7 @@ fn command_probe(
                 _ => return Err(format!("service {name}: it is not running on its host")),
             };
             let shown = argv.join(" ");
-            let argv: Vec<String> = argv.iter().map(|a| deployer::ssh::quote(a)).collect();
-            let dir = deployer::ssh::quote(&run.record.remote_dir);
-            let command = format!(
-                "cd {dir} && set -a && . ./env && set +a && exec {}",
-                argv.join(" ")
-            );
+            let command = crate::remote::on_host_command(&run.record.remote_dir, &argv);
             Ok(Probe::OnHost {
                 run,
                 command,

@@ -365,17 +365,22 @@ impl Core {
         if let Some(reused_at) = self.already_running(stack, name).await {
             return self.use_running(stack, name, generation, Some(reused_at));
         }
+        // The run, and a note on how it was started when that is news (a rollback).
         let started = if is_container {
             self.launch_container(stack, name)
                 .await
-                .map(|(record, _)| Run::Container(record))
+                .map(|(record, _)| (Run::Container(record), None))
         } else if is_remote {
-            self.launch_remote(stack, name).await.map(Run::Remote)
+            self.launch_remote(stack, name)
+                .await
+                .map(|(run, note)| (Run::Remote(run), note))
         } else {
-            self.launch_process(stack, name).await.map(Run::Process)
+            self.launch_process(stack, name)
+                .await
+                .map(|p| (Run::Process(p), None))
         };
-        let run = match started {
-            Ok(run) => run,
+        let (run, note) = match started {
+            Ok(started) => started,
             Err(reason) => return self.fail(stack, name, generation, reason),
         };
         let started = Instant::now();
@@ -386,7 +391,7 @@ impl Core {
             if let Some(rec) = st.service_mut(stack, name) {
                 rec.process = run.to_value();
             }
-            ch.set_state(st, stack, name, ServiceState::Running, None);
+            ch.set_state(st, stack, name, ServiceState::Running, note);
             true
         });
         if !still_wanted {

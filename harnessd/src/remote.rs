@@ -8,9 +8,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use deployer::package::{self, Package};
+use deployer::release;
 use deployer::remote::{self, RemoteRecord, RemoteSpec};
 use deployer::ssh::{HostKeyPolicy, SshHost, SshTarget};
 use protocol::config::{HostConfig, RemoteTarget, StackConfig, Target};
+use protocol::events::{DeployRollback, DeployStep, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Core, State};
@@ -32,6 +37,10 @@ pub struct RemoteRun {
     /// The run on the host.
     #[serde(flatten)]
     pub record: RemoteRecord,
+    /// For a package: its `scripts/health.sh` on the host, the check used when the
+    /// service has no `health_check` of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_script: Option<String>,
 }
 
 /// A host reference (`host: lan1`) as settings: the entry of `hosts:` of that name, or
@@ -139,18 +148,165 @@ impl Core {
         )
     }
 
-    /// Starts a `remote_lan` service with `binary:` on its host.
-    pub async fn launch_remote(&self, stack: &str, name: &str) -> Result<RemoteRun, String> {
-        let (spec, ssh, host) = self.read(|st| self.remote_spec(st, stack, name))?;
+    /// Starts a `remote_lan` service on its host: a `binary:` as it is, a `package:`
+    /// deployed first (and rolled back when the new release fails its health
+    /// script). Returns the run and, after a rollback, what happened.
+    pub async fn launch_remote(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+    ) -> Result<(RemoteRun, Option<String>), String> {
+        let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
         remote::reset_copied(&self.log_path(stack, name));
-        let record = remote::launch(&ssh, &host, &spec)
+        let Some(package) = package else {
+            let run = self.start_remote(stack, name, &ssh, &host, &spec, None).await?;
+            return Ok((run, None));
+        };
+        let deploy = Deploy {
+            core: self.clone(),
+            stack: stack.to_owned(),
+            name: name.to_owned(),
+            host: host.clone(),
+        };
+        let root = self.read(|st| {
+            st.stack(stack)
+                .map(|r| host_config(&r.config, &host))
+                .and_then(|h| h.install_root)
+        });
+        let (pkg, installed) = deploy
+            .install(&ssh, &package, root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT))
+            .await?;
+        let health = pkg
+            .has_health
+            .then(|| format!("{}/scripts/health.sh", installed.dir));
+        package_command(&mut spec, &installed.dir, pkg.has_stop);
+        let run = self
+            .start_remote(stack, name, &ssh, &host, &spec, health.clone())
+            .await?;
+        let Some(script) = &health else {
+            return Ok((run, None));
+        };
+        deploy.step("health", "started", None);
+        let Err(why) = self.wait_healthy(&ssh, &run, script).await else {
+            deploy.step("health", "done", None);
+            return Ok((run, None));
+        };
+        deploy.step("health", "failed", Some(why.clone()));
+        let _ = remote::stop(&ssh, &run.record, "TERM", ROLLBACK_STOP).await;
+        let Some(previous) = installed.previous else {
+            return Err(format!(
+                "release {} failed its health check ({why}) and there is no previous release to go back to",
+                installed.dir
+            ));
+        };
+        release::switch(&ssh, &package_root_of(&installed.dir), &previous)
+            .await
+            .map_err(|e| e.to_string())?;
+        let had_stop = ssh
+            .exec(
+                &format!("test -x {}/scripts/stop.sh", deployer::ssh::quote(&previous)),
+                b"",
+                ROLLBACK_STOP,
+            )
+            .await
+            .is_ok_and(|o| o.status == 0);
+        package_command(&mut spec, &previous, had_stop);
+        let health = Some(format!("{previous}/scripts/health.sh"));
+        let run = self
+            .start_remote(stack, name, &ssh, &host, &spec, health)
+            .await?;
+        let reason = format!(
+            "release {} failed its health check ({why}); rolled back to {previous}",
+            installed.dir
+        );
+        self.update(|_, ch| {
+            ch.push(EventKind::DeployRollback(DeployRollback {
+                stack: stack.to_owned(),
+                name: name.to_owned(),
+                host: host.clone(),
+                from: installed.dir.clone(),
+                to: previous.clone(),
+                reason: reason.clone(),
+            }))
+        });
+        Ok((run, Some(reason)))
+    }
+
+    async fn start_remote(
+        &self,
+        stack: &str,
+        name: &str,
+        ssh: &SshHost,
+        host: &str,
+        spec: &RemoteSpec,
+        health_script: Option<String>,
+    ) -> Result<RemoteRun, String> {
+        let record = remote::launch(ssh, host, spec)
             .await
             .map_err(|e| e.to_string())?;
         Ok(RemoteRun {
             remote_stack: stack.to_owned(),
             remote_service: name.to_owned(),
             record,
+            health_script,
         })
+    }
+
+    /// Runs a package's health script until it passes, at most [`ROLLOUT_WAIT`].
+    async fn wait_healthy(&self, ssh: &SshHost, run: &RemoteRun, script: &str) -> Result<(), String> {
+        let command = on_host_command(&run.record.remote_dir, &[script.to_owned()]);
+        let deadline = std::time::Instant::now() + ROLLOUT_WAIT;
+        let mut last = String::from("never ran");
+        while std::time::Instant::now() < deadline {
+            match ssh.exec(&command, b"", ROLLOUT_WAIT).await {
+                Ok(out) if out.status == 0 => return Ok(()),
+                Ok(out) => last = format!("exit {}: {}", out.status, out.message()),
+                Err(e) => last = e.to_string(),
+            }
+            if matches!(
+                remote::state(ssh, &run.record).await,
+                Ok(remote::RemoteState::Exited(_) | remote::RemoteState::Gone)
+            ) {
+                return Err(format!("it exited ({last})"));
+            }
+            smol::Timer::after(Duration::from_millis(300)).await;
+        }
+        Err(last)
+    }
+
+    /// Removes from the host what `down --purge` removes for a service: its run
+    /// directory and, for a package, every release.
+    pub async fn purge_remote(&self, stack: &str, name: &str) -> Result<(), String> {
+        let (ssh, dir, package, root) = self.read(|st| {
+            let config = &st.stack(stack).ok_or("stack was removed")?.config;
+            let (t, _, h) = remote_target(config, name).ok_or("not a remote_lan service")?;
+            let ssh = self.ssh_host(&h, Some(t))?;
+            let root = h
+                .install_root
+                .clone()
+                .unwrap_or_else(|| DEFAULT_INSTALL_ROOT.to_owned());
+            Ok::<_, String>((ssh, self.remote_dir(&h, stack, name), t.package.clone(), root))
+        })?;
+        remote::remove_dir(&ssh, &dir).await.map_err(|e| e.to_string())?;
+        // The service's own directory goes when nothing else is left in it.
+        let service_dir = format!("{}/{name}", root.trim_end_matches('/'));
+        let _ = ssh
+            .exec(
+                &format!(
+                    "rmdir {q}/run {q} 2>/dev/null; true",
+                    q = deployer::ssh::quote(&service_dir)
+                ),
+                b"",
+                ROLLBACK_STOP,
+            )
+            .await;
+        if let Some(package) = package {
+            let pkg = open_package(package).await?;
+            release::purge(&ssh, &release::package_root(&root, &pkg.manifest.name))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn remote_spec(
@@ -158,15 +314,10 @@ impl Core {
         st: &State,
         stack: &str,
         name: &str,
-    ) -> Result<(RemoteSpec, SshHost, String), String> {
+    ) -> Result<(RemoteSpec, SshHost, String, Option<String>), String> {
         let config = &st.stack(stack).ok_or("stack was removed")?.config;
         let (t, host, h) = remote_target(config, name)
             .ok_or_else(|| format!("service {name}: not a remote_lan service"))?;
-        let Some(binary) = &t.binary else {
-            return Err(format!(
-                "service {name}: deploying packages is not available in this build yet; give `binary:` (a program already on the host)"
-            ));
-        };
         let place = env::place_of(st, stack, name);
         let dir = self.remote_dir(&h, stack, name);
         let vars: BTreeMap<String, String> = env::service_env(
@@ -176,9 +327,13 @@ impl Core {
             &place,
             &PathBuf::from(format!("{dir}/env")),
         )?;
-        let mut argv = vec![env::expand(st, stack, name, &place, binary)?];
-        for a in &t.args {
-            argv.push(env::expand(st, stack, name, &place, a)?);
+        // A package's command is set once it is installed (see `package_command`).
+        let mut argv = Vec::new();
+        if let Some(binary) = &t.binary {
+            argv.push(env::expand(st, stack, name, &place, binary)?);
+            for a in &t.args {
+                argv.push(env::expand(st, stack, name, &place, a)?);
+            }
         }
         let ssh = self.ssh_host(&h, Some(t))?;
         let spec = RemoteSpec {
@@ -189,9 +344,144 @@ impl Core {
             instance: format!("{}/{stack}/{name}", self.instance),
             stop_script: None,
         };
-        Ok((spec, ssh, host))
+        Ok((spec, ssh, host, t.package.clone()))
     }
 }
+
+/// How long a new release may take to pass its health script before it is rolled
+/// back.
+const ROLLOUT_WAIT: Duration = Duration::from_secs(20);
+
+/// How long stopping a failed release may take.
+const ROLLBACK_STOP: Duration = Duration::from_secs(10);
+
+/// `start.sh <work_dir> <env_file>` of the release in `dir` (and its `stop.sh`).
+fn package_command(spec: &mut RemoteSpec, dir: &str, has_stop: bool) {
+    spec.argv = vec![
+        format!("{dir}/scripts/start.sh"),
+        dir.to_owned(),
+        format!("{}/env", spec.dir),
+    ];
+    spec.cwd = Some(dir.to_owned());
+    spec.stop_script = has_stop.then(|| {
+        format!(
+            "{} {}",
+            deployer::ssh::quote(&format!("{dir}/scripts/stop.sh")),
+            deployer::ssh::quote(dir)
+        )
+    });
+}
+
+/// `<root>` of a release directory `<root>/releases/<release>`.
+fn package_root_of(release_dir: &str) -> String {
+    release_dir
+        .rsplitn(3, '/')
+        .nth(2)
+        .unwrap_or(release_dir)
+        .to_owned()
+}
+
+/// A shell command that runs `argv` in a run directory with the run's environment.
+pub fn on_host_command(run_dir: &str, argv: &[String]) -> String {
+    let argv: Vec<String> = argv.iter().map(|a| deployer::ssh::quote(a)).collect();
+    format!(
+        "cd {} && set -a && . ./env && set +a && exec {}",
+        deployer::ssh::quote(run_dir),
+        argv.join(" ")
+    )
+}
+
+/// Opens and checks a package off the executor.
+async fn open_package(path: String) -> Result<Package, String> {
+    smol::unblock(move || package::open(std::path::Path::new(&path)))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One package deploy of a service to a host, reporting its steps as events.
+struct Deploy {
+    core: Arc<Core>,
+    stack: String,
+    name: String,
+    host: String,
+}
+
+impl Deploy {
+    fn step(&self, step: &str, status: &str, detail: Option<String>) {
+        self.core.update(|_, ch| {
+            ch.push(EventKind::DeployStep(DeployStep {
+                stack: self.stack.clone(),
+                name: self.name.clone(),
+                host: self.host.clone(),
+                step: step.to_owned(),
+                status: status.to_owned(),
+                detail,
+            }))
+        });
+    }
+
+    /// Runs `f` as `step`: an event before and one after, with its error.
+    async fn run<T>(
+        &self,
+        step: &str,
+        f: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        self.step(step, "started", None);
+        let result = f.await;
+        match &result {
+            Ok(_) => self.step(step, "done", None),
+            Err(e) => self.step(step, "failed", Some(e.clone())),
+        }
+        result
+    }
+
+    /// Checks the package, puts it on the host (when not there yet) and switches
+    /// `current` to it.
+    async fn install(
+        &self,
+        ssh: &SshHost,
+        package: &str,
+        install_root: &str,
+    ) -> Result<(Package, release::Installed), String> {
+        let pkg = self
+            .run("check", async {
+                let pkg = open_package(package.to_owned()).await?;
+                release::check_platform(ssh, &pkg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(pkg)
+            })
+            .await?;
+        if let Some(port) = pkg.manifest.port {
+            // The manifest's port, unless the service names one.
+            self.core.update(|st, _| {
+                if let Some(rec) = st.service_mut(&self.stack, &self.name) {
+                    rec.port.get_or_insert(port);
+                }
+            });
+        }
+        let root = release::package_root(install_root, &pkg.manifest.name);
+        self.step("upload", "started", Some(format!("{} bytes", pkg.bytes)));
+        let installed = match release::install(ssh, &pkg, &root, |_, _| {}).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.step("upload", "failed", Some(e.to_string()));
+                return Err(e.to_string());
+            }
+        };
+        let (status, detail) = if installed.sent == 0 {
+            ("skipped", format!("{} is on the host already; 0 bytes sent", installed.dir))
+        } else {
+            ("done", format!("{} bytes sent to {}", installed.sent, installed.dir))
+        };
+        self.step("upload", status, Some(detail));
+        let _ = release::prune(ssh, &root, KEEP_RELEASES).await;
+        Ok((pkg, installed))
+    }
+}
+
+/// Releases kept on a host per package (the current one included).
+const KEEP_RELEASES: usize = 3;
 
 /// Where a `remote_lan` service runs, as a caller of others: its host, which reaches
 /// the harness host at `hub`.

@@ -52,6 +52,8 @@ pub mod names {
     pub const DAEMON_SHUTDOWN: &str = "daemon.shutdown";
     /// A one-time login link for the browser dashboard.
     pub const UI_LOGIN: &str = "ui.login";
+    /// Make a service package from a directory.
+    pub const PACKAGE_BUILD: &str = "package.build";
 
     /// All method names, for `unknown_method` suggestions.
     pub const ALL: &[&str] = &[
@@ -75,6 +77,7 @@ pub mod names {
         DAEMON_STATUS,
         DAEMON_SHUTDOWN,
         UI_LOGIN,
+        PACKAGE_BUILD,
     ];
 }
 
@@ -119,6 +122,32 @@ pub struct UiLoginResult {
     pub code: String,
     /// Seconds the code stays valid.
     pub expires_in_secs: u64,
+}
+
+/// `package.build` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackageBuildParams {
+    /// The package directory (manifest.yaml, bin/, scripts/start.sh...), absolute.
+    pub dir: String,
+    /// Where to write `NAME-VERSION.tar.zst` (default: `dir`'s parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_dir: Option<String>,
+}
+
+/// `package.build` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PackageInfo {
+    /// The package file.
+    pub path: String,
+    /// Name from the manifest.
+    pub name: String,
+    /// Version from the manifest.
+    pub version: String,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
 }
 
 /// `config.apply` parameters.
@@ -203,6 +232,10 @@ pub struct ServicesParams {
     /// Service names; empty means all.
     #[serde(default)]
     pub names: Vec<String>,
+    /// `service.remove` only: also remove what the services left on their SSH hosts
+    /// (run directories, releases).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purge: bool,
 }
 
 /// Result of start, stop, restart and remove: the services acted on, in order.

@@ -135,6 +135,7 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
             parses::<m::ServiceParams>(params)
         }
         names::STACK_LIST | names::DAEMON_STATUS | names::UI_LOGIN => no_params(params),
+        names::PACKAGE_BUILD => round_trips::<m::PackageBuildParams>(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
         names::SERVICE_START
         | names::SERVICE_STOP
@@ -173,6 +174,7 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::UNSUBSCRIBE | names::DAEMON_SHUTDOWN => round_trips::<m::Empty>(result),
         names::DAEMON_STATUS => round_trips::<m::DaemonStatus>(result),
         names::UI_LOGIN => round_trips::<m::UiLoginResult>(result),
+        names::PACKAGE_BUILD => round_trips::<m::PackageInfo>(result),
         other => Err(format!(
             "no result type known for method {other}: add it to this test"
         )),

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::config_file::{self, require_stack};
 use super::output;
-use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts};
+use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts, PackageCmd};
 
 const CLIENT: &str = "harness-cli";
 
@@ -61,7 +61,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
         } => import(&compose_file, output.as_deref()),
         Cmd::Up { services } => up(g, services).await,
-        Cmd::Down { services } => {
+        Cmd::Down { services, purge } => {
             let stack = require_stack(g)?;
             let c = client(g).await?;
             let r: m::ServicesResult = c
@@ -70,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     m::ServicesParams {
                         stack: stack.clone(),
                         names: services,
+                        purge,
                     },
                 )
                 .await?;
@@ -94,6 +95,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Health { services } => health(g, services).await,
         Cmd::Events { since, topic } => events(g, since, topic).await,
         Cmd::Config(c) => config_cmd(g, c).await,
+        Cmd::Package(PackageCmd::Build { dir, output_dir }) => {
+            package_build(g, &dir, output_dir.as_deref()).await
+        }
         Cmd::Daemon(d) => daemon_cmd(g, d).await,
     }
 }
@@ -165,6 +169,36 @@ fn validate(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `package build`: the daemon makes the package (it checks it as it would before a
+/// deploy), so the CLI stays thin.
+async fn package_build(
+    g: &GlobalOpts,
+    dir: &Path,
+    output_dir: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let absolute = |p: &Path| -> anyhow::Result<String> {
+        Ok(std::path::absolute(p)
+            .with_context(|| format!("{}", p.display()))?
+            .display()
+            .to_string())
+    };
+    let params = m::PackageBuildParams {
+        dir: absolute(dir)?,
+        out_dir: output_dir.map(absolute).transpose()?,
+    };
+    let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
+    let info: m::PackageInfo = c.call(names::PACKAGE_BUILD, params).await?;
+    if g.json {
+        output::json(&info);
+    } else {
+        println!(
+            "{} ({} {}, {} bytes, sha256 {})",
+            info.path, info.name, info.version, info.bytes, info.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `up`: apply the config, start, show progress, wait for health; on failure print the
 /// reason and the last log lines of each failed service.
 async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
@@ -224,6 +258,7 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
             m::ServicesParams {
                 stack: stack.clone(),
                 names: services,
+                purge: false,
             },
         )
         .await;
@@ -286,6 +321,7 @@ async fn services_call(
             m::ServicesParams {
                 stack: stack.clone(),
                 names: services,
+                purge: false,
             },
         )
         .await?;

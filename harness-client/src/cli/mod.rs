@@ -45,6 +45,19 @@ pub struct GlobalOpts {
     pub json: bool,
 }
 
+/// `harness package …`
+#[derive(Subcommand)]
+pub enum PackageCmd {
+    /// Make NAME-VERSION.tar.zst from a package directory (manifest.yaml, bin/, scripts/start.sh...).
+    Build {
+        /// The package directory.
+        dir: PathBuf,
+        /// Where to write the package (default: beside the directory).
+        #[arg(short = 'o', long)]
+        output_dir: Option<PathBuf>,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Write a commented harness.yaml to start from.
@@ -68,6 +81,9 @@ pub enum Cmd {
     Down {
         /// Services to stop and reset (default: the whole stack).
         services: Vec<String>,
+        /// Also remove what they left on SSH hosts: run directories and releases.
+        #[arg(long)]
+        purge: bool,
     },
     /// Start services (and their dependencies) without re-applying the config.
     Start {
@@ -129,6 +145,9 @@ pub enum Cmd {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Make service packages.
+    #[command(subcommand)]
+    Package(PackageCmd),
     /// Control the daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),

@@ -84,6 +84,7 @@ services:
                 m::ServicesParams {
                     stack: "solid".into(),
                     names: vec!["onr".into()],
+                    purge: false,
                 },
             )
             .await

@@ -76,6 +76,7 @@ services:
         ServicesParams {
             stack: "keep".into(),
             names: vec!["chatty".into()],
+            purge: false,
         },
     ))
     .unwrap();
