@@ -157,9 +157,10 @@ impl Core {
         name: &str,
     ) -> Result<(RemoteRun, Option<String>), String> {
         let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
-        remote::reset_copied(&self.log_path(stack, name));
         let Some(package) = package else {
-            let run = self.start_remote(stack, name, &ssh, &host, &spec, None).await?;
+            let run = self
+                .start_remote(stack, name, &ssh, &host, &spec, None)
+                .await?;
             return Ok((run, None));
         };
         let deploy = Deploy {
@@ -174,7 +175,11 @@ impl Core {
                 .and_then(|h| h.install_root)
         });
         let (pkg, installed) = deploy
-            .install(&ssh, &package, root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT))
+            .install(
+                &ssh,
+                &package,
+                root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
+            )
             .await?;
         let health = pkg
             .has_health
@@ -204,7 +209,10 @@ impl Core {
             .map_err(|e| e.to_string())?;
         let had_stop = ssh
             .exec(
-                &format!("test -x {}/scripts/stop.sh", deployer::ssh::quote(&previous)),
+                &format!(
+                    "test -x {}/scripts/stop.sh",
+                    deployer::ssh::quote(&previous)
+                ),
                 b"",
                 ROLLBACK_STOP,
             )
@@ -252,13 +260,26 @@ impl Core {
         })
     }
 
-    /// Runs a package's health script until it passes, at most [`ROLLOUT_WAIT`].
-    async fn wait_healthy(&self, ssh: &SshHost, run: &RemoteRun, script: &str) -> Result<(), String> {
+    /// Runs a package's health script until it passes, at most [`ROLLOUT_WAIT`] (or
+    /// half the stack's `default_timeout`, so a rollback fits in one `up`).
+    async fn wait_healthy(
+        &self,
+        ssh: &SshHost,
+        run: &RemoteRun,
+        script: &str,
+    ) -> Result<(), String> {
         let command = on_host_command(&run.record.remote_dir, &[script.to_owned()]);
-        let deadline = std::time::Instant::now() + ROLLOUT_WAIT;
+        let up_timeout = self.read(|st| {
+            st.stack(&run.remote_stack)
+                .and_then(|r| r.config.settings.default_timeout_ms)
+        });
+        let wait = up_timeout.map_or(ROLLOUT_WAIT, |ms| {
+            ROLLOUT_WAIT.min(Duration::from_millis(ms / 2))
+        });
+        let deadline = std::time::Instant::now() + wait;
         let mut last = String::from("never ran");
         while std::time::Instant::now() < deadline {
-            match ssh.exec(&command, b"", ROLLOUT_WAIT).await {
+            match ssh.exec(&command, b"", wait).await {
                 Ok(out) if out.status == 0 => return Ok(()),
                 Ok(out) => last = format!("exit {}: {}", out.status, out.message()),
                 Err(e) => last = e.to_string(),
@@ -285,9 +306,16 @@ impl Core {
                 .install_root
                 .clone()
                 .unwrap_or_else(|| DEFAULT_INSTALL_ROOT.to_owned());
-            Ok::<_, String>((ssh, self.remote_dir(&h, stack, name), t.package.clone(), root))
+            Ok::<_, String>((
+                ssh,
+                self.remote_dir(&h, stack, name),
+                t.package.clone(),
+                root,
+            ))
         })?;
-        remote::remove_dir(&ssh, &dir).await.map_err(|e| e.to_string())?;
+        remote::remove_dir(&ssh, &dir)
+            .await
+            .map_err(|e| e.to_string())?;
         // The service's own directory goes when nothing else is left in it.
         let service_dir = format!("{}/{name}", root.trim_end_matches('/'));
         let _ = ssh
@@ -470,9 +498,15 @@ impl Deploy {
             }
         };
         let (status, detail) = if installed.sent == 0 {
-            ("skipped", format!("{} is on the host already; 0 bytes sent", installed.dir))
+            (
+                "skipped",
+                format!("{} is on the host already; 0 bytes sent", installed.dir),
+            )
         } else {
-            ("done", format!("{} bytes sent to {}", installed.sent, installed.dir))
+            (
+                "done",
+                format!("{} bytes sent to {}", installed.sent, installed.dir),
+            )
         };
         self.step("upload", status, Some(detail));
         let _ = release::prune(ssh, &root, KEEP_RELEASES).await;

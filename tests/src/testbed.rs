@@ -309,6 +309,20 @@ impl TestBed {
         netns_pids(&self.hosts[i].netns)
     }
 
+    /// Command lines of the processes in host `i`'s namespace other than sshd and its
+    /// sessions: what services left running there.
+    pub fn processes(&self, i: usize) -> Vec<String> {
+        self.pids(i)
+            .into_iter()
+            .filter_map(|pid| {
+                let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+                (!cmdline.starts_with("sshd") && !cmdline.starts_with("/usr/sbin/sshd"))
+                    .then(|| cmdline.trim().to_owned())
+            })
+            .collect()
+    }
+
     /// A `hosts:` block naming every host `host0..hostN` for a harness config.
     pub fn hosts_yaml(&self) -> String {
         let mut out = String::from("hosts:\n");

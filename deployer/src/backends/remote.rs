@@ -2,7 +2,8 @@
 //! all through short commands on the host's one session ([`SshHost`]).
 //!
 //! A run lives in a directory of its own on the host (`dir`): `env` (the environment,
-//! 0600), `pid` (the run's process group), `out.log` and `err.log` (its output) and
+//! 0600), `pid` (the run's process group), `out.log` and `err.log` (its output, kept
+//! across runs so that what a stop script printed is copied by the next copier) and
 //! `exit` (its exit status, written when it ends on its own). The service runs under
 //! `setsid sh -c …`, so it survives the SSH session and the daemon, and its process
 //! group is its session: stopping signals the whole group. The wrapper shell carries
@@ -98,7 +99,7 @@ pub async fn launch(
     let script = format!(
         "set -e\n\
          mkdir -p {dir} && cd {dir}\n\
-         rm -f exit pid out.log err.log\n\
+         rm -f exit pid\n\
          (umask 077; cat > env)\n\
          command -v {prog} >/dev/null 2>&1 || {{ echo \"{shown}: not found on the host (or not executable)\" >&2; exit 127; }}\n\
          HARNESS_INSTANCE={marker} HARNESS_RUN_DIR=\"$PWD\" setsid sh -c {wrapper} {cwd} {argv} >/dev/null 2>&1 </dev/null &\n\
@@ -265,12 +266,6 @@ fn offsets_path(log_path: &Path) -> PathBuf {
     let mut p = log_path.as_os_str().to_owned();
     p.push(".remote");
     PathBuf::from(p)
-}
-
-/// Forgets how far a previous run's output was copied (a new run starts its files
-/// afresh).
-pub fn reset_copied(log_path: &Path) {
-    let _ = std::fs::remove_file(offsets_path(log_path));
 }
 
 /// Copies the run's output into the service's log file until cancelled (drop the

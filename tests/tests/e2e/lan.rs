@@ -199,17 +199,6 @@ fn ssh_logs_in_through_the_agent_when_no_key_file_is_given() {
     assert_eq!(result.expect("agent auth").stdout, b"agent\n");
 }
 
-/// Processes of host `i` other than its sshd (and that sshd's session children).
-fn services_on(bed: &TestBed, i: usize) -> Vec<String> {
-    bed.sh(
-        i,
-        "ps -eo pid,args | grep -v -e sshd -e 'ps -eo' -e grep -e 'sh -c' | tail -n +2 || true",
-    )
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
 #[test]
 fn a_lan_service_and_local_processes_reach_each_other_through_injected_addresses() {
     let bed = TestBed::new(1);
@@ -268,7 +257,7 @@ services:
         "{body}"
     );
     // It really runs in the host's namespace, and its output reaches the harness log.
-    let procs = services_on(&bed, 0);
+    let procs = bed.processes(0);
     assert!(
         procs
             .iter()
@@ -306,7 +295,7 @@ services:
 
     // down stops it on the host.
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
-    let procs = services_on(&bed, 0);
+    let procs = bed.processes(0);
     assert!(
         !procs.iter().any(|p| p.contains("demo-service")),
         "{procs:?}"

@@ -9,6 +9,7 @@ mod docker;
 mod external;
 mod lan;
 mod lifecycle;
+mod packages;
 mod scripts;
 mod support;
 mod systemd;

@@ -91,3 +91,42 @@ pub fn assert_ok(d: &tests::TestDaemon, out: &std::process::Output, what: &str) 
         d.log()
     );
 }
+
+/// Every journaled event of `topics` so far, replayed from the start (waits at most
+/// a second after the last one for more).
+pub fn replay(c: &Client, topics: &[&str]) -> Vec<protocol::Event> {
+    let r: m::SubscribeResult = smol::block_on(c.call(
+        names::SUBSCRIBE,
+        m::SubscribeParams {
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            stack: None,
+            since: Some(0),
+        },
+    ))
+    .expect("subscribe");
+    let rx = c.events();
+    let mut out = Vec::new();
+    loop {
+        let next = smol::block_on(async {
+            smol::future::or(async { rx.recv().await.ok() }, async {
+                smol::Timer::after(Duration::from_secs(1)).await;
+                None
+            })
+            .await
+        });
+        let Some(e) = next else { break };
+        let last = e.seq >= r.seq;
+        out.push(e);
+        if last {
+            break;
+        }
+    }
+    smol::block_on(c.call::<m::Empty>(
+        names::UNSUBSCRIBE,
+        m::UnsubscribeParams {
+            subscription: r.subscription,
+        },
+    ))
+    .expect("unsubscribe");
+    out
+}

@@ -1,0 +1,299 @@
+//! Service packages deployed to the test bed's SSH hosts: releases, the content-hash
+//! cache, rollback, purge, and the packages that are refused.
+
+use std::path::{Path, PathBuf};
+
+use protocol::events::EventKind;
+use protocol::methods::{Health, ServiceState};
+use tests::testbed::TestBed;
+use tests::{bin, TestDaemon};
+
+use crate::support::*;
+
+/// A package directory `web` (version `version`) whose service is the demo service;
+/// `healthy: false` gives it a health.sh that always fails.
+fn package_dir(root: &Path, version: &str, healthy: bool) -> PathBuf {
+    let dir = root.join(format!("web-{version}"));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("scripts")).unwrap();
+    std::fs::write(
+        dir.join("manifest.yaml"),
+        format!("name: web\nversion: {version}\nos: linux\nsystem_requires: [sh]\n"),
+    )
+    .unwrap();
+    std::fs::copy(bin("demo-service"), dir.join("bin/web")).unwrap();
+    let health = if healthy {
+        "#!/bin/sh\nexec bash -c \"exec 3<>/dev/tcp/127.0.0.1/$PORT\"\n".to_owned()
+    } else {
+        "#!/bin/sh\necho not ready\nexit 1\n".to_owned()
+    };
+    for (name, text) in [
+        (
+            "start.sh",
+            format!("#!/bin/sh\nexec \"$1/bin/web\" --name web-{version} --port \"$PORT\"\n"),
+        ),
+        (
+            "stop.sh",
+            "#!/bin/sh\necho stop.sh ran in \"$1\"\n".to_owned(),
+        ),
+        ("health.sh", health),
+    ] {
+        let path = dir.join("scripts").join(name);
+        std::fs::write(&path, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+fn build(d: &TestDaemon, cwd: &Path, dir: &Path) -> PathBuf {
+    let out = d.cli(cwd, &["--json", "package", "build", dir.to_str().unwrap()]);
+    assert_ok(d, &out, "harness package build");
+    let info: protocol::methods::PackageInfo = serde_json::from_slice(&out.stdout).unwrap();
+    PathBuf::from(info.path)
+}
+
+fn stack_yaml(bed: &TestBed, package: &Path) -> String {
+    format!(
+        r#"
+name: pkg
+settings: {{ default_timeout: 10 }}
+{hosts}
+services:
+  web:
+    target: {{ remote_lan: {{ host: host0, package: {package} }} }}
+    port: auto
+    env: {{ PORT: "${{self.port}}" }}
+  client:
+    target: {{ process: {{ binary: DEMO, args: [--name, client, --port, "${{self.port}}", --upstream, "web=${{web.addr}}"] }} }}
+    port: auto
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+        hosts = bed.hosts_yaml(),
+        package = package.display()
+    )
+}
+
+/// Files under a host's install root, relative, sorted.
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn upload_steps(events: &[protocol::Event]) -> Vec<(String, Option<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::DeployStep(s) if s.step == "upload" && s.status != "started" => {
+                Some((s.status.clone(), s.detail.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_package_is_deployed_cached_rolled_back_and_purged() {
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("pkg");
+    let root = &bed.hosts[0].install_root;
+    let v1 = build(&d, &dir, &package_dir(&dir, "1.0.0", true));
+    assert_eq!(v1.file_name().unwrap(), "web-1.0.0.tar.zst");
+    write_config(&dir, &stack_yaml(&bed, &v1));
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    // Healthy by its package's health.sh, and reached by the local client.
+    let web = get(&c, "pkg", "web");
+    assert_eq!(
+        (web.state, web.health),
+        (ServiceState::Running, Health::Healthy)
+    );
+    assert_eq!(get(&c, "pkg", "client").health, Health::Healthy);
+    let files = tree(root);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with("web/releases/1.0.0-") && f.ends_with(".harness-complete")),
+        "{files:?}"
+    );
+    let current = std::fs::read_link(root.join("web/current")).expect("current link");
+    assert!(
+        current.to_string_lossy().contains("/web/releases/1.0.0-"),
+        "{current:?}"
+    );
+    let first = upload_steps(&replay(&c, &["deploy"]));
+    assert!(
+        matches!(first.as_slice(), [(s, Some(d))] if s == "done" && d.contains("bytes sent")),
+        "{first:?}"
+    );
+
+    // The same package again: nothing is sent.
+    assert_ok(&d, &d.cli(&dir, &["restart", "web"]), "harness restart web");
+    let steps = upload_steps(&replay(&c, &["deploy"]));
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert_eq!(steps[1].0, "skipped", "{steps:?}");
+    assert!(
+        steps[1].1.as_deref().unwrap_or("").contains("0 bytes sent"),
+        "{steps:?}"
+    );
+
+    // A new release whose health fails is rolled back; the old one runs again.
+    let v2 = build(&d, &dir, &package_dir(&dir, "2.0.0", false));
+    write_config(&dir, &stack_yaml(&bed, &v2));
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up (rolled back)");
+    let web = get(&c, "pkg", "web");
+    assert_eq!(web.health, Health::Healthy);
+    assert!(
+        web.reason.as_deref().unwrap_or("").contains("rolled back"),
+        "{web:?}"
+    );
+    let current = std::fs::read_link(root.join("web/current")).expect("current link");
+    assert!(
+        current.to_string_lossy().contains("/web/releases/1.0.0-"),
+        "{current:?}"
+    );
+    let rollbacks: Vec<_> = replay(&c, &["deploy"])
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::DeployRollback(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
+    assert!(rollbacks[0].reason.contains("not ready"), "{rollbacks:?}");
+    assert!(rollbacks[0].from.contains("2.0.0") && rollbacks[0].to.contains("1.0.0"));
+    tests::wait_for(
+        "stop.sh's output in the log",
+        std::time::Duration::from_secs(10),
+        || {
+            log_lines(&c, "pkg", "web")
+                .iter()
+                .any(|l| l.line.contains("stop.sh ran in") && l.line.contains("2.0.0"))
+                .then_some(())
+        },
+    );
+
+    // down --purge leaves the host as it was.
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
+    assert_eq!(tree(root), Vec::<String>::new());
+    assert_eq!(
+        bed.processes(0),
+        Vec::<String>::new(),
+        "processes left on the host"
+    );
+}
+
+/// A package made by hand as a plain tar (accepted like .tar.zst and .tar.gz), with
+/// `extra` as one more entry whose raw name is written as a hostile archive would.
+fn hand_made(path: &Path, manifest: &str, extra: Option<&str>) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut tar = tar::Builder::new(file);
+    for (name, body) in [
+        ("manifest.yaml", manifest.as_bytes()),
+        ("scripts/start.sh", &b"#!/bin/sh\nexec sleep 100\n"[..]),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o755);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body).unwrap();
+    }
+    if let Some(name) = extra {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        tar.append(&h, &b"evil\n"[..]).unwrap();
+    }
+    tar.into_inner().unwrap();
+}
+
+#[test]
+fn bad_packages_and_host_keys_are_refused_and_leave_the_host_unchanged() {
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("bad");
+    let root = &bed.hosts[0].install_root;
+    let slip = dir.join("slip.tar");
+    hand_made(&slip, "name: web\nversion: 1\n", Some("../../../evil"));
+    let no_version = dir.join("noversion.tar");
+    hand_made(&no_version, "name: web\n", None);
+    let arch = dir.join("arch.tar");
+    hand_made(&arch, "name: web\nversion: 1\narch: riscv64\n", None);
+    let good = dir.join("good.tar");
+    hand_made(&good, "name: web\nversion: 1\n", None);
+
+    let empty_known = dir.join("empty_known_hosts");
+    std::fs::write(&empty_known, "").unwrap();
+    let other = tests::testbed::keygen(&dir.join("other_key"), "other");
+    let wrong_known = dir.join("wrong_known_hosts");
+    let fields: Vec<&str> = other.split_whitespace().take(2).collect();
+    std::fs::write(
+        &wrong_known,
+        format!("{} {}\n", bed.hosts[0].address, fields.join(" ")),
+    )
+    .unwrap();
+
+    let cases: [(&Path, Option<&Path>, &str); 5] = [
+        (&slip, None, "`..` in a path"),
+        (&no_version, None, "needs `name` and `version`"),
+        (&arch, None, "built for any/riscv64"),
+        (&good, Some(&empty_known), "unknown host key SHA256:"),
+        (&good, Some(&wrong_known), "HOST KEY MISMATCH"),
+    ];
+    for (package, known_hosts, want) in cases {
+        let mut hosts = bed.hosts_yaml();
+        if let Some(kh) = known_hosts {
+            hosts = hosts.replace(
+                &bed.known_hosts.display().to_string(),
+                &kh.display().to_string(),
+            );
+        }
+        write_config(
+            &dir,
+            &format!(
+                "name: bad\n{hosts}\nservices:\n  web:\n    target: {{ remote_lan: {{ host: host0, package: {} }} }}\n",
+                package.display()
+            ),
+        );
+        let out = d.cli(&dir, &["up"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{want}: up succeeded");
+        assert!(stderr.contains(want), "{want}: {stderr}");
+        assert_eq!(
+            tree(root),
+            Vec::<String>::new(),
+            "{want}: the host was changed"
+        );
+        assert!(
+            !bed.dir.join("evil").exists() && !root.join("../evil").exists(),
+            "a tar-slip entry was written"
+        );
+        assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    }
+    // The daemon kept serving throughout.
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["daemon", "status"]),
+        "harness daemon status",
+    );
+}
