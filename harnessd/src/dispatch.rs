@@ -441,6 +441,11 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
     if p.stack.is_empty() {
         return Err(error(ErrorCode::InvalidParams, "stack name is empty"));
     }
+    // Services on several hosts are stored as their instances (`svc@host`).
+    let p = m::ApplyParams {
+        config: config::expand_instances(&p.config),
+        ..p
+    };
     let mut result = m::ApplyResult {
         stack: p.stack.clone(),
         ..Default::default()

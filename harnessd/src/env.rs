@@ -122,6 +122,24 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
     }
 }
 
+/// The endpoint of the first healthy of `members` (the first one when none is
+/// healthy yet).
+fn first_healthy(
+    stack_rec: &StackRecord,
+    members: &[&str],
+    place: &Place,
+) -> Option<(String, u16)> {
+    let healthy = members.iter().find(|m| {
+        stack_rec
+            .services
+            .get(**m)
+            .is_some_and(|r| r.health == protocol::methods::Health::Healthy)
+    });
+    healthy
+        .or(members.first())
+        .and_then(|m| endpoint(stack_rec, m, place))
+}
+
 /// Resolves `${svc.field}` references in `input` for service `me` of `stack`, as seen
 /// from `place`.
 pub fn expand(
@@ -143,7 +161,15 @@ pub fn expand(
                 _ => "0.0.0.0".to_owned(),
             });
         }
-        let (host, port) = endpoint(stack_rec, name, place)?;
+        let (host, port) = if stack_rec.config.services.contains_key(name) {
+            endpoint(stack_rec, name, place)?
+        } else {
+            // A service on several hosts, named by its own name: its first healthy
+            // instance.
+            let instances = protocol::config::instances_of(&stack_rec.config, name);
+            let members: Vec<&str> = instances.iter().map(String::as_str).collect();
+            first_healthy(stack_rec, &members, place)?
+        };
         match field {
             "addr" => Some(format!("{host}:{port}")),
             "host" => Some(host),
@@ -178,14 +204,34 @@ pub fn service_env(
         "HARNESS_ENV_FILE".to_owned(),
         env_file_path.display().to_string(),
     );
+    // Instances of one service on several hosts are one dependency: `DEP_ADDR` is the
+    // first healthy one and `DEP_ADDRS` lists all.
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for dep in cfg.depends_on.keys() {
-        let Some((host, port)) = endpoint(stack_rec, dep, place) else {
+        let group = stack_rec
+            .config
+            .services
+            .get(dep)
+            .and_then(|d| d.instance_of.as_deref())
+            .unwrap_or(dep);
+        groups.entry(group).or_default().push(dep);
+    }
+    for (group, members) in groups {
+        let addrs: Vec<(String, u16)> = members
+            .iter()
+            .filter_map(|m| endpoint(stack_rec, m, place))
+            .collect();
+        let Some((host, port)) = first_healthy(stack_rec, &members, place) else {
             continue;
         };
-        let prefix = template::env_var_prefix(dep);
+        let prefix = template::env_var_prefix(group);
         env.insert(format!("{prefix}_ADDR"), format!("{host}:{port}"));
         env.insert(format!("{prefix}_HOST"), host);
         env.insert(format!("{prefix}_PORT"), port.to_string());
+        if members.len() > 1 || members[0] != group {
+            let all: Vec<String> = addrs.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+            env.insert(format!("{prefix}_ADDRS"), all.join(","));
+        }
     }
     if let Some(file) = &cfg.env_file {
         let text = std::fs::read_to_string(file)

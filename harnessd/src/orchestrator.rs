@@ -76,7 +76,7 @@ fn with_dependencies(config: &StackConfig, names: &[String]) -> Result<Vec<Strin
     let mut todo: Vec<String> = if names.is_empty() {
         config.services.keys().cloned().collect()
     } else {
-        names.to_vec()
+        protocol::config::expand_names(config, names)
     };
     while let Some(n) = todo.pop() {
         let svc = config
@@ -96,6 +96,7 @@ fn with_dependencies(config: &StackConfig, names: &[String]) -> Result<Vec<Strin
 /// The services of `names` (all when empty) plus everything that depends on them, in
 /// stop order (dependents first).
 fn with_dependents(config: &StackConfig, names: &[String]) -> Result<Vec<String>, OpError> {
+    let names = &protocol::config::expand_names(config, names);
     for n in names {
         if !config.services.contains_key(n) {
             return Err(OpError::NotFound(not_found_message(config, n)));

@@ -10,6 +10,7 @@
 
 mod compose;
 mod error;
+mod instances;
 mod model;
 mod parse;
 mod read;
@@ -23,6 +24,7 @@ mod tests;
 
 pub use compose::{import_compose, is_compose_file_name, ComposeImport};
 pub use error::{did_you_mean, ConfigError, ConfigErrors};
+pub use instances::{expand_instances, expand_names, instance_name, instances_of};
 pub use model::*;
 pub use parse::parse_stack;
 pub use validate::{dependency_waves, start_order, validate, DISCOVERY_KINDS};

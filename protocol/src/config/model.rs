@@ -125,6 +125,10 @@ pub struct ServiceConfig {
     /// that one (and never stop it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reuse_if_running: bool,
+    /// Set by the daemon on the instances of a service that runs on several hosts
+    /// (`svc@host`): the service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_of: Option<String>,
 }
 
 /// Where a service runs.

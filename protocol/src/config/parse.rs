@@ -435,6 +435,7 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
         stop_signal: None,
         stop_timeout_ms: None,
         reuse_if_running: false,
+        instance_of: None,
     };
     if let Some(text) = node.value.scalar_text() {
         cx.error(&path, node, placement_hint(&text));

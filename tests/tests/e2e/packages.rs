@@ -61,7 +61,7 @@ settings: {{ default_timeout: 10 }}
 {hosts}
 services:
   web:
-    target: {{ remote_lan: {{ host: host0, package: {package} }} }}
+    target: {{ remote_lan: {{ hosts: [host0, host1, host2], package: {package} }} }}
     port: auto
     env: {{ PORT: "${{self.port}}" }}
   client:
@@ -105,66 +105,91 @@ fn upload_steps(events: &[protocol::Event]) -> Vec<(String, Option<String>)> {
 }
 
 #[test]
-fn a_package_is_deployed_cached_rolled_back_and_purged() {
-    let bed = TestBed::new(1);
+fn a_package_is_deployed_to_three_hosts_cached_rolled_back_and_purged() {
+    let bed = TestBed::new(3);
     let d = TestDaemon::start();
     let dir = d.workdir("pkg");
-    let root = &bed.hosts[0].install_root;
+    let roots: Vec<&PathBuf> = bed.hosts.iter().map(|h| &h.install_root).collect();
     let v1 = build(&d, &dir, &package_dir(&dir, "1.0.0", true));
     assert_eq!(v1.file_name().unwrap(), "web-1.0.0.tar.zst");
     write_config(&dir, &stack_yaml(&bed, &v1));
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
-    // Healthy by its package's health.sh, and reached by the local client.
-    let web = get(&c, "pkg", "web");
-    assert_eq!(
-        (web.state, web.health),
-        (ServiceState::Running, Health::Healthy)
-    );
+    // One instance per host, each healthy by its package's health.sh.
+    for h in &bed.hosts {
+        let web = get(&c, "pkg", &format!("web@host{}", h.index));
+        assert_eq!(
+            (web.state, web.health),
+            (ServiceState::Running, Health::Healthy)
+        );
+        assert_eq!(
+            web.address.as_deref().map(|a| a.starts_with(&h.address)),
+            Some(true)
+        );
+        let files = tree(&h.install_root);
+        assert!(
+            files
+                .iter()
+                .any(|f| f.starts_with("web/releases/1.0.0-") && f.ends_with(".harness-complete")),
+            "{files:?}"
+        );
+        let current = std::fs::read_link(h.install_root.join("web/current")).expect("current link");
+        assert!(
+            current.to_string_lossy().contains("/web/releases/1.0.0-"),
+            "{current:?}"
+        );
+    }
+    // The local client was given every instance and reached the first.
     assert_eq!(get(&c, "pkg", "client").health, Health::Healthy);
-    let files = tree(root);
-    assert!(
-        files
-            .iter()
-            .any(|f| f.starts_with("web/releases/1.0.0-") && f.ends_with(".harness-complete")),
-        "{files:?}"
-    );
-    let current = std::fs::read_link(root.join("web/current")).expect("current link");
-    assert!(
-        current.to_string_lossy().contains("/web/releases/1.0.0-"),
-        "{current:?}"
-    );
+    let env =
+        String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
+    let addrs = env
+        .lines()
+        .find_map(|l| l.strip_prefix("WEB_ADDRS="))
+        .unwrap_or_else(|| panic!("no WEB_ADDRS in {env}"));
+    assert_eq!(addrs.split(',').count(), 3, "{addrs}");
+    for h in &bed.hosts {
+        assert!(addrs.contains(&h.address), "{addrs}");
+    }
+    assert!(env.lines().any(|l| l.starts_with("WEB_ADDR=")), "{env}");
     let first = upload_steps(&replay(&c, &["deploy"]));
+    assert_eq!(first.len(), 3, "{first:?}");
     assert!(
-        matches!(first.as_slice(), [(s, Some(d))] if s == "done" && d.contains("bytes sent")),
+        first
+            .iter()
+            .all(|(s, d)| s == "done" && d.as_deref().unwrap_or("").contains("bytes sent")),
         "{first:?}"
     );
 
-    // The same package again: nothing is sent.
+    // The same package again: nothing is sent to any host.
     assert_ok(&d, &d.cli(&dir, &["restart", "web"]), "harness restart web");
     let steps = upload_steps(&replay(&c, &["deploy"]));
-    assert_eq!(steps.len(), 2, "{steps:?}");
-    assert_eq!(steps[1].0, "skipped", "{steps:?}");
-    assert!(
-        steps[1].1.as_deref().unwrap_or("").contains("0 bytes sent"),
-        "{steps:?}"
-    );
+    assert_eq!(steps.len(), 6, "{steps:?}");
+    for (status, detail) in &steps[3..] {
+        assert_eq!(status, "skipped", "{steps:?}");
+        assert!(
+            detail.as_deref().unwrap_or("").contains("0 bytes sent"),
+            "{steps:?}"
+        );
+    }
 
     // A new release whose health fails is rolled back; the old one runs again.
     let v2 = build(&d, &dir, &package_dir(&dir, "2.0.0", false));
     write_config(&dir, &stack_yaml(&bed, &v2));
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up (rolled back)");
-    let web = get(&c, "pkg", "web");
-    assert_eq!(web.health, Health::Healthy);
-    assert!(
-        web.reason.as_deref().unwrap_or("").contains("rolled back"),
-        "{web:?}"
-    );
-    let current = std::fs::read_link(root.join("web/current")).expect("current link");
-    assert!(
-        current.to_string_lossy().contains("/web/releases/1.0.0-"),
-        "{current:?}"
-    );
+    for h in &bed.hosts {
+        let web = get(&c, "pkg", &format!("web@host{}", h.index));
+        assert_eq!(web.health, Health::Healthy);
+        assert!(
+            web.reason.as_deref().unwrap_or("").contains("rolled back"),
+            "{web:?}"
+        );
+        let current = std::fs::read_link(h.install_root.join("web/current")).expect("current link");
+        assert!(
+            current.to_string_lossy().contains("/web/releases/1.0.0-"),
+            "{current:?}"
+        );
+    }
     let rollbacks: Vec<_> = replay(&c, &["deploy"])
         .into_iter()
         .filter_map(|e| match e.kind {
@@ -172,32 +197,37 @@ fn a_package_is_deployed_cached_rolled_back_and_purged() {
             _ => None,
         })
         .collect();
-    assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
-    assert!(rollbacks[0].reason.contains("not ready"), "{rollbacks:?}");
+    assert_eq!(rollbacks.len(), 3, "{rollbacks:?}");
+    assert!(
+        rollbacks.iter().all(|r| r.reason.contains("not ready")),
+        "{rollbacks:?}"
+    );
     assert!(rollbacks[0].from.contains("2.0.0") && rollbacks[0].to.contains("1.0.0"));
     tests::wait_for(
         "stop.sh's output in the log",
         std::time::Duration::from_secs(10),
         || {
-            log_lines(&c, "pkg", "web")
+            log_lines(&c, "pkg", "web@host0")
                 .iter()
                 .any(|l| l.line.contains("stop.sh ran in") && l.line.contains("2.0.0"))
                 .then_some(())
         },
     );
 
-    // down --purge leaves the host as it was.
+    // down --purge leaves the hosts as they were.
     assert_ok(
         &d,
         &d.cli(&dir, &["down", "--purge"]),
         "harness down --purge",
     );
-    assert_eq!(tree(root), Vec::<String>::new());
-    assert_eq!(
-        bed.processes(0),
-        Vec::<String>::new(),
-        "processes left on the host"
-    );
+    for (i, root) in roots.iter().enumerate() {
+        assert_eq!(tree(root), Vec::<String>::new());
+        assert_eq!(
+            bed.processes(i),
+            Vec::<String>::new(),
+            "processes left on host{i}"
+        );
+    }
 }
 
 /// A package made by hand as a plain tar (accepted like .tar.zst and .tar.gz), with
