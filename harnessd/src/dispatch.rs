@@ -291,7 +291,7 @@ async fn route(
         names::SERVICE_START => {
             let s: m::ServicesParams = params(p)?;
             let services = core
-                .start_services(&s.stack, &s.names)
+                .start_services(&s.stack, &s.names, None)
                 .await
                 .map_err(op_error)?;
             ok(m::ServicesResult { services })
@@ -310,7 +310,7 @@ async fn route(
                 .await
                 .map_err(op_error)?;
             let services = core
-                .start_services(&s.stack, &s.names)
+                .start_services(&s.stack, &s.names, None)
                 .await
                 .map_err(op_error)?;
             ok(m::ServicesResult { services })
@@ -354,6 +354,10 @@ async fn route(
                 ));
             }
             ok(m::Empty {})
+        }
+        names::DEPLOY => {
+            let d: m::DeployParams = params(p)?;
+            ok(deploy(core, d).await?)
         }
         names::PACKAGE_BUILD => {
             let b: m::PackageBuildParams = params(p)?;
@@ -590,6 +594,67 @@ async fn remove(
         .await
         .map_err(|e| op_error(OpError::Storage(e)))?;
     Ok(m::ServicesResult { services })
+}
+
+/// `deploy`: `up` for the services with SSH-host targets (or its plan).
+async fn deploy(core: &Arc<Core>, d: m::DeployParams) -> Result<m::DeployResult, ErrorObject> {
+    if d.dry_run {
+        // Plan on a copy of the state, with the given config in place of the stored one.
+        let mut snap = core.snapshot();
+        if let Some(c) = &d.config {
+            config::validate(c, "config").map_err(config_error)?;
+            let c = config::expand_instances(c);
+            let stack =
+                snap.stacks
+                    .entry(d.stack.clone())
+                    .or_insert_with(|| registry::StackRecord {
+                        name: d.stack.clone(),
+                        source: None,
+                        config: StackConfig::default(),
+                        services: BTreeMap::new(),
+                    });
+            for name in c.services.keys() {
+                stack
+                    .services
+                    .entry(name.clone())
+                    .or_insert_with(|| registry::ServiceRecord::new(crate::core::now()));
+            }
+            stack.config = c;
+        }
+        let mut st = crate::core::State {
+            snap,
+            runtime: Default::default(),
+        };
+        // Ports as they would be picked now (a real deploy picks its own).
+        let names: Vec<String> = st
+            .stack(&d.stack)
+            .map(|r| r.config.services.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in &names {
+            crate::orchestrator::assign_port(&mut st, &d.stack, name);
+        }
+        let selected = crate::remote::remote_services(&st, &d.stack, &d.names, &d.hosts)
+            .map_err(|e| error(ErrorCode::NotFound, e))?;
+        let plan = core
+            .deploy_plan(&st, &d.stack, &selected)
+            .await
+            .map_err(|e| error(ErrorCode::BackendError, e))?;
+        return Ok(m::DeployResult {
+            services: selected,
+            plan,
+        });
+    }
+    let selected = core
+        .read(|st| crate::remote::remote_services(st, &d.stack, &d.names, &d.hosts))
+        .map_err(|e| error(ErrorCode::NotFound, e))?;
+    let services = core
+        .start_services(&d.stack, &selected, d.max_concurrent)
+        .await
+        .map_err(op_error)?;
+    Ok(m::DeployResult {
+        services,
+        plan: Vec::new(),
+    })
 }
 
 async fn build_package(b: m::PackageBuildParams) -> Result<m::PackageInfo, ErrorObject> {

@@ -203,7 +203,9 @@ fn check_ready(st: &State, stack: &str, name: &str) -> Check {
     let Some(rec) = stack_rec.services.get(name) else {
         return Check::Broken("service was removed".into());
     };
-    let has_check = stack_rec.config.services[name].health_check.is_some();
+    // A deployed package's health.sh is its check when it has none of its own.
+    let has_check = stack_rec.config.services[name].health_check.is_some()
+        || matches!(Run::of(rec), Some(Run::Remote(r)) if r.health_script.is_some());
     match rec.state {
         ServiceState::Running if !has_check || rec.health == Health::Healthy => Check::Met,
         ServiceState::Stopped if rec.exit_code == Some(0) => Check::Met,
@@ -218,10 +220,13 @@ fn check_ready(st: &State, stack: &str, name: &str) -> Check {
 impl Core {
     /// Starts services and their dependencies; returns once all of them are ready
     /// (healthy, or running when they have no check) or one failed.
+    /// `limit` caps how many start at once for this call (`deploy --max-concurrent`);
+    /// the stack's `max_parallel` otherwise.
     pub async fn start_services(
         self: &Arc<Self>,
         stack: &str,
         names: &[String],
+        limit: Option<usize>,
     ) -> Result<Vec<String>, OpError> {
         let (order, to_launch, timeout, max_parallel) = self.read(|st| {
             let rec = st
@@ -256,13 +261,16 @@ impl Core {
                 settings.max_parallel.unwrap_or(DEFAULT_MAX_PARALLEL).max(1),
             ))
         })?;
-        let sem = self
-            .semaphores
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(stack.to_owned())
-            .or_insert_with(|| Arc::new(async_lock::Semaphore::new(max_parallel)))
-            .clone();
+        let sem = match limit {
+            Some(n) => Arc::new(async_lock::Semaphore::new(n.max(1))),
+            None => self
+                .semaphores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(stack.to_owned())
+                .or_insert_with(|| Arc::new(async_lock::Semaphore::new(max_parallel)))
+                .clone(),
+        };
         // 1. Record the intent (state `starting`, ports assigned) before spawning anything.
         self.update(|st, ch| {
             for n in &to_launch {
@@ -815,7 +823,7 @@ fn current(st: &State, stack: &str, name: &str, generation: u64) -> bool {
 }
 
 /// Gives a service its port: the fixed one, the one it had, or a free one.
-fn assign_port(st: &mut State, stack: &str, name: &str) {
+pub(crate) fn assign_port(st: &mut State, stack: &str, name: &str) {
     let Some(cfg) = st.stack(stack).map(|r| r.config.services[name].clone()) else {
         return;
     };

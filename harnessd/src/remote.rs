@@ -16,6 +16,7 @@ use deployer::remote::{self, RemoteRecord, RemoteSpec};
 use deployer::ssh::{HostKeyPolicy, SshHost, SshTarget};
 use protocol::config::{HostConfig, RemoteTarget, StackConfig, Target};
 use protocol::events::{DeployRollback, DeployStep, EventKind};
+use protocol::methods::PlannedStep;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Core, State};
@@ -295,6 +296,75 @@ impl Core {
         Err(last)
     }
 
+    /// What deploying `names` would do, step by step with the commands, without
+    /// connecting to any host.
+    pub async fn deploy_plan(
+        &self,
+        st: &State,
+        stack: &str,
+        names: &[String],
+    ) -> Result<Vec<PlannedStep>, String> {
+        let mut plan = Vec::new();
+        for name in names {
+            let (mut spec, ssh, _, package) = self.remote_spec(st, stack, name)?;
+            let host = ssh.target().describe();
+            let mut step = |step: &str, command: Option<String>| {
+                plan.push(PlannedStep {
+                    service: name.clone(),
+                    host: host.clone(),
+                    step: step.to_owned(),
+                    command,
+                })
+            };
+            if let Some(package) = package {
+                let pkg = open_package(package.clone()).await?;
+                let install_root = st
+                    .stack(stack)
+                    .and_then(|r| remote_target(&r.config, name))
+                    .and_then(|(_, _, h)| h.install_root);
+                let root = release::package_root(
+                    install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
+                    &pkg.manifest.name,
+                );
+                let dir = release::release_dir(&root, &pkg);
+                let tar = release::upload_path(&root, &pkg);
+                step(
+                    &format!(
+                        "check {package} ({} {}) runs on the host",
+                        pkg.manifest.name, pkg.manifest.version
+                    ),
+                    Some(release::PLATFORM_CHECK.to_owned()),
+                );
+                step(
+                    &format!("unless {dir} is complete on the host: send the package as a plain tar over SFTP to {tar} ({} bytes compressed)", pkg.bytes),
+                    None,
+                );
+                step("extract it", Some(release::extract_script(&tar, &dir)));
+                step(
+                    "point current at it",
+                    Some(release::switch_script(&root, &dir)),
+                );
+                package_command(&mut spec, &dir, pkg.has_stop);
+                step(
+                    "start scripts/start.sh detached (its environment on stdin)",
+                    Some(remote::launch_script(&spec)),
+                );
+                if pkg.has_health {
+                    step(
+                        "run scripts/health.sh until it passes; on failure switch current back and start the previous release",
+                        Some(on_host_command(&spec.dir, &[format!("{dir}/scripts/health.sh")])),
+                    );
+                }
+            } else {
+                step(
+                    "start the program detached (its environment on stdin)",
+                    Some(remote::launch_script(&spec)),
+                );
+            }
+        }
+        Ok(plan)
+    }
+
     /// Removes from the host what `down --purge` removes for a service: its run
     /// directory and, for a package, every release.
     pub async fn purge_remote(&self, stack: &str, name: &str) -> Result<(), String> {
@@ -516,6 +586,53 @@ impl Deploy {
 
 /// Releases kept on a host per package (the current one included).
 const KEEP_RELEASES: usize = 3;
+
+/// The `remote_lan` services (instances) of `names` (all when empty) on `hosts` (all
+/// when empty).
+pub fn remote_services(
+    st: &State,
+    stack: &str,
+    names: &[String],
+    hosts: &[String],
+) -> Result<Vec<String>, String> {
+    let config = &st
+        .stack(stack)
+        .ok_or(format!("no stack named {stack}"))?
+        .config;
+    let candidates = if names.is_empty() {
+        config.services.keys().cloned().collect()
+    } else {
+        protocol::config::expand_names(config, names)
+    };
+    let mut out = Vec::new();
+    for name in candidates {
+        if !config.services.contains_key(&name) {
+            return Err(crate::orchestrator::not_found_message(config, &name));
+        }
+        let Some((_, host, _)) = remote_target(config, &name) else {
+            if names.contains(&name) {
+                return Err(format!(
+                    "service {name} has no SSH-host target; use `harness up`"
+                ));
+            }
+            continue;
+        };
+        if hosts.is_empty() || hosts.contains(&host) {
+            out.push(name);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "nothing to deploy in {stack}: no remote_lan service{}",
+            if hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", hosts.join(", "))
+            }
+        ));
+    }
+    Ok(out)
+}
 
 /// Where a `remote_lan` service runs, as a caller of others: its host, which reaches
 /// the harness host at `hub`.

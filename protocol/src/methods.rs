@@ -54,6 +54,8 @@ pub mod names {
     pub const UI_LOGIN: &str = "ui.login";
     /// Make a service package from a directory.
     pub const PACKAGE_BUILD: &str = "package.build";
+    /// Start (deploy) the services with SSH-host targets, or print the plan.
+    pub const DEPLOY: &str = "deploy";
 
     /// All method names, for `unknown_method` suggestions.
     pub const ALL: &[&str] = &[
@@ -78,6 +80,7 @@ pub mod names {
         DAEMON_SHUTDOWN,
         UI_LOGIN,
         PACKAGE_BUILD,
+        DEPLOY,
     ];
 }
 
@@ -122,6 +125,54 @@ pub struct UiLoginResult {
     pub code: String,
     /// Seconds the code stays valid.
     pub expires_in_secs: u64,
+}
+
+/// `deploy` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployParams {
+    /// Stack name.
+    pub stack: String,
+    /// Services (default: every service with an SSH-host target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Only the instances on these hosts (names from `hosts:`; default: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Most hosts deployed to at once (default: the stack's `max_parallel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+    /// Only say what would be done: every step and command, nothing run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// With `dry_run`: plan with this config (as `config.apply` takes it) instead of the
+    /// stored one; nothing is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::config::StackConfig>,
+}
+
+/// `deploy` result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployResult {
+    /// Services deployed (or that would be), with their dependencies, in order.
+    pub services: Vec<String>,
+    /// With `dry_run`: the steps, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan: Vec<PlannedStep>,
+}
+
+/// One step a deploy would take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PlannedStep {
+    /// The service (instance).
+    pub service: String,
+    /// The host (`user@address:port`).
+    pub host: String,
+    /// What the step does.
+    pub step: String,
+    /// The command run on the host, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 /// `package.build` parameters.

@@ -136,6 +136,7 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
         }
         names::STACK_LIST | names::DAEMON_STATUS | names::UI_LOGIN => no_params(params),
         names::PACKAGE_BUILD => round_trips::<m::PackageBuildParams>(params),
+        names::DEPLOY => round_trips::<m::DeployParams>(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
         names::SERVICE_START
         | names::SERVICE_STOP
@@ -175,6 +176,7 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::DAEMON_STATUS => round_trips::<m::DaemonStatus>(result),
         names::UI_LOGIN => round_trips::<m::UiLoginResult>(result),
         names::PACKAGE_BUILD => round_trips::<m::PackageInfo>(result),
+        names::DEPLOY => round_trips::<m::DeployResult>(result),
         other => Err(format!(
             "no result type known for method {other}: add it to this test"
         )),

@@ -33,7 +33,7 @@ pub struct Installed {
 /// Checks that the host can run `pkg` (os/arch, before anything is sent).
 pub async fn check_platform(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError> {
     let out = ssh
-        .check("read the platform", "uname -s; uname -m", b"", STEP_TIMEOUT)
+        .check("read the platform", PLATFORM_CHECK, b"", STEP_TIMEOUT)
         .await?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
@@ -62,7 +62,7 @@ pub async fn install(
     root: &str,
     progress: impl Fn(u64, u64) + Send + 'static,
 ) -> Result<Installed, DeployError> {
-    let dir = format!("{root}/releases/{}", pkg.release());
+    let dir = release_dir(root, pkg);
     let q = |s: &str| quote(s);
     let present = ssh
         .exec(
@@ -103,8 +103,7 @@ async fn upload_and_extract(
         })?;
     let (pkg2, tar_path) = (pkg.clone(), local_tar.path().to_owned());
     smol::unblock(move || package::write_plain_tar(&pkg2, &tar_path)).await?;
-    let remote_tar = format!("{root}/.upload-{}.tar", pkg.release());
-    let tmp = format!("{dir}.tmp");
+    let remote_tar = upload_path(root, pkg);
     ssh.check(
         "prepare the install directory",
         &format!("mkdir -p {}/releases", quote(root)),
@@ -115,8 +114,22 @@ async fn upload_and_extract(
     let sent = ssh
         .upload(local_tar.path(), &remote_tar, 0o600, progress)
         .await?;
+    let script = extract_script(&remote_tar, dir);
+    ssh.check("extract the package", &script, b"", STEP_TIMEOUT)
+        .await?;
+    Ok(sent)
+}
+
+/// Where the package is uploaded before it is extracted.
+pub fn upload_path(root: &str, pkg: &Package) -> String {
+    format!("{root}/.upload-{}.tar", pkg.release())
+}
+
+/// Extracts the uploaded tar into a temporary directory and renames it to `dir` once
+/// complete; the upload is removed either way.
+pub fn extract_script(remote_tar: &str, dir: &str) -> String {
     // GNU tar also refuses `..` and strips a leading `/` on its own: a second guard.
-    let script = format!(
+    format!(
         "set -e\n\
          trap 'rm -rf {tmp}; rm -f {tar}' EXIT\n\
          rm -rf {tmp}\n\
@@ -125,14 +138,30 @@ async fn upload_and_extract(
          touch {tmp}/{COMPLETE}\n\
          rm -rf {dir}\n\
          mv {tmp} {dir}\n",
-        tmp = quote(&tmp),
-        tar = quote(&remote_tar),
+        tmp = quote(&format!("{dir}.tmp")),
+        tar = quote(remote_tar),
         dir = quote(dir),
-    );
-    ssh.check("extract the package", &script, b"", STEP_TIMEOUT)
-        .await?;
-    Ok(sent)
+    )
 }
+
+/// Points `<root>/current` at `dir` atomically; prints where it pointed before.
+pub fn switch_script(root: &str, dir: &str) -> String {
+    format!(
+        "cd {root}\n\
+         readlink current 2>/dev/null || true\n\
+         ln -sfn {dir} .current.tmp && mv -T .current.tmp current\n",
+        root = quote(root),
+        dir = quote(dir),
+    )
+}
+
+/// The directory of `pkg`'s release under `root`.
+pub fn release_dir(root: &str, pkg: &Package) -> String {
+    format!("{root}/releases/{}", pkg.release())
+}
+
+/// The check that the host can run a package (`uname`).
+pub const PLATFORM_CHECK: &str = "uname -s; uname -m";
 
 async fn check_requires(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError> {
     if pkg.manifest.system_requires.is_empty() {
@@ -180,15 +209,13 @@ async fn check_requires(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError>
 
 /// Points `<root>/current` at `dir` atomically; returns where it pointed before.
 pub async fn switch(ssh: &SshHost, root: &str, dir: &str) -> Result<Option<String>, DeployError> {
-    let script = format!(
-        "cd {root}\n\
-         readlink current 2>/dev/null || true\n\
-         ln -sfn {dir} .current.tmp && mv -T .current.tmp current\n",
-        root = quote(root),
-        dir = quote(dir),
-    );
     let out = ssh
-        .check("switch the current release", &script, b"", STEP_TIMEOUT)
+        .check(
+            "switch the current release",
+            &switch_script(root, dir),
+            b"",
+            STEP_TIMEOUT,
+        )
         .await?;
     let before = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     Ok((!before.is_empty()).then_some(before))

@@ -79,24 +79,16 @@ pub enum RemoteState {
     Gone,
 }
 
-/// Starts `spec` on the host, detached; returns its record.
-pub async fn launch(
-    ssh: &SshHost,
-    host: &str,
-    spec: &RemoteSpec,
-) -> Result<RemoteRecord, DeployError> {
+/// The shell script that starts `spec` detached (its environment file comes on
+/// standard input); it prints the run's pid.
+pub fn launch_script(spec: &RemoteSpec) -> String {
     let dir = quote(&spec.dir);
     let program = spec.argv.first().map(String::as_str).unwrap_or_default();
     let argv: Vec<String> = spec.argv.iter().map(|a| quote(a)).collect();
     let cwd = quote(spec.cwd.as_deref().unwrap_or(&spec.dir));
-    let env: String = spec
-        .env
-        .iter()
-        .map(|(k, v)| format!("{k}={}\n", quote(v)))
-        .collect();
     // The program is looked up first so a missing one is an error of `up`, not an
     // exit a moment later.
-    let script = format!(
+    format!(
         "set -e\n\
          mkdir -p {dir} && cd {dir}\n\
          rm -f exit pid\n\
@@ -110,7 +102,21 @@ pub async fn launch(
         shown = program.replace(['"', '\\', '$', '`'], "_"),
         marker = quote(&spec.instance),
         argv = argv.join(" "),
-    );
+    )
+}
+
+/// Starts `spec` on the host, detached; returns its record.
+pub async fn launch(
+    ssh: &SshHost,
+    host: &str,
+    spec: &RemoteSpec,
+) -> Result<RemoteRecord, DeployError> {
+    let env: String = spec
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", quote(v)))
+        .collect();
+    let script = launch_script(spec);
     let out = ssh
         .check(
             "start the service",

@@ -60,7 +60,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             compose_file,
             output,
         } => import(&compose_file, output.as_deref()),
-        Cmd::Up { services } => up(g, services).await,
+        Cmd::Up { services } => up(g, Bring::Up(services)).await,
+        Cmd::Deploy {
+            services,
+            hosts,
+            max_concurrent,
+            dry_run: false,
+        } => {
+            up(
+                g,
+                Bring::Deploy {
+                    services,
+                    hosts,
+                    max_concurrent,
+                },
+            )
+            .await
+        }
+        Cmd::Deploy {
+            services, hosts, ..
+        } => deploy_dry_run(g, services, hosts).await,
         Cmd::Down { services, purge } => {
             let stack = require_stack(g)?;
             let c = client(g).await?;
@@ -199,9 +218,58 @@ async fn package_build(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `up`: apply the config, start, show progress, wait for health; on failure print the
-/// reason and the last log lines of each failed service.
-async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
+/// What `up` and `deploy` start once the config is applied.
+enum Bring {
+    /// `up`: these services (all when empty) and their dependencies.
+    Up(Vec<String>),
+    /// `deploy`: the services on SSH hosts.
+    Deploy {
+        services: Vec<String>,
+        hosts: Vec<String>,
+        max_concurrent: Option<usize>,
+    },
+}
+
+/// `deploy --dry-run`: the plan for the config file as it is; nothing is applied.
+async fn deploy_dry_run(
+    g: &GlobalOpts,
+    services: Vec<String>,
+    hosts: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let loaded = config_file::load(g)?;
+    let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
+    let r: m::DeployResult = c
+        .call(
+            names::DEPLOY,
+            m::DeployParams {
+                stack: loaded.stack.clone(),
+                names: services,
+                hosts,
+                max_concurrent: None,
+                dry_run: true,
+                config: Some(loaded.config),
+            },
+        )
+        .await?;
+    if g.json {
+        output::json(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, s) in r.plan.iter().enumerate() {
+        println!("{:>3}. {} on {}: {}", i + 1, s.service, s.host, s.step);
+        if let Some(cmd) = &s.command {
+            for line in cmd.lines() {
+                println!("       $ {line}");
+            }
+        }
+    }
+    println!("dry run: nothing was run ({} service(s))", r.services.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `up` (and `deploy`): apply the config, start, show progress, wait for health; on
+/// failure print the reason and the last log lines of each failed service.
+async fn up(g: &GlobalOpts, bring: Bring) -> anyhow::Result<ExitCode> {
     let loaded = config_file::load(g)?;
     let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
     let stack = loaded.stack.clone();
@@ -209,7 +277,7 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
         .call(
             names::SUBSCRIBE,
             m::SubscribeParams {
-                topics: vec!["service".into()],
+                topics: vec!["service".into(), "deploy".into()],
                 stack: Some(stack.clone()),
                 since: None,
             },
@@ -247,25 +315,54 @@ async fn up(g: &GlobalOpts, services: Vec<String>) -> anyhow::Result<ExitCode> {
                     r.name, r.backoff_ms, r.attempt
                 ),
                 EventKind::ServiceProgress(p) => eprintln!("  {:<20} {}", p.name, p.message),
+                EventKind::DeployStep(d) => {
+                    let detail = d.detail.map(|x| format!(": {x}")).unwrap_or_default();
+                    eprintln!(
+                        "  {:<20} {} {} {}{detail}",
+                        d.name, d.host, d.step, d.status
+                    )
+                }
+                EventKind::DeployRollback(r) => eprintln!("  {:<20} ROLLBACK {}", r.name, r.reason),
                 _ => {}
             }
             let _ = std::io::stderr().flush();
         }
     });
-    let result: Result<m::ServicesResult, ClientError> = c
-        .call(
-            names::SERVICE_START,
-            m::ServicesParams {
-                stack: stack.clone(),
-                names: services,
-                purge: false,
-            },
-        )
-        .await;
+    let result: Result<Vec<String>, ClientError> = match bring {
+        Bring::Up(services) => c
+            .call::<m::ServicesResult>(
+                names::SERVICE_START,
+                m::ServicesParams {
+                    stack: stack.clone(),
+                    names: services,
+                    purge: false,
+                },
+            )
+            .await
+            .map(|r| r.services),
+        Bring::Deploy {
+            services,
+            hosts,
+            max_concurrent,
+        } => c
+            .call::<m::DeployResult>(
+                names::DEPLOY,
+                m::DeployParams {
+                    stack: stack.clone(),
+                    names: services,
+                    hosts,
+                    max_concurrent,
+                    dry_run: false,
+                    config: None,
+                },
+            )
+            .await
+            .map(|r| r.services),
+    };
     drop(progress);
     match result {
-        Ok(r) => {
-            eprintln!("{stack}: {} service(s) up", r.services.len());
+        Ok(services) => {
+            eprintln!("{stack}: {} service(s) up", services.len());
             Ok(ExitCode::SUCCESS)
         }
         Err(ClientError::Daemon(e)) => {

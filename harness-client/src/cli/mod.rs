@@ -77,6 +77,20 @@ pub enum Cmd {
         /// Services to start (default: all).
         services: Vec<String>,
     },
+    /// `up` for the services on SSH hosts: package, send, install and start them, host by host in parallel.
+    Deploy {
+        /// Services (default: every service with a remote_lan target).
+        services: Vec<String>,
+        /// Only the instances on these hosts (names from `hosts:`).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Most hosts deployed to at once (default: the stack's max_parallel).
+        #[arg(long)]
+        max_concurrent: Option<usize>,
+        /// Print every step and command without running any.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Stop services (all by default); with no names, also forget the stack.
     Down {
         /// Services to stop and reset (default: the whole stack).

@@ -327,3 +327,59 @@ fn bad_packages_and_host_keys_are_refused_and_leave_the_host_unchanged() {
         "harness daemon status",
     );
 }
+
+#[test]
+fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
+    let bed = TestBed::new(2);
+    let d = TestDaemon::start();
+    let dir = d.workdir("deploy");
+    let v1 = build(&d, &dir, &package_dir(&dir, "1.0.0", true));
+    let yaml = stack_yaml(&bed, &v1).replace("[host0, host1, host2]", "[host0, host1]");
+    write_config(&dir, &yaml);
+    let out = d.cli(&dir, &["deploy", "--dry-run"]);
+    assert_ok(&d, &out, "harness deploy --dry-run");
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    for want in [
+        "web@host0 on root@",
+        "web@host1 on root@",
+        "$ uname -s; uname -m",
+        "tar -xf",
+        "scripts/start.sh",
+        "scripts/health.sh",
+        "dry run: nothing was run",
+    ] {
+        assert!(plan.contains(want), "{want:?} not in the plan:\n{plan}");
+    }
+    for h in &bed.hosts {
+        assert_eq!(
+            tree(&h.install_root),
+            Vec::<String>::new(),
+            "the dry run changed a host"
+        );
+    }
+    let c = d.client();
+    let stacks: Vec<protocol::methods::StackInfo> =
+        smol::block_on(c.call(protocol::methods::names::STACK_LIST, serde_json::json!({})))
+            .unwrap();
+    assert!(
+        stacks.is_empty(),
+        "the dry run registered a stack: {stacks:?}"
+    );
+
+    let out = d.cli(
+        &dir,
+        &["deploy", "--host", "host1", "--max-concurrent", "1"],
+    );
+    assert_ok(&d, &out, "harness deploy --host host1");
+    let progress = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(progress.contains("host1 upload done"), "{progress}");
+    assert_eq!(get(&c, "pkg", "web@host1").health, Health::Healthy);
+    assert_eq!(get(&c, "pkg", "web@host0").state, ServiceState::Registered);
+    assert_eq!(tree(&bed.hosts[0].install_root), Vec::<String>::new());
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
+    assert_eq!(tree(&bed.hosts[1].install_root), Vec::<String>::new());
+}
