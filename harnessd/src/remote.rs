@@ -15,7 +15,7 @@ use deployer::release;
 use deployer::remote::{self, RemoteRecord, RemoteSpec};
 use deployer::ssh::{HostKeyPolicy, SshHost, SshTarget};
 use protocol::config::{HostConfig, RemoteTarget, StackConfig, Target};
-use protocol::events::{DeployRollback, DeployStep, EventKind};
+use protocol::events::{DeployProgress, DeployRollback, DeployStep, EventKind};
 use protocol::methods::PlannedStep;
 use serde::{Deserialize, Serialize};
 
@@ -518,38 +518,50 @@ impl Deploy {
         });
     }
 
-    /// Runs `f` as `step`: an event before and one after, with its error.
-    async fn run<T>(
-        &self,
-        step: &str,
-        f: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Result<T, String> {
-        self.step(step, "started", None);
-        let result = f.await;
-        match &result {
-            Ok(_) => self.step(step, "done", None),
-            Err(e) => self.step(step, "failed", Some(e.clone())),
-        }
-        result
-    }
-
     /// Checks the package, puts it on the host (when not there yet) and switches
-    /// `current` to it.
+    /// `current` to it; a step that fails on the connection (sshd gone, link cut) is
+    /// tried again after a backoff, [`INSTALL_ATTEMPTS`] times in all.
     async fn install(
         &self,
         ssh: &SshHost,
         package: &str,
         install_root: &str,
     ) -> Result<(Package, release::Installed), String> {
-        let pkg = self
-            .run("check", async {
-                let pkg = open_package(package.to_owned()).await?;
-                release::check_platform(ssh, &pkg)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(pkg)
-            })
-            .await?;
+        let pkg = open_package(package.to_owned()).await?;
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1.. {
+            match self.install_once(ssh, &pkg, install_root).await {
+                Ok(installed) => return Ok((pkg, installed)),
+                Err(e) if transient(&e) && attempt < INSTALL_ATTEMPTS => {
+                    self.step(
+                        "retry",
+                        "started",
+                        Some(format!(
+                            "attempt {attempt} failed: {e}; trying again in {} ms",
+                            backoff.as_millis()
+                        )),
+                    );
+                    smol::Timer::after(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+
+    async fn install_once(
+        &self,
+        ssh: &SshHost,
+        pkg: &Package,
+        install_root: &str,
+    ) -> Result<release::Installed, deployer::DeployError> {
+        self.step("check", "started", None);
+        if let Err(e) = release::check_platform(ssh, pkg).await {
+            self.step("check", "failed", Some(e.to_string()));
+            return Err(e);
+        }
+        self.step("check", "done", None);
         if let Some(port) = pkg.manifest.port {
             // The manifest's port, unless the service names one.
             self.core.update(|st, _| {
@@ -560,11 +572,11 @@ impl Deploy {
         }
         let root = release::package_root(install_root, &pkg.manifest.name);
         self.step("upload", "started", Some(format!("{} bytes", pkg.bytes)));
-        let installed = match release::install(ssh, &pkg, &root, |_, _| {}).await {
+        let installed = match release::install(ssh, pkg, &root, self.progress()).await {
             Ok(i) => i,
             Err(e) => {
                 self.step("upload", "failed", Some(e.to_string()));
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         let (status, detail) = if installed.sent == 0 {
@@ -580,9 +592,46 @@ impl Deploy {
         };
         self.step("upload", status, Some(detail));
         let _ = release::prune(ssh, &root, KEEP_RELEASES).await;
-        Ok((pkg, installed))
+        Ok(installed)
+    }
+
+    /// A `deploy.progress` event at every tenth of an upload.
+    fn progress(&self) -> impl Fn(u64, u64) + Send + 'static {
+        let (core, stack, name, host) = (
+            self.core.clone(),
+            self.stack.clone(),
+            self.name.clone(),
+            self.host.clone(),
+        );
+        let last_tenth = std::sync::atomic::AtomicU64::new(0);
+        move |bytes, total| {
+            let tenth = (bytes * 10).checked_div(total).unwrap_or(10);
+            if tenth > last_tenth.swap(tenth, std::sync::atomic::Ordering::Relaxed) {
+                core.update(|_, ch| {
+                    ch.push(EventKind::DeployProgress(DeployProgress {
+                        stack: stack.clone(),
+                        name: name.clone(),
+                        host: host.clone(),
+                        bytes,
+                        total,
+                    }))
+                });
+            }
+        }
     }
 }
+
+/// Whether a deploy step failed on the connection (worth another attempt) rather than
+/// on the package or the host's answer.
+fn transient(e: &deployer::DeployError) -> bool {
+    matches!(
+        e,
+        deployer::DeployError::Ssh { .. } | deployer::DeployError::SshTimeout { .. }
+    )
+}
+
+/// Attempts at installing a package before the deploy fails.
+const INSTALL_ATTEMPTS: u32 = 4;
 
 /// Releases kept on a host per package (the current one included).
 const KEEP_RELEASES: usize = 3;

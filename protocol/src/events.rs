@@ -48,6 +48,9 @@ pub enum EventKind {
     /// A step of deploying a package to a host.
     #[serde(rename = "deploy.step")]
     DeployStep(DeployStep),
+    /// Bytes of a package sent to a host so far.
+    #[serde(rename = "deploy.progress")]
+    DeployProgress(DeployProgress),
     /// A new release failed its health check; the previous one runs again.
     #[serde(rename = "deploy.rollback")]
     DeployRollback(DeployRollback),
@@ -73,7 +76,9 @@ impl EventKind {
             | EventKind::ServiceProgress(_)
             | EventKind::ServiceExited(_)
             | EventKind::ServiceRemoved(_) => "service",
-            EventKind::DeployStep(_) | EventKind::DeployRollback(_) => "deploy",
+            EventKind::DeployStep(_)
+            | EventKind::DeployProgress(_)
+            | EventKind::DeployRollback(_) => "deploy",
             EventKind::DaemonStarted(_)
             | EventKind::DaemonReconciled(_)
             | EventKind::DaemonLagged(_) => "daemon",
@@ -93,6 +98,7 @@ impl EventKind {
             EventKind::ServiceExited(c) => Some((&c.stack, &c.name)),
             EventKind::DeployStep(c) => Some((&c.stack, &c.name)),
             EventKind::DeployRollback(c) => Some((&c.stack, &c.name)),
+            EventKind::DeployProgress(c) => Some((&c.stack, &c.name)),
             _ => None,
         }
     }
@@ -182,6 +188,21 @@ pub struct DeployStep {
     /// What was done or went wrong (bytes sent, the release, the error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// `deploy.progress` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeployProgress {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// The host.
+    pub host: String,
+    /// Bytes sent so far.
+    pub bytes: u64,
+    /// Bytes to send.
+    pub total: u64,
 }
 
 /// `deploy.rollback` data.

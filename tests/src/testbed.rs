@@ -290,6 +290,19 @@ impl TestBed {
         }
     }
 
+    /// Kills host `i`'s sshd and every SSH session on it (their processes are in the
+    /// host's namespace, so nothing outside the bed is touched).
+    pub fn kill_ssh(&mut self, i: usize) {
+        self.kill_sshd(i);
+        for pid in self.pids(i) {
+            let is_sshd = fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"sshd") || c.starts_with(b"/usr/sbin/sshd"));
+            if is_sshd {
+                run_quiet("kill", &["-KILL", &pid.to_string()]);
+            }
+        }
+    }
+
     /// Cuts (or restores) host `i`'s link to the bridge.
     pub fn set_link(&self, i: usize, up: bool) {
         let state = if up { "up" } else { "down" };

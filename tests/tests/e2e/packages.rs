@@ -383,3 +383,78 @@ fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
     );
     assert_eq!(tree(&bed.hosts[1].install_root), Vec::<String>::new());
 }
+
+#[test]
+fn sshd_killed_mid_upload_fails_cleanly_and_a_retry_succeeds_once_it_is_back() {
+    let mut bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("fault");
+    let src = package_dir(&dir, "1.0.0", true);
+    // 40 MB that does not compress, so the upload takes a while.
+    std::fs::create_dir_all(src.join("lib")).unwrap();
+    let mut data = vec![0u8; 40 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(src.join("lib/blob"), &data).unwrap();
+    let v1 = build(&d, &dir, &src);
+    let yaml = stack_yaml(&bed, &v1).replace("[host0, host1, host2]", "[host0]");
+    write_config(&dir, &yaml);
+    let mut up = std::process::Command::new(bin("harness"))
+        .arg("up")
+        .current_dir(&dir)
+        .env("HARNESS_STATE_DIR", &d.state_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let web_root = bed.hosts[0].install_root.join("web");
+    tests::wait_for(
+        "the upload to start",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_dir(&web_root).ok()?.flatten().find(|e| {
+                e.file_name().to_string_lossy().ends_with(".tar.part")
+                    && e.metadata().is_ok_and(|m| m.len() > 0)
+            })
+        },
+    );
+    bed.kill_ssh(0);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // Nothing half-installed while the host is away.
+    let half: Vec<String> = tree(&bed.hosts[0].install_root)
+        .into_iter()
+        .filter(|f| f.starts_with("web/releases/"))
+        .collect();
+    assert!(
+        half.iter().all(|f| !f.contains(".harness-complete")),
+        "{half:?}"
+    );
+    bed.start_sshd(0);
+    let out = up.wait_with_output().unwrap();
+    assert_ok(&d, &out, "harness up across the sshd kill");
+    let c = d.client();
+    assert_eq!(get(&c, "pkg", "web@host0").health, Health::Healthy);
+    let retries = replay(&c, &["deploy"])
+        .into_iter()
+        .filter(|e| matches!(&e.kind, EventKind::DeployStep(s) if s.step == "retry"))
+        .count();
+    assert!(retries >= 1, "no retry step");
+    let files = tree(&bed.hosts[0].install_root);
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.contains(".tmp") && !f.contains(".upload-")),
+        "leftovers: {files:?}"
+    );
+    let releases: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("web/releases/") && f.matches('/').count() == 2)
+        .collect();
+    assert_eq!(releases.len(), 1, "{releases:?}");
+}
