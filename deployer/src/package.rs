@@ -320,16 +320,22 @@ fn hash_file(path: &Path) -> Result<(String, u64), DeployError> {
 }
 
 /// Writes the checked entries of `pkg` as a plain tar to `out` (what is sent to a
-/// host); returns its size.
-pub fn write_plain_tar(pkg: &Package, out: &Path) -> Result<u64, DeployError> {
+/// host); returns the bytes written.
+pub fn write_plain_tar(pkg: &Package, out: impl Write) -> Result<u64, DeployError> {
     let prefix = top_prefix(&pkg.path)?;
-    let write_err = |e: io::Error| e.to_string();
-    let file = File::create(out).map_err(|source| DeployError::WriteFile {
-        path: out.to_owned(),
-        source,
-    })?;
-    let mut tar = tar::Builder::new(io::BufWriter::new(file));
-    visit(&pkg.path, &prefix, |rel, entry| {
+    // The first write error, kept whole: it is the receiving side's (a cut
+    // connection), not the package's.
+    let failed: std::cell::RefCell<Option<io::Error>> = Default::default();
+    let write_err = |e: io::Error| {
+        let text = e.to_string();
+        failed.borrow_mut().get_or_insert(e);
+        text
+    };
+    let mut tar = tar::Builder::new(Counting {
+        inner: out,
+        bytes: 0,
+    });
+    let visited = visit(&pkg.path, &prefix, |rel, entry| {
         let mut header = entry.header().clone();
         match header.entry_type() {
             tar::EntryType::Symlink | tar::EntryType::Link => {
@@ -347,20 +353,41 @@ pub fn write_plain_tar(pkg: &Package, out: &Path) -> Result<u64, DeployError> {
             }
             _ => tar.append_data(&mut header, rel, entry).map_err(write_err),
         }
-    })?;
-    let size = tar
-        .into_inner()
-        .and_then(|mut w| {
-            w.flush()?;
-            let f = w.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            f.metadata().map(|m| m.len())
-        })
-        .map_err(|source| DeployError::WriteFile {
-            path: out.to_owned(),
+    });
+    if let Some(source) = failed.into_inner() {
+        return Err(DeployError::WriteFile {
+            path: pkg.path.clone(),
             source,
-        })?;
-    Ok(size)
+        });
+    }
+    visited?;
+    let mut counting = tar.into_inner().map_err(|source| DeployError::WriteFile {
+        path: pkg.path.clone(),
+        source,
+    })?;
+    counting.flush().map_err(|source| DeployError::WriteFile {
+        path: pkg.path.clone(),
+        source,
+    })?;
+    Ok(counting.bytes)
+}
+
+/// A writer that counts what passes through it.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]
@@ -386,7 +413,7 @@ mod tests {
         assert_eq!(a.path.file_name().unwrap(), "web-1.0.0.tar.zst");
         assert!(!a.has_health);
         let plain = tmp.path().join("plain.tar");
-        write_plain_tar(&a, &plain).unwrap();
+        write_plain_tar(&a, File::create(&plain).unwrap()).unwrap();
         assert_eq!(open(&plain).unwrap().manifest, a.manifest);
     }
 

@@ -279,6 +279,8 @@ impl Core {
         });
         let deadline = std::time::Instant::now() + wait;
         let mut last = String::from("never ran");
+        // A service usually listens within milliseconds: look again soon, then less often.
+        let mut pause = Duration::from_millis(20);
         while std::time::Instant::now() < deadline {
             match ssh.exec(&command, b"", wait).await {
                 Ok(out) if out.status == 0 => return Ok(()),
@@ -291,7 +293,8 @@ impl Core {
             ) {
                 return Err(format!("it exited ({last})"));
             }
-            smol::Timer::after(Duration::from_millis(300)).await;
+            smol::Timer::after(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(300));
         }
         Err(last)
     }
@@ -327,7 +330,6 @@ impl Core {
                     &pkg.manifest.name,
                 );
                 let dir = release::release_dir(&root, &pkg);
-                let tar = release::upload_path(&root, &pkg);
                 step(
                     &format!(
                         "check {package} ({} {}) runs on the host",
@@ -336,10 +338,9 @@ impl Core {
                     Some(release::PLATFORM_CHECK.to_owned()),
                 );
                 step(
-                    &format!("unless {dir} is complete on the host: send the package as a plain tar over SFTP to {tar} ({} bytes compressed)", pkg.bytes),
-                    None,
+                    &format!("unless {dir}/.harness-complete exists: stream the package ({} bytes compressed) as a plain tar into", pkg.bytes),
+                    Some(release::extract_script(&root, &dir)),
                 );
-                step("extract it", Some(release::extract_script(&tar, &dir)));
                 step(
                     "point current at it",
                     Some(release::switch_script(&root, &dir)),

@@ -16,6 +16,9 @@ use crate::DeployError;
 /// How long a step on the host may take (extraction of a large package included).
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How much of the tar stream is gathered before it goes to the channel.
+const SEND_BUFFER: usize = 256 * 1024;
+
 /// Marker of a complete release.
 const COMPLETE: &str = ".harness-complete";
 
@@ -86,6 +89,8 @@ pub async fn install(
     })
 }
 
+/// Streams the package as a plain tar into `tar -x` on the host (see
+/// [`extract_script`]); returns the bytes sent.
 async fn upload_and_extract(
     ssh: &SshHost,
     pkg: &Package,
@@ -93,53 +98,80 @@ async fn upload_and_extract(
     dir: &str,
     progress: impl Fn(u64, u64) + Send + 'static,
 ) -> Result<u64, DeployError> {
-    let local_tar = tempfile::Builder::new()
-        .prefix("harness-upload-")
-        .suffix(".tar")
-        .tempfile()
-        .map_err(|source| DeployError::WriteFile {
-            path: std::env::temp_dir(),
-            source,
-        })?;
-    let (pkg2, tar_path) = (pkg.clone(), local_tar.path().to_owned());
-    smol::unblock(move || package::write_plain_tar(&pkg2, &tar_path)).await?;
-    let remote_tar = upload_path(root, pkg);
-    ssh.check(
-        "prepare the install directory",
-        &format!("mkdir -p {}/releases", quote(root)),
-        b"",
-        STEP_TIMEOUT,
-    )
-    .await?;
-    let sent = ssh
-        .upload(local_tar.path(), &remote_tar, 0o600, progress)
+    let pkg2 = pkg.clone();
+    let total = pkg.bytes;
+    let script = extract_script(root, dir);
+    let (out, sent) = ssh
+        .exec_with_input(
+            &script,
+            move |channel| {
+                let w = Progress {
+                    inner: channel,
+                    sent: 0,
+                    total,
+                    progress,
+                };
+                // tar writes in small pieces; the channel sends a packet per write, so
+                // gather them into full packets.
+                let mut w = std::io::BufWriter::with_capacity(SEND_BUFFER, w);
+                let sent = package::write_plain_tar(&pkg2, &mut w)?;
+                std::io::Write::flush(&mut w).map_err(|source| DeployError::WriteFile {
+                    path: pkg2.path.clone(),
+                    source,
+                })?;
+                Ok(sent)
+            },
+            STEP_TIMEOUT,
+        )
         .await?;
-    let script = extract_script(&remote_tar, dir);
-    ssh.check("extract the package", &script, b"", STEP_TIMEOUT)
-        .await?;
+    if out.status != 0 {
+        return Err(DeployError::RemoteCommand {
+            host: ssh.target().address.clone(),
+            what: "extract the package".into(),
+            status: out.status,
+            message: out.message(),
+        });
+    }
     Ok(sent)
 }
 
-/// Where the package is uploaded before it is extracted.
-pub fn upload_path(root: &str, pkg: &Package) -> String {
-    format!("{root}/.upload-{}.tar", pkg.release())
+/// Reports (bytes sent, package size) as the tar stream goes out.
+struct Progress<'a, F> {
+    inner: &'a mut dyn std::io::Write,
+    sent: u64,
+    total: u64,
+    progress: F,
 }
 
-/// Extracts the uploaded tar into a temporary directory and renames it to `dir` once
-/// complete; the upload is removed either way.
-pub fn extract_script(remote_tar: &str, dir: &str) -> String {
+impl<F: Fn(u64, u64)> std::io::Write for Progress<'_, F> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent += n as u64;
+        (self.progress)(self.sent.min(self.total), self.total);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Extracts the tar arriving on standard input into a temporary directory and
+/// renames it to `dir` once complete; an interrupted transfer leaves nothing.
+pub fn extract_script(root: &str, dir: &str) -> String {
     // GNU tar also refuses `..` and strips a leading `/` on its own: a second guard.
     format!(
         "set -e\n\
-         trap 'rm -rf {tmp}; rm -f {tar}' EXIT\n\
+         trap 'rm -rf {tmp}' EXIT HUP INT TERM\n\
+         mkdir -p {root}/releases\n\
          rm -rf {tmp}\n\
-         mkdir -p {tmp}\n\
-         tar -xf {tar} -C {tmp} --no-same-owner\n\
+         mkdir {tmp}\n\
+         tar -xf - -C {tmp} --no-same-owner\n\
          touch {tmp}/{COMPLETE}\n\
          rm -rf {dir}\n\
          mv {tmp} {dir}\n",
+        root = quote(root),
         tmp = quote(&format!("{dir}.tmp")),
-        tar = quote(remote_tar),
         dir = quote(dir),
     )
 }

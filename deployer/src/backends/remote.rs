@@ -144,14 +144,16 @@ pub async fn launch(
     })
 }
 
-/// Shell functions about a run: `ours` (its wrapper shell still runs) and `alive`
-/// (its wrapper runs, or it ended with 0 leaving its process group running: a
-/// `start.sh` that starts the service in the background and exits).
+/// Shell functions about a run: `ours` (its wrapper shell still runs), `group` (a
+/// process of its group runs; zombies do not count, as a host's init may take its
+/// time to reap them) and `alive` (its wrapper runs, or it ended with 0 leaving its
+/// group running: a `start.sh` that starts the service in the background and exits).
 fn run_functions(rec: &RemoteRecord) -> String {
     format!(
         "p={pid}\n\
          ours() {{ tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker}; }}\n\
-         alive() {{ ours || {{ [ \"$(cat {dir}/exit 2>/dev/null)\" = 0 ] && kill -0 -- -$p 2>/dev/null; }}; }}\n",
+         group() {{ ps -e -o pgid=,stat= 2>/dev/null | awk -v p=$p '$1 == p && $2 !~ /^Z/ {{ f = 1 }} END {{ exit !f }}'; }}\n\
+         alive() {{ ours || {{ [ \"$(cat {dir}/exit 2>/dev/null)\" = 0 ] && group; }}; }}\n",
         pid = rec.remote_pid,
         marker = quote(&rec.instance),
         dir = quote(&rec.remote_dir),
@@ -243,7 +245,7 @@ pub async fn stop(
          {stop_script}\
          kill -s {signal} -- -$p 2>/dev/null || exit 0\n\
          n=0\n\
-         while kill -0 -- -$p 2>/dev/null; do\n\
+         while group; do\n\
            if [ $n -ge {tenths} ]; then kill -s KILL -- -$p 2>/dev/null; break; fi\n\
            sleep 0.1; n=$((n+1))\n\
          done\n",

@@ -404,7 +404,7 @@ fn sshd_killed_mid_upload_fails_cleanly_and_a_retry_succeeds_once_it_is_back() {
     let v1 = build(&d, &dir, &src);
     let yaml = stack_yaml(&bed, &v1).replace("[host0, host1, host2]", "[host0]");
     write_config(&dir, &yaml);
-    let mut up = std::process::Command::new(bin("harness"))
+    let up = std::process::Command::new(bin("harness"))
         .arg("up")
         .current_dir(&dir)
         .env("HARNESS_STATE_DIR", &d.state_dir)
@@ -413,15 +413,16 @@ fn sshd_killed_mid_upload_fails_cleanly_and_a_retry_succeeds_once_it_is_back() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let web_root = bed.hosts[0].install_root.join("web");
+    // The release is extracted into `<release>.tmp` as it arrives.
+    let releases = bed.hosts[0].install_root.join("web/releases");
     tests::wait_for(
         "the upload to start",
         std::time::Duration::from_secs(30),
         || {
-            std::fs::read_dir(&web_root).ok()?.flatten().find(|e| {
-                e.file_name().to_string_lossy().ends_with(".tar.part")
-                    && e.metadata().is_ok_and(|m| m.len() > 0)
-            })
+            std::fs::read_dir(&releases)
+                .ok()?
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         },
     );
     bed.kill_ssh(0);
@@ -447,9 +448,7 @@ fn sshd_killed_mid_upload_fails_cleanly_and_a_retry_succeeds_once_it_is_back() {
     assert!(retries >= 1, "no retry step");
     let files = tree(&bed.hosts[0].install_root);
     assert!(
-        files
-            .iter()
-            .all(|f| !f.contains(".tmp") && !f.contains(".upload-")),
+        files.iter().all(|f| !f.contains(".tmp")),
         "leftovers: {files:?}"
     );
     let releases: Vec<&String> = files

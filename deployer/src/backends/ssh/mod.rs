@@ -3,7 +3,8 @@
 //! libssh2 is blocking and a session is one mutex: every call, a channel read
 //! included, holds it. So each host gets one [`SshHost`]: a dedicated thread that owns
 //! the host's one session and runs jobs (commands, uploads) one after another, never
-//! on the executor. Callers await the job's answer on a channel. The session is made
+//! on the executor. Callers await the job's answer on a channel. Files travel as a
+//! command's standard input, streamed ([`SshHost::exec_with_input`]). The session is made
 //! on first use, kept alive by keepalives while idle, and made again on the next job
 //! after any transport error, so a host that went away and came back just works.
 //!
@@ -16,7 +17,7 @@ mod connect;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,6 @@ use crate::DeployError;
 
 /// How often an idle session sends a keepalive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-
-/// Largest chunk written to SFTP at once.
-const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// How to reach a host over SSH.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -208,19 +206,25 @@ impl SshHost {
         }
     }
 
-    /// Uploads `local` to `remote` over SFTP (written to a temporary name, then
-    /// renamed, so `remote` is never half written), with `mode`. `progress` is called
-    /// with (bytes sent, total) after each chunk. Returns the bytes sent.
-    pub async fn upload(
+    /// Runs `command` with what `input` writes as its standard input, streamed as it
+    /// is written (nothing is staged in a file on either side). Returns the output and
+    /// the bytes `input` wrote.
+    pub async fn exec_with_input(
         &self,
-        local: &Path,
-        remote: &str,
-        mode: i32,
-        progress: impl Fn(u64, u64) + Send + 'static,
-    ) -> Result<u64, DeployError> {
-        let (local, remote) = (local.to_owned(), remote.to_owned());
-        self.run(move |live, target| live.upload(target, &local, &remote, mode, progress))
-            .await
+        command: &str,
+        input: impl FnOnce(&mut dyn Write) -> Result<u64, DeployError> + Send + 'static,
+        timeout: Duration,
+    ) -> Result<(CommandOutput, u64), DeployError> {
+        let command = command.to_owned();
+        self.run(move |live, target| {
+            let mut sent = 0;
+            let out = live.exec_feeding(target, &command, timeout, |channel| {
+                sent = input(channel)?;
+                Ok(())
+            })?;
+            Ok((out, sent))
+        })
+        .await
     }
 }
 
@@ -263,6 +267,25 @@ impl Live {
         stdin: &[u8],
         timeout: Duration,
     ) -> Result<CommandOutput, DeployError> {
+        self.exec_feeding(target, command, timeout, |channel| {
+            if !stdin.is_empty() {
+                channel
+                    .write_all(stdin)
+                    .map_err(|e| ssh_error(target, "write a command's input", e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `command`, lets `feed` write its standard input (blocking, with the
+    /// channel's flow control), then collects its output.
+    fn exec_feeding(
+        &self,
+        target: &SshTarget,
+        command: &str,
+        timeout: Duration,
+        feed: impl FnOnce(&mut dyn Write) -> Result<(), DeployError>,
+    ) -> Result<CommandOutput, DeployError> {
         let deadline = Instant::now() + timeout;
         let timed_out = || DeployError::SshTimeout {
             host: target.describe(),
@@ -285,11 +308,13 @@ impl Live {
         channel
             .exec(command)
             .map_err(|e| fail("run a command", e))?;
-        if !stdin.is_empty() {
-            channel
-                .write_all(stdin)
-                .map_err(|e| ssh_error(target, "write a command's input", e))?;
-        }
+        feed(&mut channel).map_err(|e| match e {
+            // The input's writer reports the channel's failure as a write error.
+            DeployError::WriteFile { source, .. } => {
+                ssh_error(target, "write a command's input", source)
+            }
+            other => other,
+        })?;
         channel
             .send_eof()
             .map_err(|e| fail("end a command's input", e))?;
@@ -353,60 +378,6 @@ impl Live {
             tv_nsec: i64::from(wait.subsec_nanos()),
         };
         let _ = poll(&mut fds, Some(&timeout));
-    }
-
-    fn upload(
-        &self,
-        target: &SshTarget,
-        local: &Path,
-        remote: &str,
-        mode: i32,
-        progress: impl Fn(u64, u64),
-    ) -> Result<u64, DeployError> {
-        let fail = |action: &str, e: ssh2::Error| ssh_error(target, action, e);
-        let read_err = |source| DeployError::ReadFile {
-            path: local.to_owned(),
-            source,
-        };
-        let mut file = std::fs::File::open(local).map_err(read_err)?;
-        let total = file.metadata().map_err(read_err)?.len();
-        self.session.set_blocking(true);
-        self.session.set_timeout(60_000);
-        let sftp = self.session.sftp().map_err(|e| fail("start SFTP", e))?;
-        let tmp = format!("{remote}.part");
-        let mut out = sftp
-            .open_mode(
-                Path::new(&tmp),
-                ssh2::OpenFlags::WRITE | ssh2::OpenFlags::CREATE | ssh2::OpenFlags::TRUNCATE,
-                mode,
-                ssh2::OpenType::File,
-            )
-            .map_err(|e| fail(&format!("create {tmp}"), e))?;
-        let mut buf = vec![0; UPLOAD_CHUNK];
-        let mut sent = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| ssh_error(target, &format!("write {tmp}"), e))?;
-            sent += n as u64;
-            progress(sent, total);
-        }
-        out.fsync().map_err(|e| fail(&format!("sync {tmp}"), e))?;
-        drop(out);
-        // POSIX rename replaces atomically; the OVERWRITE flag alone is refused by
-        // OpenSSH's sftp-server, so remove first when a plain rename fails.
-        if sftp
-            .rename(Path::new(&tmp), Path::new(remote), None)
-            .is_err()
-        {
-            let _ = sftp.unlink(Path::new(remote));
-            sftp.rename(Path::new(&tmp), Path::new(remote), None)
-                .map_err(|e| fail(&format!("rename {tmp} to {remote}"), e))?;
-        }
-        Ok(sent)
     }
 }
 

@@ -1,11 +1,12 @@
 //! Benchmarks of harness against the targets of the foundation issue. Each result is
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker]...`
+//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh]...`
 //! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
 //! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
 
 mod containers;
+mod lan;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,6 +47,9 @@ fn main() {
     }
     if want("docker") {
         containers::bench(&d);
+    }
+    if want("ssh") {
+        lan::bench(&d);
     }
 }
 
