@@ -306,6 +306,27 @@ fn visit(
     Ok(())
 }
 
+/// The package's `config/**/*.template` files: (path inside the package, text).
+pub fn templates(pkg: &Package) -> Result<Vec<(PathBuf, String)>, DeployError> {
+    let prefix = top_prefix(&pkg.path)?;
+    let mut out = Vec::new();
+    visit(&pkg.path, &prefix, |rel, entry| {
+        let is_template = rel.starts_with("config")
+            && rel.extension().is_some_and(|e| e == "template")
+            && entry.header().entry_type() == tar::EntryType::Regular;
+        if is_template {
+            let mut text = String::new();
+            entry
+                .take(1 << 20)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("{}: {e}", rel.display()))?;
+            out.push((rel.to_owned(), text));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 fn hash_file(path: &Path) -> Result<(String, u64), DeployError> {
     let mut file = File::open(path).map_err(|source| DeployError::ReadFile {
         path: path.to_owned(),

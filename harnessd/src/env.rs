@@ -152,32 +152,64 @@ pub fn expand(
     let stack_rec = st
         .stack(stack)
         .ok_or_else(|| format!("no stack named {stack}"))?;
-    let mut lookup = |svc: &str, field: &str| -> Option<String> {
-        let name = if svc == "self" { me } else { svc };
-        if field == "bind" {
-            let cfg = stack_rec.config.services.get(name)?;
-            return Some(match cfg.target {
-                Target::Process(_) => bind_address(&stack_rec.config).to_owned(),
-                _ => "0.0.0.0".to_owned(),
-            });
-        }
-        let (host, port) = if stack_rec.config.services.contains_key(name) {
-            endpoint(stack_rec, name, place)?
-        } else {
-            // A service on several hosts, named by its own name: its first healthy
-            // instance.
-            let instances = protocol::config::instances_of(&stack_rec.config, name);
-            let members: Vec<&str> = instances.iter().map(String::as_str).collect();
-            first_healthy(stack_rec, &members, place)?
-        };
-        match field {
-            "addr" => Some(format!("{host}:{port}")),
-            "host" => Some(host),
-            "port" => Some(port.to_string()),
-            _ => None,
-        }
+    template::expand_service_refs(input, &mut |svc, field| {
+        resolve_ref(stack_rec, me, place, svc, field)
+    })
+    .map_err(|e| format!("service {me}: {e}"))
+}
+
+/// A package's config template for service `me`: `${svc.field}` as in [`expand`],
+/// `${VAR}` from `vars` (the service's environment).
+pub fn expand_config(
+    st: &State,
+    stack: &str,
+    me: &str,
+    place: &Place,
+    input: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    let stack_rec = st
+        .stack(stack)
+        .ok_or_else(|| format!("no stack named {stack}"))?;
+    template::expand_config_template(
+        input,
+        &mut |svc, field| resolve_ref(stack_rec, me, place, svc, field),
+        &|k| vars.get(k).cloned(),
+    )
+    .map_err(|e| format!("service {me}: {e}"))
+}
+
+/// The value of `${svc.field}` for service `me`, as seen from `place`.
+fn resolve_ref(
+    stack_rec: &StackRecord,
+    me: &str,
+    place: &Place,
+    svc: &str,
+    field: &str,
+) -> Option<String> {
+    let name = if svc == "self" { me } else { svc };
+    if field == "bind" {
+        let cfg = stack_rec.config.services.get(name)?;
+        return Some(match cfg.target {
+            Target::Process(_) => bind_address(&stack_rec.config).to_owned(),
+            _ => "0.0.0.0".to_owned(),
+        });
+    }
+    let (host, port) = if stack_rec.config.services.contains_key(name) {
+        endpoint(stack_rec, name, place)?
+    } else {
+        // A service on several hosts, named by its own name: its first healthy
+        // instance.
+        let instances = protocol::config::instances_of(&stack_rec.config, name);
+        let members: Vec<&str> = instances.iter().map(String::as_str).collect();
+        first_healthy(stack_rec, &members, place)?
     };
-    template::expand_service_refs(input, &mut lookup).map_err(|e| format!("service {me}: {e}"))
+    match field {
+        "addr" => Some(format!("{host}:{port}")),
+        "host" => Some(host),
+        "port" => Some(port.to_string()),
+        _ => None,
+    }
 }
 
 /// The variables the harness sets for a service (sources 2 to 5 above), without the

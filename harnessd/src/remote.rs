@@ -164,23 +164,33 @@ impl Core {
                 .await?;
             return Ok((run, None));
         };
+        let (root, hooks, keep) = self.read(|st| {
+            let (t, _, h) = st
+                .stack(stack)
+                .and_then(|r| remote_target(&r.config, name))
+                .ok_or("the service was removed")?;
+            let hooks = release::Hooks {
+                setup: t.setup_commands.clone(),
+                pre_install: t.pre_install.clone(),
+                post_install: t.post_install.clone(),
+                sudo: h.sudo,
+            };
+            let root = h
+                .install_root
+                .unwrap_or_else(|| DEFAULT_INSTALL_ROOT.to_owned());
+            Ok::<_, String>((root, hooks, t.keep_releases.unwrap_or(KEEP_RELEASES)))
+        })?;
         let deploy = Deploy {
             core: self.clone(),
             stack: stack.to_owned(),
             name: name.to_owned(),
             host: host.clone(),
+            hooks,
+            keep,
         };
-        let root = self.read(|st| {
-            st.stack(stack)
-                .map(|r| host_config(&r.config, &host))
-                .and_then(|h| h.install_root)
-        });
-        let (pkg, installed) = deploy
-            .install(
-                &ssh,
-                &package,
-                root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
-            )
+        let (pkg, installed) = deploy.install(&ssh, &package, &root).await?;
+        deploy
+            .render_templates(&ssh, &pkg, &installed.dir, &spec)
             .await?;
         let health = pkg
             .has_health
@@ -205,9 +215,14 @@ impl Core {
                 installed.dir
             ));
         };
-        release::switch(&ssh, &package_root_of(&installed.dir), &previous)
-            .await
-            .map_err(|e| e.to_string())?;
+        release::switch(
+            &ssh,
+            &package_root_of(&installed.dir),
+            &previous,
+            deploy.hooks.sudo,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let had_stop = ssh
             .exec(
                 &format!(
@@ -319,14 +334,19 @@ impl Core {
                     command,
                 })
             };
+            let (t, _, h) = st
+                .stack(stack)
+                .and_then(|r| remote_target(&r.config, name))
+                .ok_or("the service was removed")?;
+            let sudo = h.sudo;
+            let hook = |command: &str, dir: &str| release::hook_script(command, dir, sudo);
+            for c in &t.setup_commands {
+                step("setup command", Some(hook(c, "/")));
+            }
             if let Some(package) = package {
                 let pkg = open_package(package.clone()).await?;
-                let install_root = st
-                    .stack(stack)
-                    .and_then(|r| remote_target(&r.config, name))
-                    .and_then(|(_, _, h)| h.install_root);
                 let root = release::package_root(
-                    install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
+                    h.install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
                     &pkg.manifest.name,
                 );
                 let dir = release::release_dir(&root, &pkg);
@@ -339,12 +359,21 @@ impl Core {
                 );
                 step(
                     &format!("unless {dir}/.harness-complete exists: stream the package ({} bytes compressed) as a plain tar into", pkg.bytes),
-                    Some(release::extract_script(&root, &dir)),
+                    Some(release::privileged(&release::extract_script(&root, &dir), sudo)),
                 );
+                for c in &t.pre_install {
+                    step("pre_install", Some(hook(c, &dir)));
+                }
                 step(
                     "point current at it",
-                    Some(release::switch_script(&root, &dir)),
+                    Some(release::privileged(
+                        &release::switch_script(&root, &dir),
+                        sudo,
+                    )),
                 );
+                for c in &t.post_install {
+                    step("post_install", Some(hook(c, &dir)));
+                }
                 package_command(&mut spec, &dir, pkg.has_stop);
                 step(
                     "start scripts/start.sh detached (its environment on stdin)",
@@ -369,7 +398,7 @@ impl Core {
     /// Removes from the host what `down --purge` removes for a service: its run
     /// directory and, for a package, every release.
     pub async fn purge_remote(&self, stack: &str, name: &str) -> Result<(), String> {
-        let (ssh, dir, package, root) = self.read(|st| {
+        let (ssh, dir, package, root, sudo) = self.read(|st| {
             let config = &st.stack(stack).ok_or("stack was removed")?.config;
             let (t, _, h) = remote_target(config, name).ok_or("not a remote_lan service")?;
             let ssh = self.ssh_host(&h, Some(t))?;
@@ -382,6 +411,7 @@ impl Core {
                 self.remote_dir(&h, stack, name),
                 t.package.clone(),
                 root,
+                h.sudo,
             ))
         })?;
         remote::remove_dir(&ssh, &dir)
@@ -401,9 +431,13 @@ impl Core {
             .await;
         if let Some(package) = package {
             let pkg = open_package(package).await?;
-            release::purge(&ssh, &release::package_root(&root, &pkg.manifest.name))
-                .await
-                .map_err(|e| e.to_string())?;
+            release::purge(
+                &ssh,
+                &release::package_root(&root, &pkg.manifest.name),
+                sudo,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -503,6 +537,10 @@ struct Deploy {
     stack: String,
     name: String,
     host: String,
+    /// Commands around the install (and whether it runs under sudo).
+    hooks: release::Hooks,
+    /// Releases kept on the host.
+    keep: usize,
 }
 
 impl Deploy {
@@ -573,7 +611,8 @@ impl Deploy {
         }
         let root = release::package_root(install_root, &pkg.manifest.name);
         self.step("upload", "started", Some(format!("{} bytes", pkg.bytes)));
-        let installed = match release::install(ssh, pkg, &root, self.progress()).await {
+        let installed = match release::install(ssh, pkg, &root, &self.hooks, self.progress()).await
+        {
             Ok(i) => i,
             Err(e) => {
                 self.step("upload", "failed", Some(e.to_string()));
@@ -592,8 +631,71 @@ impl Deploy {
             )
         };
         self.step("upload", status, Some(detail));
-        let _ = release::prune(ssh, &root, KEEP_RELEASES).await;
+        let _ = release::prune(ssh, &root, self.keep, self.hooks.sudo).await;
         Ok(installed)
+    }
+
+    /// Writes each `config/X.template` of the package as `config/X` in the release,
+    /// rendered for this service (`${svc.addr}` as the host sees it, `${VAR}` from its
+    /// environment).
+    async fn render_templates(
+        &self,
+        ssh: &SshHost,
+        pkg: &Package,
+        dir: &str,
+        spec: &RemoteSpec,
+    ) -> Result<(), String> {
+        let pkg2 = pkg.clone();
+        let templates = smol::unblock(move || package::templates(&pkg2))
+            .await
+            .map_err(|e| e.to_string())?;
+        if templates.is_empty() {
+            return Ok(());
+        }
+        let rendered = self.core.read(|st| {
+            let place = env::place_of(st, &self.stack, &self.name);
+            templates
+                .iter()
+                .map(|(rel, text)| {
+                    let text =
+                        env::expand_config(st, &self.stack, &self.name, &place, text, &spec.env)
+                            .map_err(|e| format!("{}: {e}", rel.display()))?;
+                    Ok((rel.with_extension(""), text))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        });
+        let rendered = match rendered {
+            Ok(r) => r,
+            Err(e) => {
+                self.step("config", "failed", Some(e.clone()));
+                return Err(e);
+            }
+        };
+        for (rel, text) in &rendered {
+            let path = format!("{dir}/{}", rel.display());
+            let script = release::privileged(
+                &format!("umask 077 && cat > {}", deployer::ssh::quote(&path)),
+                self.hooks.sudo,
+            );
+            ssh.check(
+                "write a rendered config",
+                &script,
+                text.as_bytes(),
+                ROLLBACK_STOP,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        let names: Vec<String> = rendered
+            .iter()
+            .map(|(r, _)| r.display().to_string())
+            .collect();
+        self.step(
+            "config",
+            "done",
+            Some(format!("rendered {}", names.join(", "))),
+        );
+        Ok(())
     }
 
     /// A `deploy.progress` event at every tenth of an upload.

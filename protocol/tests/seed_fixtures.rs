@@ -44,9 +44,8 @@ const CASES: &[(&str, Outcome)] = &[
     ("seeds/002_backend_docker.yaml", Loads(&[("my-app", "docker")])),
     ("seeds/002_backend_ssh.yaml", Loads(&[("server", "remote_lan")])),
     ("seeds/002_backend_package.yaml", Fails(&[
+        // pre_install and post_install load now; only install_path has moved.
         "002_backend_package.yaml:9:7: services.app.backend.install_path: `install_path` is not supported: set `install_root` on the host",
-        "002_backend_package.yaml:10:7: services.app.backend.pre_install: `pre_install` is not supported: install steps belong in the package's scripts",
-        "002_backend_package.yaml:12:7: services.app.backend.post_install: `post_install` is not supported: install steps belong in the package's scripts",
     ])),
     ("seeds/002_health_http.yaml", Loads(&[("my-service", "process")])),
     ("seeds/002_health_tcp.yaml", Loads(&[("my-service", "process")])),

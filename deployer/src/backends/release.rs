@@ -56,16 +56,62 @@ pub async fn check_platform(ssh: &SshHost, pkg: &Package) -> Result<(), DeployEr
     }
 }
 
+/// Commands run on the host around an install, as the SSH user or (with `sudo`) under
+/// `sudo -n`; the first that fails fails the install.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Before anything is sent (e.g. installing what `system_requires` names).
+    pub setup: Vec<String>,
+    /// After the release is on the host, before `current` points at it; run in it.
+    pub pre_install: Vec<String>,
+    /// After `current` points at the release; run in it.
+    pub post_install: Vec<String>,
+    /// Run them (and the install itself) with `sudo -n`.
+    pub sudo: bool,
+}
+
+/// `script` as the host should run it: as is, or under `sudo -n` when asked.
+pub fn privileged(script: &str, sudo: bool) -> String {
+    if sudo {
+        format!("sudo -n sh -c {}", quote(script))
+    } else {
+        script.to_owned()
+    }
+}
+
+/// `command` run in `dir` (under sudo when asked).
+pub fn hook_script(command: &str, dir: &str, sudo: bool) -> String {
+    privileged(&format!("cd {} && {command}", quote(dir)), sudo)
+}
+
+/// Runs each of `commands` in `dir` (one at a time, so an error names its command).
+pub async fn run_hooks(
+    ssh: &SshHost,
+    what: &str,
+    commands: &[String],
+    dir: &str,
+    sudo: bool,
+) -> Result<(), DeployError> {
+    for command in commands {
+        let script = hook_script(command, dir, sudo);
+        ssh.check(&format!("{what} `{command}`"), &script, b"", STEP_TIMEOUT)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Puts `pkg` on the host under `root` (sending it only when that release is not
-/// complete there yet), checks its `system_requires`, and points `current` at it.
-/// `progress` gets (bytes sent, total) while sending.
+/// complete there yet), checks its `system_requires`, and points `current` at it, with
+/// `hooks` around those steps. `progress` gets (bytes sent, total) while sending.
 pub async fn install(
     ssh: &SshHost,
     pkg: &Package,
     root: &str,
+    hooks: &Hooks,
     progress: impl Fn(u64, u64) + Send + 'static,
 ) -> Result<Installed, DeployError> {
     let dir = release_dir(root, pkg);
+    run_hooks(ssh, "setup command", &hooks.setup, "/", hooks.sudo).await?;
     let q = |s: &str| quote(s);
     let present = ssh
         .exec(
@@ -78,10 +124,12 @@ pub async fn install(
         == 0;
     let mut sent = 0;
     if !present {
-        sent = upload_and_extract(ssh, pkg, root, &dir, progress).await?;
+        sent = upload_and_extract(ssh, pkg, root, &dir, hooks.sudo, progress).await?;
     }
     check_requires(ssh, pkg).await?;
-    let previous = switch(ssh, root, &dir).await?;
+    run_hooks(ssh, "pre_install", &hooks.pre_install, &dir, hooks.sudo).await?;
+    let previous = switch(ssh, root, &dir, hooks.sudo).await?;
+    run_hooks(ssh, "post_install", &hooks.post_install, &dir, hooks.sudo).await?;
     Ok(Installed {
         previous: previous.filter(|p| *p != dir),
         dir,
@@ -96,11 +144,12 @@ async fn upload_and_extract(
     pkg: &Package,
     root: &str,
     dir: &str,
+    sudo: bool,
     progress: impl Fn(u64, u64) + Send + 'static,
 ) -> Result<u64, DeployError> {
     let pkg2 = pkg.clone();
     let total = pkg.bytes;
-    let script = extract_script(root, dir);
+    let script = privileged(&extract_script(root, dir), sudo);
     let (out, sent) = ssh
         .exec_with_input(
             &script,
@@ -240,11 +289,16 @@ async fn check_requires(ssh: &SshHost, pkg: &Package) -> Result<(), DeployError>
 }
 
 /// Points `<root>/current` at `dir` atomically; returns where it pointed before.
-pub async fn switch(ssh: &SshHost, root: &str, dir: &str) -> Result<Option<String>, DeployError> {
+pub async fn switch(
+    ssh: &SshHost,
+    root: &str,
+    dir: &str,
+    sudo: bool,
+) -> Result<Option<String>, DeployError> {
     let out = ssh
         .check(
             "switch the current release",
-            &switch_script(root, dir),
+            &privileged(&switch_script(root, dir), sudo),
             b"",
             STEP_TIMEOUT,
         )
@@ -254,7 +308,7 @@ pub async fn switch(ssh: &SshHost, root: &str, dir: &str) -> Result<Option<Strin
 }
 
 /// Removes all but the newest `keep` releases (never `current`).
-pub async fn prune(ssh: &SshHost, root: &str, keep: usize) -> Result<(), DeployError> {
+pub async fn prune(ssh: &SshHost, root: &str, keep: usize, sudo: bool) -> Result<(), DeployError> {
     let script = format!(
         "cd {root}/releases 2>/dev/null || exit 0\n\
          cur=$(readlink ../current 2>/dev/null | sed 's|.*/||')\n\
@@ -262,16 +316,21 @@ pub async fn prune(ssh: &SshHost, root: &str, keep: usize) -> Result<(), DeployE
         root = quote(root),
         from = keep + 1,
     );
-    ssh.check("remove old releases", &script, b"", STEP_TIMEOUT)
-        .await
-        .map(|_| ())
+    ssh.check(
+        "remove old releases",
+        &privileged(&script, sudo),
+        b"",
+        STEP_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Removes `<root>` (every release, `current`) from the host.
-pub async fn purge(ssh: &SshHost, root: &str) -> Result<(), DeployError> {
+pub async fn purge(ssh: &SshHost, root: &str, sudo: bool) -> Result<(), DeployError> {
     ssh.check(
         "remove the releases",
-        &format!("rm -rf {}", quote(root)),
+        &privileged(&format!("rm -rf {}", quote(root)), sudo),
         b"",
         STEP_TIMEOUT,
     )

@@ -308,6 +308,19 @@ pub struct RemoteTarget {
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Commands run on the host before each deploy (e.g. installing what the
+    /// package's `system_requires` names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setup_commands: Vec<String>,
+    /// Package only: commands run in a new release before `current` points at it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_install: Vec<String>,
+    /// Package only: commands run in the release once `current` points at it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_install: Vec<String>,
+    /// Package only: releases kept on the host, the current one included (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_releases: Option<usize>,
 }
 
 /// A service the harness finds and uses instead of starting one.

@@ -163,11 +163,11 @@ const INSTALL_HINTS: [(&str, &str); 3] = [
     ),
     (
         "pre_install",
-        "install steps belong in the package's scripts (see `harness package build`)",
+        "install steps go with a package deploy (`type: package`)",
     ),
     (
         "post_install",
-        "install steps belong in the package's scripts (see `harness package build`)",
+        "install steps go with a package deploy (`type: package`)",
     ),
 ];
 
@@ -227,14 +227,20 @@ const DOCKER_BACKEND: Spec = Spec {
 
 const REMOTE: Spec = Spec {
     known: &[
-        "host", "hosts", "user", "ssh_key", "binary", "args", "package", "env",
+        "host",
+        "hosts",
+        "user",
+        "ssh_key",
+        "binary",
+        "args",
+        "package",
+        "env",
+        "setup_commands",
+        "pre_install",
+        "post_install",
+        "keep_releases",
     ],
-    retired: &[
-        ("key_file", "use `ssh_key`"),
-        INSTALL_HINTS[0],
-        INSTALL_HINTS[1],
-        INSTALL_HINTS[2],
-    ],
+    retired: &[("key_file", "use `ssh_key`"), INSTALL_HINTS[0]],
 };
 
 const SSH_BACKEND: Spec = Spec {
@@ -251,7 +257,18 @@ const SSH_BACKEND: Spec = Spec {
 
 const PACKAGE_BACKEND: Spec = Spec {
     known: &[
-        "type", "host", "hosts", "user", "ssh_key", "key_file", "package", "env",
+        "type",
+        "host",
+        "hosts",
+        "user",
+        "ssh_key",
+        "key_file",
+        "package",
+        "env",
+        "setup_commands",
+        "pre_install",
+        "post_install",
+        "keep_releases",
     ],
     retired: &[
         (
@@ -259,8 +276,6 @@ const PACKAGE_BACKEND: Spec = Spec {
             "use `type: ssh` to run a program already on the host",
         ),
         INSTALL_HINTS[0],
-        INSTALL_HINTS[1],
-        INSTALL_HINTS[2],
     ],
 };
 
@@ -654,6 +669,12 @@ fn remote(cx: &mut Cx<'_>, f: &Fields<'_>) -> RemoteTarget {
         args: f.texts(cx, "args"),
         package: f.text(cx, "package"),
         env: f.text_map(cx, "env"),
+        setup_commands: f.texts(cx, "setup_commands"),
+        pre_install: f.texts(cx, "pre_install"),
+        post_install: f.texts(cx, "post_install"),
+        keep_releases: f
+            .get("keep_releases")
+            .and_then(|n| cx.number(n, &f.key("keep_releases"), "a number of releases")),
     }
 }
 

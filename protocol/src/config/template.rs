@@ -217,6 +217,26 @@ pub fn expand_service_refs(
     })
 }
 
+/// A package's `config/*.template` file: `${svc.field}` resolved as in
+/// [`expand_service_refs`], and `${VAR}` (with `${VAR:-default}`) from the service's
+/// environment `vars` (its `DEP_ADDR`s and its own `env`); `$$` is a `$`.
+pub fn expand_config_template(
+    input: &str,
+    lookup: &mut dyn FnMut(&str, &str) -> Option<String>,
+    vars: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, TemplateError> {
+    render(input, "$", &mut |name, default, _| {
+        if name.contains('.') {
+            return expand_service_refs(&format!("${{{name}}}"), lookup);
+        }
+        match (vars(name), default) {
+            (Some(value), _) => Ok(value),
+            (None, Some(default)) => expand_config_template(default, lookup, vars),
+            (None, None) => Err(TemplateError::Unresolved(name.to_owned())),
+        }
+    })
+}
+
 /// The prefix of the variables injected for a dependency: upper case, `-` (and any
 /// other character not allowed in a variable name) as `_`. `api-server` gives
 /// `API_SERVER`, for `API_SERVER_ADDR`.
@@ -258,6 +278,25 @@ mod tests {
             expected,
             "input {input:?}"
         );
+    }
+
+    #[test]
+    fn config_templates_take_service_refs_and_the_service_environment() {
+        let mut lookup = |svc: &str, field: &str| {
+            (svc == "db" && field == "addr").then(|| "10.0.0.2:5432".to_owned())
+        };
+        let vars = |k: &str| (k == "PORT").then(|| "8080".to_owned());
+        let out = expand_config_template(
+            "db = ${db.addr}\nport = ${PORT}\nmode = ${MODE:-dev}\ncost = $$5\n",
+            &mut lookup,
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "db = 10.0.0.2:5432\nport = 8080\nmode = dev\ncost = $5\n"
+        );
+        assert!(expand_config_template("${NOPE}", &mut lookup, &vars).is_err());
     }
 
     #[test]

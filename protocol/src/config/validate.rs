@@ -250,6 +250,26 @@ fn check_remote(p: &mut Problems<'_>, key: &str, t: &RemoteTarget) {
         );
     }
     check_env(p, &join(key, "env"), &t.env);
+    if t.package.is_none() {
+        for (name, set) in [
+            ("pre_install", !t.pre_install.is_empty()),
+            ("post_install", !t.post_install.is_empty()),
+            ("keep_releases", t.keep_releases.is_some()),
+        ] {
+            if set {
+                p.add(
+                    join(key, name),
+                    format!("`{name}` goes with `package`: releases are what it acts on"),
+                );
+            }
+        }
+    }
+    if t.keep_releases == Some(0) {
+        p.add(
+            join(key, "keep_releases"),
+            "keep_releases must be at least 1 (the current release)",
+        );
+    }
 }
 
 fn check_health(p: &mut Problems<'_>, key: &str, check: &HealthCheck) {

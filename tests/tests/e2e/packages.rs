@@ -333,8 +333,19 @@ fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
     let bed = TestBed::new(2);
     let d = TestDaemon::start();
     let dir = d.workdir("deploy");
-    let v1 = build(&d, &dir, &package_dir(&dir, "1.0.0", true));
-    let yaml = stack_yaml(&bed, &v1).replace("[host0, host1, host2]", "[host0, host1]");
+    let src = package_dir(&dir, "1.0.0", true);
+    std::fs::create_dir_all(src.join("config")).unwrap();
+    std::fs::write(
+        src.join("config/app.conf.template"),
+        "listen=${self.addr}\nport=${PORT}\nmode=${MODE:-dev}\n",
+    )
+    .unwrap();
+    let v1 = build(&d, &dir, &src);
+    let yaml = stack_yaml(&bed, &v1).replace(
+        "hosts: [host0, host1, host2], package:",
+        "hosts: [host0, host1], setup_commands: [\"test -d /\"], pre_install: [\"test -x scripts/start.sh\"], post_install: [\"echo installed > post_install.txt\"], keep_releases: 2, package:",
+    );
+    assert!(yaml.contains("keep_releases"), "{yaml}");
     write_config(&dir, &yaml);
     let out = d.cli(&dir, &["deploy", "--dry-run"]);
     assert_ok(&d, &out, "harness deploy --dry-run");
@@ -346,6 +357,11 @@ fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
         "tar -xf",
         "scripts/start.sh",
         "scripts/health.sh",
+        "setup command",
+        "$ cd / && test -d /",
+        "pre_install",
+        "post_install",
+        "echo installed > post_install.txt",
         "dry run: nothing was run",
     ] {
         assert!(plan.contains(want), "{want:?} not in the plan:\n{plan}");
@@ -373,7 +389,24 @@ fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
     assert_ok(&d, &out, "harness deploy --host host1");
     let progress = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(progress.contains("host1 upload done"), "{progress}");
-    assert_eq!(get(&c, "pkg", "web@host1").health, Health::Healthy);
+    let web = get(&c, "pkg", "web@host1");
+    assert_eq!(web.health, Health::Healthy);
+    // The config template was rendered for this instance, and post_install ran in the
+    // release.
+    let current = bed.hosts[1].install_root.join("web/current");
+    let conf = std::fs::read_to_string(current.join("config/app.conf")).expect("rendered config");
+    let port = web.port.expect("port");
+    assert_eq!(
+        conf,
+        format!(
+            "listen={}:{port}\nport={port}\nmode=dev\n",
+            bed.hosts[1].address
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(current.join("post_install.txt")).unwrap(),
+        "installed\n"
+    );
     assert_eq!(get(&c, "pkg", "web@host0").state, ServiceState::Registered);
     assert_eq!(tree(&bed.hosts[0].install_root), Vec::<String>::new());
     assert_ok(

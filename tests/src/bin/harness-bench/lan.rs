@@ -143,8 +143,14 @@ pub fn bench(d: &TestDaemon) {
             connect_timeout: Duration::from_secs(10),
         });
         let t = Instant::now();
-        let installed = smol::block_on(deployer::release::install(&ssh, &pkg, &root, |_, _| {}))
-            .expect("install");
+        let installed = smol::block_on(deployer::release::install(
+            &ssh,
+            &pkg,
+            &root,
+            &Default::default(),
+            |_, _| {},
+        ))
+        .expect("install");
         ours.push(t.elapsed());
         assert!(installed.sent > 0);
         std::fs::remove_dir_all(&root).unwrap();
