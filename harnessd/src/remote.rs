@@ -139,6 +139,17 @@ impl Core {
         self.ssh_host(&h, t.as_ref())
     }
 
+    /// The systemd unit of a service with lifecycle `systemd`.
+    fn unit_name(&self, stack: &str, name: &str) -> String {
+        let instance: String = self.instance.chars().take(8).collect();
+        let clean = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+        format!(
+            "harness-{instance}-{}-{}.service",
+            clean(stack),
+            clean(name)
+        )
+    }
+
     /// The run directory of a service on its host.
     fn remote_dir(&self, h: &HostConfig, stack: &str, name: &str) -> String {
         let root = h.install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT);
@@ -398,7 +409,7 @@ impl Core {
     /// Removes from the host what `down --purge` removes for a service: its run
     /// directory and, for a package, every release.
     pub async fn purge_remote(&self, stack: &str, name: &str) -> Result<(), String> {
-        let (ssh, dir, package, root, sudo) = self.read(|st| {
+        let (ssh, dir, package, root, sudo, lifecycle) = self.read(|st| {
             let config = &st.stack(stack).ok_or("stack was removed")?.config;
             let (t, _, h) = remote_target(config, name).ok_or("not a remote_lan service")?;
             let ssh = self.ssh_host(&h, Some(t))?;
@@ -412,11 +423,24 @@ impl Core {
                 t.package.clone(),
                 root,
                 h.sudo,
+                t.lifecycle.clone(),
             ))
         })?;
         remote::remove_dir(&ssh, &dir)
             .await
             .map_err(|e| e.to_string())?;
+        if lifecycle.as_deref() == Some("systemd") {
+            let unit = deployer::ssh::quote(&self.unit_name(stack, name));
+            let script = release::privileged(
+                &format!(
+                    "[ -d /run/systemd/system ] || exit 0\nrm -f /etc/systemd/system/{unit}\nsystemctl daemon-reload"
+                ),
+                sudo,
+            );
+            ssh.check("remove the systemd unit", &script, b"", ROLLBACK_STOP)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         // The service's own directory goes when nothing else is left in it.
         let service_dir = format!("{}/{name}", root.trim_end_matches('/'));
         let _ = ssh
@@ -476,6 +500,8 @@ impl Core {
             cwd: None,
             instance: format!("{}/{stack}/{name}", self.instance),
             stop_script: None,
+            systemd_unit: (t.lifecycle.as_deref() == Some("systemd"))
+                .then(|| self.unit_name(stack, name)),
         };
         Ok((spec, ssh, host, t.package.clone()))
     }

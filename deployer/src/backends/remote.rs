@@ -48,6 +48,11 @@ pub struct RemoteSpec {
     pub instance: String,
     /// A command run first when stopping (a package's `stop.sh`).
     pub stop_script: Option<String>,
+    /// Lifecycle `systemd`: the unit's name. The unit is written to the run directory
+    /// and checked with `systemd-analyze verify`; where systemd runs the host
+    /// (/run/systemd/system), it is installed and started with `systemctl`; elsewhere
+    /// the run falls back to the harness's own supervision.
+    pub systemd_unit: Option<String>,
 }
 
 /// A service started on a host: what the registry records.
@@ -66,6 +71,9 @@ pub struct RemoteRecord {
     /// A command run first when stopping (a package's `stop.sh`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_script: Option<String>,
+    /// The systemd unit that runs it, when systemd does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 /// What a run is doing.
@@ -88,12 +96,31 @@ pub fn launch_script(spec: &RemoteSpec) -> String {
     let cwd = quote(spec.cwd.as_deref().unwrap_or(&spec.dir));
     // The program is looked up first so a missing one is an error of `up`, not an
     // exit a moment later.
+    let systemd = match &spec.systemd_unit {
+        Some(unit) => format!(
+            "cat > {u} <<'HARNESS_UNIT_END'\n{text}HARNESS_UNIT_END\n\
+             if command -v systemd-analyze >/dev/null 2>&1; then\n\
+               out=$(systemd-analyze verify \"$PWD\"/{u} 2>&1) || {{ echo \"systemd-analyze verify {u}: $out\" >&2; exit 1; }}\n\
+               [ -z \"$out\" ] || {{ echo \"systemd-analyze verify {u}: $out\" >&2; exit 1; }}\n\
+             fi\n\
+             if [ -d /run/systemd/system ]; then\n\
+               cp {u} /etc/systemd/system/{u} && systemctl daemon-reload && systemctl restart {u}\n\
+               echo \"systemd $(systemctl show -p MainPID --value {u})\"\n\
+               exit 0\n\
+             fi\n\
+             echo 'no systemd runs this host (/run/systemd/system is missing): {u} was verified; the harness supervises the service itself' >&2\n",
+            u = quote(unit),
+            text = unit_text(spec, unit),
+        ),
+        None => String::new(),
+    };
     format!(
         "set -e\n\
          mkdir -p {dir} && cd {dir}\n\
          rm -f exit pid\n\
          (umask 077; cat > env)\n\
          command -v {prog} >/dev/null 2>&1 || {{ echo \"{shown}: not found on the host (or not executable)\" >&2; exit 127; }}\n\
+         {systemd}\
          HARNESS_INSTANCE={marker} HARNESS_RUN_DIR=\"$PWD\" setsid sh -c {wrapper} {cwd} {argv} >/dev/null 2>&1 </dev/null &\n\
          echo $! > pid\n\
          echo $!\n",
@@ -125,15 +152,19 @@ pub async fn launch(
             COMMAND_TIMEOUT,
         )
         .await?;
-    let pid = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| DeployError::RemoteCommand {
-            host: ssh.target().address.clone(),
-            what: "start the service".into(),
-            status: out.status,
-            message: format!("no pid in {:?}", String::from_utf8_lossy(&out.stdout)),
-        })?;
+    // The last line is the pid, after `systemd` when systemd runs it.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default().trim();
+    let (unit, pid) = match last.strip_prefix("systemd ") {
+        Some(pid) => (spec.systemd_unit.clone(), pid),
+        None => (None, last),
+    };
+    let pid = pid.parse().map_err(|_| DeployError::RemoteCommand {
+        host: ssh.target().address.clone(),
+        what: "start the service".into(),
+        status: out.status,
+        message: format!("no pid in {text:?}"),
+    })?;
     Ok(RemoteRecord {
         host: host.to_owned(),
         address: ssh.target().address.clone(),
@@ -141,7 +172,53 @@ pub async fn launch(
         remote_pid: pid,
         instance: spec.instance.clone(),
         stop_script: spec.stop_script.clone(),
+        unit,
     })
+}
+
+/// A word of a systemd command line: quoted, with `$` and `%` kept literal.
+fn systemd_word(s: &str) -> String {
+    let escaped = s
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('$', "$$")
+        .replace('%', "%%");
+    format!("\"{escaped}\"")
+}
+
+/// The unit that runs `spec` under systemd (lifecycle `systemd`).
+pub fn unit_text(spec: &RemoteSpec, unit: &str) -> String {
+    let argv: Vec<String> = spec.argv.iter().map(|a| systemd_word(a)).collect();
+    let dir = &spec.dir;
+    let cwd = spec.cwd.as_deref().unwrap_or(dir);
+    let stop = spec
+        .stop_script
+        .as_ref()
+        .map(|s| format!("ExecStop=/bin/sh -c {}\n", systemd_word(s)))
+        .unwrap_or_default();
+    format!(
+        "# {unit}: written by harness; the harness restarts it by its own policy.\n\
+         [Unit]\n\
+         Description=harness service {instance}\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         Environment={marker}\n\
+         EnvironmentFile={dir}/env\n\
+         WorkingDirectory={cwd}\n\
+         ExecStart={argv}\n\
+         {stop}\
+         KillMode=control-group\n\
+         Restart=no\n\
+         StandardOutput=append:{dir}/out.log\n\
+         StandardError=append:{dir}/err.log\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        instance = spec.instance,
+        marker = systemd_word(&format!("HARNESS_INSTANCE={}", spec.instance)),
+        argv = argv.join(" "),
+    )
 }
 
 /// Shell functions about a run: `ours` (its wrapper shell still runs), `group` (a
@@ -162,12 +239,19 @@ fn run_functions(rec: &RemoteRecord) -> String {
 
 /// Whether the run is alive, ended (and how), or gone.
 pub async fn state(ssh: &SshHost, rec: &RemoteRecord) -> Result<RemoteState, DeployError> {
-    let script = format!(
+    let script = match &rec.unit {
+        Some(unit) => format!(
+            "if systemctl is-active --quiet {u}; then echo running; \
+             else echo \"exit $(systemctl show -p ExecMainStatus --value {u})\"; fi\n",
+            u = quote(unit)
+        ),
+        None => format!(
         "{functions}\
          if alive; then echo running; elif [ -f {dir}/exit ]; then echo \"exit $(cat {dir}/exit)\"; else echo gone; fi\n",
-        functions = run_functions(rec),
-        dir = quote(&rec.remote_dir),
-    );
+            functions = run_functions(rec),
+            dir = quote(&rec.remote_dir),
+        ),
+    };
     let out = ssh
         .check("check the service", &script, b"", COMMAND_TIMEOUT)
         .await?;
@@ -239,6 +323,13 @@ pub async fn stop(
             )
         })
         .unwrap_or_default();
+    if let Some(unit) = &rec.unit {
+        let script = format!("systemctl stop {}", quote(unit));
+        return ssh
+            .check("stop the service", &script, b"", timeout + COMMAND_TIMEOUT)
+            .await
+            .map(|_| ());
+    }
     let script = format!(
         "{functions}\
          alive || exit 0\n\

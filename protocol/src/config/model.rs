@@ -321,6 +321,11 @@ pub struct RemoteTarget {
     /// Package only: releases kept on the host, the current one included (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_releases: Option<usize>,
+    /// `simple` (default: the harness supervises it) or `systemd` (a generated unit,
+    /// checked with `systemd-analyze verify`, run by systemd where systemd runs the
+    /// host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<String>,
 }
 
 /// A service the harness finds and uses instead of starting one.

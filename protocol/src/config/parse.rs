@@ -239,6 +239,7 @@ const REMOTE: Spec = Spec {
         "pre_install",
         "post_install",
         "keep_releases",
+        "lifecycle",
     ],
     retired: &[("key_file", "use `ssh_key`"), INSTALL_HINTS[0]],
 };
@@ -269,6 +270,7 @@ const PACKAGE_BACKEND: Spec = Spec {
         "pre_install",
         "post_install",
         "keep_releases",
+        "lifecycle",
     ],
     retired: &[
         (
@@ -675,6 +677,7 @@ fn remote(cx: &mut Cx<'_>, f: &Fields<'_>) -> RemoteTarget {
         keep_releases: f
             .get("keep_releases")
             .and_then(|n| cx.number(n, &f.key("keep_releases"), "a number of releases")),
+        lifecycle: f.text(cx, "lifecycle"),
     }
 }
 

@@ -264,6 +264,14 @@ fn check_remote(p: &mut Problems<'_>, key: &str, t: &RemoteTarget) {
             }
         }
     }
+    if let Some(l) = &t.lifecycle {
+        if !["simple", "systemd"].contains(&l.as_str()) {
+            p.add(
+                join(key, "lifecycle"),
+                format!("bad lifecycle {l:?}: use `simple` or `systemd`"),
+            );
+        }
+    }
     if t.keep_releases == Some(0) {
         p.add(
             join(key, "keep_releases"),

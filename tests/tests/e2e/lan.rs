@@ -304,3 +304,65 @@ services:
         "{procs:?}"
     );
 }
+
+#[test]
+fn lifecycle_systemd_writes_a_verified_unit_and_runs_supervised_where_systemd_does_not_run() {
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("unit");
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: unit
+{hosts}
+services:
+  api:
+    target: {{ remote_lan: {{ host: host0, binary: DEMO, args: [--name, "api $$HOME 100%", --port, "${{self.port}}"], lifecycle: systemd }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+            hosts = bed.hosts_yaml()
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    assert_eq!(get(&c, "unit", "api").health, Health::Healthy);
+    // The unit is in the run directory, and systemd's own checker accepts it.
+    let run_dirs = bed.hosts[0].install_root.join("api/run");
+    let run_dir = std::fs::read_dir(&run_dirs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let unit = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".service"))
+        .expect("a unit file")
+        .path();
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains("ExecStart=\"") && text.contains("demo-service"),
+        "{text}"
+    );
+    // `$` and `%` stay literal for systemd.
+    assert!(text.contains("\"api $$HOME 100%%\""), "{text}");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
+    assert!(bed.processes(0).is_empty(), "{:?}", bed.processes(0));
+}
