@@ -43,11 +43,20 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
         |n| n.to_string_lossy().into_owned(),
     );
     let dir = path.parent().unwrap_or(Path::new("/"));
+    let hosts = match &opts.hosts {
+        Some(file) => Some((
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read hosts file {}", file.display()))?,
+            file.display().to_string(),
+        )),
+        None => None,
+    };
+    let hosts = hosts.as_ref().map(|(t, f)| (t.as_str(), f.as_str()));
     let mut config = if config::is_compose_file_name(&shown) {
         let imported = import(&path)?;
-        config::parse_stack(&imported.yaml, &format!("{shown} (as imported)"))
+        config::parse_stack_with_hosts(&imported.yaml, &format!("{shown} (as imported)"), hosts)
     } else {
-        config::parse_stack(&text, &shown)
+        config::parse_stack_with_hosts(&text, &shown, hosts)
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     config

@@ -34,6 +34,10 @@ pub struct GlobalOpts {
     /// Given before the command (`harness -f FILE up`), as `-f` after `logs` means follow.
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
+    /// A hosts file (named hosts, their SSH settings and the services each runs) merged
+    /// into the config; relative paths in it are taken from the config file's directory.
+    #[arg(long = "hosts", global = true, env = "HARNESS_HOSTS")]
+    pub hosts: Option<PathBuf>,
     /// Stack name (default: `name:` in the config, else the config directory's name).
     #[arg(short = 'p', long = "project", global = true)]
     pub stack: Option<String>,

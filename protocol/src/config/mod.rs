@@ -10,6 +10,7 @@
 
 mod compose;
 mod error;
+mod hosts_file;
 mod instances;
 mod model;
 mod parse;
@@ -24,7 +25,8 @@ mod tests;
 
 pub use compose::{import_compose, is_compose_file_name, ComposeImport};
 pub use error::{did_you_mean, ConfigError, ConfigErrors};
+pub use hosts_file::{merge_hosts_file, HostsFile, HostsFileEntry};
 pub use instances::{expand_instances, expand_names, instance_name, instances_of};
 pub use model::*;
-pub use parse::parse_stack;
+pub use parse::{parse_stack, parse_stack_with_hosts};
 pub use validate::{dependency_waves, start_order, validate, DISCOVERY_KINDS};

@@ -20,9 +20,24 @@ use super::yaml::{self, Key, Node, Value};
 /// and `dependencies: [a]` / `depends_on: [a]` / `depends_on: {a: {condition: healthy}}`.
 /// Every problem found is returned, each naming the file, line and dotted key.
 pub fn parse_stack(text: &str, file: &str) -> Result<StackConfig, ConfigErrors> {
+    parse_stack_with_hosts(text, file, None)
+}
+
+/// [`parse_stack`] with a hosts file (`(text, file name)`, see `hosts_file`) merged in
+/// before the config is validated.
+pub fn parse_stack_with_hosts(
+    text: &str,
+    file: &str,
+    hosts_file: Option<(&str, &str)>,
+) -> Result<StackConfig, ConfigErrors> {
     let root = yaml::parse_document(text, file)?;
     let mut cx = Cx::new(file);
-    let config = stack(&mut cx, &root);
+    let mut config = stack(&mut cx, &root);
+    if let Some((hosts_text, hosts_name)) = hosts_file {
+        if let Err(errors) = super::merge_hosts_file(&mut config, hosts_text, hosts_name) {
+            cx.errors.extend(errors);
+        }
+    }
     for problem in validate::problems(&config, file) {
         let located = cx.locate(problem);
         cx.errors.push(located);

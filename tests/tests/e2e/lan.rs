@@ -310,26 +310,41 @@ fn lifecycle_systemd_writes_a_verified_unit_and_runs_supervised_where_systemd_do
     let bed = TestBed::new(1);
     let d = TestDaemon::start();
     let dir = d.workdir("unit");
+    // The host and the placement come from a hosts file, not the stack's file.
     write_config(
         &dir,
-        &format!(
-            r#"
+        r#"
 name: unit
-{hosts}
 services:
   api:
-    target: {{ remote_lan: {{ host: host0, binary: DEMO, args: [--name, "api $$HOME 100%", --port, "${{self.port}}"], lifecycle: systemd }} }}
+    target: { remote_lan: { binary: DEMO, args: [--name, "api $$HOME 100%", --port, "${self.port}"], lifecycle: systemd } }
     port: auto
-    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+    health_check: { type: http, url: "http://${self.addr}/health" }
 "#,
-            hosts = bed.hosts_yaml()
-        ),
     );
-    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let h = &bed.hosts[0];
+    let hosts_file = dir.join("remote-hosts.yaml");
+    std::fs::write(
+        &hosts_file,
+        format!(
+            "default_user: root\nssh_key: {}\nknown_hosts: {}\nhosts:\n  lan1: {{ address: {}, install_root: {}, services: [api] }}\n",
+            bed.user_key.display(),
+            bed.known_hosts.display(),
+            h.address,
+            h.install_root.display()
+        ),
+    )
+    .unwrap();
+    let hosts_arg = hosts_file.display().to_string();
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["--hosts", &hosts_arg, "up"]),
+        "harness --hosts FILE up",
+    );
     let c = d.client();
-    assert_eq!(get(&c, "unit", "api").health, Health::Healthy);
+    assert_eq!(get(&c, "unit", "api@lan1").health, Health::Healthy);
     // The unit is in the run directory, and systemd's own checker accepts it.
-    let run_dirs = bed.hosts[0].install_root.join("api/run");
+    let run_dirs = bed.hosts[0].install_root.join("api@lan1/run");
     let run_dir = std::fs::read_dir(&run_dirs)
         .unwrap()
         .next()
@@ -361,7 +376,7 @@ services:
     );
     assert_ok(
         &d,
-        &d.cli(&dir, &["down", "--purge"]),
+        &d.cli(&dir, &["--hosts", &hosts_arg, "down", "--purge"]),
         "harness down --purge",
     );
     assert!(bed.processes(0).is_empty(), "{:?}", bed.processes(0));
