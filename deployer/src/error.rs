@@ -186,4 +186,12 @@ pub enum DeployError {
         /// What is wrong.
         reason: String,
     },
+    /// Building the program of a package failed.
+    #[error("build failed: {what}: {detail}")]
+    Build {
+        /// The command.
+        what: String,
+        /// Its exit status and the end of its error output.
+        detail: String,
+    },
 }

@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod backends;
+pub mod build;
 mod error;
 pub mod logs;
 pub mod package;

@@ -175,7 +175,7 @@ impl Core {
                 .await?;
             return Ok((run, None));
         };
-        let (root, hooks, keep) = self.read(|st| {
+        let (root, hooks, keep, build) = self.read(|st| {
             let (t, _, h) = st
                 .stack(stack)
                 .and_then(|r| remote_target(&r.config, name))
@@ -189,7 +189,12 @@ impl Core {
             let root = h
                 .install_root
                 .unwrap_or_else(|| DEFAULT_INSTALL_ROOT.to_owned());
-            Ok::<_, String>((root, hooks, t.keep_releases.unwrap_or(KEEP_RELEASES)))
+            Ok::<_, String>((
+                root,
+                hooks,
+                t.keep_releases.unwrap_or(KEEP_RELEASES),
+                t.build.clone(),
+            ))
         })?;
         let deploy = Deploy {
             core: self.clone(),
@@ -198,6 +203,11 @@ impl Core {
             host: host.clone(),
             hooks,
             keep,
+        };
+        let package = if std::path::Path::new(&package).is_dir() {
+            deploy.build(&package, build.as_ref()).await?
+        } else {
+            package
         };
         let (pkg, installed) = deploy.install(&ssh, &package, &root).await?;
         deploy
@@ -354,7 +364,16 @@ impl Core {
             for c in &t.setup_commands {
                 step("setup command", Some(hook(c, "/")));
             }
-            if let Some(package) = package {
+            if let Some(package) = package.clone().filter(|p| std::path::Path::new(p).is_dir()) {
+                let how = match &t.build {
+                    Some(b) => format!("build the program (type {}) and ", b.kind),
+                    None => String::new(),
+                };
+                step(
+                    &format!("{how}make a package of {package}; then check, send, extract, switch and start it as a package file"),
+                    None,
+                );
+            } else if let Some(package) = package {
                 let pkg = open_package(package.clone()).await?;
                 let root = release::package_root(
                     h.install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT),
@@ -454,10 +473,9 @@ impl Core {
             )
             .await;
         if let Some(package) = package {
-            let pkg = open_package(package).await?;
             release::purge(
                 &ssh,
-                &release::package_root(&root, &pkg.manifest.name),
+                &release::package_root(&root, &package_name(package).await?),
                 sudo,
             )
             .await
@@ -548,6 +566,19 @@ pub fn on_host_command(run_dir: &str, argv: &[String]) -> String {
         deployer::ssh::quote(run_dir),
         argv.join(" ")
     )
+}
+
+/// The name of a package file, or of a package directory (its manifest.yaml's).
+async fn package_name(path: String) -> Result<String, String> {
+    if std::path::Path::new(&path).is_dir() {
+        let manifest = std::path::Path::new(&path).join("manifest.yaml");
+        let shown = manifest.display().to_string();
+        let text = smol::unblock(move || std::fs::read_to_string(manifest))
+            .await
+            .map_err(|e| format!("{shown}: {e}"))?;
+        return protocol::package::Manifest::parse(&text).map(|m| m.name);
+    }
+    Ok(open_package(path).await?.manifest.name)
 }
 
 /// Opens and checks a package off the executor.
@@ -659,6 +690,66 @@ impl Deploy {
         self.step("upload", status, Some(detail));
         let _ = release::prune(ssh, &root, self.keep, self.hooks.sudo).await;
         Ok(installed)
+    }
+
+    /// Makes the package from the package directory `dir`, with the program `build`
+    /// makes in its bin/; returns the package file.
+    async fn build(
+        &self,
+        dir: &str,
+        build: Option<&protocol::config::BuildSpec>,
+    ) -> Result<String, String> {
+        self.step("build", "started", None);
+        let result = async {
+            let program = match build {
+                Some(spec) => {
+                    let program = deployer::build::run(spec)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let name = spec.bin.clone().unwrap_or_else(|| {
+                        program
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| "service".to_owned())
+                    });
+                    Some((program, name))
+                }
+                None => None,
+            };
+            let work = self
+                .core
+                .state_dir
+                .join("build")
+                .join(&self.stack)
+                .join(&self.name);
+            let src = std::path::PathBuf::from(dir);
+            smol::unblock(move || {
+                deployer::build::package_with(
+                    &src,
+                    program.as_ref().map(|(p, n)| (p.as_path(), n.as_str())),
+                    &work.join("stage"),
+                    &work,
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(pkg) => {
+                let path = pkg.path.display().to_string();
+                self.step(
+                    "build",
+                    "done",
+                    Some(format!("{path} ({} bytes)", pkg.bytes)),
+                );
+                Ok(path)
+            }
+            Err(e) => {
+                self.step("build", "failed", Some(e.clone()));
+                Err(e)
+            }
+        }
     }
 
     /// Writes each `config/X.template` of the package as `config/X` in the release,

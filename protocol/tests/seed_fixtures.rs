@@ -26,7 +26,7 @@ const CASES: &[(&str, Outcome)] = &[
         "000_indexer_agent.yaml:3:3: services.indexer-agent: a service needs `target:`",
         "000_indexer_agent.yaml:4:5: services.indexer-agent.runtime: `runtime` is not supported: say where it runs with `target:`",
         "000_indexer_agent.yaml:5:5: services.indexer-agent.hosts: `hosts` is not supported: use `target: {remote_lan: {hosts: [...]}}`",
-        "000_indexer_agent.yaml:9:5: services.indexer-agent.build: `build` is not supported: build the binary yourself or use `harness package build`",
+        "000_indexer_agent.yaml:9:5: services.indexer-agent.build: `build` is not supported: put it in the target: `target: {remote_lan: {package: ./pkg-dir, build: {type: cargo}}}` builds the program the package bundles",
         "000_indexer_agent.yaml:14:5: services.indexer-agent.deploy: `deploy` is not supported: install steps and the systemd lifecycle belong in the package",
     ])),
     ("seeds/001_network.yaml", Fails(&[

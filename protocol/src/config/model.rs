@@ -326,6 +326,44 @@ pub struct RemoteTarget {
     /// host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<String>,
+    /// Builds the program that `package` (then a package directory) bundles in bin/.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSpec>,
+}
+
+/// How to build the program a package directory bundles (`type: cargo` or
+/// `type: command`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// `cargo` or `command`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where the build runs (default: the config file's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// cargo: the Cargo.toml (default: the one in `dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// cargo: the binary to build (`--bin`); its name in the package's bin/ (default:
+    /// cargo's only binary, or the command's output file name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bin: Option<String>,
+    /// cargo: `--target` (a target triple).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// cargo: `--features`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+    /// cargo: `--profile` (default `release`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// command: run with `sh -c` in `dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// command: the program it makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// A service the harness finds and uses instead of starting one.

@@ -110,7 +110,7 @@ const SERVICE: Spec = Spec {
     ],
     retired: &[
         ("runtime", "say where it runs with `target:`, e.g. `target: {remote_lan: {host: ..., binary: ...}}`"),
-        ("build", "build the binary yourself or use `harness package build`"),
+        ("build", "put it in the target: `target: {remote_lan: {package: ./pkg-dir, build: {type: cargo}}}` builds the program the package bundles"),
         ("deploy", "install steps and the systemd lifecycle belong in the package (`harness package build`); deploy it with `target: {remote_lan: {host: ..., package: ...}}`"),
         ("config", "use `env`; addresses of dependencies are injected as DEP_ADDR variables"),
         ("network", "a service joins the mesh through `target: {wireguard: {...}}`; the stack-level `network:` only sets the subnet"),
@@ -255,6 +255,7 @@ const REMOTE: Spec = Spec {
         "post_install",
         "keep_releases",
         "lifecycle",
+        "build",
     ],
     retired: &[("key_file", "use `ssh_key`"), INSTALL_HINTS[0]],
 };
@@ -286,6 +287,7 @@ const PACKAGE_BACKEND: Spec = Spec {
         "post_install",
         "keep_releases",
         "lifecycle",
+        "build",
     ],
     retired: &[
         (
@@ -693,7 +695,32 @@ fn remote(cx: &mut Cx<'_>, f: &Fields<'_>) -> RemoteTarget {
             .get("keep_releases")
             .and_then(|n| cx.number(n, &f.key("keep_releases"), "a number of releases")),
         lifecycle: f.text(cx, "lifecycle"),
+        build: build_spec(cx, f),
     }
+}
+
+const BUILD: Spec = Spec {
+    known: &[
+        "type", "dir", "manifest", "bin", "target", "features", "profile", "command", "output",
+    ],
+    retired: &[],
+};
+
+/// `build: {type: cargo, ...}` of a remote target.
+fn build_spec(cx: &mut Cx<'_>, f: &Fields<'_>) -> Option<BuildSpec> {
+    let node = f.get("build")?;
+    let b = cx.fields(node, &f.key("build"), &f.canon("build"), &BUILD)?;
+    Some(BuildSpec {
+        kind: b.text(cx, "type").unwrap_or_default(),
+        dir: b.text(cx, "dir"),
+        manifest: b.text(cx, "manifest"),
+        bin: b.text(cx, "bin"),
+        target: b.text(cx, "target"),
+        features: b.texts(cx, "features"),
+        profile: b.text(cx, "profile"),
+        command: b.text(cx, "command"),
+        output: b.text(cx, "output"),
+    })
 }
 
 /// `dependencies: [a]`, `depends_on: [a]`, `depends_on: {a: {condition: healthy}}` (or

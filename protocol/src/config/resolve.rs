@@ -223,6 +223,15 @@ impl StackConfig {
                 Target::RemoteLan(t) | Target::Wireguard(t) => {
                     paths.fix_opt(&mut t.ssh_key);
                     paths.fix_opt(&mut t.package);
+                    if let Some(b) = &mut t.build {
+                        b.dir = Some(
+                            b.dir
+                                .take()
+                                .map_or_else(|| base_dir.to_owned(), |d| paths.fix(&d)),
+                        );
+                        paths.fix_opt(&mut b.manifest);
+                        paths.fix_opt(&mut b.output);
+                    }
                 }
                 Target::Discovered(_) | Target::External(_) => {}
             }

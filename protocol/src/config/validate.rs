@@ -264,6 +264,27 @@ fn check_remote(p: &mut Problems<'_>, key: &str, t: &RemoteTarget) {
             }
         }
     }
+    if let Some(b) = &t.build {
+        let bkey = join(key, "build");
+        if t.package.is_none() {
+            p.add(
+                bkey.clone(),
+                "`build` makes the program of a package: give `package:` a package directory",
+            );
+        }
+        match b.kind.as_str() {
+            "cargo" => {}
+            "command" if b.command.is_none() || b.output.is_none() => p.add(
+                bkey,
+                "a `type: command` build needs `command` (what to run) and `output` (the program it makes)",
+            ),
+            "command" => {}
+            other => p.add(
+                join(&bkey, "type"),
+                format!("bad build type {other:?}: use `cargo` or `command`"),
+            ),
+        }
+    }
     if let Some(l) = &t.lifecycle {
         if !["simple", "systemd"].contains(&l.as_str()) {
             p.add(

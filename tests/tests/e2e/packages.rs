@@ -518,3 +518,92 @@ fn deploy_through(fault: Fault) {
         .collect();
     assert_eq!(releases.len(), 1, "{releases:?}");
 }
+
+#[test]
+fn a_package_directory_is_built_with_cargo_or_a_command_and_deployed() {
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("build");
+    // A crate of its own, built by the harness.
+    std::fs::create_dir_all(dir.join("crate/src")).unwrap();
+    std::fs::write(
+        dir.join("crate/Cargo.toml"),
+        "[package]\nname = \"hello-svc\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("crate/src/main.rs"),
+        "fn main() {\n    println!(\"built by cargo: {}\", std::env::var(\"GREETING\").unwrap_or_default());\n    std::thread::sleep(std::time::Duration::from_secs(300));\n}\n",
+    )
+    .unwrap();
+    for (name, start) in [
+        ("hello", "exec \"$1/bin/hello-svc\""),
+        ("napper", "echo napping; exec \"$1/bin/napper\" 300"),
+    ] {
+        let pkg = dir.join(format!("pkg-{name}"));
+        std::fs::create_dir_all(pkg.join("scripts")).unwrap();
+        std::fs::write(
+            pkg.join("manifest.yaml"),
+            format!("name: {name}\nversion: 0.1.0\n"),
+        )
+        .unwrap();
+        let script = pkg.join("scripts/start.sh");
+        std::fs::write(&script, format!("#!/bin/sh\n{start}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: built
+{hosts}
+services:
+  hello:
+    target: {{ remote_lan: {{ host: host0, package: ./pkg-hello, build: {{ type: cargo, manifest: ./crate/Cargo.toml, profile: dev }} }} }}
+    env: {{ GREETING: hi }}
+  napper:
+    target: {{ remote_lan: {{ host: host0, package: ./pkg-napper, build: {{ type: command, command: "mkdir -p out && cp /bin/sleep out/napper", output: ./out/napper }} }} }}
+"#,
+            hosts = bed.hosts_yaml()
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    for name in ["hello", "napper"] {
+        assert_eq!(
+            get(&c, "built", name).state,
+            ServiceState::Running,
+            "{name}"
+        );
+    }
+    tests::wait_for(
+        "the built program's output",
+        std::time::Duration::from_secs(10),
+        || {
+            log_lines(&c, "built", "hello")
+                .iter()
+                .any(|l| l.line == "built by cargo: hi")
+                .then_some(())
+        },
+    );
+    let root = &bed.hosts[0].install_root;
+    assert!(root.join("hello/current/bin/hello-svc").is_file());
+    assert!(root.join("napper/current/bin/napper").is_file());
+    // A build that fails says why and installs nothing.
+    std::fs::write(
+        dir.join("crate/src/main.rs"),
+        "fn main() { this is not rust }\n",
+    )
+    .unwrap();
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
+    let out = d.cli(&dir, &["up", "hello"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("build failed: cargo build"), "{stderr}");
+    assert_eq!(tree(root), Vec::<String>::new());
+}
