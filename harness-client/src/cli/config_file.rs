@@ -43,7 +43,7 @@ pub fn load(opts: &GlobalOpts) -> anyhow::Result<Loaded> {
         |n| n.to_string_lossy().into_owned(),
     );
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let hosts = match &opts.hosts {
+    let hosts = match &opts.hosts_file {
         Some(file) => Some((
             std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read hosts file {}", file.display()))?,

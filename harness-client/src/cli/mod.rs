@@ -37,7 +37,7 @@ pub struct GlobalOpts {
     /// A hosts file (named hosts, their SSH settings and the services each runs) merged
     /// into the config; relative paths in it are taken from the config file's directory.
     #[arg(long = "hosts", global = true, env = "HARNESS_HOSTS")]
-    pub hosts: Option<PathBuf>,
+    pub hosts_file: Option<PathBuf>,
     /// Stack name (default: `name:` in the config, else the config directory's name).
     #[arg(short = 'p', long = "project", global = true)]
     pub stack: Option<String>,
