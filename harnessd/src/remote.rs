@@ -1,14 +1,14 @@
 //! Services on LAN hosts over SSH (`remote_lan`): which host, which session, where
-//! their files go, and starting them.
+//! their files go, starting them, and deploying packages (build, check, send, hooks,
+//! switch, health, rollback) with `deploy.*` events; `deploy` plans and `down --purge`.
 //!
 //! Sessions are kept per SSH target (address, port, user, key, known_hosts) for the
 //! daemon's life, so every service and check on a host shares one session.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use deployer::package::{self, Package};
 use deployer::release;

@@ -95,7 +95,9 @@ pub fn launch_script(spec: &RemoteSpec) -> String {
     let argv: Vec<String> = spec.argv.iter().map(|a| quote(a)).collect();
     let cwd = quote(spec.cwd.as_deref().unwrap_or(&spec.dir));
     // The program is looked up first so a missing one is an error of `up`, not an
-    // exit a moment later.
+    // exit a moment later. The script returns once the wrapper carries its marker:
+    // until the forked shell has exec'd, /proc shows the parent's environment, and a
+    // state check in that moment would take the run for gone.
     let systemd = match &spec.systemd_unit {
         Some(unit) => format!(
             "cat > {u} <<'HARNESS_UNIT_END'\n{text}HARNESS_UNIT_END\n\
@@ -122,8 +124,13 @@ pub fn launch_script(spec: &RemoteSpec) -> String {
          command -v {prog} >/dev/null 2>&1 || {{ echo \"{shown}: not found on the host (or not executable)\" >&2; exit 127; }}\n\
          {systemd}\
          HARNESS_INSTANCE={marker} HARNESS_RUN_DIR=\"$PWD\" setsid sh -c {wrapper} {cwd} {argv} >/dev/null 2>&1 </dev/null &\n\
-         echo $! > pid\n\
-         echo $!\n",
+         p=$!\n\
+         echo $p > pid\n\
+         n=0\n\
+         while ! tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF HARNESS_INSTANCE={marker}; do\n\
+           n=$((n+1)); [ $n -gt 200 ] && break; sleep 0.01\n\
+         done\n\
+         echo $p\n",
         prog = quote(program),
         wrapper = quote(WRAPPER),
         shown = program.replace(['"', '\\', '$', '`'], "_"),
