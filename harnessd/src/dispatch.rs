@@ -799,6 +799,9 @@ async fn logs(
     Ok(None)
 }
 
+/// How long `harness exec` on an SSH host may run.
+const REMOTE_EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn exec(
     core: &Arc<Core>,
     conn: &Arc<Conn>,
@@ -809,7 +812,7 @@ async fn exec(
         return Err(error(ErrorCode::InvalidParams, "command is empty"));
     }
     let env_file = core.env_file(&p.stack, &p.name);
-    let (env, cwd, container) = core.read(|st| {
+    let (env, cwd, container, remote) = core.read(|st| {
         known_service(st, &p.stack, &p.name)?;
         let place = crate::env::place_of(st, &p.stack, &p.name);
         let env = crate::env::service_env(st, &p.stack, &p.name, &place, &env_file)
@@ -831,9 +834,23 @@ async fn exec(
                     })?;
                 (None, Some(record.container_id))
             }
+            Some(config::Target::RemoteLan(_)) => {
+                let Some(crate::run::Run::Remote(run)) =
+                    st.service(&p.stack, &p.name).and_then(crate::run::Run::of)
+                else {
+                    return Err(error(
+                        ErrorCode::InvalidParams,
+                        format!(
+                            "service {} is not running on its host; start it first",
+                            p.name
+                        ),
+                    ));
+                };
+                return Ok((env, None, None, Some(run)));
+            }
             _ => (None, None),
         };
-        Ok::<_, ErrorObject>((env, cwd, container))
+        Ok::<_, ErrorObject>((env, cwd, container, None))
     })?;
     let (tx, rx) = async_channel::bounded(64);
     let out = conn.out.clone();
@@ -851,6 +868,28 @@ async fn exec(
     };
     let env: Vec<(String, String)> = env.into_iter().collect();
     let run = async {
+        if let Some(run) = &remote {
+            // On the service's host, in its run directory with its environment; the
+            // output comes when the command ends.
+            let ssh = core.ssh_for_run(run)?;
+            let command = crate::remote::on_host_command(&run.record.remote_dir, &p.command);
+            let out = ssh
+                .exec(&command, b"", REMOTE_EXEC_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            for (stream, data) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+                if !data.is_empty() {
+                    let _ = tx
+                        .send(m::ExecOutput {
+                            stream: stream.to_owned(),
+                            data: String::from_utf8_lossy(data).into_owned(),
+                        })
+                        .await;
+                }
+            }
+            drop(tx);
+            return Ok((Some(out.status), None));
+        }
         match container {
             Some(id) => {
                 let engine = core.engine().await?;

@@ -288,6 +288,26 @@ services:
     });
     assert_eq!((again.pid, again.restarts), (Some(pid), 0));
 
+    // `harness exec` runs on the host, in the service's environment.
+    let out = d.cli(
+        &dir,
+        &[
+            "exec",
+            "api",
+            "--",
+            "sh",
+            "-c",
+            "echo $HARNESS_SERVICE $DB_ADDR; ip -4 -o addr show dev eth0",
+        ],
+    );
+    assert_ok(&d, &out, "harness exec api");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("api {}:{db_port}", bed.hub_address)),
+        "{text}"
+    );
+    assert!(text.contains(&bed.hosts[0].address), "{text}");
+
     // A crash on the host is seen and restarted by policy.
     bed.sh(0, "pkill -KILL -f '^/.*demo-service --name api'");
     let restarted = wait_service(&c, "lan", "api", "api restarted after its crash", |s| {
