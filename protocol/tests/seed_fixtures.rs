@@ -27,7 +27,7 @@ const CASES: &[(&str, Outcome)] = &[
         "000_indexer_agent.yaml:4:5: services.indexer-agent.runtime: `runtime` is not supported: say where it runs with `target:`",
         "000_indexer_agent.yaml:5:5: services.indexer-agent.hosts: `hosts` is not supported: use `target: {remote_lan: {hosts: [...]}}`",
         "000_indexer_agent.yaml:9:5: services.indexer-agent.build: `build` is not supported: put it in the target: `target: {remote_lan: {package: ./pkg-dir, build: {type: cargo}}}` builds the program the package bundles",
-        "000_indexer_agent.yaml:14:5: services.indexer-agent.deploy: `deploy` is not supported: install steps and the systemd lifecycle belong in the package",
+        "000_indexer_agent.yaml:14:5: services.indexer-agent.deploy: `deploy` is not supported: put its keys in the target: `target: {remote_lan: {host: ..., package: ..., lifecycle: systemd, setup_commands: [...], env: {...}}}`",
     ])),
     ("seeds/001_network.yaml", Fails(&[
         "001_network.yaml:4:3: network.lan_interface: `lan_interface` is not supported: not needed",

@@ -111,7 +111,7 @@ const SERVICE: Spec = Spec {
     retired: &[
         ("runtime", "say where it runs with `target:`, e.g. `target: {remote_lan: {host: ..., binary: ...}}`"),
         ("build", "put it in the target: `target: {remote_lan: {package: ./pkg-dir, build: {type: cargo}}}` builds the program the package bundles"),
-        ("deploy", "install steps and the systemd lifecycle belong in the package (`harness package build`); deploy it with `target: {remote_lan: {host: ..., package: ...}}`"),
+        ("deploy", "put its keys in the target: `target: {remote_lan: {host: ..., package: ..., lifecycle: systemd, setup_commands: [...], env: {...}}}`"),
         ("config", "use `env`; addresses of dependencies are injected as DEP_ADDR variables"),
         ("network", "a service joins the mesh through `target: {wireguard: {...}}`; the stack-level `network:` only sets the subnet"),
         ("networks", "a service joins the mesh through `target: {wireguard: {...}}`"),
