@@ -25,7 +25,7 @@ use crate::env::{self, Place};
 /// Where releases and runs go on a host unless it says otherwise.
 pub const DEFAULT_INSTALL_ROOT: &str = "/opt/harness";
 
-/// How long connecting to a host may take.
+/// How long connecting to a host may take unless it says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A service run on an SSH host, as the registry records it.
@@ -110,7 +110,9 @@ impl Core {
             known_hosts,
             policy,
             own_known_hosts: self.state_dir.join("known_hosts"),
-            connect_timeout: CONNECT_TIMEOUT,
+            connect_timeout: h
+                .connect_timeout_ms
+                .map_or(CONNECT_TIMEOUT, Duration::from_millis),
         };
         let mut hosts = self.ssh.lock().unwrap_or_else(|e| e.into_inner());
         Ok(hosts

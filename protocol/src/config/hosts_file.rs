@@ -125,6 +125,7 @@ pub fn merge_hosts_file(
                     .host_key_checking
                     .clone()
                     .or_else(|| parsed.host_key_checking.clone()),
+                connect_timeout_ms: None,
             },
         );
         for service in &e.services {

@@ -89,6 +89,9 @@ pub struct HostConfig {
     /// key is recorded in the daemon's known_hosts; a changed one is still refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key_checking: Option<String>,
+    /// How long connecting and logging in may take, in ms (default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
 }
 
 /// One service.

@@ -88,6 +88,8 @@ const HOST: Spec = Spec {
         "sudo",
         "install_root",
         "host_key_checking",
+        "connect_timeout",
+        "connect_timeout_secs",
     ],
     retired: &[
         ("key_file", "use `ssh_key`"),
@@ -432,6 +434,7 @@ fn hosts(cx: &mut Cx<'_>, node: &Node) -> BTreeMap<String, HostConfig> {
                 .unwrap_or(false),
             install_root: f.text(cx, "install_root"),
             host_key_checking: f.text(cx, "host_key_checking"),
+            connect_timeout_ms: f.duration(cx, "connect_timeout"),
         };
         out.insert(key.name.clone(), host);
     }

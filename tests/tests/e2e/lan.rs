@@ -401,3 +401,36 @@ services:
     );
     assert!(bed.processes(0).is_empty(), "{:?}", bed.processes(0));
 }
+
+#[test]
+fn an_unreachable_host_fails_within_its_connect_timeout() {
+    let bed = TestBed::new(1);
+    bed.set_link(0, false);
+    let d = TestDaemon::start();
+    let dir = d.workdir("down");
+    let hosts = bed
+        .hosts_yaml()
+        .replace("install_root:", "connect_timeout: 1s, install_root:");
+    write_config(
+        &dir,
+        &format!(
+            "name: down\n{hosts}\nservices:\n  api:\n    target: {{ remote_lan: {{ host: host0, binary: /bin/sleep, args: [\"100\"] }} }}\n"
+        ),
+    );
+    let started = std::time::Instant::now();
+    let out = d.cli(&dir, &["up"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The daemon keeps serving.
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["daemon", "status"]),
+        "harness daemon status",
+    );
+}
