@@ -27,6 +27,9 @@ pub use connect::HostKeyPolicy;
 
 use crate::DeployError;
 
+/// How long after a failed connect jobs fail at once instead of connecting again.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
 /// How often an idle session sends a keepalive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -104,6 +107,9 @@ impl std::fmt::Debug for SshHost {
 struct Connection {
     target: SshTarget,
     live: Option<Live>,
+    /// After a failed connect: until when jobs fail at once with that error, so the
+    /// pollers of an unreachable host do not queue up behind connect timeouts.
+    failed: Option<(Instant, String)>,
 }
 
 struct Live {
@@ -119,6 +125,7 @@ impl SshHost {
         let mut conn = Connection {
             target: target.clone(),
             live: None,
+            failed: None,
         };
         let name = format!("ssh {}", target.address);
         std::thread::Builder::new()
@@ -231,8 +238,27 @@ impl SshHost {
 impl Connection {
     fn live(&mut self) -> Result<&Live, DeployError> {
         if self.live.is_none() {
-            let (session, socket) = connect::open(&self.target)?;
-            self.live = Some(Live { session, socket });
+            if let Some((until, why)) = &self.failed {
+                if Instant::now() < *until {
+                    return Err(ssh_error(
+                        &self.target,
+                        "connect",
+                        format!("{why} (a moment ago)"),
+                    ));
+                }
+            }
+            match connect::open(&self.target) {
+                Ok((session, socket)) => {
+                    self.live = Some(Live { session, socket });
+                    self.failed = None;
+                }
+                Err(e) => {
+                    if let DeployError::Ssh { detail, .. } = &e {
+                        self.failed = Some((Instant::now() + RECONNECT_PAUSE, detail.clone()));
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(self.live.as_ref().expect("connected just above"))
     }
