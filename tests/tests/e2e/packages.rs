@@ -329,7 +329,7 @@ fn bad_packages_and_host_keys_are_refused_and_leave_the_host_unchanged() {
 }
 
 #[test]
-fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
+fn deploy_dry_run_host_limit_hooks_templates_and_kept_releases() {
     let bed = TestBed::new(2);
     let d = TestDaemon::start();
     let dir = d.workdir("deploy");
@@ -409,6 +409,29 @@ fn deploy_dry_run_runs_nothing_and_deploy_host_limits_to_that_host() {
     );
     assert_eq!(get(&c, "pkg", "web@host0").state, ServiceState::Registered);
     assert_eq!(tree(&bed.hosts[0].install_root), Vec::<String>::new());
+    // Two newer releases: with keep_releases 2, the oldest is removed.
+    for version in ["1.1.0", "1.2.0"] {
+        let next = build(&d, &dir, &package_dir(&dir, version, true));
+        write_config(
+            &dir,
+            &yaml.replace(&v1.display().to_string(), &next.display().to_string()),
+        );
+        assert_ok(
+            &d,
+            &d.cli(&dir, &["deploy", "--host", "host1"]),
+            "harness deploy",
+        );
+    }
+    let releases: Vec<String> = std::fs::read_dir(bed.hosts[1].install_root.join("web/releases"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(releases.len(), 2, "{releases:?}");
+    assert!(
+        releases.iter().all(|r| !r.starts_with("1.0.0-")),
+        "{releases:?}"
+    );
     assert_ok(
         &d,
         &d.cli(&dir, &["down", "--purge"]),
