@@ -395,21 +395,31 @@ pub async fn copy_logs(
         .unwrap_or_default();
     let mut partial: [Vec<u8>; 2] = Default::default();
     loop {
+        // A file shorter than what was copied was made again (the run directory was
+        // removed, e.g. by `down --purge`): copy it from its start. The script says
+        // where each chunk starts.
         let script = format!(
-            "cd {dir} 2>/dev/null || {{ echo 0; echo 0; exit 0; }}\n\
-             tail -c +{o1} out.log 2>/dev/null | head -c {CHUNK} > .chunk1 || true\n\
-             tail -c +{o2} err.log 2>/dev/null | head -c {CHUNK} > .chunk2 || true\n\
-             wc -c < .chunk1; wc -c < .chunk2; cat .chunk1 .chunk2\n",
+            "cd {dir} 2>/dev/null || {{ echo 0 0 0 0; exit 0; }}\n\
+             chunk() {{ s=$(wc -c < $1 2>/dev/null || echo 0); o=$2; [ \"$s\" -ge \"$o\" ] || o=0; \
+             tail -c +$((o+1)) $1 2>/dev/null | head -c {CHUNK} > $3 || true; echo $o; }}\n\
+             o1=$(chunk out.log {o1} .chunk1); o2=$(chunk err.log {o2} .chunk2)\n\
+             echo $o1 $o2 $(wc -c < .chunk1) $(wc -c < .chunk2); cat .chunk1 .chunk2\n",
             dir = quote(&rec.remote_dir),
-            o1 = offsets[0] + 1,
-            o2 = offsets[1] + 1,
+            o1 = offsets[0],
+            o2 = offsets[1],
         );
         let got = match ssh.exec(&script, b"", COMMAND_TIMEOUT).await {
             Ok(out) if out.status == 0 => split_chunks(&out.stdout),
             Ok(_) | Err(_) => None,
         };
         let mut full = false;
-        if let Some(chunks) = got {
+        if let Some((starts, chunks)) = got {
+            for (i, start) in starts.into_iter().enumerate() {
+                if start != offsets[i] {
+                    offsets[i] = start;
+                    partial[i].clear();
+                }
+            }
             for (i, chunk) in chunks.iter().enumerate() {
                 full |= chunk.len() as u64 >= CHUNK;
                 offsets[i] += chunk.len() as u64;
@@ -438,22 +448,30 @@ pub async fn copy_logs(
     }
 }
 
-/// `"N1\nN2\n<N1 bytes><N2 bytes>"` into the two chunks.
-fn split_chunks(out: &[u8]) -> Option<[Vec<u8>; 2]> {
-    let mut rest = out;
-    let mut sizes = [0usize; 2];
-    for size in &mut sizes {
-        let nl = rest.iter().position(|b| *b == b'\n')?;
-        *size = std::str::from_utf8(&rest[..nl]).ok()?.trim().parse().ok()?;
-        rest = &rest[nl + 1..];
-    }
+/// `"START1 START2 N1 N2\n<N1 bytes><N2 bytes>"` into where each chunk starts in its
+/// file and the two chunks.
+fn split_chunks(out: &[u8]) -> Option<([u64; 2], [Vec<u8>; 2])> {
+    let nl = out.iter().position(|b| *b == b'\n')?;
+    let numbers: Vec<u64> = std::str::from_utf8(&out[..nl])
+        .ok()?
+        .split_whitespace()
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    let [start1, start2, len1, len2] = numbers[..] else {
+        return None;
+    };
+    let rest = &out[nl + 1..];
+    let sizes = [len1 as usize, len2 as usize];
     if rest.len() < sizes[0] + sizes[1] {
         return None;
     }
-    Some([
-        rest[..sizes[0]].to_vec(),
-        rest[sizes[0]..sizes[0] + sizes[1]].to_vec(),
-    ])
+    Some((
+        [start1, start2],
+        [
+            rest[..sizes[0]].to_vec(),
+            rest[sizes[0]..sizes[0] + sizes[1]].to_vec(),
+        ],
+    ))
 }
 
 /// Writes the complete lines of `buf` (and an over-long partial one) to the log,
@@ -488,10 +506,12 @@ mod tests {
 
     #[test]
     fn chunks_split_by_their_sizes() {
-        let [a, b] = split_chunks(b"3\n2\nabcde").unwrap();
+        let (starts, [a, b]) = split_chunks(b"10 0 3 2\nabcde").unwrap();
+        assert_eq!(starts, [10, 0]);
         assert_eq!((a.as_slice(), b.as_slice()), (&b"abc"[..], &b"de"[..]));
-        assert!(split_chunks(b"3\n2\nabc").is_none());
+        assert!(split_chunks(b"0 0 3 2\nabc").is_none());
         assert!(split_chunks(b"x\n").is_none());
+        assert!(split_chunks(b"1 2 3\n").is_none());
     }
 
     #[test]

@@ -317,12 +317,27 @@ services:
     assert_eq!(restarted.state, ServiceState::Running);
 
     // down stops it on the host.
-    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    let listening = |c: &harness_client::Client| {
+        log_lines(c, "lan", "api")
+            .iter()
+            .filter(|l| l.line.contains("listening on"))
+            .count()
+    };
+    let before = listening(&c);
+    assert_ok(&d, &d.cli(&dir, &["down", "--purge"]), "harness down --purge");
     let procs = bed.processes(0);
     assert!(
         !procs.iter().any(|p| p.contains("demo-service")),
         "{procs:?}"
     );
+    // Up again after a purge: the host's output files start afresh, and the new run's
+    // output is still copied (from the start of the new files).
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up again");
+    let c = d.client();
+    tests::wait_for("the new run's output", Duration::from_secs(10), || {
+        (listening(&c) > before).then_some(())
+    });
+    assert_ok(&d, &d.cli(&dir, &["down", "--purge"]), "harness down --purge");
 }
 
 #[test]
