@@ -324,7 +324,11 @@ services:
             .count()
     };
     let before = listening(&c);
-    assert_ok(&d, &d.cli(&dir, &["down", "--purge"]), "harness down --purge");
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
     let procs = bed.processes(0);
     assert!(
         !procs.iter().any(|p| p.contains("demo-service")),
@@ -337,7 +341,11 @@ services:
     tests::wait_for("the new run's output", Duration::from_secs(10), || {
         (listening(&c) > before).then_some(())
     });
-    assert_ok(&d, &d.cli(&dir, &["down", "--purge"]), "harness down --purge");
+    assert_ok(
+        &d,
+        &d.cli(&dir, &["down", "--purge"]),
+        "harness down --purge",
+    );
 }
 
 #[test]
