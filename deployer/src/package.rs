@@ -34,6 +34,9 @@ pub struct Package {
     pub has_health: bool,
     /// Whether it has scripts/stop.sh.
     pub has_stop: bool,
+    /// The one top directory wrapping every entry (`tar czf x.tgz mydir`), empty when
+    /// there is none; found once by [`open`] so later reads need not look again.
+    top: PathBuf,
 }
 
 impl Package {
@@ -227,6 +230,7 @@ pub fn open(path: &Path) -> Result<Package, DeployError> {
         bytes,
         has_health,
         has_stop,
+        top: prefix,
     })
 }
 
@@ -308,9 +312,9 @@ fn visit(
 
 /// The package's `config/**/*.template` files: (path inside the package, text).
 pub fn templates(pkg: &Package) -> Result<Vec<(PathBuf, String)>, DeployError> {
-    let prefix = top_prefix(&pkg.path)?;
+    let prefix = &pkg.top;
     let mut out = Vec::new();
-    visit(&pkg.path, &prefix, |rel, entry| {
+    visit(&pkg.path, prefix, |rel, entry| {
         let is_template = rel.starts_with("config")
             && rel.extension().is_some_and(|e| e == "template")
             && entry.header().entry_type() == tar::EntryType::Regular;
@@ -343,7 +347,7 @@ fn hash_file(path: &Path) -> Result<(String, u64), DeployError> {
 /// Writes the checked entries of `pkg` as a plain tar to `out` (what is sent to a
 /// host); returns the bytes written.
 pub fn write_plain_tar(pkg: &Package, out: impl Write) -> Result<u64, DeployError> {
-    let prefix = top_prefix(&pkg.path)?;
+    let prefix = &pkg.top;
     // The first write error, kept whole: it is the receiving side's (a cut
     // connection), not the package's.
     let failed: std::cell::RefCell<Option<io::Error>> = Default::default();
@@ -356,7 +360,7 @@ pub fn write_plain_tar(pkg: &Package, out: impl Write) -> Result<u64, DeployErro
         inner: out,
         bytes: 0,
     });
-    let visited = visit(&pkg.path, &prefix, |rel, entry| {
+    let visited = visit(&pkg.path, prefix, |rel, entry| {
         let mut header = entry.header().clone();
         match header.entry_type() {
             tar::EntryType::Symlink | tar::EntryType::Link => {
@@ -366,7 +370,7 @@ pub fn write_plain_tar(pkg: &Package, out: impl Write) -> Result<u64, DeployErro
                     .unwrap_or_default()
                     .into_owned();
                 let target = if header.entry_type() == tar::EntryType::Link {
-                    inner_path(&target, &prefix).unwrap_or(target)
+                    inner_path(&target, prefix).unwrap_or(target)
                 } else {
                     target
                 };

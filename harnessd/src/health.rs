@@ -269,11 +269,26 @@ fn command_probe(
     expected: i32,
     env_file: &std::path::Path,
 ) -> Result<Probe, String> {
+    let target = st.stack(stack).map(|r| &r.config.services[name].target);
+    if let Some(protocol::config::Target::RemoteLan(_)) = target {
+        // On the host, the run's own env file gives the environment.
+        let run = match st.service(stack, name).and_then(crate::run::Run::of) {
+            Some(crate::run::Run::Remote(r)) => r,
+            _ => return Err(format!("service {name}: it is not running on its host")),
+        };
+        let shown = argv.join(" ");
+        let command = crate::remote::on_host_command(&run.record.remote_dir, &argv);
+        return Ok(Probe::OnHost {
+            run,
+            command,
+            shown,
+            expected,
+        });
+    }
     let place = env::place_of(st, stack, name);
     let env: Vec<(String, String)> = env::service_env(st, stack, name, &place, env_file)?
         .into_iter()
         .collect();
-    let target = st.stack(stack).map(|r| &r.config.services[name].target);
     match target {
         Some(protocol::config::Target::Docker(_)) => {
             let container = st
@@ -285,20 +300,6 @@ fn command_probe(
                 argv,
                 expected,
                 env,
-            })
-        }
-        Some(protocol::config::Target::RemoteLan(_)) => {
-            let run = match st.service(stack, name).and_then(crate::run::Run::of) {
-                Some(crate::run::Run::Remote(r)) => r,
-                _ => return Err(format!("service {name}: it is not running on its host")),
-            };
-            let shown = argv.join(" ");
-            let command = crate::remote::on_host_command(&run.record.remote_dir, &argv);
-            Ok(Probe::OnHost {
-                run,
-                command,
-                shown,
-                expected,
             })
         }
         Some(protocol::config::Target::Process(p)) => Ok(Probe::Command {
