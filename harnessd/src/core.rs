@@ -27,6 +27,9 @@ pub struct Runtime {
     /// The exit watcher, health monitor and pending restart of the current run;
     /// dropping them cancels them.
     pub tasks: Vec<smol::Task<()>>,
+    /// Healthy at least once since a client last started it or it moved to another
+    /// target of its placement list (a target that was healthy is not given up).
+    pub healthy_once: bool,
 }
 
 /// Mutable state behind the core's lock.
@@ -137,6 +140,8 @@ pub struct Core {
     pub docker: async_lock::Mutex<Option<deployer::docker::Engine>>,
     /// SSH sessions, one per host and login (see `remote`).
     pub ssh: Mutex<HashMap<deployer::ssh::SshTarget, deployer::ssh::SshHost>>,
+    /// Recent `discover` results.
+    pub discovery: crate::discovery::Cache,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
     state: Mutex<State>,
 }
@@ -167,6 +172,7 @@ impl Core {
             logins: Default::default(),
             docker: async_lock::Mutex::new(None),
             ssh: Mutex::new(HashMap::new()),
+            discovery: Default::default(),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {
                 snap,
@@ -253,6 +259,14 @@ impl Core {
             pid,
             container,
             host,
+            placement: cfg.placement_position().map(|i| {
+                format!(
+                    "{} of {} ({})",
+                    i + 1,
+                    cfg.placement.len(),
+                    cfg.target.backend()
+                )
+            }),
             restarts: rec.restarts,
             exit_code: rec.exit_code,
             reason: rec.reason.clone(),

@@ -359,6 +359,11 @@ async fn route(
             let d: m::DeployParams = params(p)?;
             ok(deploy(core, d).await?)
         }
+        names::DISCOVER => {
+            let d: m::DiscoverParams = params(p)?;
+            let found = core.discovery.discover(d).await;
+            ok(found.map_err(|e| error(ErrorCode::InvalidParams, e))?)
+        }
         names::PACKAGE_BUILD => {
             let b: m::PackageBuildParams = params(p)?;
             ok(build_package(b).await?)

@@ -101,8 +101,8 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
             let (_, _, host) = crate::remote::remote_target(&stack_rec.config, target)?;
             Some((host.address, rec.port?))
         }
-        (Target::External(t), place) => {
-            let (host, port) = t.host_port()?;
+        (Target::External(_) | Target::Discovered(_), place) => {
+            let (host, port) = borrowed_address(cfg, rec)?;
             // A loopback address is the harness host's; a container reaches that
             // through its gateway.
             let loopback = host == "localhost"
@@ -119,6 +119,23 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
         // A process or a container's published port, on the harness host.
         (_, Place::Lan { hub }) => Some((hub.clone(), rec.port?)),
         _ => Some(("127.0.0.1".to_owned(), rec.port?)),
+    }
+}
+
+/// Where an external service is, or where discovery found a discovered one.
+fn borrowed_address(
+    cfg: &protocol::config::ServiceConfig,
+    rec: &registry::ServiceRecord,
+) -> Option<(String, u16)> {
+    match (&cfg.target, crate::run::Run::of(rec)) {
+        (Target::External(t), _) => t.host_port(),
+        (Target::Discovered(_), Some(crate::run::Run::Discovered(d))) => {
+            protocol::config::ExternalTarget {
+                address: d.discovered_at,
+            }
+            .host_port()
+        }
+        _ => None,
     }
 }
 

@@ -55,6 +55,12 @@ pub enum Probe {
         shown: String,
         expected: i32,
     },
+    /// Speak a kind of service's protocol at this address (a discovered service's
+    /// default check).
+    Kind {
+        addr: std::net::SocketAddr,
+        kind: String,
+    },
     /// Run a program with the service's environment.
     Command {
         argv: Vec<String>,
@@ -69,6 +75,7 @@ impl Probe {
     pub fn describe(&self) -> String {
         match self {
             Probe::Tcp(a) => format!("tcp {a}"),
+            Probe::Kind { addr, kind } => format!("{kind} at {addr}"),
             Probe::Http { url, .. } => format!("http {url}"),
             Probe::Command { argv, .. } | Probe::InContainer { argv, .. } => {
                 format!("command {}", argv.join(" "))
@@ -86,6 +93,7 @@ impl Probe {
                     .map(|_| format!("connected to {addr}"))
                     .map_err(|e| format!("cannot connect to {addr}: {e}")),
                 Probe::Http { url, expected } => http_get(url, *expected).await,
+                Probe::Kind { addr, kind } => crate::discovery::is_kind(*addr, kind, timeout).await,
                 Probe::Command {
                     argv,
                     expected,
@@ -153,25 +161,27 @@ pub fn probe_for(
     let Some(stack_rec) = st.stack(stack) else {
         return Ok(None);
     };
-    let Some(hc) = stack_rec
-        .config
-        .services
-        .get(name)
-        .and_then(|s| s.health_check.clone())
-        .or_else(|| package_health_check(stack_rec.services.get(name)?))
-    else {
+    let Some(cfg) = stack_rec.config.services.get(name) else {
         return Ok(None);
     };
-    let cfg = &stack_rec.config.services[name];
     let rec = stack_rec.services.get(name);
+    let Some(hc) = cfg
+        .health_check
+        .clone()
+        .or_else(|| package_health_check(rec?))
+    else {
+        return Ok(discovered_check(cfg, rec));
+    };
     // The daemon checks a container at its bridge address and container port (see
     // `Place::Probe`), a process at 127.0.0.1 and its port.
     let container = rec.and_then(crate::containers::record_of);
     let (default_host, port) = match (&cfg.target, &container) {
-        (protocol::config::Target::External(t), _) => match t.host_port() {
-            Some((host, port)) => (Some(host), Some(port)),
-            None => (None, None),
-        },
+        (protocol::config::Target::External(_) | protocol::config::Target::Discovered(_), _) => {
+            match env::endpoint(stack_rec, name, &env::Place::Probe) {
+                Some((host, port)) => (Some(host), Some(port)),
+                None => (None, None),
+            }
+        }
         (_, Some(c)) => (
             c.ip.clone(),
             crate::containers::main_port(cfg).map(|m| m.container_port),
@@ -241,6 +251,38 @@ pub fn probe_for(
         }
     };
     Ok(Some((probe, hc)))
+}
+
+/// A discovered service with no check of its own is checked by speaking its protocol
+/// at the address where it was found, at the default interval.
+fn discovered_check(
+    cfg: &protocol::config::ServiceConfig,
+    rec: Option<&registry::ServiceRecord>,
+) -> Option<(Probe, HealthCheck)> {
+    let protocol::config::Target::Discovered(t) = &cfg.target else {
+        return None;
+    };
+    let Some(crate::run::Run::Discovered(d)) = crate::run::Run::of(rec?) else {
+        return None;
+    };
+    let addr = d.discovered_at.parse().ok()?;
+    let hc = HealthCheck {
+        check: CheckKind::Tcp {
+            host: None,
+            port: None,
+        },
+        interval_ms: None,
+        timeout_ms: None,
+        retries: None,
+        start_period_ms: None,
+    };
+    Some((
+        Probe::Kind {
+            addr,
+            kind: t.kind.clone(),
+        },
+        hc,
+    ))
 }
 
 /// A deployed package's `scripts/health.sh`, as the check of a service that has
@@ -388,6 +430,9 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
                         check: check.clone(),
                         output: output.clone(),
                     }));
+                    if status == Health::Healthy {
+                        st.runtime(&stack, &name).healthy_once = true;
+                    }
                 }
                 true
             }),
@@ -405,9 +450,8 @@ pub async fn monitor(core: Arc<Core>, stack: String, name: String, generation: u
     }
 }
 
-/// A minimal HTTP/1.1 GET: enough to read the status line of a health endpoint.
+/// GETs an `http://` URL; healthy on `expected`, else on any 2xx.
 async fn http_get(url: &str, expected: Option<u16>) -> Result<String, String> {
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// URLs are supported by http checks"))?;
@@ -420,41 +464,15 @@ async fn http_get(url: &str, expected: Option<u16>) -> Result<String, String> {
     } else {
         format!("{authority}:80")
     };
-    let mut stream = async_net::TcpStream::connect(addr.as_str())
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: harnessd\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.windows(2).any(|w| w == b"\r\n") {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    let status_line = text.lines().next().unwrap_or_default().to_owned();
-    let code: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("{url}: not an HTTP response: {status_line:?}"))?;
+    let head = crate::http1::get(&addr, authority, path, url).await?;
     let ok = match expected {
-        Some(e) => code == e,
-        None => (200..300).contains(&code),
+        Some(e) => head.code == e,
+        None => (200..300).contains(&head.code),
     };
     if ok {
-        Ok(status_line)
+        Ok(head.status_line)
     } else {
-        Err(format!("{url}: {status_line}"))
+        Err(format!("{url}: {}", head.status_line))
     }
 }
 

@@ -15,11 +15,13 @@
 
 mod containers;
 pub mod core;
+mod discovery;
 mod dispatch;
 mod env;
 mod events;
 mod exec;
 mod health;
+mod http1;
 mod logins;
 mod notify;
 mod orchestrator;

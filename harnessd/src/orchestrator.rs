@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use deployer::process::{self, ExitStatus, ProcessSpec};
 use protocol::config::{
-    Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_CHECK_TIMEOUT_MS,
-    DEFAULT_MAX_PARALLEL, DEFAULT_MAX_RESTARTS, DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
+    Condition, PortSpec, RestartPolicy, StackConfig, Target, DEFAULT_CHECK_INTERVAL_MS,
+    DEFAULT_CHECK_RETRIES, DEFAULT_CHECK_TIMEOUT_MS, DEFAULT_MAX_PARALLEL, DEFAULT_MAX_RESTARTS,
+    DEFAULT_STOP_TIMEOUT_MS, DEFAULT_TIMEOUT_MS,
 };
 use protocol::events::{EventKind, Exited, Restarting};
 use protocol::methods::{Health, ServiceState};
@@ -203,11 +204,10 @@ fn check_ready(st: &State, stack: &str, name: &str) -> Check {
     let Some(rec) = stack_rec.services.get(name) else {
         return Check::Broken("service was removed".into());
     };
-    // A deployed package's health.sh is its check when it has none of its own.
-    let has_check = stack_rec.config.services[name].health_check.is_some()
-        || matches!(Run::of(rec), Some(Run::Remote(r)) if r.health_script.is_some());
     match rec.state {
-        ServiceState::Running if !has_check || rec.health == Health::Healthy => Check::Met,
+        ServiceState::Running if !has_check(stack_rec, name) || rec.health == Health::Healthy => {
+            Check::Met
+        }
         ServiceState::Stopped if rec.exit_code == Some(0) => Check::Met,
         ServiceState::Starting | ServiceState::Running => Check::Pending,
         ServiceState::Failed => {
@@ -215,6 +215,15 @@ fn check_ready(st: &State, stack: &str, name: &str) -> Check {
         }
         other => Check::Broken(format!("{other:?}").to_lowercase()),
     }
+}
+
+/// Whether a service is checked: by its own check, or (without one) by its deployed
+/// package's health.sh, or as a discovered service by its protocol.
+fn has_check(stack_rec: &registry::StackRecord, name: &str) -> bool {
+    let run = stack_rec.services.get(name).and_then(Run::of);
+    stack_rec.config.services[name].health_check.is_some()
+        || matches!(&run, Some(Run::Remote(r)) if r.health_script.is_some())
+        || matches!(run, Some(Run::Discovered(_)))
 }
 
 impl Core {
@@ -240,10 +249,11 @@ impl Core {
                     Target::Process(_)
                         | Target::Docker(_)
                         | Target::External(_)
+                        | Target::Discovered(_)
                         | Target::RemoteLan(_)
                 ) {
                     return Err(OpError::Unsupported(format!(
-                        "service {n}: the {} backend is not available in this build yet; use a process, docker, remote_lan or external target",
+                        "service {n}: the {} backend is not available in this build yet; use a process, docker, remote_lan, discovered or external target",
                         target.backend()
                     )));
                 }
@@ -274,6 +284,18 @@ impl Core {
         // 1. Record the intent (state `starting`, ports assigned) before spawning anything.
         self.update(|st, ch| {
             for n in &to_launch {
+                // A start from a client tries the placement list from its first target.
+                if let Some(cfg) = st
+                    .snap
+                    .stacks
+                    .get_mut(stack)
+                    .and_then(|r| r.config.services.get_mut(n))
+                {
+                    if let Some(first) = cfg.placement.first() {
+                        cfg.target = first.clone();
+                    }
+                }
+                st.runtime(stack, n).healthy_once = false;
                 assign_port(st, stack, n);
                 if let Some(rec) = st.service_mut(stack, n) {
                     rec.restarts = 0;
@@ -354,25 +376,31 @@ impl Core {
 
     /// Starts one run of a service and starts its watcher and health monitor.
     async fn launch(self: &Arc<Self>, stack: &str, name: &str, generation: u64) {
-        let (is_container, is_external, is_remote) = self.read(|st| {
-            let target = st
-                .stack(stack)
+        let Some(target) = self.read(|st| {
+            st.stack(stack)
                 .and_then(|r| r.config.services.get(name))
-                .map(|s| &s.target);
-            (
-                matches!(target, Some(Target::Docker(_))),
-                matches!(target, Some(Target::External(_))),
-                matches!(target, Some(Target::RemoteLan(_))),
-            )
-        });
-        if !self.read(|st| current(st, stack, name, generation)) {
+                .filter(|_| current(st, stack, name, generation))
+                .map(|s| s.target.clone())
+        }) else {
             return;
-        }
-        if is_external {
-            return self.use_running(stack, name, generation, None);
+        };
+        let (is_container, is_remote) = (
+            matches!(target, Target::Docker(_)),
+            matches!(target, Target::RemoteLan(_)),
+        );
+        match &target {
+            Target::External(_) => return self.use_running(stack, name, generation, None),
+            Target::Discovered(t) => {
+                return match self.discover_for(stack, name, t).await {
+                    Ok(found) => self.use_running(stack, name, generation, Some(found)),
+                    Err(reason) => self.fail(stack, name, generation, reason),
+                };
+            }
+            _ => {}
         }
         if let Some(reused_at) = self.already_running(stack, name).await {
-            return self.use_running(stack, name, generation, Some(reused_at));
+            let reused = Run::Reused(crate::run::ReusedRecord { reused_at });
+            return self.use_running(stack, name, generation, Some(reused));
         }
         // The run, and a note on how it was started when that is news (a rollback).
         let started = if is_container {
@@ -413,27 +441,72 @@ impl Core {
         self.supervise(stack, name, generation, run, started);
     }
 
-    /// A service that runs already: an external one, or (with `reused_at`) a healthy
-    /// instance found by `reuse_if_running`. It is only health-checked, never started
-    /// or stopped by the harness.
+    /// Where a `discovered` service runs now: a search of its ranges (else the stack's
+    /// `discovery.ranges`) on its ports (else its fixed port, else the kind's usual one).
+    async fn discover_for(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        target: &protocol::config::DiscoveredTarget,
+    ) -> Result<Run, String> {
+        let (ranges, ports, timeout) = self.read(|st| {
+            let rec = st.stack(stack);
+            let settings = rec.map(|r| &r.config.discovery);
+            let ranges = if target.ranges.is_empty() {
+                settings.map(|d| d.ranges.clone()).unwrap_or_default()
+            } else {
+                target.ranges.clone()
+            };
+            let fixed = rec
+                .and_then(|r| r.config.services.get(name))
+                .and_then(|s| match s.port {
+                    Some(protocol::config::PortSpec::Fixed(p)) => Some(p),
+                    _ => None,
+                });
+            let ports = if target.ports.is_empty() {
+                fixed.into_iter().collect()
+            } else {
+                target.ports.clone()
+            };
+            let timeout = settings
+                .and_then(|d| d.tcp_timeout_ms)
+                .unwrap_or(protocol::config::DEFAULT_TCP_TIMEOUT_MS);
+            (ranges, ports, Duration::from_millis(timeout))
+        });
+        let found = crate::discovery::find(&target.kind, &ranges, &ports, timeout).await?;
+        Ok(Run::Discovered(crate::run::DiscoveredRecord {
+            discovered_at: found.address,
+            detail: found.detail,
+        }))
+    }
+
+    /// A service that runs already: an external one (`found` is `None`), an instance
+    /// found by `reuse_if_running`, or one found by discovery. It is only
+    /// health-checked, never started or stopped by the harness.
     pub fn use_running(
         self: &Arc<Self>,
         stack: &str,
         name: &str,
         generation: u64,
-        reused_at: Option<String>,
+        found: Option<Run>,
     ) {
         let running = self.update(|st, ch| {
             if !current(st, stack, name, generation) {
                 return false;
             }
-            let reason = reused_at
-                .as_ref()
-                .map(|at| format!("reused the healthy instance that already answers ({at})"));
+            let reason = match &found {
+                Some(Run::Reused(r)) => Some(format!(
+                    "reused the healthy instance that already answers ({})",
+                    r.reused_at
+                )),
+                Some(Run::Discovered(d)) => Some(match &d.detail {
+                    Some(detail) => format!("discovered at {} ({detail})", d.discovered_at),
+                    None => format!("discovered at {}", d.discovered_at),
+                }),
+                _ => None,
+            };
             if let Some(rec) = st.service_mut(stack, name) {
-                rec.process = reused_at.clone().and_then(|reused_at| {
-                    Run::Reused(crate::run::ReusedRecord { reused_at }).to_value()
-                });
+                rec.process = found.as_ref().and_then(Run::to_value);
             }
             ch.set_state(st, stack, name, ServiceState::Running, reason);
             true
@@ -443,9 +516,11 @@ impl Core {
             let monitor = self
                 .ex
                 .spawn(async move { health::monitor(core, stack2, name2, generation).await });
+            let mut tasks = vec![monitor];
+            tasks.extend(self.placement_watchdog(stack, name, generation));
             self.update(|st, _| {
                 if current(st, stack, name, generation) {
-                    st.runtime(stack, name).tasks = vec![monitor];
+                    st.runtime(stack, name).tasks = tasks;
                 }
             });
         }
@@ -542,6 +617,7 @@ impl Core {
             self.ex
                 .spawn(async move { health::monitor(core, stack2, name2, generation).await }),
         );
+        tasks.extend(self.placement_watchdog(stack, name, generation));
         self.update(|st, _| {
             if current(st, stack, name, generation) {
                 st.runtime(stack, name).tasks = tasks;
@@ -549,13 +625,125 @@ impl Core {
         });
     }
 
-    fn fail(&self, stack: &str, name: &str, generation: u64, reason: String) {
+    /// A run could not be had: the service moves on to its next placement target, or
+    /// (without one) fails with `reason`.
+    fn fail(self: &Arc<Self>, stack: &str, name: &str, generation: u64, reason: String) {
         tracing::warn!("{stack}/{name}: {reason}");
+        if self.fall_back(stack, name, generation, &reason) {
+            return;
+        }
         self.update(|st, ch| {
             if current(st, stack, name, generation) {
                 ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
             }
         });
+    }
+
+    /// Gives up the target a service with a placement list runs on, when it has not
+    /// been healthy there, and launches the next one (a `service.fallback` event says
+    /// why). Returns false when there is no next target or the service was healthy.
+    fn fall_back(self: &Arc<Self>, stack: &str, name: &str, generation: u64, reason: &str) -> bool {
+        let next = self.update(|st, ch| {
+            if !current(st, stack, name, generation) || st.runtime(stack, name).healthy_once {
+                return None;
+            }
+            let cfg = st
+                .snap
+                .stacks
+                .get_mut(stack)?
+                .config
+                .services
+                .get_mut(name)?;
+            let position = cfg.placement_position()? + 1;
+            let next = cfg.placement.get(position)?.clone();
+            let from = cfg.target.backend();
+            cfg.target = next.clone();
+            let total = cfg.placement.len();
+            let run = st.service_mut(stack, name).and_then(|rec| {
+                let run = Run::of(rec);
+                rec.process = None;
+                run
+            });
+            assign_port(st, stack, name);
+            let rt = st.runtime(stack, name);
+            rt.generation += 1;
+            // Cancels the watcher, health monitor and watchdog of the target given up.
+            rt.tasks.clear();
+            let generation = rt.generation;
+            ch.push(EventKind::ServiceFallback(protocol::events::Fallback {
+                stack: stack.to_owned(),
+                name: name.to_owned(),
+                from: from.to_owned(),
+                to: next.backend().to_owned(),
+                position: position + 1,
+                reason: reason.to_owned(),
+            }));
+            let note = format!(
+                "{from} target given up ({reason}); trying target {} of {total} ({})",
+                position + 1,
+                next.backend()
+            );
+            ch.set_state(st, stack, name, ServiceState::Starting, Some(note));
+            Some((generation, run))
+        });
+        let Some((generation, run)) = next else {
+            return false;
+        };
+        let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+        let task = self.ex.spawn(async move {
+            if let Some(run) = run.filter(|r| !r.is_borrowed()) {
+                let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
+                let _ = run.stop(&core, "TERM", timeout).await;
+            }
+            core.launch(&stack2, &name2, generation).await;
+        });
+        self.update(|st, _| {
+            if current(st, stack, name, generation) {
+                st.runtime(stack, name).tasks = vec![task];
+            } else {
+                task.detach();
+            }
+        });
+        true
+    }
+
+    /// For a service with a later placement target: a task that gives the current one
+    /// up when it is not healthy within its check's start period plus `retries`
+    /// intervals (the window after which a check would call it unhealthy).
+    fn placement_watchdog(
+        self: &Arc<Self>,
+        stack: &str,
+        name: &str,
+        generation: u64,
+    ) -> Option<smol::Task<()>> {
+        let window = self.update(|st, _| {
+            let stack_rec = st.stack(stack)?;
+            let cfg = stack_rec.config.services.get(name)?;
+            let position = cfg.placement_position()?;
+            cfg.placement.get(position + 1)?;
+            if !has_check(stack_rec, name) {
+                // Nothing will ever call it healthy: running is as good as it gets.
+                st.runtime(stack, name).healthy_once = true;
+                return None;
+            }
+            let cfg = &st.stack(stack)?.config.services[name];
+            let hc = cfg.health_check.as_ref();
+            let interval = hc
+                .and_then(|h| h.interval_ms)
+                .unwrap_or(DEFAULT_CHECK_INTERVAL_MS);
+            let retries = hc
+                .and_then(|h| h.retries)
+                .unwrap_or(DEFAULT_CHECK_RETRIES)
+                .max(1);
+            let start = hc.and_then(|h| h.start_period_ms).unwrap_or(0);
+            Some(Duration::from_millis(start + interval * u64::from(retries)))
+        })?;
+        let (core, stack, name) = (self.clone(), stack.to_owned(), name.to_owned());
+        Some(self.ex.spawn(async move {
+            smol::Timer::after(window).await;
+            let reason = format!("not healthy within {}", humantime::format_duration(window));
+            core.fall_back(&stack, &name, generation, &reason);
+        }))
     }
 
     /// A run ended on its own: record it and apply the restart policy.
@@ -567,6 +755,10 @@ impl Core {
         status: ExitStatus,
         started: Instant,
     ) {
+        let before_healthy = format!("it {} before it was healthy", describe_exit(&status));
+        if self.fall_back(stack, name, generation, &before_healthy) {
+            return;
+        }
         let restart = self.update(|st, ch| {
             if !current(st, stack, name, generation) {
                 return None;
@@ -985,16 +1177,13 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                 .and_then(|r| r.config.services.get(&name))
                 .is_some_and(|s| matches!(s.target, Target::External(_)))
         });
-        let reused_at = match &recorded {
-            Some(Run::Reused(r)) => Some(r.reused_at.clone()),
-            _ => None,
-        };
-        if external || reused_at.is_some() {
+        let borrowed = recorded.as_ref().filter(|r| r.is_borrowed()).cloned();
+        if external || borrowed.is_some() {
             // Nothing of ours runs for it: check its health again, as before.
             if state == ServiceState::Stopping {
                 core.update(|st, ch| ch.set_state(st, &stack, &name, ServiceState::Stopped, None));
             } else {
-                core.use_running(&stack, &name, generation, reused_at);
+                core.use_running(&stack, &name, generation, borrowed);
             }
             continue;
         }

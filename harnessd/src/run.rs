@@ -26,6 +26,19 @@ pub enum Run {
     /// An instance the harness found running and uses (`reuse_if_running`); it was
     /// not started by the harness and is never stopped by it.
     Reused(ReusedRecord),
+    /// A service found by discovery (a `discovered` target); not the harness's to
+    /// stop either.
+    Discovered(DiscoveredRecord),
+}
+
+/// Where discovery found a `discovered` service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveredRecord {
+    /// `host:port` it answered at.
+    pub discovered_at: String,
+    /// What identified it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// What is known of a reused instance.
@@ -52,7 +65,7 @@ impl Run {
             Run::Process(p) => Some(p.pid),
             Run::Container(c) => c.pid,
             Run::Remote(r) => Some(r.record.remote_pid),
-            Run::Reused(_) => None,
+            Run::Reused(_) | Run::Discovered(_) => None,
         }
     }
 
@@ -76,7 +89,7 @@ impl Run {
                 Err(e) => lost(e),
             },
             // Not ours to watch: its health check tells how it does.
-            Run::Reused(_) => std::future::pending().await,
+            Run::Reused(_) | Run::Discovered(_) => std::future::pending().await,
         }
     }
 
@@ -103,8 +116,13 @@ impl Run {
                 }
                 None
             }
-            Run::Reused(_) => None,
+            Run::Reused(_) | Run::Discovered(_) => None,
         }
+    }
+
+    /// A run the harness did not start and never stops (reused or discovered).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self, Run::Reused(_) | Run::Discovered(_))
     }
 }
 

@@ -35,6 +35,10 @@ pub enum EventKind {
     /// A service is being restarted by its restart policy after a backoff.
     #[serde(rename = "service.restarting")]
     ServiceRestarting(Restarting),
+    /// A service with a placement list moved on to its next target: the one before did
+    /// not come up healthy.
+    #[serde(rename = "service.fallback")]
+    ServiceFallback(Fallback),
     /// A step of getting a service ready to start: pulling, building or importing its
     /// image.
     #[serde(rename = "service.progress")]
@@ -74,6 +78,7 @@ impl EventKind {
             | EventKind::ServiceHealth(_)
             | EventKind::ServiceRestarting(_)
             | EventKind::ServiceProgress(_)
+            | EventKind::ServiceFallback(_)
             | EventKind::ServiceExited(_)
             | EventKind::ServiceRemoved(_) => "service",
             EventKind::DeployStep(_)
@@ -93,6 +98,7 @@ impl EventKind {
             }
             EventKind::ServiceState(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceHealth(c) => Some((&c.stack, &c.name)),
+            EventKind::ServiceFallback(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceRestarting(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceProgress(c) => Some((&c.stack, &c.name)),
             EventKind::ServiceExited(c) => Some((&c.stack, &c.name)),
@@ -159,6 +165,23 @@ pub struct Restarting {
     pub attempt: u32,
     /// Wait before the restart.
     pub backoff_ms: u64,
+}
+
+/// `service.fallback` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Fallback {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// Backend of the target given up (`discovered`, `remote_lan`...).
+    pub from: String,
+    /// Backend of the target tried next.
+    pub to: String,
+    /// Position of the target tried next in the placement list, from 1.
+    pub position: usize,
+    /// Why the one before was given up.
+    pub reason: String,
 }
 
 /// `service.progress` data.

@@ -56,6 +56,8 @@ pub mod names {
     pub const PACKAGE_BUILD: &str = "package.build";
     /// Start (deploy) the services with SSH-host targets, or print the plan.
     pub const DEPLOY: &str = "deploy";
+    /// Look for running services (tcp, http, dns SRV, mDNS).
+    pub const DISCOVER: &str = "discover";
 
     /// All method names, for `unknown_method` suggestions.
     pub const ALL: &[&str] = &[
@@ -81,6 +83,7 @@ pub mod names {
         UI_LOGIN,
         PACKAGE_BUILD,
         DEPLOY,
+        DISCOVER,
     ];
 }
 
@@ -125,6 +128,55 @@ pub struct UiLoginResult {
     pub code: String,
     /// Seconds the code stays valid.
     pub expires_in_secs: u64,
+}
+
+/// `discover` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverParams {
+    /// Where and how to look (unset fields take their defaults: only 127.0.0.1 is
+    /// scanned when no range is given).
+    #[serde(default)]
+    pub options: crate::config::DiscoveryOptions,
+    /// Look again even when a cached result of the same search is fresh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh: bool,
+}
+
+/// `discover` result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DiscoverResult {
+    /// What was found, by address.
+    pub services: Vec<DiscoveredService>,
+    /// Addresses in the ranges scanned.
+    pub addresses: u64,
+    /// TCP connects tried.
+    pub probes: u64,
+    /// How long the search took, in ms.
+    pub elapsed_ms: u64,
+    /// Served from the daemon's cache (a search with the same options less than its TTL
+    /// ago); `refresh` looks again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+    /// Strategies skipped or failed, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// One service found by `discover`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub struct DiscoveredService {
+    /// `postgresql`, `redis`, `http`, `ssh`, or `unknown` (a port that accepts but
+    /// answers no known protocol).
+    pub kind: String,
+    /// `host:port`.
+    pub address: String,
+    /// The strategy that found it: `tcp`, `http`, `dns` or `mdns`.
+    pub found_by: String,
+    /// What identified it: a banner, an HTTP status and `Server` header, an SRV or mDNS
+    /// name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// `deploy` parameters.
@@ -361,6 +413,10 @@ pub struct ServiceInfo {
     /// The SSH host it runs on (its name in `hosts:`, or its address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// For a service with a placement list: which target is in use, e.g.
+    /// `2 of 3 (remote_lan)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
     /// Restarts by policy since the service was last started by a client.
     pub restarts: u32,
     /// Exit code of the last exit, when it exited normally.

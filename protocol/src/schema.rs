@@ -31,6 +31,7 @@ struct WireTypes {
     subscribe: (SubscribeParams, SubscribeResult, UnsubscribeParams),
     daemon: (DaemonStatus, ShutdownParams, Empty),
     ui: UiLoginResult,
+    discover: (DiscoverParams, DiscoverResult),
 }
 
 /// The JSON Schema of every wire type, pretty-printed, ending in a newline.

@@ -137,6 +137,7 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
         names::STACK_LIST | names::DAEMON_STATUS | names::UI_LOGIN => no_params(params),
         names::PACKAGE_BUILD => round_trips::<m::PackageBuildParams>(params),
         names::DEPLOY => round_trips::<m::DeployParams>(params),
+        names::DISCOVER => round_trips::<m::DiscoverParams>(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
         names::SERVICE_START
         | names::SERVICE_STOP
@@ -177,6 +178,7 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::UI_LOGIN => round_trips::<m::UiLoginResult>(result),
         names::PACKAGE_BUILD => round_trips::<m::PackageInfo>(result),
         names::DEPLOY => round_trips::<m::DeployResult>(result),
+        names::DISCOVER => round_trips::<m::DiscoverResult>(result),
         other => Err(format!(
             "no result type known for method {other}: add it to this test"
         )),

@@ -118,7 +118,78 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             package_build(g, &dir, output_dir.as_deref()).await
         }
         Cmd::Daemon(d) => daemon_cmd(g, d).await,
+        Cmd::Discover(args) => discover(g, *args).await,
     }
+}
+
+async fn discover(g: &GlobalOpts, args: super::DiscoverArgs) -> anyhow::Result<ExitCode> {
+    let from_flags = config::DiscoveryOptions {
+        strategies: args.strategies,
+        ranges: args.ranges,
+        tcp_ports: args.tcp_ports,
+        http_ports: args.http_ports,
+        tcp_timeout_ms: args.tcp_timeout_ms,
+        http_timeout_ms: args.http_timeout_ms,
+        concurrency: args.concurrency,
+        probe_all: args.probe_all,
+        dns_servers: args.dns_servers,
+        srv_names: args.srv_names,
+        mdns_interfaces: args.mdns_interfaces,
+        mdns_types: args.mdns_types,
+        mdns_wait_ms: args.mdns_wait_ms,
+    };
+    // Flags and DISCOVERY_* variables first, then the config's `discovery:` section.
+    let options = match config_file::find(g) {
+        Some(_) => from_flags.or(&config_file::load(g)?.config.discovery),
+        None => from_flags,
+    };
+    let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
+    let params = m::DiscoverParams {
+        options,
+        refresh: args.refresh,
+    };
+    let found: m::DiscoverResult = c.call(names::DISCOVER, params).await?;
+    if let Some(path) = &args.save {
+        std::fs::write(path, output::discovered_yaml(&found.services))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "saved {} service(s) to {}",
+            found.services.len(),
+            path.display()
+        );
+    }
+    if g.json {
+        output::json(&found);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = output::table(&["KIND", "ADDRESS", "FOUND BY", "DETAIL"]);
+    for s in &found.services {
+        t.add_row(vec![
+            s.kind.clone(),
+            s.address.clone(),
+            s.found_by.clone(),
+            s.detail.clone().unwrap_or_default(),
+        ]);
+    }
+    if !found.services.is_empty() {
+        println!("{t}");
+    }
+    for note in &found.notes {
+        eprintln!("note: {note}");
+    }
+    eprintln!(
+        "{} service(s); {} address(es), {} connect(s) in {} ms{}",
+        found.services.len(),
+        found.addresses,
+        found.probes,
+        found.elapsed_ms,
+        if found.cached {
+            " (cached: --refresh looks again)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init() -> anyhow::Result<ExitCode> {

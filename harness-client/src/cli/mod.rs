@@ -95,6 +95,10 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Find services that already run: tcp port scan, http endpoints, DNS SRV, mDNS.
+    /// Options come from flags, else the DISCOVERY_* variables, else the config's
+    /// `discovery:` section; with no range given only 127.0.0.1 is scanned.
+    Discover(Box<DiscoverArgs>),
     /// Stop services (all by default); with no names, also forget the stack.
     Down {
         /// Services to stop and reset (default: the whole stack).
@@ -182,6 +186,77 @@ pub enum Cmd {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+}
+
+/// `harness discover` options.
+#[derive(Args, Clone, Default)]
+pub struct DiscoverArgs {
+    /// Strategies to run: tcp, http, dns, mdns (default: tcp and http, plus dns with
+    /// --srv and mdns with --mdns-interface).
+    #[arg(long = "strategy", value_delimiter = ',')]
+    pub strategies: Vec<String>,
+    /// CIDR ranges or addresses to scan (IPv4, at most a /16 in all).
+    #[arg(
+        long = "range",
+        value_delimiter = ',',
+        env = "DISCOVERY_NETWORK_RANGES"
+    )]
+    pub ranges: Vec<String>,
+    /// Ports the tcp strategy tries.
+    #[arg(long = "ports", value_delimiter = ',', env = "DISCOVERY_TCP_PORTS")]
+    pub tcp_ports: Vec<u16>,
+    /// Ports the http strategy asks for /health and /ready.
+    #[arg(
+        long = "http-ports",
+        value_delimiter = ',',
+        env = "DISCOVERY_HTTP_PORTS"
+    )]
+    pub http_ports: Vec<u16>,
+    /// Connect timeout per probe: seconds, or a duration such as 200ms.
+    #[arg(long = "timeout", env = "DISCOVERY_TCP_TIMEOUT", value_parser = parse_timeout)]
+    pub tcp_timeout_ms: Option<u64>,
+    /// Timeout of an HTTP request: seconds, or a duration.
+    #[arg(long = "http-timeout", env = "DISCOVERY_HTTP_TIMEOUT", value_parser = parse_timeout)]
+    pub http_timeout_ms: Option<u64>,
+    /// Most connects in flight at once (default 256).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Probe every port, also of on-link addresses where no host answers ARP.
+    #[arg(long)]
+    pub probe_all: bool,
+    /// DNS servers asked for SRV records (ip or ip:port; default: /etc/resolv.conf's).
+    #[arg(long = "dns-server", value_delimiter = ',')]
+    pub dns_servers: Vec<String>,
+    /// SRV names to look up, e.g. _postgresql._tcp.example.internal.
+    #[arg(long = "srv", value_delimiter = ',')]
+    pub srv_names: Vec<String>,
+    /// Interfaces to browse mDNS on.
+    #[arg(long = "mdns-interface", value_delimiter = ',')]
+    pub mdns_interfaces: Vec<String>,
+    /// mDNS service types, e.g. _postgresql._tcp.local.
+    #[arg(long = "mdns-type", value_delimiter = ',')]
+    pub mdns_types: Vec<String>,
+    /// How long to listen for mDNS answers: seconds, or a duration.
+    #[arg(long = "mdns-wait", value_parser = parse_timeout)]
+    pub mdns_wait_ms: Option<u64>,
+    /// Look again even when the daemon has a fresh result of the same search.
+    #[arg(long)]
+    pub refresh: bool,
+    /// Also write what was found as harness services (external targets) to FILE.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+}
+
+/// `2` (seconds, as the DISCOVERY_*_TIMEOUT variables give it) or `200ms`, in ms.
+fn parse_timeout(text: &str) -> Result<u64, String> {
+    if let Ok(secs) = text.trim().parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok((secs * 1000.0).round() as u64);
+        }
+    }
+    humantime::parse_duration(text.trim())
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("expected seconds or a duration such as 200ms: {e}"))
 }
 
 #[derive(Subcommand)]

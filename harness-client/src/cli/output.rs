@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table};
-use protocol::methods::{Health, ServiceInfo, ServiceState};
+use protocol::methods::{DiscoveredService, Health, ServiceInfo, ServiceState};
 
 /// Whether to use colour: stdout is a terminal and NO_COLOR is unset.
 pub fn color() -> bool {
@@ -87,4 +87,51 @@ pub fn services_table(list: &[ServiceInfo], show_stack: bool) -> Table {
         t.add_row(row);
     }
     t
+}
+
+/// What `harness discover --save` writes: a harness config whose services are the
+/// found ones as `external` targets (one per address; a known kind wins over
+/// `unknown`), ready to copy into a stack or to validate as it is.
+pub fn discovered_yaml(found: &[DiscoveredService]) -> String {
+    let mut by_address: std::collections::BTreeMap<&str, &DiscoveredService> = Default::default();
+    for s in found {
+        let keep = by_address
+            .get(s.address.as_str())
+            .is_some_and(|kept| kept.kind != "unknown");
+        if !keep {
+            by_address.insert(&s.address, s);
+        }
+    }
+    let mut out = format!(
+        "# Found by `harness discover` at {}: {} service(s).\n\
+         # Each is an `external` target: the harness checks it and injects its address, and\n\
+         # never starts or stops it.\nservices:\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        by_address.len()
+    );
+    for (address, s) in by_address {
+        let kind = if s.kind == "unknown" {
+            "service"
+        } else {
+            &s.kind
+        };
+        let name: String = format!("{kind}-{address}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        // JSON strings are YAML strings: quoting is safe for any address or detail.
+        let quoted = serde_json::to_string(address).expect("strings serialize");
+        let detail = s.detail.as_deref().unwrap_or_default().replace('\n', " ");
+        out.push_str(&format!(
+            "  {name}:   # {}: {detail}\n    target: {{ external: {{ address: {quoted} }} }}\n",
+            s.found_by
+        ));
+    }
+    out
 }

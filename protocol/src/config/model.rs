@@ -30,6 +30,10 @@ pub struct StackConfig {
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Where `harness discover` and `discovered` targets look, when their own options
+    /// do not say.
+    #[serde(default, skip_serializing_if = "DiscoveryOptions::is_unset")]
+    pub discovery: DiscoveryOptions,
 }
 
 /// Stack-wide settings.
@@ -98,8 +102,13 @@ pub struct HostConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Where and how it runs.
+    /// Where and how it runs. With a [`placement`](Self::placement) list, the entry in
+    /// use (the daemon moves it along the list as it falls back).
     pub target: Target,
+    /// Targets tried in order (`target:` written as a list): the first that comes up
+    /// healthy is used; empty for a service with one target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Target>,
     /// Port it listens on: fixed or picked by the harness.
     #[serde(default)]
     pub port: Option<PortSpec>,
@@ -132,6 +141,13 @@ pub struct ServiceConfig {
     /// (`svc@host`): the service's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_of: Option<String>,
+}
+
+impl ServiceConfig {
+    /// With a placement list: the position of the target in use (from 0).
+    pub fn placement_position(&self) -> Option<usize> {
+        self.placement.iter().position(|t| *t == self.target)
+    }
 }
 
 /// Where a service runs.
@@ -376,10 +392,117 @@ pub struct DiscoveredTarget {
     /// Kind of service: `postgresql`, `redis`, `http`, `ssh`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// CIDR ranges to look in (default: 127.0.0.1 only).
+    /// CIDR ranges to look in (default: the stack's `discovery.ranges`, else
+    /// 127.0.0.1 only).
     #[serde(default)]
     pub ranges: Vec<String>,
+    /// Ports to try (default: the service's fixed `port`, else the kind's usual port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
+
+/// Where and how discovery looks: flags of `harness discover`, the `DISCOVERY_*`
+/// variables, a config's `discovery:` section. Unset fields take the defaults below.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryOptions {
+    /// Strategies to run: `tcp`, `http`, `dns`, `mdns` (default: tcp and http, plus dns
+    /// when SRV names are given and mdns when interfaces are given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub strategies: Vec<String>,
+    /// CIDR ranges or single addresses to scan (IPv4; default `127.0.0.1` only, never
+    /// a private range).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<String>,
+    /// Ports the tcp strategy tries (default [`DEFAULT_TCP_PORTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_ports: Vec<u16>,
+    /// Ports the http strategy asks for `/health` and `/ready` (default
+    /// [`DEFAULT_HTTP_PORTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_ports: Vec<u16>,
+    /// Connect timeout per probe, in ms (default [`DEFAULT_TCP_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_timeout_ms: Option<u64>,
+    /// Timeout of an HTTP request, in ms (default [`DEFAULT_HTTP_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_timeout_ms: Option<u64>,
+    /// Most connects in flight at once (default [`DEFAULT_DISCOVERY_CONCURRENCY`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// Probe every port of every address. By default an on-link address that does not
+    /// answer ARP within the connect timeout has no host, and its other ports are
+    /// skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe_all: bool,
+    /// DNS servers (`ip` or `ip:port`) asked for SRV records (default: the system's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
+    /// SRV names to look up, e.g. `_postgresql._tcp.example.internal`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub srv_names: Vec<String>,
+    /// Interfaces mDNS queries go out on (mdns runs only on interfaces given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mdns_interfaces: Vec<String>,
+    /// mDNS service types to browse (default [`DEFAULT_MDNS_TYPES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mdns_types: Vec<String>,
+    /// How long mDNS listens for answers, in ms (default [`DEFAULT_MDNS_WAIT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdns_wait_ms: Option<u64>,
+}
+
+impl DiscoveryOptions {
+    /// Nothing set (the section is left out of the canonical config).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `self`, with every field it leaves unset taken from `fallback`.
+    pub fn or(mut self, fallback: &DiscoveryOptions) -> DiscoveryOptions {
+        fn list<T: Clone>(own: &mut Vec<T>, other: &[T]) {
+            if own.is_empty() {
+                *own = other.to_vec();
+            }
+        }
+        list(&mut self.strategies, &fallback.strategies);
+        list(&mut self.ranges, &fallback.ranges);
+        list(&mut self.tcp_ports, &fallback.tcp_ports);
+        list(&mut self.http_ports, &fallback.http_ports);
+        list(&mut self.dns_servers, &fallback.dns_servers);
+        list(&mut self.srv_names, &fallback.srv_names);
+        list(&mut self.mdns_interfaces, &fallback.mdns_interfaces);
+        list(&mut self.mdns_types, &fallback.mdns_types);
+        self.tcp_timeout_ms = self.tcp_timeout_ms.or(fallback.tcp_timeout_ms);
+        self.http_timeout_ms = self.http_timeout_ms.or(fallback.http_timeout_ms);
+        self.concurrency = self.concurrency.or(fallback.concurrency);
+        self.mdns_wait_ms = self.mdns_wait_ms.or(fallback.mdns_wait_ms);
+        self.probe_all |= fallback.probe_all;
+        self
+    }
+}
+
+/// Ports the tcp strategy tries by default (the deployment guide's list).
+pub const DEFAULT_TCP_PORTS: [u16; 7] = [22, 5432, 6379, 8000, 8080, 9090, 3000];
+/// Ports the http strategy tries by default.
+pub const DEFAULT_HTTP_PORTS: [u16; 5] = [80, 8000, 8080, 9090, 3000];
+/// Default connect timeout of a discovery probe, in ms.
+pub const DEFAULT_TCP_TIMEOUT_MS: u64 = 1000;
+/// Default timeout of a discovery HTTP request, in ms.
+pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 3000;
+/// Default number of discovery connects in flight.
+pub const DEFAULT_DISCOVERY_CONCURRENCY: usize = 256;
+/// mDNS service types browsed by default.
+pub const DEFAULT_MDNS_TYPES: [&str; 4] = [
+    "_postgresql._tcp.local.",
+    "_redis._tcp.local.",
+    "_http._tcp.local.",
+    "_ssh._tcp.local.",
+];
+/// Default time mDNS listens for answers, in ms.
+pub const DEFAULT_MDNS_WAIT_MS: u64 = 1500;
+/// The strategies [`DiscoveryOptions::strategies`] may name.
+pub const DISCOVERY_STRATEGIES: [&str; 4] = ["tcp", "http", "dns", "mdns"];
 
 /// A service that already runs at a known address.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -52,7 +52,7 @@ pub fn parse_stack_with_hosts(
 }
 
 const TOP: Spec = Spec {
-    known: &["version", "name", "settings", "network", "hosts", "services"],
+    known: &["version", "name", "settings", "network", "hosts", "services", "discovery"],
     retired: &[
         ("networks", "use `network: {wireguard_subnet: ...}`; the harness builds one mesh when a service needs it, named networks do not exist"),
         ("remote_deployment", "declare hosts under `hosts:` and place each service with `target: {remote_lan: {host: ...}}`"),
@@ -66,6 +66,35 @@ const SETTINGS: Spec = Spec {
         "state_dir",
         "use the HARNESS_STATE_DIR environment variable",
     )],
+};
+
+const DISCOVERY: Spec = Spec {
+    known: &[
+        "strategies",
+        "ranges",
+        "tcp_ports",
+        "http_ports",
+        "tcp_timeout",
+        "tcp_timeout_secs",
+        "http_timeout",
+        "http_timeout_secs",
+        "concurrency",
+        "probe_all",
+        "dns_servers",
+        "srv_names",
+        "mdns_interfaces",
+        "mdns_types",
+        "mdns_wait",
+    ],
+    retired: &[
+        ("network_ranges", "use `ranges`"),
+        (
+            "ports",
+            "use `tcp_ports` (and `http_ports` for the http strategy)",
+        ),
+        ("strategy", "use `strategies: [tcp, http, dns, mdns]`"),
+        ("timeout", "use `tcp_timeout` and `http_timeout`"),
+    ],
 };
 
 const NETWORK: Spec = Spec {
@@ -301,7 +330,7 @@ const PACKAGE_BACKEND: Spec = Spec {
 };
 
 const DISCOVERED: Spec = Spec {
-    known: &["type", "ranges"],
+    known: &["type", "ranges", "ports"],
     retired: &[],
 };
 const EXTERNAL: Spec = Spec {
@@ -379,6 +408,9 @@ fn stack(cx: &mut Cx<'_>, root: &Node) -> StackConfig {
     if let Some(node) = f.get("network") {
         config.network = network(cx, node);
     }
+    if let Some(node) = f.get("discovery") {
+        config.discovery = discovery(cx, node);
+    }
     if let Some(node) = f.get("hosts") {
         config.hosts = hosts(cx, node);
     }
@@ -397,6 +429,48 @@ fn settings(cx: &mut Cx<'_>, node: &Node) -> Settings {
             .get("max_parallel")
             .and_then(|n| cx.number(n, &f.key("max_parallel"), "a number of services")),
         default_timeout_ms: f.duration(cx, "default_timeout"),
+    }
+}
+
+fn discovery(cx: &mut Cx<'_>, node: &Node) -> DiscoveryOptions {
+    let Some(f) = cx.fields(node, "discovery", "discovery", &DISCOVERY) else {
+        return DiscoveryOptions::default();
+    };
+    DiscoveryOptions {
+        strategies: f.texts(cx, "strategies"),
+        ranges: f.texts(cx, "ranges"),
+        tcp_ports: ports(cx, &f, "tcp_ports"),
+        http_ports: ports(cx, &f, "http_ports"),
+        tcp_timeout_ms: f.duration(cx, "tcp_timeout"),
+        http_timeout_ms: f.duration(cx, "http_timeout"),
+        concurrency: f
+            .get("concurrency")
+            .and_then(|n| cx.number(n, &f.key("concurrency"), "a number of connects")),
+        probe_all: f
+            .get("probe_all")
+            .and_then(|n| cx.boolean(n, &f.key("probe_all")))
+            .unwrap_or(false),
+        dns_servers: f.texts(cx, "dns_servers"),
+        srv_names: f.texts(cx, "srv_names"),
+        mdns_interfaces: f.texts(cx, "mdns_interfaces"),
+        mdns_types: f.texts(cx, "mdns_types"),
+        mdns_wait_ms: f.duration(cx, "mdns_wait"),
+    }
+}
+
+/// A list of port numbers under `name`.
+fn ports(cx: &mut Cx<'_>, f: &Fields<'_>, name: &str) -> Vec<u16> {
+    let Some(node) = f.get(name) else {
+        return Vec::new();
+    };
+    let path = f.key(name);
+    match &node.value {
+        Value::Seq(items) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| cx.port(item, &format!("{path}[{i}]")))
+            .collect(),
+        _ => cx.port(node, &path).into_iter().collect(),
     }
 }
 
@@ -463,6 +537,7 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
     let path = join("services", &key.name);
     let mut svc = ServiceConfig {
         target: placeholder_target(),
+        placement: Vec::new(),
         port: None,
         depends_on: BTreeMap::new(),
         env: BTreeMap::new(),
@@ -486,8 +561,12 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
         line: key.line,
         column: key.column,
     };
-    if let Some(target) = target(cx, &f, place) {
-        svc.target = target;
+    let mut targets = target(cx, &f, place);
+    if !targets.is_empty() {
+        svc.target = targets[0].clone();
+        if targets.len() > 1 {
+            svc.placement = std::mem::take(&mut targets);
+        }
     }
     svc.port = f.get("port").and_then(|n| cx.port_spec(n, &f.key("port")));
     svc.depends_on = dependencies(cx, &f);
@@ -524,8 +603,9 @@ fn placement_hint(word: &str) -> String {
     format!("a service is a mapping, not {word:?}: write {instead}")
 }
 
-/// `target:` or `backend:`, exactly one of them.
-fn target(cx: &mut Cx<'_>, f: &Fields<'_>, service: Place) -> Option<Target> {
+/// `target:` or `backend:`, exactly one of them. `target:` may be a list (placement
+/// with fallback: tried in order); every target read is returned, none on errors.
+fn target(cx: &mut Cx<'_>, f: &Fields<'_>, service: Place) -> Vec<Target> {
     match (f.get("target"), f.get("backend")) {
         (Some(_), Some(b)) => {
             cx.error(
@@ -533,19 +613,46 @@ fn target(cx: &mut Cx<'_>, f: &Fields<'_>, service: Place) -> Option<Target> {
                 b,
                 "give either `target` or `backend`, not both",
             );
-            None
+            Vec::new()
         }
         (None, None) => {
             let message = "a service needs `target:` (e.g. `target: {process: {binary: ./app}}`) or `backend: {type: ...}`";
             cx.error_at(service, message);
-            None
+            Vec::new()
         }
-        (Some(t), None) => adr_target(cx, t, &f.key("target"), &f.canon("target")),
+        (Some(t), None) => match &t.value {
+            Value::Seq(items) if items.is_empty() => {
+                cx.error(
+                    &f.key("target"),
+                    t,
+                    "a placement list needs at least one target",
+                );
+                Vec::new()
+            }
+            Value::Seq(items) => {
+                let read: Vec<Option<Target>> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        let (path, canon) = (f.key("target"), f.canon("target"));
+                        adr_target(cx, item, &format!("{path}[{i}]"), &format!("{canon}[{i}]"))
+                    })
+                    .collect();
+                read.into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap_or_default()
+            }
+            _ => adr_target(cx, t, &f.key("target"), &f.canon("target"))
+                .into_iter()
+                .collect(),
+        },
         (None, Some(b)) => {
             let place = f
                 .place("backend")
                 .unwrap_or_else(|| Place::of_node(f.key("backend"), b));
             backend_target(cx, b, place, &f.canon("target"))
+                .into_iter()
+                .collect()
         }
     }
 }
@@ -665,6 +772,7 @@ fn target_of_kind(cx: &mut Cx<'_>, kind: &str, f: &Fields<'_>) -> Target {
         "discovered" => Target::Discovered(DiscoveredTarget {
             kind: f.text(cx, "type").unwrap_or_default(),
             ranges: f.texts(cx, "ranges"),
+            ports: ports(cx, f, "ports"),
         }),
         "external" => Target::External(ExternalTarget {
             address: f.text(cx, "address").unwrap_or_default(),

@@ -111,7 +111,12 @@ impl<'a> Cx<'a> {
                 e.column = (place.column > 0).then_some(place.column);
                 return e;
             }
-            match prefix.rfind('.') {
+            // `a.b[2]` is inside `a.b`, which is inside `a`.
+            let parent = match prefix.strip_suffix(']') {
+                Some(rest) => rest.rfind('['),
+                None => prefix.rfind('.'),
+            };
+            match parent {
                 Some(i) => prefix = &prefix[..i],
                 None => return e,
             }

@@ -104,6 +104,7 @@ fn target_kinds() {
         Target::Discovered(DiscoveredTarget {
             kind: "postgresql".into(),
             ranges: vec![],
+            ports: vec![],
         }),
     );
     check_target(
@@ -691,7 +692,7 @@ fn docker_port_mappings_parse_or_say_what_is_expected() {
     assert!(e.contains("unknown protocol"), "{e}");
     check_errors(
         &svc("    target: { docker: { image: i, ports: ['70000'] } }\n"),
-        &["t.yaml:3:15: services.api.target.docker.ports[0]: bad port \"70000\": \"70000\" is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""],
+        &["t.yaml:3:35: services.api.target.docker.ports[0]: bad port \"70000\": \"70000\" is not a port number (1-65535); expected \"80\", \"8080:80\" or \"127.0.0.1:8080:80\""],
     );
 }
 
@@ -802,4 +803,70 @@ fn reuse_if_running_needs_a_fixed_port_and_external_addresses_split() {
         address: "db.lan".into(),
     };
     assert_eq!(t.host_port(), None);
+}
+
+#[test]
+fn a_target_list_is_a_placement_with_fallback() {
+    let s = one(&svc(
+        "    target:\n      - discovered: { type: postgresql, ranges: [198.18.0.0/24], ports: [5432] }\n      - process: { binary: /bin/pg }\n",
+    ));
+    assert_eq!(s.placement.len(), 2);
+    assert_eq!(s.target, s.placement[0]);
+    assert_eq!(s.placement_position(), Some(0));
+    let Target::Discovered(d) = &s.target else {
+        panic!("{:?}", s.target)
+    };
+    assert_eq!(
+        (d.ranges.as_slice(), d.ports.as_slice()),
+        (&["198.18.0.0/24".to_owned()][..], &[5432][..])
+    );
+    // One target in a list is just that target.
+    assert!(
+        one(&svc("    target: [{ process: { binary: /bin/pg } }]\n"))
+            .placement
+            .is_empty()
+    );
+    // Errors inside the list name the entry.
+    check_errors(
+        &svc("    target:\n      - process: { binary: /bin/pg }\n      - remote_lan: { hosts: [a, b], binary: /x }\n      - discovered: { type: postgres, ranges: [10.0.0.0/8] }\n"),
+        &[
+            "t.yaml:5:23: services.api.target[1].remote_lan.hosts: a target in a placement list runs on one host: use `host:`",
+            "t.yaml:6:23: services.api.target[2].discovered.type: unknown discovery type \"postgres\": did you mean `postgresql`? expected one of postgresql, redis, http, ssh",
+            "t.yaml:6:39: services.api.target[2].discovered.ranges[0]: range \"10.0.0.0/8\" has 16777216 addresses; a scan covers at most 65536 (a /16): give smaller ranges",
+        ],
+    );
+    check_errors(
+        &svc("    target: []\n"),
+        &["t.yaml:3:13: services.api.target: a placement list needs at least one target"],
+    );
+}
+
+#[test]
+fn the_discovery_section() {
+    let c = load("discovery:\n  ranges: [198.18.0.0/24, 127.0.0.1]\n  tcp_ports: [5432, 6379]\n  tcp_timeout: 200ms\n  http_timeout_secs: 2\n  concurrency: 64\n  dns_servers: [198.18.0.9:5353]\n  srv_names: [_redis._tcp.test]\n  mdns_interfaces: [br0]\n");
+    let d = &c.discovery;
+    assert_eq!(d.ranges, ["198.18.0.0/24", "127.0.0.1"]);
+    assert_eq!(d.tcp_ports, [5432, 6379]);
+    assert_eq!(
+        (d.tcp_timeout_ms, d.http_timeout_ms, d.concurrency),
+        (Some(200), Some(2000), Some(64))
+    );
+    // Flags win over the section, which fills what they leave unset.
+    let flags = DiscoveryOptions {
+        ranges: vec!["10.1.0.0/24".into()],
+        ..Default::default()
+    };
+    let merged = flags.or(d);
+    assert_eq!(merged.ranges, ["10.1.0.0/24"]);
+    assert_eq!(merged.tcp_ports, [5432, 6379]);
+    check_errors(
+        "discovery:\n  ranges: [300.1.1.0/24]\n  strategies: [tcp, ping]\n  dns_servers: [resolver]\n  network_ranges: [x]\n  tcp_ports: [99999]\n",
+        &[
+            "t.yaml:2:3: discovery.ranges[0]: bad range \"300.1.1.0/24\": expected an IPv4 address or address/prefix such as 192.168.1.0/24",
+            "t.yaml:3:3: discovery.strategies[1]: unknown strategy \"ping\": expected one of tcp, http, dns, mdns",
+            "t.yaml:4:3: discovery.dns_servers[0]: bad DNS server \"resolver\": expected an IP address or ip:port",
+            "t.yaml:5:3: discovery.network_ranges: `network_ranges` is not supported: use `ranges`",
+            "t.yaml:6:15: discovery.tcp_ports[0]: bad port 99999: expected a port number from 1 to 65535",
+        ],
+    );
 }

@@ -53,6 +53,7 @@ pub(crate) fn problems(config: &StackConfig, file: &str) -> Vec<ConfigError> {
         p.add("settings.max_parallel".into(), "must be at least 1");
     }
     check_network(&mut p, &config.network);
+    check_discovery(&mut p, "discovery", &config.discovery);
     for (name, host) in &config.hosts {
         check_host(&mut p, &join("hosts", name), host);
     }
@@ -88,6 +89,46 @@ fn check_network(p: &mut Problems<'_>, network: &NetworkConfig) {
             );
         }
     }
+}
+
+fn check_discovery(p: &mut Problems<'_>, key: &str, d: &DiscoveryOptions) {
+    for (i, s) in d.strategies.iter().enumerate() {
+        if !DISCOVERY_STRATEGIES.contains(&s.as_str()) {
+            let message = format!(
+                "unknown strategy {s:?}: expected one of {}",
+                DISCOVERY_STRATEGIES.join(", ")
+            );
+            p.add(format!("{key}.strategies[{i}]"), message);
+        }
+    }
+    check_ranges(p, &join(key, "ranges"), &d.ranges);
+    for (i, server) in d.dns_servers.iter().enumerate() {
+        if dns_server_address(server).is_none() {
+            let message = format!("bad DNS server {server:?}: expected an IP address or ip:port");
+            p.add(format!("{key}.dns_servers[{i}]"), message);
+        }
+    }
+    if d.concurrency == Some(0) {
+        p.add(join(key, "concurrency"), "must be at least 1");
+    }
+}
+
+fn check_ranges(p: &mut Problems<'_>, key: &str, ranges: &[String]) {
+    for (i, range) in ranges.iter().enumerate() {
+        if let Err(e) = super::AddressRange::parse(range) {
+            p.add(format!("{key}[{i}]"), e);
+        }
+    }
+}
+
+/// A DNS server given as `ip` (port 53) or `ip:port` / `[v6]:port`.
+pub fn dns_server_address(text: &str) -> Option<std::net::SocketAddr> {
+    let text = text.trim();
+    text.parse::<std::net::SocketAddr>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
 }
 
 fn check_host(p: &mut Problems<'_>, key: &str, host: &HostConfig) {
@@ -147,7 +188,19 @@ fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &S
         }
     }
     check_env(p, &join(&key, "env"), &svc.env);
-    check_target(p, &join(&key, "target"), &svc.target);
+    if svc.placement.is_empty() {
+        check_target(p, &join(&key, "target"), &svc.target);
+    }
+    for (i, target) in svc.placement.iter().enumerate() {
+        let at = format!("{key}.target[{i}]");
+        if let Target::RemoteLan(t) | Target::Wireguard(t) = target {
+            if !t.hosts.is_empty() {
+                let message = "a target in a placement list runs on one host: use `host:`";
+                p.add(join(&join(&at, target.backend()), "hosts"), message);
+            }
+        }
+        check_target(p, &at, target);
+    }
     if let Some(check) = &svc.health_check {
         check_health(p, &join(&key, "health_check"), check);
     }
@@ -214,6 +267,7 @@ fn check_target(p: &mut Problems<'_>, key: &str, target: &Target) {
                 );
                 p.add(join(&key, "type"), message);
             }
+            check_ranges(p, &join(&key, "ranges"), &t.ranges);
         }
         Target::External(t) => {
             if !is_host_port(&t.address) {
