@@ -8,7 +8,10 @@ sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 
 # 1. Packages the tests need (only what is missing, so a warm machine skips apt).
 need=()
-for pkg in pkg-config libssl-dev iproute2 openssh-server openssh-client busybox-static procps python3 docker.io systemd chromium; do
+# postgresql, redis-server, dnsmasq and python3-zeroconf are the real servers and
+# responders the discovery tests find (started by the tests in test-bed namespaces).
+for pkg in pkg-config libssl-dev iproute2 openssh-server openssh-client busybox-static procps python3 docker.io systemd chromium \
+  postgresql redis-server dnsmasq python3-zeroconf util-linux; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

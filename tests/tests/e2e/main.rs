@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod daemon_restart;
 mod dashboard;
+mod discovery;
 mod docker;
 mod external;
 mod lan;

@@ -1,11 +1,12 @@
 //! Benchmarks of harness against the targets of the foundation issue. Each result is
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh]...`
+//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover]...`
 //! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
 //! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
 
 mod containers;
+mod discovery;
 mod lan;
 
 use std::path::Path;
@@ -50,6 +51,9 @@ fn main() {
     }
     if want("ssh") {
         lan::bench(&d);
+    }
+    if want("discover") {
+        discovery::bench(&d);
     }
 }
 
