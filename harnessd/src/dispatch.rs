@@ -461,6 +461,15 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
     };
     let old: Option<StackConfig> = core.read(|st| st.stack(&p.stack).map(|r| r.config.clone()));
     let old_services = old.map(|c| c.services).unwrap_or_default();
+    let mut p = p;
+    for (name, svc) in p.config.services.iter_mut() {
+        // The same placement list keeps the target in use (a fallback is not a change).
+        if let Some(o) = old_services.get(name) {
+            if !svc.placement.is_empty() && svc.placement == o.placement {
+                svc.target = o.target.clone();
+            }
+        }
+    }
     for (name, svc) in &p.config.services {
         match old_services.get(name) {
             None => result.added.push(name.clone()),

@@ -75,6 +75,9 @@ pub struct TestDaemon {
     pub info: DaemonFile,
     /// Extra environment of harnessd.
     pub env: Vec<(String, String)>,
+    /// The network namespace harnessd and the CLI run in (`None`: this one). Only the
+    /// CLI reaches a daemon in another namespace: its loopback is that namespace's.
+    pub netns: Option<String>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -89,8 +92,18 @@ impl TestDaemon {
         Self::start_with(level, &[])
     }
 
+    /// Starts harnessd inside network namespace `netns` (a test-bed host's): it sees
+    /// only that namespace's interfaces. Drive it with [`TestDaemon::cli`].
+    pub fn start_in_netns(netns: &str) -> TestDaemon {
+        Self::start_inner("debug", &[], Some(netns.to_owned()))
+    }
+
     /// Starts harnessd with the log filter `level` and extra environment `env`.
     pub fn start_with(level: &'static str, env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_inner(level, env, None)
+    }
+
+    fn start_inner(level: &'static str, env: &[(&str, &str)], netns: Option<String>) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("harness-e2e-")
             .tempdir()
@@ -105,6 +118,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            netns,
             dir: Some(dir),
         };
         d.restart();
@@ -131,7 +145,7 @@ impl TestDaemon {
             .append(true)
             .open(self.state_dir.with_file_name("harnessd.log"))
             .expect("log file");
-        Command::new(bin("harnessd"))
+        self.command(&bin("harnessd"))
             .args(["--state-dir"])
             .arg(&self.state_dir)
             .args(["--listen", "127.0.0.1:0"])
@@ -164,7 +178,7 @@ impl TestDaemon {
 
     /// Runs the `harness` CLI against this daemon in `cwd`.
     pub fn cli(&self, cwd: &Path, args: &[&str]) -> Output {
-        Command::new(bin("harness"))
+        self.command(&bin("harness"))
             .args(args)
             .current_dir(cwd)
             .env("HARNESS_STATE_DIR", &self.state_dir)
@@ -172,6 +186,18 @@ impl TestDaemon {
             .stdin(Stdio::null())
             .output()
             .expect("run harness")
+    }
+
+    /// A command for `program`, inside the daemon's namespace when it has one.
+    fn command(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// A directory inside the test's temp dir.
@@ -267,8 +293,13 @@ fn placeholder() -> DaemonFile {
 
 impl Drop for TestDaemon {
     fn drop(&mut self) {
-        // 1. Ask the daemon to stop everything it runs.
-        if self.child.is_some() {
+        // 1. Ask the daemon to stop everything it runs (one in another namespace is
+        //    out of this process's reach: it gets SIGTERM, which it also obeys).
+        if let (Some(c), Some(_)) = (&self.child, &self.netns) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        } else if self.child.is_some() {
             let info = self.info.clone();
             let _ = smol::block_on(async {
                 let c = Client::connect(&info, "e2e-cleanup").await?;

@@ -4,7 +4,8 @@
 //! Host check: an address's first port is tried before the others. When that connect
 //! times out and the kernel's neighbour table shows the address on a local link with no
 //! ARP answer, no host is there and its other ports are skipped (a host that drops
-//! connects still answers ARP, so it is scanned in full). `probe_all` turns this off.
+//! connects still answers ARP, so it is scanned in full), and so is one the kernel
+//! calls unreachable. `probe_all` turns this off.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -68,11 +69,12 @@ async fn scan_host(addr: Ipv4Addr, plan: &Plan<'_>, sem: &Semaphore) -> (Vec<Soc
     if first == Probe::Open {
         open.push(SocketAddrV4::new(addr, plan.ports[0]));
     }
-    let host_absent = match first {
-        Probe::Unreachable => true,
-        Probe::TimedOut => !plan.probe_all && no_arp_answer(addr).await,
-        Probe::Open | Probe::Closed => false,
-    };
+    let host_absent = !plan.probe_all
+        && match first {
+            Probe::Unreachable => true,
+            Probe::TimedOut => no_arp_answer(addr).await,
+            Probe::Open | Probe::Closed => false,
+        };
     if host_absent {
         return (open, 1);
     }

@@ -63,9 +63,15 @@ fn wait_listening(addr: &str, log: &Path) {
 
 /// A directory other users can enter (PostgreSQL runs as `postgres`).
 fn open_dir(prefix: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir");
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     dir
 }
 
@@ -77,20 +83,39 @@ fn pg_bin(program: &str) -> PathBuf {
         .filter(|p| p.exists())
         .collect();
     found.sort();
-    found.pop().unwrap_or_else(|| panic!("no {program} under /usr/lib/postgresql"))
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no {program} under /usr/lib/postgresql"))
 }
 
 /// A PostgreSQL server on `addr:5432` inside `netns`, trusting every client.
 fn postgres(netns: Option<&str>, addr: &str, port: u16, dir: &Path) -> Server {
     let data = dir.join("pgdata");
     std::fs::create_dir_all(&data).expect("pgdata");
-    tests::testbed::run("chown", &["-R", "postgres:postgres", &dir.display().to_string()]);
+    tests::testbed::run(
+        "chown",
+        &["-R", "postgres:postgres", &dir.display().to_string()],
+    );
     let initdb = pg_bin("initdb").display().to_string();
     let data_s = data.display().to_string();
     // setpriv execs the program itself (runuser would fork and sit in between).
-    let as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"];
+    let as_postgres = [
+        "setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+    ];
     let mut argv = as_postgres.to_vec();
-    argv.extend([initdb.as_str(), "-D", &data_s, "-A", "trust", "-U", "postgres", "--no-sync"]);
+    argv.extend([
+        initdb.as_str(),
+        "-D",
+        &data_s,
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+    ]);
     tests::testbed::run(argv[0], &argv[1..]);
     let hba = data.join("pg_hba.conf");
     let mut text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
@@ -101,7 +126,17 @@ fn postgres(netns: Option<&str>, addr: &str, port: u16, dir: &Path) -> Server {
     let log = dir.join("postgres.log");
     let mut argv = as_postgres.to_vec();
     argv.extend([
-        postgres.as_str(), "-D", &data_s, "-h", addr, "-p", &port_s, "-k", &data_s, "-c", "fsync=off",
+        postgres.as_str(),
+        "-D",
+        &data_s,
+        "-h",
+        addr,
+        "-p",
+        &port_s,
+        "-k",
+        &data_s,
+        "-c",
+        "fsync=off",
     ]);
     let server = spawn_in(netns, &argv, &log);
     wait_listening(&format!("{addr}:{port}"), &log);
@@ -115,8 +150,21 @@ fn redis(netns: Option<&str>, addr: &str, port: u16, dir: &Path) -> Server {
     let server = spawn_in(
         netns,
         &[
-            "redis-server", "--bind", addr, "--port", &port_s, "--save", "", "--appendonly", "no",
-            "--protected-mode", "no", "--daemonize", "no", "--dir", &dir_s,
+            "redis-server",
+            "--bind",
+            addr,
+            "--port",
+            &port_s,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            &dir_s,
         ],
         &log,
     );
@@ -129,9 +177,8 @@ fn discover_json(d: &TestDaemon, dir: &Path, args: &[&str]) -> m::DiscoverResult
     all.extend_from_slice(args);
     let out = d.cli(dir, &all);
     assert_ok(d, &out, "harness discover");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn found<'a>(r: &'a m::DiscoverResult, address: &str, by: &str) -> &'a m::DiscoveredService {
@@ -166,7 +213,16 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
     let r = discover_json(
         &d,
         &dir,
-        &["--range", &range, "--ports", "22,5432,6379,8080", "--strategy", "tcp", "--timeout", "300ms"],
+        &[
+            "--range",
+            &range,
+            "--ports",
+            "22,5432,6379,8080",
+            "--strategy",
+            "tcp",
+            "--timeout",
+            "300ms",
+        ],
     );
     assert_eq!(r.addresses, 14, "{r:?}");
     assert_eq!(found(&r, &format!("{h0}:5432"), "tcp").kind, "postgresql");
@@ -174,7 +230,13 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
     for h in [&h0, &h1] {
         let ssh = found(&r, &format!("{h}:22"), "tcp");
         assert_eq!(ssh.kind, "ssh");
-        assert!(ssh.detail.as_deref().unwrap_or_default().starts_with("SSH-2.0-OpenSSH"), "{ssh:?}");
+        assert!(
+            ssh.detail
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("SSH-2.0-OpenSSH"),
+            "{ssh:?}"
+        );
     }
     // PostgreSQL is not mistaken for Redis, nor Redis for PostgreSQL.
     assert!(r.services.iter().all(|s| s.address != format!("{h0}:6379")));
@@ -186,15 +248,30 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
     let seen = neighbours(&bed);
     // The check can see a scan: addresses in the range where no host is were tried.
     let absent: std::net::Ipv4Addr = format!("{prefix}5").parse().unwrap();
-    assert!(seen.contains(&absent), "no neighbour entry for {absent}: {seen:?}");
+    assert!(
+        seen.contains(&absent),
+        "no neighbour entry for {absent}: {seen:?}"
+    );
     let outside: Vec<_> = seen.into_iter().filter(|a| !range.contains(*a)).collect();
-    assert!(outside.is_empty(), "the scan reached beyond its range: {outside:?}");
+    assert!(
+        outside.is_empty(),
+        "the scan reached beyond its range: {outside:?}"
+    );
 
     // A second identical search is served from the cache; --refresh looks again.
     let again = discover_json(
         &d,
         &dir,
-        &["--range", &format!("{prefix}0/28"), "--ports", "22,5432,6379,8080", "--strategy", "tcp", "--timeout", "300ms"],
+        &[
+            "--range",
+            &format!("{prefix}0/28"),
+            "--ports",
+            "22,5432,6379,8080",
+            "--strategy",
+            "tcp",
+            "--timeout",
+            "300ms",
+        ],
     );
     assert!(again.cached);
     assert_eq!(again.services, r.services);
@@ -203,11 +280,25 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
     let saved = dir.join("found.yaml");
     let out = d.cli(
         &dir,
-        &["discover", "--range", &h0, "--ports", "5432", "--strategy", "tcp", "--refresh", "--save", saved.to_str().unwrap()],
+        &[
+            "discover",
+            "--range",
+            &h0,
+            "--ports",
+            "5432",
+            "--strategy",
+            "tcp",
+            "--refresh",
+            "--save",
+            saved.to_str().unwrap(),
+        ],
     );
     assert_ok(&d, &out, "discover --save");
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("postgresql") && table.contains(&format!("{h0}:5432")), "{table}");
+    assert!(
+        table.contains("postgresql") && table.contains(&format!("{h0}:5432")),
+        "{table}"
+    );
     let out = d.cli(&dir, &["-f", saved.to_str().unwrap(), "validate"]);
     assert_ok(&d, &out, "validate the saved file");
     let text = std::fs::read_to_string(&saved).unwrap();
@@ -231,24 +322,46 @@ fn with_no_range_only_loopback_is_scanned_and_the_config_section_is_used() {
     };
     let _redis = redis(None, "127.0.0.1", port, tmp.path());
     let dir = d.workdir("loop");
-    let r = discover_json(&d, &dir, &["--ports", &port.to_string(), "--strategy", "tcp"]);
+    let r = discover_json(
+        &d,
+        &dir,
+        &["--ports", &port.to_string(), "--strategy", "tcp"],
+    );
     assert_eq!(r.addresses, 1);
     assert_eq!(found(&r, &format!("127.0.0.1:{port}"), "tcp").kind, "redis");
     // The config's `discovery:` section gives what flags leave out; flags win.
     write_config(
         &dir,
-        &format!("name: loop\ndiscovery:\n  tcp_ports: [{port}]\n  strategies: [tcp]\nservices: {{}}\n"),
+        &format!(
+            "name: loop\ndiscovery:\n  tcp_ports: [{port}]\n  strategies: [tcp]\nservices: {{}}\n"
+        ),
     );
     let r = discover_json(&d, &dir, &["--refresh"]);
     assert_eq!(found(&r, &format!("127.0.0.1:{port}"), "tcp").kind, "redis");
     let r = discover_json(&d, &dir, &["--refresh", "--ports", "1"]);
     assert!(r.services.is_empty(), "{r:?}");
+    // The deployment guide's DISCOVERY_* variables count as flags.
+    let out = Command::new(tests::bin("harness"))
+        .args(["--json", "discover", "--refresh", "--strategy", "tcp"])
+        .current_dir(d.workdir("no-config"))
+        .env("HARNESS_STATE_DIR", &d.state_dir)
+        .env("DISCOVERY_TCP_PORTS", format!("1,{port}"))
+        .env("DISCOVERY_NETWORK_RANGES", "127.0.0.1/32")
+        .env("DISCOVERY_TCP_TIMEOUT", "2")
+        .output()
+        .expect("harness discover");
+    assert_ok(&d, &out, "discover with DISCOVERY_* variables");
+    let r: m::DiscoverResult = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((r.addresses, r.probes), (1, 2), "{r:?}");
+    assert_eq!(found(&r, &format!("127.0.0.1:{port}"), "tcp").kind, "redis");
 }
 
 #[test]
 fn dns_srv_and_mdns_find_services_announced_by_real_responders() {
-    let bed = TestBed::new(2);
-    let d = TestDaemon::start();
+    let bed = TestBed::new(3);
+    // The daemon runs on host 2: mdns-sd joins the mDNS group on every interface it
+    // sees before it is told which to use, and there it sees only the bed's.
+    let d = TestDaemon::start_in_netns(&bed.hosts[2].netns);
     let tmp = open_dir("harness-disc-");
     let (h0, h1) = (bed.hosts[0].address.clone(), bed.hosts[1].address.clone());
     // dnsmasq on host 0 answers for test.internal only.
@@ -256,9 +369,17 @@ fn dns_srv_and_mdns_find_services_announced_by_real_responders() {
     let _dns = spawn_in(
         Some(&bed.hosts[0].netns),
         &[
-            "dnsmasq", "--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null",
-            "--no-resolv", "--no-hosts", "--bind-interfaces", &format!("--listen-address={h0}"),
-            "--port=53", "--local=/test.internal/", &format!("--pid-file={}", tmp.path().join("dnsmasq.pid").display()),
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-facility=-",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={h0}"),
+            "--port=53",
+            "--local=/test.internal/",
+            &format!("--pid-file={}", tmp.path().join("dnsmasq.pid").display()),
             "--srv-host=_postgresql._tcp.test.internal,db.test.internal,5432",
             &format!("--host-record=db.test.internal,{h0}"),
         ],
@@ -288,12 +409,16 @@ while True:
         &mdns_log,
     );
     wait_for("the mDNS announcement", Duration::from_secs(20), || {
-        std::fs::read_to_string(&mdns_log).ok().filter(|t| t.contains("announced"))
+        std::fs::read_to_string(&mdns_log)
+            .ok()
+            .filter(|t| t.contains("announced"))
     });
     wait_for("dnsmasq", Duration::from_secs(20), || {
         let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
         probe.connect(format!("{h0}:53")).ok()?;
-        std::fs::read_to_string(&dns_log).ok().filter(|t| t.contains("started"))
+        std::fs::read_to_string(&dns_log)
+            .ok()
+            .filter(|t| t.contains("started"))
     });
 
     let dir = d.workdir("dns");
@@ -302,20 +427,43 @@ while True:
         &d,
         &dir,
         &[
-            "--strategy", "dns,mdns", "--dns-server", &dns_server,
-            "--srv", "_postgresql._tcp.test.internal,_nope._tcp.test.internal",
-            "--mdns-interface", &bed.bridge, "--mdns-type", "_redis._tcp.local.", "--mdns-wait", "4s",
+            "--strategy",
+            "dns,mdns",
+            "--dns-server",
+            &dns_server,
+            "--srv",
+            "_postgresql._tcp.test.internal,_nope._tcp.test.internal",
+            "--mdns-interface",
+            "eth0",
+            "--mdns-type",
+            "_redis._tcp.local.",
+            "--mdns-wait",
+            "4s",
         ],
     );
     let srv = found(&r, &format!("{h0}:5432"), "dns");
     assert_eq!(srv.kind, "postgresql");
-    assert!(srv.detail.as_deref().unwrap_or_default().contains("db.test.internal"), "{srv:?}");
+    assert!(
+        srv.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("db.test.internal"),
+        "{srv:?}"
+    );
     let mdns = found(&r, &format!("{h1}:6379"), "mdns");
     assert_eq!(mdns.kind, "redis");
-    assert!(mdns.detail.as_deref().unwrap_or_default().contains("cache._redis._tcp.local."), "{mdns:?}");
+    assert!(
+        mdns.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cache._redis._tcp.local."),
+        "{mdns:?}"
+    );
     // The unknown name is a note, not a failure of the whole search.
     assert!(
-        r.notes.iter().any(|n| n.contains("_nope._tcp.test.internal") && n.contains("NXDOMAIN")),
+        r.notes
+            .iter()
+            .any(|n| n.contains("_nope._tcp.test.internal") && n.contains("NXDOMAIN")),
         "{:?}",
         r.notes
     );
@@ -370,10 +518,19 @@ services:
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let db = get(&c, "pgstack", "db");
-    assert_eq!((db.backend.as_str(), db.state, db.health), ("discovered", ServiceState::Running, Health::Healthy));
+    assert_eq!(
+        (db.backend.as_str(), db.state, db.health),
+        ("discovered", ServiceState::Running, Health::Healthy)
+    );
     assert_eq!(db.address, Some(format!("{h0}:5432")));
     assert_eq!(db.pid, None);
-    assert!(db.reason.as_deref().unwrap_or_default().contains("discovered at"), "{db:?}");
+    assert!(
+        db.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("discovered at"),
+        "{db:?}"
+    );
     // The dependent connected to the injected address and ran a query there.
     let answer = std::fs::read_to_string(dir.join("answer.txt")).expect("answer.txt");
     assert_eq!(answer.trim(), "42");
@@ -382,7 +539,14 @@ services:
     // The running Redis was reused, not started again.
     let cache = get(&c, "pgstack", "cache");
     assert_eq!(cache.pid, None, "{cache:?}");
-    assert!(cache.reason.as_deref().unwrap_or_default().contains("reused"), "{cache:?}");
+    assert!(
+        cache
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("reused"),
+        "{cache:?}"
+    );
     let ours = deployer::process::find_instances(&format!("{}/pgstack/cache", d.info.instance));
     assert!(ours.is_empty(), "{ours:?}");
 
@@ -401,7 +565,10 @@ services:
     let _ = pg.0.wait();
     let after = check(&d);
     assert_eq!(after.health, Health::Unhealthy, "{after:?}");
-    assert!(after.output.contains("no postgresql service answers"), "{after:?}");
+    assert!(
+        after.output.contains("no postgresql service answers"),
+        "{after:?}"
+    );
 
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
     // down stopped nothing it did not start: the loopback Redis still answers.
@@ -440,7 +607,10 @@ services:
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let web = get(&c, "place", "web");
-    assert_eq!((web.backend.as_str(), web.health), ("process", Health::Healthy));
+    assert_eq!(
+        (web.backend.as_str(), web.health),
+        ("process", Health::Healthy)
+    );
     assert_eq!(web.placement.as_deref(), Some("3 of 3 (process)"));
     let ps = String::from_utf8_lossy(&d.cli(&dir, &["ps", "--json"]).stdout).into_owned();
     assert!(ps.contains("\"placement\": \"3 of 3 (process)\""), "{ps}");
@@ -453,17 +623,46 @@ services:
         })
         .collect();
     assert_eq!(fallbacks.len(), 2, "{fallbacks:?}");
-    assert_eq!((fallbacks[0].from.as_str(), fallbacks[0].to.as_str(), fallbacks[0].position), ("discovered", "process", 2));
-    assert!(fallbacks[0].reason.contains("no http service found"), "{fallbacks:?}");
-    assert!(fallbacks[1].reason.contains("not healthy within"), "{fallbacks:?}");
+    assert_eq!(
+        (
+            fallbacks[0].from.as_str(),
+            fallbacks[0].to.as_str(),
+            fallbacks[0].position
+        ),
+        ("discovered", "process", 2)
+    );
+    assert!(
+        fallbacks[0].reason.contains("no http service found"),
+        "{fallbacks:?}"
+    );
+    assert!(
+        fallbacks[1].reason.contains("not healthy within"),
+        "{fallbacks:?}"
+    );
     // The sleep of the second target was stopped when it was given up.
     let sleeps = deployer::process::find_instances(&format!("{}/place/web", d.info.instance));
-    assert_eq!(sleeps.len(), 2, "the shim and the demo service only: {sleeps:?}");
+    assert_eq!(
+        sleeps.len(),
+        2,
+        "the shim and the demo service only: {sleeps:?}"
+    );
     // The dependent reached the target in use through its injected address (it is
     // healthy only once it connected there).
     assert_eq!(get(&c, "place", "client").health, Health::Healthy);
-    let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
-    assert!(env.contains(&format!("WEB_ADDR={}", web.address.as_deref().unwrap())), "{env}");
+    let env =
+        String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
+    assert!(
+        env.contains(&format!("WEB_ADDR={}", web.address.as_deref().unwrap())),
+        "{env}"
+    );
+
+    // Applying the same file again changes nothing: the fallback is not a change.
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up again");
+    let again = get(&c, "place", "web");
+    assert_eq!(
+        (again.pid, again.placement.as_deref()),
+        (web.pid, Some("3 of 3 (process)"))
+    );
 
     // The placement survives a daemon restart: same run, same target.
     let mut d = d;
@@ -471,6 +670,9 @@ services:
     d.restart();
     let c = d.client();
     let after = get(&c, "place", "web");
-    assert_eq!((after.pid, after.placement.as_deref()), (web.pid, Some("3 of 3 (process)")));
+    assert_eq!(
+        (after.pid, after.placement.as_deref()),
+        (web.pid, Some("3 of 3 (process)"))
+    );
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
 }
