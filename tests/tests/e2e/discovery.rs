@@ -181,6 +181,11 @@ fn discover_json(d: &TestDaemon, dir: &Path, args: &[&str]) -> m::DiscoverResult
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// What identified a found service ("" when nothing did).
+fn detail(s: &m::DiscoveredService) -> &str {
+    s.detail.as_deref().unwrap_or_default()
+}
+
 fn found<'a>(r: &'a m::DiscoverResult, address: &str, by: &str) -> &'a m::DiscoveredService {
     r.services
         .iter()
@@ -231,10 +236,7 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
         let ssh = found(&r, &format!("{h}:22"), "tcp");
         assert_eq!(ssh.kind, "ssh");
         assert!(
-            ssh.detail
-                .as_deref()
-                .unwrap_or_default()
-                .starts_with("SSH-2.0-OpenSSH"),
+            detail(ssh).starts_with("SSH-2.0-OpenSSH"),
             "{ssh:?}"
         );
     }
@@ -316,10 +318,7 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
 fn with_no_range_only_loopback_is_scanned_and_the_config_section_is_used() {
     let d = TestDaemon::start();
     let tmp = open_dir("harness-disc-");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let _redis = redis(None, "127.0.0.1", port, tmp.path());
     let dir = d.workdir("loop");
     let r = discover_json(
@@ -444,19 +443,13 @@ while True:
     let srv = found(&r, &format!("{h0}:5432"), "dns");
     assert_eq!(srv.kind, "postgresql");
     assert!(
-        srv.detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("db.test.internal"),
+        detail(srv).contains("db.test.internal"),
         "{srv:?}"
     );
     let mdns = found(&r, &format!("{h1}:6379"), "mdns");
     assert_eq!(mdns.kind, "redis");
     assert!(
-        mdns.detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("cache._redis._tcp.local."),
+        detail(mdns).contains("cache._redis._tcp.local."),
         "{mdns:?}"
     );
     // The unknown name is a note, not a failure of the whole search.
@@ -480,10 +473,7 @@ fn a_discovered_postgres_is_used_by_its_dependent_and_never_started_or_stopped()
     let mut pg = postgres(Some(&bed.hosts[0].netns), &h0, 5432, tmp.path());
     // A Redis that already runs on loopback, and a stack service for it with
     // reuse_if_running: it must not be started a second time.
-    let cache_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let cache_port = free_port();
     let _cache = redis(None, "127.0.0.1", cache_port, tmp.path());
     let psql = pg_bin("psql").display().to_string();
     let dir = d.workdir("pg");
@@ -578,10 +568,7 @@ services:
 #[test]
 fn placement_falls_back_to_the_next_target_and_says_why() {
     let d = TestDaemon::start();
-    let nothing_there = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let nothing_there = free_port();
     let dir = d.workdir("place");
     write_config(
         &dir,

@@ -37,13 +37,6 @@ impl Drop for Outside {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[test]
 fn external_and_reused_services_are_checked_and_injected_but_never_run() {
     let d = TestDaemon::start();

@@ -130,3 +130,11 @@ pub fn replay(c: &Client, topics: &[&str]) -> Vec<protocol::Event> {
     .expect("unsubscribe");
     out
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
