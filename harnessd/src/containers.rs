@@ -99,7 +99,107 @@ fn docker_signal(name: Option<&str>) -> String {
     }
 }
 
+/// Where an SSH host's engine listens unless `docker_socket:` says otherwise.
+const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// The SSH host a docker service's engine runs on (`host:` of its target), if not the
+/// local one.
+pub fn engine_host(cfg: &ServiceConfig) -> Option<&str> {
+    match &cfg.target {
+        Target::Docker(t) => t.host.as_deref(),
+        _ => None,
+    }
+}
+
+/// An engine on an SSH host and the forward of its socket that carries it.
+pub struct RemoteEngine {
+    engine: Engine,
+    forward: deployer::ssh::SocketForward,
+}
+
 impl Core {
+    /// The engine of `host` (a host reference of `stack`'s config), or the local one
+    /// for `None`; made on first use.
+    pub async fn engine_for(&self, stack: &str, host: Option<&str>) -> Result<Engine, String> {
+        let Some(host) = host else {
+            return self.engine().await;
+        };
+        let settings = self
+            .read(|st| {
+                st.stack(stack)
+                    .map(|r| crate::remote::host_config(&r.config, host))
+            })
+            .ok_or_else(|| format!("no stack named {stack}"))?;
+        let ssh = self.ssh_host(&settings, None)?;
+        let socket = settings
+            .docker_socket
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.to_owned());
+        let key = (ssh.target().clone(), socket.clone());
+        let mut engines = self.remote_engines.lock().await;
+        match engines.get(&key) {
+            Some(remote) if remote.forward.is_alive() => return Ok(remote.engine.clone()),
+            // Its session ended (sshd restarted, the link was cut): forward again.
+            Some(_) => drop(engines.remove(&key)),
+            None => {}
+        }
+        // Say what is missing before forwarding anything.
+        let probe = format!(
+            "test -S {0} && test -r {0} && test -w {0}",
+            deployer::ssh::quote(&socket)
+        );
+        let out = ssh
+            .exec(&probe, b"", std::time::Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.status != 0 {
+            return Err(format!(
+                "no Docker engine on {host}: {socket} is not a socket {} can use there; install one (`sudo apt-get install docker.io` on Debian, or https://docs.docker.com/engine/install/), start it, and add {} to the docker group (or set `docker_socket:` on the host)",
+                ssh.target().user,
+                ssh.target().user
+            ));
+        }
+        let dir = self.state_dir.join("run").join("engines");
+        smol::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // One socket per host and engine socket, named after them (unix socket paths
+        // are short).
+        let local = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            key.hash(&mut h);
+            dir.join(format!("{:016x}.sock", h.finish()))
+        };
+        let (target, remote, at) = (ssh.target().clone(), socket.clone(), local.clone());
+        let forward =
+            smol::unblock(move || deployer::ssh::SocketForward::start(&target, &remote, &at))
+                .await
+                .map_err(|e| e.to_string())?;
+        let shown = format!("{socket} on {host} (through SSH)");
+        let engine = Engine::connect_unix(&local, &shown)
+            .await
+            .map_err(|e| e.to_string())?;
+        engines.insert(
+            key,
+            RemoteEngine {
+                engine: engine.clone(),
+                forward,
+            },
+        );
+        Ok(engine)
+    }
+
+    /// The engine a service's containers run on.
+    pub async fn engine_of(&self, stack: &str, name: &str) -> Result<Engine, String> {
+        let host = self.read(|st| {
+            st.stack(stack)
+                .and_then(|r| r.config.services.get(name))
+                .and_then(|c| engine_host(c).map(str::to_owned))
+        });
+        self.engine_for(stack, host.as_deref()).await
+    }
+
     /// The engine connection, made on first use (stacks without containers never
     /// touch the engine); a failed attempt is not kept, so a later start retries.
     pub async fn engine(&self) -> Result<Engine, String> {
@@ -127,13 +227,32 @@ impl Core {
         stack: &str,
         name: &str,
     ) -> Result<(ContainerRecord, BTreeMap<String, String>), String> {
-        let engine = self.engine().await?;
+        let host = self.read(|st| {
+            st.stack(stack)
+                .and_then(|r| r.config.services.get(name))
+                .and_then(|c| engine_host(c).map(str::to_owned))
+        });
+        let engine = self.engine_for(stack, host.as_deref()).await?;
         let network = network_name(&self.instance, stack);
         let gateway = engine
             .ensure_network(&network, &self.labels(stack))
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("network {network} has no gateway address"))?;
+        // A container on the local engine calls others from the bridge; one on an SSH
+        // host's engine from that host's LAN, as a service there does.
+        let place = match &host {
+            None => Place::Container { gateway },
+            Some(_) => self.read(|st| env::place_of(st, stack, name)),
+        };
+        let reaches_host_at = match &place {
+            Place::Container { gateway } => format!("containers reach the host at {gateway}"),
+            Place::Lan { hub } => format!(
+                "containers on {} reach the harness host at {hub}",
+                host.as_deref().unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
         let candidates = self.read(|st| host_process_dependencies(st, stack, name));
         let blocking = smol::unblock(move || {
             candidates.into_iter().find(|(_, port)| {
@@ -144,12 +263,22 @@ impl Core {
         .await;
         if let Some((dep, port)) = blocking {
             return Err(format!(
-                "dependency {dep} listens on loopback only (127.0.0.1:{port}), which a container cannot reach; containers reach the host at {gateway}, so make {dep} listen on all interfaces (0.0.0.0, or ${{self.bind}} in its args)"
+                "dependency {dep} listens on loopback only (127.0.0.1:{port}), which a container cannot reach; {reaches_host_at}, so make {dep} listen on all interfaces (0.0.0.0, or ${{self.bind}} in its args)"
             ));
         }
-        let place = Place::Container { gateway };
+        let env_file_on_engine = match &host {
+            None => self.env_file(stack, name),
+            Some(h) => {
+                let settings = self.read(|st| {
+                    st.stack(stack)
+                        .map(|r| crate::remote::host_config(&r.config, h))
+                });
+                let settings = settings.ok_or("stack was removed")?;
+                PathBuf::from(self.remote_dir(&settings, stack, name)).join("service.env")
+            }
+        };
         let (mut spec, source, harness_env) =
-            self.read(|st| self.container_spec(st, stack, name, &place))?;
+            self.read(|st| self.container_spec(st, stack, name, &place, &env_file_on_engine))?;
         // Each distinct line once: a pull repeats "<layer>: Downloading" for every chunk.
         let mut seen = std::collections::HashSet::new();
         let mut progress = |message: String| {
@@ -166,12 +295,50 @@ impl Core {
             .await
             .map_err(|e| e.to_string())?;
         env::save_env_file(self.env_file(stack, name), harness_env.clone()).await?;
+        if let Some(h) = &host {
+            self.put_env_file_on(stack, h, &env_file_on_engine, &harness_env)
+                .await?;
+        }
         engine.create(&spec).await.map_err(|e| e.to_string())?;
-        let record = engine
+        let mut record = engine
             .start(&spec.name, &network)
             .await
             .map_err(|e| e.to_string())?;
+        record.engine_host = host;
         Ok((record, harness_env))
+    }
+
+    /// Writes a container's env file on SSH host `host`, where its engine mounts it
+    /// (0600: values may be secrets).
+    async fn put_env_file_on(
+        &self,
+        stack: &str,
+        host: &str,
+        path: &std::path::Path,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let settings = self
+            .read(|st| {
+                st.stack(stack)
+                    .map(|r| crate::remote::host_config(&r.config, host))
+            })
+            .ok_or("stack was removed")?;
+        let ssh = self.ssh_host(&settings, None)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+        let command = format!(
+            "umask 077 && mkdir -p {} && cat > {}",
+            deployer::ssh::quote(&dir.display().to_string()),
+            deployer::ssh::quote(&path.display().to_string())
+        );
+        ssh.check(
+            "write the container's env file",
+            &command,
+            env::render_env_file(env).as_bytes(),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     fn container_spec(
@@ -180,6 +347,7 @@ impl Core {
         stack: &str,
         name: &str,
         place: &Place,
+        env_file_on_engine: &std::path::Path,
     ) -> Result<(ContainerSpec, ImageSource, BTreeMap<String, String>), String> {
         let stack_rec = st.stack(stack).ok_or("stack was removed")?;
         let cfg = &stack_rec.config.services[name];
@@ -218,7 +386,10 @@ impl Core {
             });
         }
         let mut volumes = target.volumes.clone();
-        volumes.push(format!("{}:{ENV_FILE_IN_CONTAINER}:ro", env_file.display()));
+        volumes.push(format!(
+            "{}:{ENV_FILE_IN_CONTAINER}:ro",
+            env_file_on_engine.display()
+        ));
         let mut labels = self.labels(stack);
         labels.insert(LABEL_SERVICE.to_owned(), name.to_owned());
         let timeout_ms = cfg.stop_timeout_ms.unwrap_or(DEFAULT_STOP_TIMEOUT_MS);
@@ -256,10 +427,29 @@ impl Core {
     /// network, when `names` is empty) that this daemon made; returns what it did, in
     /// words.
     pub async fn remove_containers(&self, stack: &str, names: &[String]) -> Vec<String> {
-        let engine = match self.engine().await {
-            Ok(e) => e,
-            Err(e) => return vec![format!("cannot remove the containers of {stack}: {e}")],
-        };
+        // Every engine the stack's docker services use: the local one, SSH hosts'.
+        let engines: std::collections::BTreeSet<Option<String>> = self.read(|st| {
+            st.stack(stack).map_or_else(Default::default, |r| {
+                r.config
+                    .services
+                    .values()
+                    .filter(|s| matches!(s.target, Target::Docker(_)))
+                    .map(|s| engine_host(s).map(str::to_owned))
+                    .collect()
+            })
+        });
+        let mut done = Vec::new();
+        for host in engines {
+            match self.engine_for(stack, host.as_deref()).await {
+                Ok(engine) => done.extend(self.remove_on(&engine, stack, names).await),
+                Err(e) => done.push(format!("cannot remove the containers of {stack}: {e}")),
+            }
+        }
+        done
+    }
+
+    /// [`remove_containers`](Self::remove_containers) on one engine.
+    async fn remove_on(&self, engine: &Engine, stack: &str, names: &[String]) -> Vec<String> {
         let mut done = Vec::new();
         let owned = match engine.owned(&self.instance, Some(stack)).await {
             Ok(list) => list,

@@ -140,6 +140,11 @@ pub struct Core {
     pub docker: async_lock::Mutex<Option<deployer::docker::Engine>>,
     /// SSH sessions, one per host and login (see `remote`).
     pub ssh: Mutex<HashMap<deployer::ssh::SshTarget, deployer::ssh::SshHost>>,
+    /// Engines on SSH hosts, by the host's SSH target and engine socket (see
+    /// `containers`).
+    pub remote_engines: async_lock::Mutex<
+        HashMap<(deployer::ssh::SshTarget, String), crate::containers::RemoteEngine>,
+    >,
     /// Recent `discover` results.
     pub discovery: crate::discovery::Cache,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
@@ -172,6 +177,7 @@ impl Core {
             logins: Default::default(),
             docker: async_lock::Mutex::new(None),
             ssh: Mutex::new(HashMap::new()),
+            remote_engines: Default::default(),
             discovery: Default::default(),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {
@@ -243,7 +249,7 @@ impl Core {
         let run = crate::run::Run::of(rec);
         let pid = run.as_ref().and_then(crate::run::Run::pid);
         let (container, host) = match run {
-            Some(crate::run::Run::Container(c)) => (Some(c.container_name), None),
+            Some(crate::run::Run::Container(c)) => (Some(c.container_name), c.engine_host),
             Some(crate::run::Run::Remote(r)) => (None, Some(r.record.host)),
             _ => (None, None),
         };

@@ -906,7 +906,7 @@ async fn exec(
         }
         match container {
             Some(id) => {
-                let engine = core.engine().await?;
+                let engine = core.engine_of(&p.stack, &p.name).await?;
                 let code = engine.exec(&id, &p.command, &env, tx).await;
                 code.map(|c| (c, None)).map_err(|e| e.to_string())
             }

@@ -53,6 +53,15 @@ pub fn place_of(st: &State, stack: &str, name: &str) -> Place {
         return Place::Host;
     };
     match stack_rec.config.services.get(name).map(|s| &s.target) {
+        // On an SSH host's engine it calls others from that host's LAN.
+        Some(Target::Docker(t)) if t.host.is_some() => {
+            let host = t.host.as_deref().unwrap_or_default();
+            let address = crate::remote::host_config(&stack_rec.config, host).address;
+            Place::Lan {
+                hub: crate::remote::hub_address_towards(&address)
+                    .unwrap_or_else(|| "127.0.0.1".to_owned()),
+            }
+        }
         Some(Target::Docker(_)) => Place::Container {
             gateway: stack_rec
                 .services
@@ -88,6 +97,13 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
     let cfg = stack_rec.config.services.get(target)?;
     let rec = stack_rec.services.get(target)?;
     match (&cfg.target, place) {
+        // A container on an SSH host's engine is reached at the host's address and its
+        // published port, from everywhere (its bridge is inside that host).
+        (Target::Docker(t), _) if t.host.is_some() => {
+            let host = t.host.as_deref().unwrap_or_default();
+            let address = crate::remote::host_config(&stack_rec.config, host).address;
+            Some((address, rec.port?))
+        }
         (Target::Docker(_), Place::Container { .. } | Place::Probe) => {
             let port = containers::main_port(cfg)?.container_port;
             // Before its first start a container has no address yet; its name on the

@@ -40,8 +40,11 @@ pub enum Probe {
     Tcp(String),
     /// GET this URL; healthy on `expected` or any 2xx.
     Http { url: String, expected: Option<u16> },
-    /// Run a program inside the service's container.
+    /// Run a program inside the service's container (on the engine of `host`, the
+    /// local one for `None`).
     InContainer {
+        stack: String,
+        host: Option<String>,
         container: String,
         argv: Vec<String>,
         expected: i32,
@@ -122,12 +125,14 @@ impl Probe {
                     judge((Some(out.status), text), *expected)
                 }
                 Probe::InContainer {
+                    stack,
+                    host,
                     container,
                     argv,
                     expected,
                     env,
                 } => {
-                    let engine = core.engine().await?;
+                    let engine = core.engine_for(stack, host.as_deref()).await?;
                     let out = crate::exec::run_in_container_captured(&engine, container, argv, env)
                         .await?;
                     judge(out, *expected)
@@ -177,6 +182,12 @@ pub fn probe_for(
     let container = rec.and_then(crate::containers::record_of);
     let (default_host, port) = match (&cfg.target, &container) {
         (protocol::config::Target::External(_) | protocol::config::Target::Discovered(_), _) => {
+            match env::endpoint(stack_rec, name, &env::Place::Probe) {
+                Some((host, port)) => (Some(host), Some(port)),
+                None => (None, None),
+            }
+        }
+        (_, Some(c)) if c.engine_host.is_some() => {
             match env::endpoint(stack_rec, name, &env::Place::Probe) {
                 Some((host, port)) => (Some(host), Some(port)),
                 None => (None, None),
@@ -338,6 +349,8 @@ fn command_probe(
                 .and_then(crate::containers::record_of)
                 .ok_or_else(|| format!("service {name}: its container is not running"))?;
             Ok(Probe::InContainer {
+                stack: stack.to_owned(),
+                host: container.engine_host,
                 container: container.container_id,
                 argv,
                 expected,

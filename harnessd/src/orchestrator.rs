@@ -435,7 +435,7 @@ impl Core {
             // Stopped or removed while it was being started: nobody else knows this
             // run, so end it here rather than leave it running unrecorded.
             let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
-            let _ = run.stop(self, "TERM", timeout).await;
+            let _ = run.stop(self, stack, "TERM", timeout).await;
             return;
         }
         self.supervise(stack, name, generation, run, started);
@@ -582,13 +582,31 @@ impl Core {
                 c.container_id.clone(),
                 self.log_path(stack, name),
             );
+            let (stack, name, host) = (stack.to_owned(), name.to_owned(), c.engine_host.clone());
             tasks.push(self.ex.spawn(async move {
-                let copied = match core.engine().await {
-                    Ok(engine) => engine.copy_logs(&id, &log, LOG_MAX_BYTES, LOG_KEEP).await,
-                    Err(_) => Ok(()),
+                // Until the container's output ends; a copy cut short by the engine's
+                // connection resumes after the newest line it wrote (while this run is
+                // the service's).
+                let ours = |st: &State| {
+                    current(st, &stack, &name, generation)
+                        && st
+                            .service(&stack, &name)
+                            .and_then(containers::record_of)
+                            .is_some_and(|r| r.container_id == id)
                 };
-                if let Err(e) = copied {
-                    tracing::warn!("{e}");
+                while core.read(ours) {
+                    let copied = match core.engine_for(&stack, host.as_deref()).await {
+                        Ok(engine) => engine.copy_logs(&id, &log, LOG_MAX_BYTES, LOG_KEEP).await,
+                        Err(e) => Err(deployer::DeployError::NoEngine {
+                            host: host.clone().unwrap_or_default(),
+                            detail: e,
+                        }),
+                    };
+                    match copied {
+                        Ok(()) => break,
+                        Err(e) => tracing::warn!("{e}; copying again"),
+                    }
+                    smol::Timer::after(Duration::from_secs(1)).await;
                 }
             }));
         }
@@ -609,7 +627,7 @@ impl Core {
         }
         let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
         tasks.push(self.ex.spawn(async move {
-            let status = run.wait_exit(&core).await;
+            let status = run.wait_exit(&core, &stack2).await;
             core.on_exit(&stack2, &name2, generation, status, started);
         }));
         let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
@@ -693,7 +711,7 @@ impl Core {
         let task = self.ex.spawn(async move {
             if let Some(run) = run.filter(|r| !r.is_borrowed()) {
                 let timeout = Duration::from_millis(DEFAULT_STOP_TIMEOUT_MS);
-                let _ = run.stop(&core, "TERM", timeout).await;
+                let _ = run.stop(&core, &stack2, "TERM", timeout).await;
             }
             core.launch(&stack2, &name2, generation).await;
         });
@@ -923,7 +941,7 @@ impl Core {
             return;
         };
         let status = match &record {
-            Some(r) => r.stop(self, &signal, timeout).await,
+            Some(r) => r.stop(self, stack, &signal, timeout).await,
             None => None,
         };
         self.update(|st, ch| {
@@ -1083,7 +1101,7 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
             _ => Found::Gone("its process disappeared while the daemon was down".to_owned()),
         };
     }
-    let engine = match core.engine().await {
+    let engine = match core.engine_of(stack, name).await {
         Ok(e) => e,
         Err(e) => return Found::Gone(e),
     };
@@ -1268,22 +1286,50 @@ async fn reconcile_containers(
     core: &Arc<Core>,
     owned: &std::collections::HashSet<String>,
 ) -> Vec<String> {
-    let uses_docker = core.read(|st| {
+    // The local engine (for every stack at once) and each SSH host's engine that a
+    // stack's docker services use (for that stack).
+    let engines: BTreeSet<(Option<String>, Option<String>)> = core.read(|st| {
         st.snap
             .stacks
-            .values()
-            .any(|r| containers::has_containers(&r.config))
+            .iter()
+            .flat_map(|(stack, r)| {
+                r.config
+                    .services
+                    .values()
+                    .filter(|s| matches!(s.target, Target::Docker(_)))
+                    .map(|s| match containers::engine_host(s) {
+                        Some(h) => (Some(stack.clone()), Some(h.to_owned())),
+                        None => (None, None),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     });
-    if !uses_docker {
-        return Vec::new();
+    let mut fixes = Vec::new();
+    for (stack, host) in engines {
+        let engine = match &stack {
+            Some(stack) => core.engine_for(stack, host.as_deref()).await,
+            None => core.engine().await,
+        };
+        let Ok(engine) = engine else {
+            continue;
+        };
+        match engine.owned(&core.instance, stack.as_deref()).await {
+            Ok(list) => fixes.extend(stray_containers(core, &engine, list, owned).await),
+            Err(e) => fixes.push(e.to_string()),
+        }
     }
-    let Ok(engine) = core.engine().await else {
-        return Vec::new();
-    };
-    let list = match engine.owned(&core.instance, None).await {
-        Ok(list) => list,
-        Err(e) => return vec![e.to_string()],
-    };
+    fixes
+}
+
+/// Reports this daemon's containers that no registered service has, and stops running
+/// ones that no running service owns.
+async fn stray_containers(
+    core: &Arc<Core>,
+    engine: &deployer::docker::Engine,
+    list: Vec<deployer::docker::OwnedContainer>,
+    owned: &std::collections::HashSet<String>,
+) -> Vec<String> {
     let mut fixes = Vec::new();
     for c in list {
         let registered = core.read(|st| {

@@ -153,7 +153,7 @@ impl Core {
     }
 
     /// The run directory of a service on its host.
-    fn remote_dir(&self, h: &HostConfig, stack: &str, name: &str) -> String {
+    pub fn remote_dir(&self, h: &HostConfig, stack: &str, name: &str) -> String {
         let root = h.install_root.as_deref().unwrap_or(DEFAULT_INSTALL_ROOT);
         let instance: String = self.instance.chars().take(8).collect();
         format!(

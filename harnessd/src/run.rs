@@ -70,7 +70,7 @@ impl Run {
     }
 
     /// Waits until the run ends; returns how.
-    pub async fn wait_exit(&self, core: &Core) -> ExitStatus {
+    pub async fn wait_exit(&self, core: &Core, stack: &str) -> ExitStatus {
         let lost = |e: String| ExitStatus {
             code: None,
             signal: None,
@@ -80,10 +80,7 @@ impl Run {
             Run::Process(p) => process::wait_exit(p)
                 .await
                 .unwrap_or_else(|e| lost(e.to_string())),
-            Run::Container(c) => match core.engine().await {
-                Ok(engine) => engine.wait_exit(&c.container_id).await,
-                Err(e) => lost(e),
-            },
+            Run::Container(c) => wait_container(core, stack, c).await,
             Run::Remote(r) => match core.ssh_for_run(r) {
                 Ok(ssh) => deployer::remote::wait_exit(&ssh, &r.record, REMOTE_POLL).await,
                 Err(e) => lost(e),
@@ -96,11 +93,20 @@ impl Run {
     /// Stops the run: `signal` (containers use the stop signal they were made with),
     /// then SIGKILL after `timeout`. Returns how it ended when that is known. A reused
     /// instance is left running.
-    pub async fn stop(&self, core: &Core, signal: &str, timeout: Duration) -> Option<ExitStatus> {
+    pub async fn stop(
+        &self,
+        core: &Core,
+        stack: &str,
+        signal: &str,
+        timeout: Duration,
+    ) -> Option<ExitStatus> {
         match self {
             Run::Process(p) => process::stop(p, signal, timeout).await.ok(),
             Run::Container(c) => {
-                let engine = core.engine().await.ok()?;
+                let engine = core
+                    .engine_for(stack, c.engine_host.as_deref())
+                    .await
+                    .ok()?;
                 match engine.stop(&c.container_id, timeout).await {
                     Ok(status) => status,
                     Err(e) => {
@@ -125,6 +131,30 @@ impl Run {
         matches!(self, Run::Reused(_) | Run::Discovered(_))
     }
 }
+
+/// Waits until a container stops. A wait that ends without an exit (the engine's
+/// connection went away: an SSH host's link or sshd, a restarted dockerd) is not an
+/// exit: the container is looked at again, and waited for again while it runs.
+async fn wait_container(core: &Core, stack: &str, c: &ContainerRecord) -> ExitStatus {
+    loop {
+        if let Ok(engine) = core.engine_for(stack, c.engine_host.as_deref()).await {
+            let status = engine.wait_exit(&c.container_id).await;
+            if status.error.is_none() {
+                return status;
+            }
+            match engine.state(&c.container_id).await {
+                Ok(deployer::docker::ContainerState::Running) => continue,
+                Ok(deployer::docker::ContainerState::Exited(status)) => return status,
+                Ok(deployer::docker::ContainerState::Gone) => return status,
+                Err(e) => tracing::debug!("{}: {e}; looking again", c.container_name),
+            }
+        }
+        smol::Timer::after(ENGINE_RETRY).await;
+    }
+}
+
+/// How long to wait before reaching for an engine that did not answer again.
+const ENGINE_RETRY: Duration = Duration::from_secs(1);
 
 /// How often the state of a run on an SSH host is polled.
 const REMOTE_POLL: Duration = Duration::from_secs(1);

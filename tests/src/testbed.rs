@@ -336,6 +336,48 @@ impl TestBed {
             .collect()
     }
 
+    /// Starts a Docker engine of its own inside host `i`'s namespace (its own data
+    /// root, exec root, socket, pid file, containerd namespaces, bridge and cgroup
+    /// parent), as a "remote" host's engine; reachable only where its socket is read,
+    /// which is what the host's SSH sessions do. Waits until it answers.
+    pub fn start_dockerd(&self, i: usize) -> BedDocker {
+        let h = &self.hosts[i];
+        let dir = h.dir.join("docker");
+        fs::create_dir_all(&dir).expect("docker dir");
+        let socket = dir.join("docker.sock");
+        let octets: Vec<u8> = self
+            .subnet
+            .split(['.', '/'])
+            .filter_map(|o| o.parse().ok())
+            .collect();
+        let bip = format!("10.{}.{}.1/24", 180 + octets[1] - 18, octets[2]);
+        let ns = format!("hd{}-{i}", self.id);
+        let log = fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        // nsenter, not `ip netns exec`: that one mounts a fresh /sys, which hides the
+        // cgroup hierarchy dockerd needs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.netns))
+            .arg("dockerd")
+            .arg(format!("--data-root={}", dir.join("data").display()))
+            .arg(format!("--exec-root={}", dir.join("exec").display()))
+            .arg(format!("--host=unix://{}", socket.display()))
+            .arg(format!("--pidfile={}", dir.join("dockerd.pid").display()))
+            .arg(format!("--bip={bip}"))
+            .arg(format!("--containerd-namespace={ns}"))
+            .arg(format!("--containerd-plugins-namespace={ns}-plugins"))
+            .arg(format!("--cgroup-parent={ns}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd (Debian's docker.io)");
+        let engine = BedDocker { socket, dir, child };
+        wait_for("the bed's dockerd", Duration::from_secs(60), || {
+            engine.try_docker(&["info"]).ok()
+        });
+        engine
+    }
+
     /// A `hosts:` block naming every host `host0..hostN` for a harness config.
     pub fn hosts_yaml(&self) -> String {
         let mut out = String::from("hosts:\n");
@@ -350,6 +392,67 @@ impl TestBed {
             );
         }
         out
+    }
+}
+
+/// A Docker engine inside a bed host's namespace; stopped, with every container it
+/// ran, when dropped.
+pub struct BedDocker {
+    /// Its API socket (on the shared filesystem; the bed host's sshd forwards it).
+    pub socket: PathBuf,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl BedDocker {
+    /// Runs the docker CLI against this engine; its output, or what went wrong.
+    pub fn try_docker(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker")
+            .arg(format!("--host=unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Runs the docker CLI against this engine; panics when it fails.
+    #[track_caller]
+    pub fn docker(&self, args: &[&str]) -> String {
+        self.try_docker(args)
+            .unwrap_or_else(|e| panic!("docker {}: {e}", args.join(" ")))
+    }
+
+    /// dockerd's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for BedDocker {
+    fn drop(&mut self) {
+        // Container processes live in namespaces of their own: the bed's sweep of its
+        // hosts' namespaces would not find them.
+        if let Ok(ids) = self.try_docker(&["ps", "-aq"]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f", "-v"];
+                args.extend(ids);
+                let _ = self.try_docker(&args);
+            }
+        }
+        run_quiet("kill", &["-TERM", &self.child.id().to_string()]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -77,6 +77,9 @@ pub struct HostsFileEntry {
     /// `strict` or `accept-new`.
     #[serde(default)]
     pub host_key_checking: Option<String>,
+    /// The Docker engine's socket on the host.
+    #[serde(default)]
+    pub docker_socket: Option<String>,
     /// The `remote_lan` services this host runs.
     #[serde(default)]
     pub services: Vec<String>,
@@ -126,6 +129,7 @@ pub fn merge_hosts_file(
                     .clone()
                     .or_else(|| parsed.host_key_checking.clone()),
                 connect_timeout_ms: None,
+                docker_socket: e.docker_socket.clone(),
             },
         );
         for service in &e.services {

@@ -96,6 +96,10 @@ pub struct HostConfig {
     /// How long connecting and logging in may take, in ms (default 10 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// The Docker engine's socket on the host, for docker targets placed there
+    /// (default `/var/run/docker.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_socket: Option<String>,
 }
 
 /// One service.
@@ -243,6 +247,10 @@ pub struct DockerTarget {
     /// is missing.
     #[serde(default)]
     pub rootfs: Option<String>,
+    /// Run it on this SSH host's engine instead of the local one (a name in `hosts:`,
+    /// or an address), reached through the host's SSH connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// One entry of a docker target's `ports`: `80` (published on a port the harness

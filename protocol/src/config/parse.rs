@@ -119,6 +119,7 @@ const HOST: Spec = Spec {
         "host_key_checking",
         "connect_timeout",
         "connect_timeout_secs",
+        "docker_socket",
     ],
     retired: &[
         ("key_file", "use `ssh_key`"),
@@ -231,7 +232,7 @@ const PROCESS_BACKEND: Spec = Spec {
     retired: PROCESS.retired,
 };
 
-const DOCKER_KNOWN: [&str; 13] = [
+const DOCKER_KNOWN: [&str; 14] = [
     "image",
     "pull",
     "command",
@@ -245,6 +246,7 @@ const DOCKER_KNOWN: [&str; 13] = [
     "build",
     "dockerfile",
     "rootfs",
+    "host",
 ];
 const DOCKER_RETIRED: [(&str, &str); 1] = [("environment", "use `env`")];
 const DOCKER: Spec = Spec {
@@ -267,6 +269,7 @@ const DOCKER_BACKEND: Spec = Spec {
         "build",
         "dockerfile",
         "rootfs",
+        "host",
     ],
     retired: &DOCKER_RETIRED,
 };
@@ -509,6 +512,7 @@ fn hosts(cx: &mut Cx<'_>, node: &Node) -> BTreeMap<String, HostConfig> {
             install_root: f.text(cx, "install_root"),
             host_key_checking: f.text(cx, "host_key_checking"),
             connect_timeout_ms: f.duration(cx, "connect_timeout"),
+            docker_socket: f.text(cx, "docker_socket"),
         };
         out.insert(key.name.clone(), host);
     }
@@ -768,6 +772,7 @@ fn target_of_kind(cx: &mut Cx<'_>, kind: &str, f: &Fields<'_>) -> Target {
             build: f.text(cx, "build"),
             dockerfile: f.text(cx, "dockerfile"),
             rootfs: f.text(cx, "rootfs"),
+            host: f.text(cx, "host"),
         }),
         "discovered" => Target::Discovered(DiscoveredTarget {
             kind: f.text(cx, "type").unwrap_or_default(),

@@ -235,10 +235,7 @@ fn discovery_identifies_postgres_redis_and_ssh_by_protocol_and_stays_in_its_rang
     for h in [&h0, &h1] {
         let ssh = found(&r, &format!("{h}:22"), "tcp");
         assert_eq!(ssh.kind, "ssh");
-        assert!(
-            detail(ssh).starts_with("SSH-2.0-OpenSSH"),
-            "{ssh:?}"
-        );
+        assert!(detail(ssh).starts_with("SSH-2.0-OpenSSH"), "{ssh:?}");
     }
     // PostgreSQL is not mistaken for Redis, nor Redis for PostgreSQL.
     assert!(r.services.iter().all(|s| s.address != format!("{h0}:6379")));
@@ -442,10 +439,7 @@ while True:
     );
     let srv = found(&r, &format!("{h0}:5432"), "dns");
     assert_eq!(srv.kind, "postgresql");
-    assert!(
-        detail(srv).contains("db.test.internal"),
-        "{srv:?}"
-    );
+    assert!(detail(srv).contains("db.test.internal"), "{srv:?}");
     let mdns = found(&r, &format!("{h1}:6379"), "mdns");
     assert_eq!(mdns.kind, "redis");
     assert!(

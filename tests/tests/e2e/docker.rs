@@ -545,3 +545,184 @@ fn an_image_built_from_a_context_is_rebuilt_when_the_context_changes() {
     assert_eq!(labelled(&d.info.instance), (String::new(), String::new()));
     docker(&["rmi", &built, &first_image, &base]);
 }
+
+/// A container placed on an SSH host runs on that host's own engine (a second dockerd
+/// in a test-bed namespace), reached only through the host's SSH connection: the local
+/// engine never sees it, and it and a local process reach each other.
+#[test]
+fn a_container_on_an_ssh_host_runs_on_its_engine_through_ssh() {
+    require_engine();
+    let mut bed = tests::testbed::TestBed::new(1);
+    let engine = bed.start_dockerd(0);
+    let d = TestDaemon::start();
+    let dir = d.workdir("rdock");
+    let rootfs = dir.join("busybox-rootfs.tar");
+    busybox_rootfs(&rootfs);
+    let h = &bed.hosts[0];
+    let stack = format!("rdock{}", std::process::id());
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: {stack}
+hosts:
+  host0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root}, docker_socket: {socket} }}
+services:
+  api:
+    target: {{ process: {{ binary: DEMO, args: [--name, api, --port, "${{self.port}}", --bind, "${{self.bind}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  web:
+    target:
+      docker:
+        host: host0
+        image: harness-test/remote-busybox:e2e
+        rootfs: {rootfs}
+        pull: never
+        command: [sh, -c, 'echo "web got api at $API_ADDR"; mkdir -p /www && wget -qO /www/api.json "http://$API_ADDR/" && exec httpd -f -p 80 -h /www']
+        ports: ["80"]
+    stop_timeout: 1s
+    depends_on: {{ api: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/api.json" }}
+  client:
+    target: {{ process: {{ binary: DEMO, args: [--name, client, --port, "${{self.port}}", --upstream, "web=${{web.addr}}"] }} }}
+    port: auto
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+            addr = h.address,
+            key = bed.user_key.display(),
+            kh = bed.known_hosts.display(),
+            root = h.install_root.display(),
+            socket = engine.socket.display(),
+            rootfs = rootfs.display(),
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(
+        up.status.success(),
+        "harness up failed:\n{}\n{}\ndaemon log:\n{}\ndockerd log:\n{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr),
+        d.log(),
+        engine.log()
+    );
+    let c = d.client();
+    let web = get(&c, &stack, "web");
+    assert_eq!(
+        (web.backend.as_str(), web.health),
+        ("docker", Health::Healthy)
+    );
+    assert_eq!(web.host.as_deref(), Some("host0"));
+    let web_addr = web.address.clone().expect("web's address");
+    assert!(
+        web_addr.starts_with(&format!("{}:", h.address)),
+        "{web_addr}"
+    );
+    // The host's engine runs it; the local engine has never heard of it.
+    let name = format!("harness-{stack}-web");
+    let there = engine.docker(&["ps", "-q", "--filter", &format!("name={name}")]);
+    assert!(!there.trim().is_empty(), "not on the host's engine");
+    let local = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name={name}")])
+        .output()
+        .expect("docker ps");
+    assert!(
+        String::from_utf8_lossy(&local.stdout).trim().is_empty(),
+        "the local engine has it"
+    );
+    // The container reached the local process at the harness host's address towards
+    // the host (it served what it fetched), and the local client reached the container.
+    let api_json = http_get(&web_addr, "/api.json");
+    assert!(api_json.contains("\"api\""), "{api_json}");
+    let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "web"]).stdout).into_owned();
+    assert!(
+        env.contains(&format!("API_ADDR={}:", bed.hub_address)),
+        "{env}"
+    );
+    assert_eq!(get(&c, &stack, "client").health, Health::Healthy);
+    // exec and logs go through the same forward.
+    let out = d.cli(&dir, &["exec", "web", "--", "cat", "/www/api.json"]);
+    assert_ok(&d, &out, "harness exec web");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"api\""));
+    wait_for("web's log line", Duration::from_secs(20), || {
+        log_lines(&c, &stack, "web")
+            .iter()
+            .any(|l| l.line.contains("web got api at"))
+            .then_some(())
+    });
+
+    // Only the SSH connection carries the engine: with the host's sshd gone, the
+    // engine cannot be reached; once it is back, it can again.
+    bed.kill_ssh(0);
+    let out = d.cli(&dir, &["exec", "web", "--", "true"]);
+    assert!(!out.status.success(), "exec worked without the host's sshd");
+    bed.start_sshd(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.cli(&dir, &["exec", "web", "--", "true"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec did not work again once sshd was back:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    let left = engine.docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=dev.harness.instance={}", d.info.instance),
+    ]);
+    assert!(
+        left.trim().is_empty(),
+        "containers left on the host: {left}"
+    );
+    let networks = engine.docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=dev.harness.instance={}", d.info.instance),
+    ]);
+    assert!(
+        networks.trim().is_empty(),
+        "networks left on the host: {networks}"
+    );
+}
+
+#[test]
+fn a_container_on_a_host_without_an_engine_fails_saying_how_to_get_one() {
+    let bed = tests::testbed::TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("noengine");
+    let h = &bed.hosts[0];
+    write_config(
+        &dir,
+        &format!(
+            "name: noengine\nhosts:\n  host0: {{ address: {}, user: root, ssh_key: {}, known_hosts: {}, docker_socket: {}/none.sock }}\nservices:\n  web:\n    target: {{ docker: {{ host: host0, image: busybox, pull: never }} }}\n",
+            h.address,
+            bed.user_key.display(),
+            bed.known_hosts.display(),
+            h.dir.display()
+        ),
+    );
+    let out = d.cli(&dir, &["up"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Docker engine on host0") && err.contains("apt-get install docker.io"),
+        "{err}"
+    );
+    // Nothing was made anywhere, and the daemon serves on.
+    assert_eq!(
+        get(&d.client(), "noengine", "web").state,
+        ServiceState::Failed
+    );
+    assert!(!d
+        .state_dir
+        .join("run/engines")
+        .read_dir()
+        .is_ok_and(|mut e| e.next().is_some()));
+}

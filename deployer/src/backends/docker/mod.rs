@@ -143,6 +143,10 @@ pub struct ContainerRecord {
     pub pid: Option<u32>,
     /// Published ports.
     pub ports: Vec<PublishedPort>,
+    /// The SSH host whose engine runs it (its name in the stack's `hosts:`); none for
+    /// the local engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_host: Option<String>,
 }
 
 /// A container of this daemon found on the engine.
@@ -212,13 +216,37 @@ impl Engine {
             detail,
         };
         let docker = Docker::connect_with_defaults().map_err(|e| unreachable(e.to_string()))?;
+        Self::checked(docker, host).await
+    }
+
+    /// Connects to an engine through the unix socket `path` (a forward of a remote
+    /// host's engine socket); `shown` names it in messages.
+    pub async fn connect_unix(path: &std::path::Path, shown: &str) -> Result<Engine, DeployError> {
+        let unreachable = |detail: String| DeployError::NoEngine {
+            host: shown.to_owned(),
+            detail,
+        };
+        let path = path
+            .to_str()
+            .ok_or_else(|| unreachable("the socket path is not UTF-8".into()))?;
+        let docker = Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| unreachable(e.to_string()))?;
+        Self::checked(docker, shown.to_owned()).await
+    }
+
+    /// The engine behind `docker` once it answers a ping (at the API version both
+    /// sides speak).
+    async fn checked(docker: Docker, host: String) -> Result<Engine, DeployError> {
         let docker = on_tokio(async move {
             let docker = docker.negotiate_version().await?;
             docker.ping().await?;
             Ok::<_, BollardError>(docker)
         })
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| DeployError::NoEngine {
+            host: host.clone(),
+            detail: e.to_string(),
+        })?;
         Ok(Engine {
             docker,
             host,
@@ -664,6 +692,7 @@ fn record(info: ContainerInspectResponse, network: &str) -> ContainerRecord {
         ip: nonempty(endpoint.ip_address),
         gateway: nonempty(endpoint.gateway),
         ports,
+        engine_host: None,
     }
 }
 

@@ -13,6 +13,7 @@
 //! daemon's own known_hosts file (never the user's).
 
 mod connect;
+mod forward;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use ssh2::{ErrorCode, Session};
 
 pub use connect::HostKeyPolicy;
+pub use forward::SocketForward;
 
 use crate::DeployError;
 
