@@ -10,6 +10,7 @@ mod docker;
 mod external;
 mod lan;
 mod lifecycle;
+mod mesh;
 mod packages;
 mod scripts;
 mod support;

@@ -1,0 +1,254 @@
+//! The mesh's data plane on real TUN devices: `harness-node` agents in test-bed
+//! namespaces, a hub and two nodes joined over the bed's LAN; each bed has its own
+//! subnet, interface names and namespaces.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::testbed::TestBed;
+use wg_mesh::config::{Cidr, Config, Interface, Peer};
+use wg_mesh::keys::PrivateKey;
+
+/// A running agent; killed when dropped (the bed also ends it with its namespace).
+struct Agent {
+    child: Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `config` (0600) and starts an agent with it in host `i`'s namespace; returns
+/// once it printed `ready`.
+fn agent(bed: &TestBed, i: usize, config: &Config, control: Option<&std::path::Path>) -> Agent {
+    let dir = &bed.hosts[i].dir;
+    let path = dir.join("wireguard.conf");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("config");
+        f.write_all(config.render().as_bytes()).expect("config");
+    }
+    let stderr = dir.join("agent.log");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &bed.hosts[i].netns])
+        .arg(tests::bin("harness-node"))
+        .arg("--config")
+        .arg(&path)
+        .args(["--interface", &format!("hm{}", bed.id)]);
+    if let Some(c) = control {
+        cmd.arg("--control").arg(c);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("log"))
+        .spawn()
+        .expect("start harness-node");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read ready");
+    assert!(
+        first.starts_with("ready"),
+        "harness-node did not start: {first}{}",
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    );
+    Agent { child, stderr }
+}
+
+/// One ping from host `i` to `to`, waiting at most a second for the reply.
+fn ping(bed: &TestBed, i: usize, to: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.hosts[i].netns,
+            "busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            to,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One request to a hub agent's control socket; its JSON answer.
+fn control(path: &std::path::Path, request: serde_json::Value) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("control socket");
+    writeln!(s, "{request}").expect("write");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("read");
+    serde_json::from_str(&line).expect("json answer")
+}
+
+#[test]
+fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off() {
+    let bed = TestBed::new(3);
+    // A subnet of this bed's own: 10.42.<the bed's third octet>.0/24.
+    let third = bed.subnet.split('.').nth(2).expect("bed subnet").to_owned();
+    let mesh = Cidr::parse(&format!("10.42.{third}.0/24")).unwrap();
+    let ip = |n: u8| format!("10.42.{third}.{n}");
+    let (hub_key, n1_key, n2_key) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    let node_peer = |key: &PrivateKey, n: u8| Peer {
+        public_key: key.public(),
+        endpoint: None,
+        allowed_ips: vec![Cidr::parse(&ip(n)).unwrap()],
+        persistent_keepalive: None,
+    };
+    let hub_config = Config {
+        interface: Interface {
+            private_key: hub_key.clone(),
+            address: Cidr::parse(&format!("{}/24", ip(1))).unwrap(),
+            listen_port: Some(51820),
+            mtu: None,
+        },
+        peers: vec![node_peer(&n1_key, 2), node_peer(&n2_key, 3)],
+    };
+    let hub_endpoint = format!("{}:51820", bed.hosts[0].address).parse().unwrap();
+    let control_path = bed.hosts[0].dir.join("hub.sock");
+    let hub = agent(&bed, 0, &hub_config, Some(&control_path));
+    let started = Instant::now();
+    let n1 = agent(
+        &bed,
+        1,
+        &Config::node(
+            n1_key.clone(),
+            Cidr::parse(&format!("{}/24", ip(2))).unwrap(),
+            hub_key.public(),
+            hub_endpoint,
+            mesh,
+        ),
+        None,
+    );
+    // The node's tunnel comes up at once: it starts the handshake itself.
+    let deadline = started + Duration::from_secs(5);
+    while !ping(&bed, 1, &ip(1)) {
+        assert!(Instant::now() < deadline, "node 1 never reached the hub");
+    }
+    let up_after = started.elapsed();
+    assert!(
+        up_after < Duration::from_secs(3),
+        "tunnel up after {up_after:?}"
+    );
+    let _n2 = agent(
+        &bed,
+        2,
+        &Config::node(
+            n2_key.clone(),
+            Cidr::parse(&format!("{}/24", ip(3))).unwrap(),
+            hub_key.public(),
+            hub_endpoint,
+            mesh,
+        ),
+        None,
+    );
+    // Node to node, through the hub.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping(&bed, 1, &ip(3)) {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never reached node 2 through the hub"
+        );
+    }
+    assert!(ping(&bed, 2, &ip(2)), "node 2 cannot reach node 1");
+
+    // The hub's peers with handshakes and traffic.
+    let peers = control(&control_path, serde_json::json!({"op": "peers"}));
+    let list = peers["peers"].as_array().expect("peers");
+    assert_eq!(list.len(), 2, "{peers}");
+    for p in list {
+        assert!(p["handshake_age_secs"].as_u64().is_some(), "{p}");
+        assert!(p["rx_bytes"].as_u64().unwrap_or(0) > 0, "{p}");
+    }
+
+    // Removing node 2's peer cuts it off at once; adding it back (with the endpoint
+    // the hub knew) restores it without touching the node.
+    let n2_pub = n2_key.public().to_string();
+    let removed = control(
+        &control_path,
+        serde_json::json!({"op": "remove_peer", "public_key": n2_pub}),
+    );
+    assert_eq!(removed["ok"], true, "{removed}");
+    assert!(
+        !ping(&bed, 1, &ip(3)),
+        "node 2 still reachable after its removal"
+    );
+    assert!(
+        !ping(&bed, 2, &ip(1)),
+        "node 2 still reaches the hub after its removal"
+    );
+    let endpoint = format!("{}:{}", bed.hosts[2].address, node_port(&bed, 2));
+    let added = control(
+        &control_path,
+        serde_json::json!({"op": "add_peer", "public_key": n2_pub, "allowed_ips": [format!("{}/32", ip(3))], "endpoint": endpoint}),
+    );
+    assert_eq!(added["ok"], true, "{added}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping(&bed, 1, &ip(3)) {
+        assert!(Instant::now() < deadline, "node 2 did not come back");
+    }
+
+    // Bad control input gets an error, and the hub keeps serving.
+    let bad = control(
+        &control_path,
+        serde_json::json!({"op": "add_peer", "public_key": "nope", "allowed_ips": []}),
+    );
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("bad WireGuard key"),
+        "{bad}"
+    );
+    assert!(ping(&bed, 1, &ip(1)));
+
+    // Private keys are in the 0600 config files only: not on command lines, not in logs.
+    for (agent, key) in [(&hub, &hub_key), (&n1, &n1_key)] {
+        let secret = key.to_base64();
+        let cmdline =
+            std::fs::read(format!("/proc/{}/cmdline", agent.child.id())).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&secret));
+        let log = std::fs::read_to_string(&agent.stderr).unwrap_or_default();
+        assert!(!log.contains(&secret), "{log}");
+    }
+}
+
+/// The UDP port node `i`'s agent listens on (the kernel picked it).
+fn node_port(bed: &TestBed, i: usize) -> u16 {
+    let out = tests::testbed::run(
+        "ip",
+        &["netns", "exec", &bed.hosts[i].netns, "ss", "-Hunlp"],
+    );
+    out.lines()
+        .filter(|l| l.contains("harness-node"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no UDP socket of harness-node in:\n{out}"))
+}

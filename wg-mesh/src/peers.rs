@@ -1,0 +1,70 @@
+//! The peer table's routing: which peer an inner packet goes to (the longest matching
+//! allowed IP), and whether a peer may send from an address.
+
+use std::net::Ipv4Addr;
+
+use crate::config::Cidr;
+
+/// Routes to peers, by their allowed IPs; `T` identifies a peer.
+#[derive(Debug, Clone)]
+pub struct Routes<T> {
+    entries: Vec<(Cidr, T)>,
+}
+
+impl<T> Default for Routes<T> {
+    fn default() -> Self {
+        Routes {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone + PartialEq> Routes<T> {
+    /// Routes `nets` to `peer`.
+    pub fn add(&mut self, nets: &[Cidr], peer: T) {
+        for n in nets {
+            self.entries.push((*n, peer.clone()));
+        }
+        // Longest prefix first, so the first match is the best one.
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.0.prefix));
+    }
+
+    /// Removes every route to `peer`.
+    pub fn remove(&mut self, peer: &T) {
+        self.entries.retain(|(_, p)| p != peer);
+    }
+
+    /// The peer `dst` goes to.
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<&T> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.contains(dst))
+            .map(|(_, p)| p)
+    }
+
+    /// Whether `peer` may send from `src` (a packet from elsewhere is dropped).
+    pub fn allows(&self, peer: &T, src: Ipv4Addr) -> bool {
+        self.entries
+            .iter()
+            .any(|(n, p)| p == peer && n.contains(src))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_prefix_wins_and_sources_are_checked() {
+        let mut r = Routes::default();
+        r.add(&[Cidr::parse("10.42.0.0/16").unwrap()], "hub");
+        r.add(&[Cidr::parse("10.42.0.5/32").unwrap()], "node5");
+        assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"node5"));
+        assert_eq!(r.lookup("10.42.0.6".parse().unwrap()), Some(&"hub"));
+        assert_eq!(r.lookup("10.43.0.6".parse().unwrap()), None);
+        assert!(r.allows(&"node5", "10.42.0.5".parse().unwrap()));
+        assert!(!r.allows(&"node5", "10.42.0.6".parse().unwrap()));
+        r.remove(&"node5");
+        assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"hub"));
+    }
+}
