@@ -79,20 +79,6 @@ fn op_error(e: OpError) -> ErrorObject {
     }
 }
 
-/// Parses a message into a request, or the error response to send instead.
-pub fn parse(text: &str) -> Result<Request, Response> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Response::err(None, ErrorCode::ParseError, format!("invalid JSON: {e}")))?;
-    let id = value.get("id").and_then(Value::as_u64).map(RequestId);
-    serde_json::from_value(value).map_err(|e| {
-        Response::err(
-            id,
-            ErrorCode::InvalidRequest,
-            format!("not a request ({e}); expected {{\"id\": <number>, \"method\": \"...\", \"params\": {{...}}}}"),
-        )
-    })
-}
-
 /// Handles the first request of a connection, which must be `hello` with the token.
 /// Returns the response, whether the client is now authenticated, and whether to close.
 pub fn hello(core: &Core, token: &str, req: &Request) -> (Response, bool, bool) {

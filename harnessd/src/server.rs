@@ -299,7 +299,7 @@ async fn connection(
             }
             Err(_) => break,
         };
-        match dispatch::parse(&text) {
+        match protocol::envelope::parse_request(&text) {
             Err(response) => {
                 let _ = out_tx.send(serde_json::to_string(&response)?).await;
             }

@@ -165,6 +165,22 @@ pub struct OutputMessage {
     pub output: ExecOutput,
 }
 
+/// Parses a client's message into a request, or the error response to send instead:
+/// `parse_error` for text that is not JSON, `invalid_request` (with the id, when the
+/// message had one) for JSON that is not a request.
+pub fn parse_request(text: &str) -> Result<Request, Response> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Response::err(None, ErrorCode::ParseError, format!("invalid JSON: {e}")))?;
+    let id = value.get("id").and_then(Value::as_u64).map(RequestId);
+    serde_json::from_value(value).map_err(|e| {
+        Response::err(
+            id,
+            ErrorCode::InvalidRequest,
+            format!("not a request ({e}); expected {{\"id\": <number>, \"method\": \"...\", \"params\": {{...}}}}"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
