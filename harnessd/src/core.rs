@@ -145,6 +145,8 @@ pub struct Core {
     pub remote_engines: async_lock::Mutex<
         HashMap<(deployer::ssh::SshTarget, String), crate::containers::RemoteEngine>,
     >,
+    /// The mesh hub's data plane while a mesh service runs (see `mesh`).
+    pub mesh: async_lock::Mutex<Option<crate::mesh::Hub>>,
     /// Recent `discover` results.
     pub discovery: crate::discovery::Cache,
     shutdown: (async_channel::Sender<()>, async_channel::Receiver<()>),
@@ -178,6 +180,7 @@ impl Core {
             docker: async_lock::Mutex::new(None),
             ssh: Mutex::new(HashMap::new()),
             remote_engines: Default::default(),
+            mesh: async_lock::Mutex::new(None),
             discovery: Default::default(),
             shutdown: async_channel::bounded(1),
             state: Mutex::new(State {

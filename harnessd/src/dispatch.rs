@@ -539,7 +539,10 @@ async fn remove(
                     .filter(|n| {
                         matches!(
                             r.config.services.get(*n).map(|s| &s.target),
-                            Some(protocol::config::Target::RemoteLan(_))
+                            Some(
+                                protocol::config::Target::RemoteLan(_)
+                                    | protocol::config::Target::Wireguard(_)
+                            )
                         )
                     })
                     .cloned()
@@ -834,7 +837,7 @@ async fn exec(
                     })?;
                 (None, Some(record.container_id))
             }
-            Some(config::Target::RemoteLan(_)) => {
+            Some(config::Target::RemoteLan(_) | config::Target::Wireguard(_)) => {
                 let Some(crate::run::Run::Remote(run)) =
                     st.service(&p.stack, &p.name).and_then(crate::run::Run::of)
                 else {

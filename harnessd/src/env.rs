@@ -41,6 +41,12 @@ pub enum Place {
         /// The harness host's address towards that host.
         hub: String,
     },
+    /// A node of the WireGuard mesh: it reaches the harness host at the hub's mesh
+    /// address, and everything else through it.
+    Mesh {
+        /// The hub's mesh address.
+        hub: String,
+    },
     /// The daemon's own health checks, which reach containers at their bridge
     /// address (a published port is accepted by docker-proxy before the app listens,
     /// so a check there would prove nothing).
@@ -73,6 +79,12 @@ pub fn place_of(st: &State, stack: &str, name: &str) -> Place {
         Some(Target::RemoteLan(_)) => {
             crate::remote::lan_place(&stack_rec.config, name).unwrap_or(Place::Host)
         }
+        Some(Target::Wireguard(_)) => match crate::mesh::hub_address(&stack_rec.config) {
+            Some(hub) => Place::Mesh {
+                hub: hub.to_string(),
+            },
+            None => Place::Host,
+        },
         _ => Place::Host,
     }
 }
@@ -113,7 +125,12 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
                 .unwrap_or_else(|| target.to_owned());
             Some((host, port))
         }
-        (Target::RemoteLan(_), _) => {
+        // A mesh node, at its mesh address (through the hub for everyone); before it
+        // joined (its own arguments), at its host's address.
+        (Target::Wireguard(_), _) if mesh_address(rec).is_some() => {
+            Some((mesh_address(rec)?, rec.port?))
+        }
+        (Target::RemoteLan(_) | Target::Wireguard(_), _) => {
             let (_, _, host) = crate::remote::remote_target(&stack_rec.config, target)?;
             Some((host.address, rec.port?))
         }
@@ -127,14 +144,22 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
                     .is_ok_and(|ip| ip.is_loopback());
             match place {
                 Place::Container { gateway } if loopback => Some((gateway.clone(), port)),
-                Place::Lan { hub } if loopback => Some((hub.clone(), port)),
+                Place::Lan { hub } | Place::Mesh { hub } if loopback => Some((hub.clone(), port)),
                 _ => Some((host, port)),
             }
         }
         (_, Place::Container { gateway }) => Some((gateway.clone(), rec.port?)),
         // A process or a container's published port, on the harness host.
-        (_, Place::Lan { hub }) => Some((hub.clone(), rec.port?)),
+        (_, Place::Lan { hub } | Place::Mesh { hub }) => Some((hub.clone(), rec.port?)),
         _ => Some(("127.0.0.1".to_owned(), rec.port?)),
+    }
+}
+
+/// The mesh address of a service whose node joined the mesh.
+fn mesh_address(rec: &registry::ServiceRecord) -> Option<String> {
+    match crate::run::Run::of(rec)? {
+        crate::run::Run::Remote(r) => r.mesh.map(|m| m.mesh_ip),
+        _ => None,
     }
 }
 
@@ -306,7 +331,7 @@ pub fn service_env(
     let target_env = match &cfg.target {
         Target::Process(p) => Some(&p.env),
         Target::Docker(d) => Some(&d.env),
-        Target::RemoteLan(r) => Some(&r.env),
+        Target::RemoteLan(r) | Target::Wireguard(r) => Some(&r.env),
         _ => None,
     };
     for (k, v) in target_env.into_iter().flatten().chain(&cfg.env) {

@@ -197,7 +197,7 @@ pub fn probe_for(
             c.ip.clone(),
             crate::containers::main_port(cfg).map(|m| m.container_port),
         ),
-        (protocol::config::Target::RemoteLan(_), _) => {
+        (protocol::config::Target::RemoteLan(_) | protocol::config::Target::Wireguard(_), _) => {
             match env::endpoint(stack_rec, name, &env::Place::Probe) {
                 Some((host, port)) => (Some(host), Some(port)),
                 None => (None, None),
@@ -323,7 +323,9 @@ fn command_probe(
     env_file: &std::path::Path,
 ) -> Result<Probe, String> {
     let target = st.stack(stack).map(|r| &r.config.services[name].target);
-    if let Some(protocol::config::Target::RemoteLan(_)) = target {
+    if let Some(protocol::config::Target::RemoteLan(_) | protocol::config::Target::Wireguard(_)) =
+        target
+    {
         // On the host, the run's own env file gives the environment.
         let run = match st.service(stack, name).and_then(crate::run::Run::of) {
             Some(crate::run::Run::Remote(r)) => r,

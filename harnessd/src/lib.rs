@@ -23,6 +23,7 @@ mod exec;
 mod health;
 mod http1;
 mod logins;
+mod mesh;
 mod notify;
 mod orchestrator;
 mod persist;

@@ -251,9 +251,10 @@ impl Core {
                         | Target::External(_)
                         | Target::Discovered(_)
                         | Target::RemoteLan(_)
+                        | Target::Wireguard(_)
                 ) {
                     return Err(OpError::Unsupported(format!(
-                        "service {n}: the {} backend is not available in this build yet; use a process, docker, remote_lan, discovered or external target",
+                        "service {n}: the {} backend is not available in this build yet; use a process, docker, remote_lan, wireguard, discovered or external target",
                         target.backend()
                     )));
                 }
@@ -386,7 +387,7 @@ impl Core {
         };
         let (is_container, is_remote) = (
             matches!(target, Target::Docker(_)),
-            matches!(target, Target::RemoteLan(_)),
+            matches!(target, Target::RemoteLan(_) | Target::Wireguard(_)),
         );
         match &target {
             Target::External(_) => return self.use_running(stack, name, generation, None),
@@ -1071,7 +1072,7 @@ pub fn describe_exit(status: &ExitStatus) -> String {
 /// What the reconcile pass found of a service's last run.
 enum Found {
     /// It still runs.
-    Alive(Run),
+    Alive(Box<Run>),
     /// It ended while the daemon was down.
     Exited(ExitStatus),
     /// Nothing of it is left; why.
@@ -1096,7 +1097,7 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
             _ => process::recover(&core.run_dir(stack, name)),
         };
         return match record.as_ref().map(process::adopt) {
-            Some(process::Adoption::Alive) => Found::Alive(Run::Process(record.expect("adopted"))),
+            Some(process::Adoption::Alive) => Found::Alive(Box::new(Run::Process(record.expect("adopted")))),
             Some(process::Adoption::Exited(status)) => Found::Exited(status),
             _ => Found::Gone("its process disappeared while the daemon was down".to_owned()),
         };
@@ -1126,7 +1127,7 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
                 .record(&id, &containers::network_name(&core.instance, stack))
                 .await
             {
-                Ok(record) => Found::Alive(Run::Container(record)),
+                Ok(record) => Found::Alive(Box::new(Run::Container(record))),
                 Err(e) => Found::Gone(e.to_string()),
             }
         }
@@ -1145,7 +1146,7 @@ async fn find_remote(core: &Arc<Core>, run: crate::remote::RemoteRun) -> Found {
         Err(e) => return Found::Gone(e),
     };
     match deployer::remote::state(&ssh, &run.record).await {
-        Ok(deployer::remote::RemoteState::Running) => Found::Alive(Run::Remote(run)),
+        Ok(deployer::remote::RemoteState::Running) => Found::Alive(Box::new(Run::Remote(run))),
         Ok(deployer::remote::RemoteState::Exited(status)) => Found::Exited(status),
         Ok(deployer::remote::RemoteState::Gone) => Found::Gone(format!(
             "its process on {} disappeared while the daemon was down",
@@ -1155,7 +1156,7 @@ async fn find_remote(core: &Arc<Core>, run: crate::remote::RemoteRun) -> Found {
         // watcher keeps asking.
         Err(e) => {
             tracing::warn!("{}: {e}", run.remote_service);
-            Found::Alive(Run::Remote(run))
+            Found::Alive(Box::new(Run::Remote(run)))
         }
     }
 }
@@ -1217,7 +1218,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                     fixes.push(format!(
                         "{stack}/{name}: finishing a stop interrupted by the daemon's exit"
                     ));
-                    core.supervise(&stack, &name, generation, run, Instant::now());
+                    core.supervise(&stack, &name, generation, *run, Instant::now());
                     core.stop_one(&stack, &name).await;
                     continue;
                 }
@@ -1232,7 +1233,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
                     name: name.clone(),
                 });
                 // Uptime before the daemon's restart is unknown; count from now.
-                core.supervise(&stack, &name, generation, run, Instant::now());
+                core.supervise(&stack, &name, generation, *run, Instant::now());
             }
             Found::Exited(status) => {
                 fixes.push(format!(

@@ -42,6 +42,9 @@ pub struct RemoteRun {
     /// service has no `health_check` of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_script: Option<String>,
+    /// For a service on a mesh node: its place in the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::MeshMember>,
 }
 
 /// A host reference (`host: lan1`) as settings: the entry of `hosts:` of that name, or
@@ -62,7 +65,7 @@ pub fn remote_target<'a>(
     config: &'a StackConfig,
     name: &str,
 ) -> Option<(&'a RemoteTarget, String, HostConfig)> {
-    let Target::RemoteLan(t) = &config.services.get(name)?.target else {
+    let (Target::RemoteLan(t) | Target::Wireguard(t)) = &config.services.get(name)?.target else {
         return None;
     };
     let host = t.host.clone().or_else(|| t.hosts.first().cloned())?;
@@ -127,7 +130,7 @@ impl Core {
             .read(|st| {
                 let config = &st.stack(&run.remote_stack)?.config;
                 let t = match &config.services.get(&run.remote_service)?.target {
-                    Target::RemoteLan(t) => Some(t.clone()),
+                    Target::RemoteLan(t) | Target::Wireguard(t) => Some(t.clone()),
                     _ => None,
                 };
                 Some((host_config(config, &run.record.host), t))
@@ -171,11 +174,24 @@ impl Core {
         name: &str,
     ) -> Result<(RemoteRun, Option<String>), String> {
         let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
+        // A mesh node joins before its service starts; the run records where it is.
+        let mesh = match self.read(|st| {
+            st.stack(stack)
+                .filter(|r| crate::mesh::is_mesh(&r.config, name))
+                .map(|r| host_config(&r.config, &host))
+        }) {
+            Some(h) => Some(self.join_mesh(stack, name, &ssh, &h, &spec.dir).await?),
+            None => None,
+        };
+        let with_mesh = |mut run: RemoteRun| {
+            run.mesh = mesh.clone();
+            run
+        };
         let Some(package) = package else {
             let run = self
                 .start_remote(stack, name, &ssh, &host, &spec, None)
                 .await?;
-            return Ok((run, None));
+            return Ok((with_mesh(run), None));
         };
         let (root, hooks, keep, build) = self.read(|st| {
             let (t, _, h) = st
@@ -222,6 +238,7 @@ impl Core {
         let run = self
             .start_remote(stack, name, &ssh, &host, &spec, health.clone())
             .await?;
+        let run = with_mesh(run);
         let Some(script) = &health else {
             return Ok((run, None));
         };
@@ -276,7 +293,7 @@ impl Core {
                 reason: reason.clone(),
             }))
         });
-        Ok((run, Some(reason)))
+        Ok((with_mesh(run), Some(reason)))
     }
 
     async fn start_remote(
@@ -296,6 +313,7 @@ impl Core {
             remote_service: name.to_owned(),
             record,
             health_script,
+            mesh: None,
         })
     }
 

@@ -120,6 +120,9 @@ impl Run {
                 if let Err(e) = deployer::remote::stop(&ssh, &r.record, signal, timeout).await {
                     tracing::warn!("{}: {e}", r.remote_service);
                 }
+                if let Some(member) = &r.mesh {
+                    core.leave_mesh(&ssh, &r.record.remote_dir, member).await;
+                }
                 None
             }
             Run::Reused(_) | Run::Discovered(_) => None,

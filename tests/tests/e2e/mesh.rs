@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::testbed::TestBed;
+
+use crate::support::*;
 use wg_mesh::config::{Cidr, Config, Interface, Peer};
 use wg_mesh::keys::PrivateKey;
 
@@ -251,4 +253,130 @@ fn node_port(bed: &TestBed, i: usize) -> u16 {
         })
         .next()
         .unwrap_or_else(|| panic!("no UDP socket of harness-node in:\n{out}"))
+}
+
+/// The interfaces of the root namespace whose name starts with `prefix`.
+fn interfaces(prefix: &str) -> Vec<String> {
+    tests::testbed::run("ip", &["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| Some(l.split(':').nth(1)?.trim().to_owned()))
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// A service on a mesh node, deployed by the harness: the hub starts with it, the node
+/// joins over SSH, and it and local processes reach each other through mesh addresses.
+#[test]
+fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
+    let bed = TestBed::new(1);
+    let d = tests::TestDaemon::start();
+    let third: u8 = bed
+        .subnet
+        .split('.')
+        .nth(2)
+        .expect("bed subnet")
+        .parse()
+        .unwrap();
+    let port = 40000 + u16::from(third);
+    let h = &bed.hosts[0];
+    let dir = d.workdir("mesh");
+    let stack = format!("mesh{}", std::process::id());
+    let ifname = format!("hm{}", &d.info.instance[..10]);
+    assert!(
+        interfaces(&ifname).is_empty(),
+        "a mesh interface before any mesh service"
+    );
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: {stack}
+network: {{ wireguard_subnet: "10.42.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}
+services:
+  api:
+    target: {{ process: {{ binary: DEMO, args: [--name, api, --port, "${{self.port}}", --bind, "${{self.bind}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  web:
+    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
+    port: auto
+    depends_on: {{ api: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 500ms }}
+  client:
+    target: {{ process: {{ binary: DEMO, args: [--name, client, --port, "${{self.port}}", --upstream, "web=${{web.addr}}"] }} }}
+    port: auto
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+            addr = h.address,
+            key = bed.user_key.display(),
+            kh = bed.known_hosts.display(),
+            root = h.install_root.display(),
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(
+        up.status.success(),
+        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr),
+        d.log()
+    );
+    let c = d.client();
+    let web = get(&c, &stack, "web");
+    assert_eq!(
+        (web.backend.as_str(), web.health),
+        ("wireguard", protocol::methods::Health::Healthy)
+    );
+    let web_addr = web.address.clone().expect("web's address");
+    assert!(
+        web_addr.starts_with(&format!("10.42.{third}.2:")),
+        "{web_addr}"
+    );
+    // The node reached the local api at the hub's mesh address, and the local client
+    // reached the node at its mesh address (each is healthy only once it connected).
+    let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "web"]).stdout).into_owned();
+    assert!(env.contains(&format!("API_ADDR=10.42.{third}.1:")), "{env}");
+    assert_eq!(
+        get(&c, &stack, "client").health,
+        protocol::methods::Health::Healthy
+    );
+    let env =
+        String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
+    assert!(env.contains(&format!("WEB_ADDR={web_addr}")), "{env}");
+    assert_eq!(interfaces(&ifname), vec![ifname.clone()]);
+    // The node's private key is only in its 0600 config file.
+    let conf = std::fs::metadata(
+        h.install_root
+            .join("web/run")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("network/wireguard.conf"),
+    )
+    .expect("node config");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(conf.permissions().mode() & 0o777, 0o600);
+
+    // down takes the node out and, with the last mesh service, the hub and its device.
+    let down = d.cli(&dir, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    tests::wait_for("the mesh interface to go", Duration::from_secs(10), || {
+        interfaces(&ifname).is_empty().then_some(())
+    });
+    let agents: Vec<String> = bed
+        .processes(0)
+        .into_iter()
+        .filter(|p| p.contains("harness-node"))
+        .collect();
+    assert!(agents.is_empty(), "agents left on the node: {agents:?}");
 }
