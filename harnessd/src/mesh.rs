@@ -39,12 +39,34 @@ pub struct MeshMember {
     pub public_key: String,
 }
 
-/// The hub's running data plane.
+/// The hub's running data plane: started by this daemon (`child`), or found running
+/// after a daemon restart (the data plane outlives harnessd, so no tunnel drops).
 pub struct Hub {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    pid: u32,
     control: PathBuf,
     public: PublicKey,
     port: u16,
+    subnet: Subnet,
+}
+
+impl Hub {
+    fn alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => is_hub_process(self.pid, &self.control),
+        }
+    }
+}
+
+/// Whether `pid` is a hub agent serving `control` (a reused pid is not).
+fn is_hub_process(pid: u32, control: &std::path::Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    let control = control.as_os_str().as_encoded_bytes();
+    args.first().is_some_and(|a| a.ends_with(b"harness-node")) && args.contains(&control)
 }
 
 /// The stack's mesh subnet (`network.wireguard_subnet`, default 10.42.0.0/16).
@@ -62,6 +84,13 @@ pub fn hub_address(config: &StackConfig) -> Option<Ipv4Addr> {
     subnet_of(config).ok().map(|s| s.hub())
 }
 
+/// The `HARNESS_INSTANCE` marker of the hub's data plane: found by the same sweeps as
+/// services' processes (a test that kills the daemon still ends it), and kept by the
+/// reconcile pass.
+pub fn hub_instance(instance: &str) -> String {
+    format!("{instance}/-/mesh-hub")
+}
+
 /// The interface name of this daemon's mesh (on the hub and on its nodes).
 fn interface_name(instance: &str) -> String {
     format!("hm{}", instance.get(..10).unwrap_or(instance))
@@ -71,8 +100,11 @@ impl Core {
     /// Starts the hub's data plane unless it runs; returns its public key and port.
     async fn ensure_hub(&self, config: &StackConfig) -> Result<(PublicKey, u16), String> {
         let mut hub = self.mesh.lock().await;
+        if hub.is_none() {
+            *hub = self.adopt_hub().await;
+        }
         if let Some(h) = hub.as_mut() {
-            if matches!(h.child.try_wait(), Ok(None)) {
+            if h.alive() {
                 return Ok((h.public, h.port));
             }
             *hub = None;
@@ -100,8 +132,10 @@ impl Core {
         let log = dir.join("hub.log");
         let agent = agent_program();
         let interface = interface_name(&self.instance);
+        let marker = hub_instance(&self.instance);
         let (child, ready) = smol::unblock(move || -> Result<_, String> {
             use std::io::BufRead;
+            use std::os::unix::process::CommandExt;
             let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
             let mut child = std::process::Command::new(&agent)
                 .arg("--config")
@@ -109,6 +143,10 @@ impl Core {
                 .args(["--interface", &interface])
                 .arg("--control")
                 .arg(&control)
+                .env("HARNESS_INSTANCE", &marker)
+                // Its own process group: a signal to the daemon's group (Ctrl-C on a
+                // foreground harnessd) must not take the tunnels down.
+                .process_group(0)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
                 .stderr(err)
@@ -127,24 +165,58 @@ impl Core {
             let why = std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default();
             return Err(format!("the mesh hub did not start: {}", why.trim()));
         }
+        let pid = child.id();
+        write_secret(&dir.join("hub.pid"), format!("{pid} {port} {subnet}\n")).await?;
+        // While the mesh is in use its subnet never falls through to the default
+        // route: with the hub's device gone (it crashed), the kernel answers
+        // "unreachable" instead of sending mesh traffic elsewhere.
+        ip_route("replace", &subnet).await?;
         *hub = Some(Hub {
-            child,
+            child: Some(child),
+            pid,
             control: dir.join("hub.sock"),
             public,
             port,
+            subnet,
         });
         Ok((public, port))
     }
 
+    /// The hub a previous run of the daemon started, when it still runs.
+    async fn adopt_hub(&self) -> Option<Hub> {
+        let dir = self.state_dir.join("mesh");
+        let text = smol::fs::read_to_string(dir.join("hub.pid")).await.ok()?;
+        let mut words = text.split_whitespace();
+        let pid: u32 = words.next()?.parse().ok()?;
+        let port: u16 = words.next()?.parse().ok()?;
+        let subnet = Subnet::parse(words.next()?).ok()?;
+        let control = dir.join("hub.sock");
+        if !is_hub_process(pid, &control) {
+            return None;
+        }
+        let public = hub_key(&dir).await.ok()?.public();
+        tracing::info!("adopted the mesh hub (pid {pid})");
+        Some(Hub {
+            child: None,
+            pid,
+            control,
+            public,
+            port,
+            subnet,
+        })
+    }
+
     /// One request to the hub's control socket.
     async fn hub_call(&self, request: serde_json::Value) -> Result<serde_json::Value, String> {
-        let control = self
-            .mesh
-            .lock()
-            .await
-            .as_ref()
-            .map(|h| h.control.clone())
-            .ok_or("the mesh hub is not running")?;
+        let control = {
+            let mut hub = self.mesh.lock().await;
+            if hub.is_none() {
+                *hub = self.adopt_hub().await;
+            }
+            hub.as_ref()
+                .map(|h| h.control.clone())
+                .ok_or("the mesh hub is not running")?
+        };
         let mut stream = async_net::unix::UnixStream::connect(&control)
             .await
             .map_err(|e| format!("mesh hub control socket: {e}"))?;
@@ -299,11 +371,9 @@ impl Core {
             })
         });
         if !others {
-            if let Some(mut hub) = self.mesh.lock().await.take() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &hub.child.id().to_string()])
-                    .status();
-                let _ = smol::unblock(move || hub.child.wait()).await;
+            let hub = self.mesh.lock().await.take();
+            if let Some(hub) = hub {
+                stop_hub(hub, &self.state_dir.join("mesh")).await;
             }
         }
     }
@@ -323,6 +393,59 @@ impl Core {
             }
         });
         alloc.allocate().map_err(|e| e.to_string())
+    }
+}
+
+/// Ends the hub's data plane (its device and routes go with it) and waits for it.
+async fn stop_hub(mut hub: Hub, dir: &std::path::Path) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &hub.pid.to_string()])
+        .status();
+    match hub.child.take() {
+        Some(mut child) => {
+            let _ = smol::unblock(move || child.wait()).await;
+        }
+        None => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while is_hub_process(hub.pid, &hub.control) && Instant::now() < deadline {
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let _ = smol::fs::remove_file(dir.join("hub.pid")).await;
+    if let Err(e) = ip_route("del", &hub.subnet).await {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Metric of the `unreachable` route under the mesh subnet (the hub device's own route,
+/// metric 0, wins while it exists).
+const UNREACHABLE_METRIC: &str = "4242";
+
+/// Adds (`replace`) or removes (`del`) the `unreachable` route covering `subnet`.
+async fn ip_route(action: &'static str, subnet: &Subnet) -> Result<(), String> {
+    let net = subnet.to_string();
+    let out = smol::unblock(move || {
+        std::process::Command::new("ip")
+            .args([
+                "route",
+                action,
+                "unreachable",
+                &net,
+                "metric",
+                UNREACHABLE_METRIC,
+            ])
+            .output()
+    })
+    .await
+    .map_err(|e| format!("cannot run ip(8) for the mesh route: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip route {action} unreachable {subnet}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -1097,7 +1097,9 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
             _ => process::recover(&core.run_dir(stack, name)),
         };
         return match record.as_ref().map(process::adopt) {
-            Some(process::Adoption::Alive) => Found::Alive(Box::new(Run::Process(record.expect("adopted")))),
+            Some(process::Adoption::Alive) => {
+                Found::Alive(Box::new(Run::Process(record.expect("adopted"))))
+            }
             Some(process::Adoption::Exited(status)) => Found::Exited(status),
             _ => Found::Gone("its process disappeared while the daemon was down".to_owned()),
         };
@@ -1263,6 +1265,9 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             }
         }
     }
+    // The mesh hub's data plane is the daemon's own, not a service's: it is adopted
+    // (while a mesh service runs), never taken for a stray.
+    owned.insert(crate::mesh::hub_instance(&core.instance));
     let prefix = format!("{}/", core.instance);
     let strays: Vec<(u32, String)> = smol::unblock(move || process::find_instances(&prefix)).await;
     for (pid, instance) in strays.into_iter().filter(|(_, i)| !owned.contains(i)) {

@@ -269,7 +269,7 @@ fn interfaces(prefix: &str) -> Vec<String> {
 #[test]
 fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
     let bed = TestBed::new(1);
-    let d = tests::TestDaemon::start();
+    let mut d = tests::TestDaemon::start();
     let third: u8 = bed
         .subnet
         .split('.')
@@ -347,6 +347,9 @@ services:
         String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
     assert!(env.contains(&format!("WEB_ADDR={web_addr}")), "{env}");
     assert_eq!(interfaces(&ifname), vec![ifname.clone()]);
+    let unreachable = format!("unreachable 10.42.{third}.0/24");
+    let routes = || tests::testbed::run("ip", &["route", "show"]);
+    assert!(routes().contains(&unreachable), "{}", routes());
     // The node's private key is only in its 0600 config file.
     let conf = std::fs::metadata(
         h.install_root
@@ -363,6 +366,39 @@ services:
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(conf.permissions().mode() & 0o777, 0o600);
 
+    // harnessd killed while a connection through the tunnel is open: the data plane is
+    // not harnessd's to lose. The connection carries a request afterwards, new ones
+    // work, and a new harnessd adopts the hub and the node's run (same pid).
+    let mut open = std::net::TcpStream::connect(&web_addr).expect("connect to web");
+    d.kill9();
+    write!(
+        open,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut open, &mut reply).expect("reply over the open connection");
+    assert!(
+        reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
+        "{reply}"
+    );
+    assert!(
+        http_get(&web_addr, "/").contains("web"),
+        "no new connection while harnessd was down"
+    );
+    d.restart();
+    let c = d.client();
+    let after = get(&c, &stack, "web");
+    assert_eq!(
+        (after.state, after.pid),
+        (protocol::methods::ServiceState::Running, web.pid)
+    );
+    assert_eq!(
+        interfaces(&ifname),
+        vec![ifname.clone()],
+        "the hub was replaced"
+    );
+
     // down takes the node out and, with the last mesh service, the hub and its device.
     let down = d.cli(&dir, &["down"]);
     assert!(
@@ -373,6 +409,7 @@ services:
     tests::wait_for("the mesh interface to go", Duration::from_secs(10), || {
         interfaces(&ifname).is_empty().then_some(())
     });
+    assert!(!routes().contains(&unreachable), "{}", routes());
     let agents: Vec<String> = bed
         .processes(0)
         .into_iter()
