@@ -345,6 +345,18 @@ async fn route(
             let d: m::DeployParams = params(p)?;
             ok(deploy(core, d).await?)
         }
+        names::MESH_PEERS => {
+            let l: m::ListParams = params(p)?;
+            let peers = core.mesh_peers(l.stack.as_deref()).await;
+            ok(peers.map_err(|e| error(ErrorCode::BackendError, e))?)
+        }
+        names::MESH_REVOKE => {
+            let r: m::MeshRevokeParams = params(p)?;
+            let services = core.revoke(&r.stack, &r.node).await;
+            ok(m::ServicesResult {
+                services: services.map_err(|e| error(ErrorCode::NotFound, e))?,
+            })
+        }
         names::DISCOVER => {
             let d: m::DiscoverParams = params(p)?;
             let found = core.discovery.discover(d).await;

@@ -22,7 +22,11 @@ use wg_mesh::config::{Cidr, Config, Interface};
 use wg_mesh::keys::{PrivateKey, PublicKey};
 use wg_mesh::subnet::{Subnet, DEFAULT_SUBNET};
 
+use protocol::events::{EventKind, MeshPeerChange, MeshUp};
+use protocol::methods::MeshPeer;
+
 use crate::core::Core;
+use crate::remote::RemoteRun;
 
 /// The hub's UDP port unless `network.listen_port` says otherwise.
 const DEFAULT_PORT: u16 = 51820;
@@ -171,6 +175,11 @@ impl Core {
         // route: with the hub's device gone (it crashed), the kernel answers
         // "unreachable" instead of sending mesh traffic elsewhere.
         ip_route("replace", &subnet).await?;
+        self.events.publish(EventKind::MeshUp(MeshUp {
+            subnet: subnet.to_string(),
+            interface: interface_name(&self.instance),
+            port,
+        }));
         *hub = Some(Hub {
             child: Some(child),
             pid,
@@ -344,6 +353,15 @@ impl Core {
             }
             smol::Timer::after(Duration::from_millis(100)).await;
         }
+        self.events
+            .publish(EventKind::MeshPeerAdded(MeshPeerChange {
+                stack: stack.to_owned(),
+                name: name.to_owned(),
+                node: host_name(&config, host),
+                mesh_ip: mesh_ip.to_string(),
+                public_key: public_key.clone(),
+                reason: None,
+            }));
         Ok(MeshMember {
             mesh_ip: mesh_ip.to_string(),
             public_key,
@@ -352,16 +370,17 @@ impl Core {
 
     /// Takes a node out of the mesh: its agent stopped, its peer removed at once; the
     /// hub stops with the last node.
-    pub async fn leave_mesh(&self, ssh: &SshHost, dir: &str, member: &MeshMember) {
-        let net = format!("{dir}/network");
+    pub async fn leave_mesh(&self, ssh: &SshHost, run: &RemoteRun, why: &str) {
+        let Some(member) = &run.mesh else {
+            return;
+        };
+        let net = format!("{}/network", run.record.remote_dir);
         let stop = format!(
             "cd {} && [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; rm -f agent.pid",
             quote(&net)
         );
         let _ = ssh.exec(&stop, b"", Duration::from_secs(30)).await;
-        let _ = self
-            .hub_call(serde_json::json!({"op": "remove_peer", "public_key": member.public_key}))
-            .await;
+        self.remove_peer(run, member, why).await;
         let others = self.read(|st| {
             st.snap.stacks.values().any(|r| {
                 r.services.iter().any(|(_, s)| {
@@ -373,9 +392,112 @@ impl Core {
         if !others {
             let hub = self.mesh.lock().await.take();
             if let Some(hub) = hub {
+                let subnet = hub.subnet.to_string();
+                let port = hub.port;
                 stop_hub(hub, &self.state_dir.join("mesh")).await;
+                self.events.publish(EventKind::MeshDown(MeshUp {
+                    subnet,
+                    interface: interface_name(&self.instance),
+                    port,
+                }));
             }
         }
+    }
+
+    /// Removes a node's peer from the hub (its traffic stops at once) and says so.
+    async fn remove_peer(&self, run: &RemoteRun, member: &MeshMember, why: &str) {
+        let removed = self
+            .hub_call(serde_json::json!({"op": "remove_peer", "public_key": member.public_key}))
+            .await;
+        if matches!(removed, Ok(ref a) if a["ok"] == true) {
+            self.events
+                .publish(EventKind::MeshPeerRemoved(MeshPeerChange {
+                    stack: run.remote_stack.clone(),
+                    name: run.remote_service.clone(),
+                    node: run.record.host.clone(),
+                    mesh_ip: member.mesh_ip.clone(),
+                    public_key: member.public_key.clone(),
+                    reason: Some(why.to_owned()),
+                }));
+        }
+    }
+
+    /// The hub's peers (`mesh.peers`), with the services their nodes run; none while
+    /// no mesh service runs.
+    pub async fn mesh_peers(&self, stack: Option<&str>) -> Result<Vec<MeshPeer>, String> {
+        let running = self.mesh.lock().await.is_some() || self.adopt_hub().await.is_some();
+        if !running {
+            return Ok(Vec::new());
+        }
+        let answer = self.hub_call(serde_json::json!({"op": "peers"})).await?;
+        let stats: Vec<wg_mesh::dataplane::PeerStats> =
+            serde_json::from_value(answer["peers"].clone()).map_err(|e| e.to_string())?;
+        let runs = self.mesh_runs(stack);
+        Ok(stats
+            .into_iter()
+            .filter_map(|p| {
+                let (run, member) = runs.iter().find(|(_, m)| m.public_key == p.public_key)?;
+                Some(MeshPeer {
+                    stack: run.remote_stack.clone(),
+                    name: run.remote_service.clone(),
+                    node: run.record.host.clone(),
+                    mesh_ip: member.mesh_ip.clone(),
+                    public_key: p.public_key,
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    handshake_age_secs: p.handshake_age_secs,
+                    tx_bytes: p.tx_bytes,
+                    rx_bytes: p.rx_bytes,
+                })
+            })
+            .collect())
+    }
+
+    /// Cuts node `node` of `stack` off the mesh (`mesh.revoke`): its peers removed at
+    /// once, then its services stopped, so no restart brings it back. Returns them.
+    pub async fn revoke(
+        self: &std::sync::Arc<Self>,
+        stack: &str,
+        node: &str,
+    ) -> Result<Vec<String>, String> {
+        let on_node: Vec<(RemoteRun, MeshMember)> = self
+            .mesh_runs(Some(stack))
+            .into_iter()
+            .filter(|(r, _)| r.record.host == node || r.record.address == node)
+            .collect();
+        if on_node.is_empty() {
+            return Err(format!("no mesh service of {stack} runs on {node}"));
+        }
+        for (run, member) in &on_node {
+            self.remove_peer(run, member, "revoked").await;
+        }
+        let names: Vec<String> = on_node
+            .iter()
+            .map(|(r, _)| r.remote_service.clone())
+            .collect();
+        self.stop_services(stack, &names)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(names)
+    }
+
+    /// The runs of active mesh services (of `stack`, or of all stacks).
+    fn mesh_runs(&self, stack: Option<&str>) -> Vec<(RemoteRun, MeshMember)> {
+        self.read(|st| {
+            st.snap
+                .stacks
+                .iter()
+                .filter(|(name, _)| stack.is_none_or(|s| s == name.as_str()))
+                .flat_map(|(_, r)| r.services.values())
+                .filter(|s| s.state.is_active())
+                .filter_map(|s| match crate::run::Run::of(s)? {
+                    crate::run::Run::Remote(run) => {
+                        let member = run.mesh.clone()?;
+                        Some((run, member))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     /// The lowest mesh address no run of any stack holds.
@@ -455,6 +577,15 @@ pub fn is_mesh(config: &StackConfig, name: &str) -> bool {
         config.services.get(name).map(|s| &s.target),
         Some(Target::Wireguard(_))
     )
+}
+
+/// A host's name in the stack's `hosts:` (its address when it has none).
+fn host_name(config: &StackConfig, host: &HostConfig) -> String {
+    config
+        .hosts
+        .iter()
+        .find(|(_, h)| h.address == host.address)
+        .map_or_else(|| host.address.clone(), |(n, _)| n.clone())
 }
 
 /// `harness-node`, installed beside harnessd.

@@ -120,8 +120,8 @@ impl Run {
                 if let Err(e) = deployer::remote::stop(&ssh, &r.record, signal, timeout).await {
                     tracing::warn!("{}: {e}", r.remote_service);
                 }
-                if let Some(member) = &r.mesh {
-                    core.leave_mesh(&ssh, &r.record.remote_dir, member).await;
+                if r.mesh.is_some() {
+                    core.leave_mesh(&ssh, r, "its service stopped").await;
                 }
                 None
             }

@@ -58,6 +58,19 @@ pub enum EventKind {
     /// A new release failed its health check; the previous one runs again.
     #[serde(rename = "deploy.rollback")]
     DeployRollback(DeployRollback),
+    /// The mesh's hub came up (its device and UDP port), with the first mesh service.
+    #[serde(rename = "mesh.up")]
+    MeshUp(MeshUp),
+    /// The mesh's hub went down, with the last mesh service.
+    #[serde(rename = "mesh.down")]
+    MeshDown(MeshUp),
+    /// A node joined the mesh for a service.
+    #[serde(rename = "mesh.peer_added")]
+    MeshPeerAdded(MeshPeerChange),
+    /// A node's peer was removed (its service stopped, or it was revoked): its traffic
+    /// no longer passes.
+    #[serde(rename = "mesh.peer_removed")]
+    MeshPeerRemoved(MeshPeerChange),
     /// The daemon started serving.
     #[serde(rename = "daemon.started")]
     DaemonStarted(DaemonStarted),
@@ -84,6 +97,10 @@ impl EventKind {
             EventKind::DeployStep(_)
             | EventKind::DeployProgress(_)
             | EventKind::DeployRollback(_) => "deploy",
+            EventKind::MeshUp(_)
+            | EventKind::MeshDown(_)
+            | EventKind::MeshPeerAdded(_)
+            | EventKind::MeshPeerRemoved(_) => "mesh",
             EventKind::DaemonStarted(_)
             | EventKind::DaemonReconciled(_)
             | EventKind::DaemonLagged(_) => "daemon",
@@ -105,6 +122,9 @@ impl EventKind {
             EventKind::DeployStep(c) => Some((&c.stack, &c.name)),
             EventKind::DeployRollback(c) => Some((&c.stack, &c.name)),
             EventKind::DeployProgress(c) => Some((&c.stack, &c.name)),
+            EventKind::MeshPeerAdded(c) | EventKind::MeshPeerRemoved(c) => {
+                Some((&c.stack, &c.name))
+            }
             _ => None,
         }
     }
@@ -182,6 +202,35 @@ pub struct Fallback {
     pub position: usize,
     /// Why the one before was given up.
     pub reason: String,
+}
+
+/// `mesh.up` and `mesh.down` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MeshUp {
+    /// The mesh subnet.
+    pub subnet: String,
+    /// The hub's interface.
+    pub interface: String,
+    /// The hub's UDP port.
+    pub port: u16,
+}
+
+/// `mesh.peer_added` and `mesh.peer_removed` data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MeshPeerChange {
+    /// Stack of the service.
+    pub stack: String,
+    /// Service name.
+    pub name: String,
+    /// The node (its name in `hosts:`).
+    pub node: String,
+    /// The node's mesh address.
+    pub mesh_ip: String,
+    /// The node's public key.
+    pub public_key: String,
+    /// Why it was removed (`peer_removed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// `service.progress` data.

@@ -58,6 +58,10 @@ pub mod names {
     pub const DEPLOY: &str = "deploy";
     /// Look for running services (tcp, http, dns SRV, mDNS).
     pub const DISCOVER: &str = "discover";
+    /// The mesh hub's peers, with handshake age and bytes.
+    pub const MESH_PEERS: &str = "mesh.peers";
+    /// Cut a mesh node off at once and stop its services.
+    pub const MESH_REVOKE: &str = "mesh.revoke";
 
     /// All method names, for `unknown_method` suggestions.
     pub const ALL: &[&str] = &[
@@ -84,6 +88,8 @@ pub mod names {
         PACKAGE_BUILD,
         DEPLOY,
         DISCOVER,
+        MESH_PEERS,
+        MESH_REVOKE,
     ];
 }
 
@@ -128,6 +134,39 @@ pub struct UiLoginResult {
     pub code: String,
     /// Seconds the code stays valid.
     pub expires_in_secs: u64,
+}
+
+/// One peer of the mesh hub (`mesh.peers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MeshPeer {
+    /// Stack of the service the node runs.
+    pub stack: String,
+    /// The service.
+    pub name: String,
+    /// The node (its name in `hosts:`).
+    pub node: String,
+    /// Its mesh address.
+    pub mesh_ip: String,
+    /// Its public key.
+    pub public_key: String,
+    /// Where its packets come from.
+    pub endpoint: Option<String>,
+    /// Seconds since its last handshake, if there was one.
+    pub handshake_age_secs: Option<u64>,
+    /// Bytes sent to it through the tunnel.
+    pub tx_bytes: u64,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+}
+
+/// `mesh.revoke` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MeshRevokeParams {
+    /// Stack name.
+    pub stack: String,
+    /// The node: its name in `hosts:` (or its address).
+    pub node: String,
 }
 
 /// `discover` parameters.

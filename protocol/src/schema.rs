@@ -32,6 +32,7 @@ struct WireTypes {
     daemon: (DaemonStatus, ShutdownParams, Empty),
     ui: UiLoginResult,
     discover: (DiscoverParams, DiscoverResult),
+    mesh: (Vec<MeshPeer>, MeshRevokeParams),
 }
 
 /// The JSON Schema of every wire type, pretty-printed, ending in a newline.

@@ -138,6 +138,8 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
         names::PACKAGE_BUILD => round_trips::<m::PackageBuildParams>(params),
         names::DEPLOY => round_trips::<m::DeployParams>(params),
         names::DISCOVER => round_trips::<m::DiscoverParams>(params),
+        names::MESH_PEERS => round_trips::<m::ListParams>(params),
+        names::MESH_REVOKE => round_trips::<m::MeshRevokeParams>(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
         names::SERVICE_START
         | names::SERVICE_STOP
@@ -179,6 +181,8 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::PACKAGE_BUILD => round_trips::<m::PackageInfo>(result),
         names::DEPLOY => round_trips::<m::DeployResult>(result),
         names::DISCOVER => round_trips::<m::DiscoverResult>(result),
+        names::MESH_PEERS => round_trips::<Vec<m::MeshPeer>>(result),
+        names::MESH_REVOKE => round_trips::<m::ServicesResult>(result),
         other => Err(format!(
             "no result type known for method {other}: add it to this test"
         )),

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::config_file::{self, require_stack};
 use super::output;
-use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts, PackageCmd};
+use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts, MeshCmd, PackageCmd};
 
 const CLIENT: &str = "harness-cli";
 
@@ -119,7 +119,63 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Daemon(d) => daemon_cmd(g, d).await,
         Cmd::Discover(args) => discover(g, *args).await,
+        Cmd::Mesh(MeshCmd::Peers) => mesh_peers(g).await,
+        Cmd::Mesh(MeshCmd::Revoke { node }) => {
+            let stack = require_stack(g)?;
+            let c = client(g).await?;
+            let r: m::ServicesResult = c
+                .call(
+                    names::MESH_REVOKE,
+                    m::MeshRevokeParams {
+                        stack: stack.clone(),
+                        node: node.clone(),
+                    },
+                )
+                .await?;
+            eprintln!(
+                "revoked {node}: its peer is gone; stopped {}",
+                r.services.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+async fn mesh_peers(g: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let stack = config_file::current_stack(g)?;
+    let c = client(g).await?;
+    let peers: Vec<m::MeshPeer> = c.call(names::MESH_PEERS, m::ListParams { stack }).await?;
+    if g.json {
+        output::json(&peers);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = output::table(&[
+        "NODE",
+        "SERVICE",
+        "MESH ADDRESS",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "SENT",
+        "RECEIVED",
+    ]);
+    for p in &peers {
+        t.add_row(vec![
+            p.node.clone(),
+            format!("{}/{}", p.stack, p.name),
+            p.mesh_ip.clone(),
+            p.endpoint.clone().unwrap_or_default(),
+            p.handshake_age_secs
+                .map_or_else(|| "never".to_owned(), |s| format!("{s} s ago")),
+            p.tx_bytes.to_string(),
+            p.rx_bytes.to_string(),
+        ]);
+    }
+    if peers.is_empty() {
+        eprintln!("no mesh peers (no service with a wireguard target runs)");
+    } else {
+        println!("{t}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn discover(g: &GlobalOpts, args: super::DiscoverArgs) -> anyhow::Result<ExitCode> {

@@ -173,6 +173,9 @@ pub enum Cmd {
     /// Control the daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// The WireGuard mesh: its peers, and cutting a node off.
+    #[command(subcommand)]
+    Mesh(MeshCmd),
     /// Print a one-time login link to the browser dashboard.
     Ui,
     /// Print a shell completion script (e.g. `harness completions bash > /etc/bash_completion.d/harness`).
@@ -272,6 +275,17 @@ pub enum ConfigCmd {
     Resolve,
     /// Dependencies and start order.
     Deps,
+}
+
+#[derive(Subcommand)]
+pub enum MeshCmd {
+    /// The hub's peers: node, service, mesh address, handshake age, bytes.
+    Peers,
+    /// Cut a node off the mesh at once (its peer removed) and stop its services.
+    Revoke {
+        /// The node: its name in `hosts:`.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -399,6 +399,55 @@ services:
         "the hub was replaced"
     );
 
+    // The hub's peers, with handshake age and bytes.
+    let out = d.cli(&dir, &["--json", "mesh", "peers"]);
+    assert_ok(&d, &out, "harness mesh peers");
+    let peers: Vec<protocol::methods::MeshPeer> =
+        serde_json::from_slice(&out.stdout).expect("peers json");
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(
+        (peers[0].node.as_str(), peers[0].name.as_str()),
+        ("node0", "web")
+    );
+    assert!(
+        peers[0].handshake_age_secs.is_some() && peers[0].rx_bytes > 0,
+        "{peers:?}"
+    );
+
+    // Revoking the node cuts its traffic at once and stops its service.
+    let out = d.cli(&dir, &["mesh", "revoke", "node0"]);
+    assert_ok(&d, &out, "harness mesh revoke");
+    let addr: std::net::SocketAddr = web_addr.parse().unwrap();
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "web still reachable after its node was revoked"
+    );
+    assert_eq!(
+        get(&c, &stack, "web").state,
+        protocol::methods::ServiceState::Stopped
+    );
+    let mesh_events: Vec<String> = replay(&c, &["mesh"])
+        .into_iter()
+        .map(|e| match e.kind {
+            protocol::EventKind::MeshPeerRemoved(p) => {
+                format!("removed {} {}", p.node, p.reason.unwrap_or_default())
+            }
+            protocol::EventKind::MeshPeerAdded(p) => format!("added {} {}", p.node, p.mesh_ip),
+            protocol::EventKind::MeshUp(_) => "up".into(),
+            protocol::EventKind::MeshDown(_) => "down".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        mesh_events,
+        [
+            "up".to_owned(),
+            format!("added node0 10.42.{third}.2"),
+            "removed node0 revoked".to_owned(),
+            "down".to_owned()
+        ],
+    );
+
     // down takes the node out and, with the last mesh service, the hub and its device.
     let down = d.cli(&dir, &["down"]);
     assert!(
