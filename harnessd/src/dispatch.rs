@@ -345,6 +345,25 @@ async fn route(
             let d: m::DeployParams = params(p)?;
             ok(deploy(core, d).await?)
         }
+        names::NETWORK_LIST => {
+            let s: m::StackParams = params(p)?;
+            ok(core
+                .network_list(&s.stack)
+                .map_err(|e| error(ErrorCode::NotFound, e))?)
+        }
+        names::NETWORK_SHOW => {
+            let s: m::StackParams = params(p)?;
+            ok(core
+                .network_show(&s.stack)
+                .map_err(|e| error(ErrorCode::NotFound, e))?)
+        }
+        names::NETWORK_TEST => {
+            let s: m::StackParams = params(p)?;
+            ok(core
+                .network_test(&s.stack)
+                .await
+                .map_err(|e| error(ErrorCode::NotFound, e))?)
+        }
         names::MESH_PEERS => {
             let l: m::ListParams = params(p)?;
             let peers = core.mesh_peers(l.stack.as_deref()).await;

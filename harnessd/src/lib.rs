@@ -24,6 +24,7 @@ mod health;
 mod http1;
 mod logins;
 mod mesh;
+mod network;
 mod notify;
 mod orchestrator;
 mod persist;

@@ -29,7 +29,7 @@ use crate::core::Core;
 use crate::remote::RemoteRun;
 
 /// The hub's UDP port unless `network.listen_port` says otherwise.
-const DEFAULT_PORT: u16 = 51820;
+pub const DEFAULT_PORT: u16 = 51820;
 
 /// How long a node's tunnel may take to answer a ping once its agent started.
 const TUNNEL_UP: Duration = Duration::from_secs(10);
@@ -96,7 +96,7 @@ pub fn hub_instance(instance: &str) -> String {
 }
 
 /// The interface name of this daemon's mesh (on the hub and on its nodes).
-fn interface_name(instance: &str) -> String {
+pub fn interface_name(instance: &str) -> String {
     format!("hm{}", instance.get(..10).unwrap_or(instance))
 }
 

@@ -58,6 +58,12 @@ pub mod names {
     pub const DEPLOY: &str = "deploy";
     /// Look for running services (tcp, http, dns SRV, mDNS).
     pub const DISCOVER: &str = "discover";
+    /// The networks a stack's services are on.
+    pub const NETWORK_LIST: &str = "network.list";
+    /// Every service's address as each place of caller reaches it.
+    pub const NETWORK_SHOW: &str = "network.show";
+    /// Try those addresses for real.
+    pub const NETWORK_TEST: &str = "network.test";
     /// The mesh hub's peers, with handshake age and bytes.
     pub const MESH_PEERS: &str = "mesh.peers";
     /// Cut a mesh node off at once and stop its services.
@@ -88,6 +94,9 @@ pub mod names {
         PACKAGE_BUILD,
         DEPLOY,
         DISCOVER,
+        NETWORK_LIST,
+        NETWORK_SHOW,
+        NETWORK_TEST,
         MESH_PEERS,
         MESH_REVOKE,
     ];
@@ -134,6 +143,54 @@ pub struct UiLoginResult {
     pub code: String,
     /// Seconds the code stays valid.
     pub expires_in_secs: u64,
+}
+
+/// One network of a stack (`network.list`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkInfo {
+    /// `host`, `docker`, `lan` or `mesh`.
+    pub kind: String,
+    /// Its name: `host`, the docker network, the LAN host, the mesh interface.
+    pub name: String,
+    /// Addresses that define it (the harness host's address towards a LAN host, the
+    /// mesh subnet and hub address...).
+    pub detail: String,
+    /// The services on it.
+    pub services: Vec<String>,
+}
+
+/// A service's addresses by the caller's place (`network.show`); `None` where that
+/// place has no way to it (or the stack has no caller there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AddressRow {
+    /// The service.
+    pub name: String,
+    /// Where it runs: `host process`, `host container`, `lan <host>`, `mesh <host>`,
+    /// `external`, `discovered`.
+    pub runs_on: String,
+    /// As a process on the harness host reaches it.
+    pub from_host: Option<String>,
+    /// As a container on the stack's network reaches it.
+    pub from_container: Option<String>,
+    /// As a service on a LAN host reaches it.
+    pub from_lan: Option<String>,
+    /// As a service on a mesh node reaches it.
+    pub from_mesh: Option<String>,
+}
+
+/// One reachability check (`network.test`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReachCheck {
+    /// Where the connect was made from: `host`, or the SSH host it ran on.
+    pub from: String,
+    /// The service tried.
+    pub to: String,
+    /// The address tried.
+    pub address: String,
+    /// Whether a TCP connect succeeded.
+    pub ok: bool,
+    /// What happened.
+    pub detail: String,
 }
 
 /// One peer of the mesh hub (`mesh.peers`).

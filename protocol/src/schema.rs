@@ -33,6 +33,7 @@ struct WireTypes {
     ui: UiLoginResult,
     discover: (DiscoverParams, DiscoverResult),
     mesh: (Vec<MeshPeer>, MeshRevokeParams),
+    network: (Vec<NetworkInfo>, Vec<AddressRow>, Vec<ReachCheck>),
 }
 
 /// The JSON Schema of every wire type, pretty-printed, ending in a newline.

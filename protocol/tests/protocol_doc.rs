@@ -138,6 +138,9 @@ fn check_params(method: &str, params: &Value) -> Result<(), String> {
         names::PACKAGE_BUILD => round_trips::<m::PackageBuildParams>(params),
         names::DEPLOY => round_trips::<m::DeployParams>(params),
         names::DISCOVER => round_trips::<m::DiscoverParams>(params),
+        names::NETWORK_LIST | names::NETWORK_SHOW | names::NETWORK_TEST => {
+            round_trips::<m::StackParams>(params)
+        }
         names::MESH_PEERS => round_trips::<m::ListParams>(params),
         names::MESH_REVOKE => round_trips::<m::MeshRevokeParams>(params),
         names::SERVICE_LIST => parses::<m::ListParams>(params),
@@ -181,6 +184,9 @@ fn check_result(method: &str, result: &Value) -> Result<(), String> {
         names::PACKAGE_BUILD => round_trips::<m::PackageInfo>(result),
         names::DEPLOY => round_trips::<m::DeployResult>(result),
         names::DISCOVER => round_trips::<m::DiscoverResult>(result),
+        names::NETWORK_LIST => round_trips::<Vec<m::NetworkInfo>>(result),
+        names::NETWORK_SHOW => round_trips::<Vec<m::AddressRow>>(result),
+        names::NETWORK_TEST => round_trips::<Vec<m::ReachCheck>>(result),
         names::MESH_PEERS => round_trips::<Vec<m::MeshPeer>>(result),
         names::MESH_REVOKE => round_trips::<m::ServicesResult>(result),
         other => Err(format!(

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::config_file::{self, require_stack};
 use super::output;
-use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts, MeshCmd, PackageCmd};
+use super::{Cli, Cmd, ConfigCmd, DaemonCmd, GlobalOpts, MeshCmd, NetworkCmd, PackageCmd};
 
 const CLIENT: &str = "harness-cli";
 
@@ -119,6 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Daemon(d) => daemon_cmd(g, d).await,
         Cmd::Discover(args) => discover(g, *args).await,
+        Cmd::Network(n) => network(g, n).await,
         Cmd::Mesh(MeshCmd::Peers) => mesh_peers(g).await,
         Cmd::Mesh(MeshCmd::Revoke { node }) => {
             let stack = require_stack(g)?;
@@ -139,6 +140,85 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn network(g: &GlobalOpts, cmd: NetworkCmd) -> anyhow::Result<ExitCode> {
+    let stack = require_stack(g)?;
+    let c = client(g).await?;
+    let params = m::StackParams { stack };
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    match cmd {
+        NetworkCmd::List => {
+            let list: Vec<m::NetworkInfo> = c.call(names::NETWORK_LIST, params).await?;
+            if g.json {
+                output::json(&list);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = output::table(&["KIND", "NAME", "DETAIL", "SERVICES"]);
+            for n in &list {
+                t.add_row(vec![
+                    n.kind.clone(),
+                    n.name.clone(),
+                    n.detail.clone(),
+                    n.services.join(", "),
+                ]);
+            }
+            println!("{t}");
+        }
+        NetworkCmd::Show => {
+            let rows: Vec<m::AddressRow> = c.call(names::NETWORK_SHOW, params).await?;
+            if g.json {
+                output::json(&rows);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = output::table(&[
+                "SERVICE",
+                "RUNS ON",
+                "FROM HOST",
+                "FROM CONTAINER",
+                "FROM LAN",
+                "FROM MESH",
+            ]);
+            for r in &rows {
+                t.add_row(vec![
+                    r.name.clone(),
+                    r.runs_on.clone(),
+                    dash(&r.from_host),
+                    dash(&r.from_container),
+                    dash(&r.from_lan),
+                    dash(&r.from_mesh),
+                ]);
+            }
+            println!("{t}");
+        }
+        NetworkCmd::Test => {
+            let checks: Vec<m::ReachCheck> = c.call(names::NETWORK_TEST, params).await?;
+            let all_ok = checks.iter().all(|r| r.ok);
+            if g.json {
+                output::json(&checks);
+            } else {
+                let mut t = output::table(&["FROM", "TO", "ADDRESS", "RESULT"]);
+                for r in &checks {
+                    let result = if r.ok {
+                        "ok".to_owned()
+                    } else {
+                        format!("FAILED: {}", r.detail)
+                    };
+                    t.add_row(vec![
+                        r.from.clone(),
+                        r.to.clone(),
+                        r.address.clone(),
+                        result,
+                    ]);
+                }
+                println!("{t}");
+            }
+            if !all_ok {
+                return Ok(super::failure());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn mesh_peers(g: &GlobalOpts) -> anyhow::Result<ExitCode> {

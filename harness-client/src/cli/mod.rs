@@ -173,6 +173,9 @@ pub enum Cmd {
     /// Control the daemon.
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// The stack's networks, its address table, and a reachability test.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// The WireGuard mesh: its peers, and cutting a node off.
     #[command(subcommand)]
     Mesh(MeshCmd),
@@ -275,6 +278,18 @@ pub enum ConfigCmd {
     Resolve,
     /// Dependencies and start order.
     Deps,
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// The networks the stack's services are on (host, docker, LAN hosts, mesh).
+    List,
+    /// Every service's address as a caller on the host, in a container, on a LAN host
+    /// or on a mesh node reaches it.
+    Show,
+    /// Connect to those addresses for real: from this host to every service, and from
+    /// each LAN or mesh service's host to its dependencies. Fails when one fails.
+    Test,
 }
 
 #[derive(Subcommand)]

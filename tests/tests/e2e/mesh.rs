@@ -366,6 +366,50 @@ services:
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(conf.permissions().mode() & 0o777, 0o600);
 
+    // The address table and a real reachability test, both ways.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = d.cli(&dir, args);
+        assert_ok(&d, &out, &args.join(" "));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let rows = json(&["--json", "network", "show"]);
+    let row = |n: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row("web")["runs_on"], "mesh node0");
+    assert_eq!(row("web")["from_host"], web_addr.as_str());
+    let api_from_mesh = row("api")["from_mesh"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        api_from_mesh.starts_with(&format!("10.42.{third}.1:")),
+        "{rows}"
+    );
+    let checks = json(&["--json", "network", "test"]);
+    let checks = checks.as_array().unwrap();
+    assert!(checks.iter().all(|c| c["ok"] == true), "{checks:?}");
+    assert!(
+        checks.iter().any(|c| c["from"] == "node0"
+            && c["to"] == "api"
+            && c["address"] == api_from_mesh.as_str()),
+        "{checks:?}"
+    );
+    let networks = json(&["--json", "network", "list"]);
+    assert!(
+        networks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["kind"] == "mesh" && n["name"] == ifname.as_str()),
+        "{networks}"
+    );
+
     // harnessd killed while a connection through the tunnel is open: the data plane is
     // not harnessd's to lose. The connection carries a request afterwards, new ones
     // work, and a new harnessd adopts the hub and the node's run (same pid).
