@@ -41,6 +41,8 @@ pub struct MeshMember {
     pub mesh_ip: String,
     /// Its public key (the hub's peer).
     pub public_key: String,
+    /// Where its agent, its config and the agent's log and pid are on the host.
+    pub network_dir: String,
 }
 
 /// The hub's running data plane: started by this daemon (`child`), or found running
@@ -365,6 +367,7 @@ impl Core {
         Ok(MeshMember {
             mesh_ip: mesh_ip.to_string(),
             public_key,
+            network_dir: net,
         })
     }
 
@@ -374,7 +377,7 @@ impl Core {
         let Some(member) = &run.mesh else {
             return;
         };
-        let net = format!("{}/network", run.record.remote_dir);
+        let net = &member.network_dir;
         let stop = format!(
             "cd {} && [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; rm -f agent.pid",
             quote(&net)

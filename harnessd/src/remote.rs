@@ -174,24 +174,29 @@ impl Core {
         name: &str,
     ) -> Result<(RemoteRun, Option<String>), String> {
         let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
-        // A mesh node joins before its service starts; the run records where it is.
-        let mesh = match self.read(|st| {
+        // A mesh node joins before its service starts (its config goes into the
+        // release's, or for a binary the run's, `network/`); the run records where it is.
+        let mesh_host = self.read(|st| {
             st.stack(stack)
                 .filter(|r| crate::mesh::is_mesh(&r.config, name))
                 .map(|r| host_config(&r.config, &host))
-        }) {
-            Some(h) => Some(self.join_mesh(stack, name, &ssh, &h, &spec.dir).await?),
-            None => None,
-        };
-        let with_mesh = |mut run: RemoteRun| {
-            run.mesh = mesh.clone();
-            run
+        });
+        let join = |dir: String| {
+            let (ssh, mesh_host) = (ssh.clone(), mesh_host.clone());
+            async move {
+                match mesh_host {
+                    Some(h) => self.join_mesh(stack, name, &ssh, &h, &dir).await.map(Some),
+                    None => Ok(None),
+                }
+            }
         };
         let Some(package) = package else {
-            let run = self
+            let mesh = join(spec.dir.clone()).await?;
+            let mut run = self
                 .start_remote(stack, name, &ssh, &host, &spec, None)
                 .await?;
-            return Ok((with_mesh(run), None));
+            run.mesh = mesh;
+            return Ok((run, None));
         };
         let (root, hooks, keep, build) = self.read(|st| {
             let (t, _, h) = st
@@ -235,6 +240,11 @@ impl Core {
             .has_health
             .then(|| format!("{}/scripts/health.sh", installed.dir));
         package_command(&mut spec, &installed.dir, pkg.has_stop);
+        let mesh = join(installed.dir.clone()).await?;
+        let with_mesh = |mut run: RemoteRun| {
+            run.mesh = mesh.clone();
+            run
+        };
         let run = self
             .start_remote(stack, name, &ssh, &host, &spec, health.clone())
             .await?;

@@ -510,3 +510,139 @@ services:
         .collect();
     assert!(agents.is_empty(), "agents left on the node: {agents:?}");
 }
+
+/// A package deployed to a mesh node: its WireGuard config lands in the release (0600),
+/// a container on the harness host reaches it through its mesh address, and a cut link
+/// turns it unhealthy until the link is back, with no redeploy.
+#[test]
+fn a_package_on_a_mesh_node_is_reached_by_a_container_and_survives_a_cut_link() {
+    assert!(
+        std::path::Path::new(tests::DOCKER_SOCKET).exists(),
+        "needs a Docker engine (./scripts/test.sh starts one)"
+    );
+    let bed = TestBed::new(1);
+    let d = tests::TestDaemon::start();
+    let third: u8 = bed
+        .subnet
+        .split('.')
+        .nth(2)
+        .expect("bed subnet")
+        .parse()
+        .unwrap();
+    let port = 41000 + u16::from(third);
+    let h = &bed.hosts[0];
+    let dir = d.workdir("meshpkg");
+    let pkg = dir.join("web");
+    std::fs::create_dir_all(pkg.join("bin")).unwrap();
+    std::fs::create_dir_all(pkg.join("scripts")).unwrap();
+    std::fs::write(pkg.join("manifest.yaml"), "name: web\nversion: 1.0.0\n").unwrap();
+    std::fs::copy(tests::bin("demo-service"), pkg.join("bin/web")).unwrap();
+    std::fs::write(
+        pkg.join("scripts/start.sh"),
+        "#!/bin/sh\nexec \"$1/bin/web\" --name web --port \"$PORT\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        pkg.join("scripts/start.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let rootfs = dir.join("rootfs.tar");
+    tests::busybox_rootfs(&rootfs);
+    let image = format!("harness-test/mesh-busybox:{}", std::process::id());
+    let _image = RemoveImage(image.clone());
+    let stack = format!("meshpkg{}", std::process::id());
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: {stack}
+network: {{ wireguard_subnet: "10.43.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}
+services:
+  web:
+    target: {{ wireguard: {{ host: node0, package: {pkg}, env: {{ PORT: "${{self.port}}" }} }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms, retries: 2, timeout: 500ms }}
+  box:
+    target:
+      docker:
+        image: {image}
+        rootfs: {rootfs}
+        pull: never
+        command: [sh, -c, 'mkdir -p /www && wget -qO /www/got "http://$WEB_ADDR/" && exec httpd -f -p 80 -h /www']
+        ports: ["80"]
+    stop_timeout: 1s
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/got" }}
+"#,
+            addr = h.address,
+            key = bed.user_key.display(),
+            kh = bed.known_hosts.display(),
+            root = h.install_root.display(),
+            pkg = pkg.display(),
+            rootfs = rootfs.display(),
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(
+        up.status.success(),
+        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr),
+        d.log()
+    );
+    let c = d.client();
+    let web = get(&c, &stack, "web");
+    assert!(
+        web.address
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!("10.43.{third}.2:")),
+        "{web:?}"
+    );
+    // The container fetched from the mesh service through its mesh address.
+    let got = http_get(get(&c, &stack, "box").address.as_deref().unwrap(), "/got");
+    assert!(got.contains("web"), "{got}");
+    // The node's config is in the release, 0600, and not in the package.
+    let releases = h.install_root.join("web/releases");
+    let release = std::fs::read_dir(&releases)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let conf = release.join("network/wireguard.conf");
+    assert_eq!(
+        std::fs::metadata(&conf)
+            .expect("release config")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // A cut link: unhealthy, with an event; back: healthy again, same run.
+    bed.set_link(0, false);
+    wait_service(&c, &stack, "web", "web unhealthy", |s| {
+        s.health == protocol::methods::Health::Unhealthy
+    });
+    bed.set_link(0, true);
+    let back = wait_service(&c, &stack, "web", "web healthy again", |s| {
+        s.health == protocol::methods::Health::Healthy
+    });
+    assert_eq!(back.pid, web.pid, "the service was redeployed");
+
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}
+
+/// Removes a test's image when the test ends.
+struct RemoveImage(String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
