@@ -53,7 +53,7 @@ pub enum Probe {
     /// Run a shell command on the service's SSH host, in its run directory and with
     /// its environment.
     OnHost {
-        run: crate::remote::RemoteRun,
+        run: Box<crate::remote::RemoteRun>,
         command: String,
         shown: String,
         expected: i32,
@@ -334,7 +334,7 @@ fn command_probe(
         let shown = argv.join(" ");
         let command = crate::remote::on_host_command(&run.record.remote_dir, &argv);
         return Ok(Probe::OnHost {
-            run,
+            run: Box::new(run),
             command,
             shown,
             expected,

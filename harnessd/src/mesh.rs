@@ -380,7 +380,7 @@ impl Core {
         let net = &member.network_dir;
         let stop = format!(
             "cd {} && [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; rm -f agent.pid",
-            quote(&net)
+            quote(net)
         );
         let _ = ssh.exec(&stop, b"", Duration::from_secs(30)).await;
         self.remove_peer(run, member, why).await;
