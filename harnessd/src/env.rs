@@ -127,6 +127,17 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
         }
         // A mesh node, at its mesh address (through the hub for everyone); before it
         // joined (its own arguments), at its host's address.
+        // A LAN host has no tunnel: it reaches a mesh service through the hub's relay.
+        (Target::Wireguard(_), Place::Lan { .. }) if lan_relay(rec).is_some() => {
+            let (host, port) = lan_relay(rec)?
+                .rsplit_once(':')
+                .map(|(h, p)| (h.to_owned(), p.parse().ok()))?;
+            Some((host, port?))
+        }
+        // A mesh node reaches a LAN service at its alias on the hub, relayed.
+        (Target::RemoteLan(_), Place::Mesh { .. }) if rec.mesh_alias.is_some() => {
+            Some((rec.mesh_alias.clone()?, rec.port?))
+        }
         (Target::Wireguard(_), _) if mesh_address(rec).is_some() => {
             Some((mesh_address(rec)?, rec.port?))
         }
@@ -152,6 +163,14 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
         // A process or a container's published port, on the harness host.
         (_, Place::Lan { hub } | Place::Mesh { hub }) => Some((hub.clone(), rec.port?)),
         _ => Some(("127.0.0.1".to_owned(), rec.port?)),
+    }
+}
+
+/// The hub's LAN relay of a mesh service, when LAN services use one.
+fn lan_relay(rec: &registry::ServiceRecord) -> Option<String> {
+    match crate::run::Run::of(rec)? {
+        crate::run::Run::Remote(r) => r.mesh?.lan_relay,
+        _ => None,
     }
 }
 

@@ -43,6 +43,9 @@ pub struct MeshMember {
     pub public_key: String,
     /// Where its agent, its config and the agent's log and pid are on the host.
     pub network_dir: String,
+    /// The hub's relay for LAN callers: `hub address towards the LAN:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan_relay: Option<String>,
 }
 
 /// The hub's running data plane: started by this daemon (`child`), or found running
@@ -364,10 +367,12 @@ impl Core {
                 public_key: public_key.clone(),
                 reason: None,
             }));
+        let lan_relay = self.relay_for_lan(stack, name, mesh_ip).await?;
         Ok(MeshMember {
             mesh_ip: mesh_ip.to_string(),
             public_key,
             network_dir: net,
+            lan_relay,
         })
     }
 
@@ -384,6 +389,11 @@ impl Core {
         );
         let _ = ssh.exec(&stop, b"", Duration::from_secs(30)).await;
         self.remove_peer(run, member, why).await;
+        if let Some(listen) = &member.lan_relay {
+            let _ = self
+                .hub_call(serde_json::json!({"op": "remove_relay", "listen": listen}))
+                .await;
+        }
         let others = self.read(|st| {
             st.snap.stacks.values().any(|r| {
                 r.services.iter().any(|(_, s)| {
@@ -405,6 +415,82 @@ impl Core {
                 }));
             }
         }
+    }
+
+    /// Relays for a mesh service's LAN dependencies (a LAN host has no tunnel): each
+    /// gets a mesh alias on the hub, relayed to its LAN address; recorded on the
+    /// dependency, where its mesh callers' addresses come from.
+    pub async fn relay_lan_dependencies(&self, stack: &str, name: &str) -> Result<(), String> {
+        let (config, deps) = self
+            .read(|st| {
+                let r = st.stack(stack)?;
+                let deps: Vec<(String, String, Option<String>)> = r.config.services[name]
+                    .depends_on
+                    .keys()
+                    .filter(|d| {
+                        matches!(
+                            r.config.services.get(*d).map(|s| &s.target),
+                            Some(Target::RemoteLan(_))
+                        )
+                    })
+                    .filter_map(|d| {
+                        let (host, port) = crate::env::endpoint(r, d, &crate::env::Place::Probe)?;
+                        let alias = r.services.get(d)?.mesh_alias.clone();
+                        Some((d.clone(), format!("{host}:{port}"), alias))
+                    })
+                    .collect();
+                Some((r.config.clone(), deps))
+            })
+            .ok_or("stack was removed")?;
+        if deps.is_empty() {
+            return Ok(());
+        }
+        let subnet = subnet_of(&config)?;
+        self.ensure_hub(&config).await?;
+        for (dep, to, alias) in deps {
+            let alias = match alias {
+                Some(a) => a,
+                None => self.free_mesh_address(subnet)?.to_string(),
+            };
+            let port = to.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+            self.hub_call(serde_json::json!({"op": "add_relay", "listen": format!("{alias}:{port}"), "to": to}))
+                .await?;
+            self.update(|st, _| {
+                if let Some(rec) = st.service_mut(stack, &dep) {
+                    rec.mesh_alias = Some(alias.clone());
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// A relay on the hub's LAN address for a mesh service that LAN services depend
+    /// on; its address (`None` when none does).
+    async fn relay_for_lan(
+        &self,
+        stack: &str,
+        name: &str,
+        mesh_ip: Ipv4Addr,
+    ) -> Result<Option<String>, String> {
+        let target = self.read(|st| {
+            let r = st.stack(stack)?;
+            let lan_caller = r.config.services.iter().find(|(_, s)| {
+                matches!(s.target, Target::RemoteLan(_)) && s.depends_on.contains_key(name)
+            })?;
+            let (_, _, host) = crate::remote::remote_target(&r.config, lan_caller.0)?;
+            Some((host.address, r.services.get(name)?.port?))
+        });
+        let Some((lan_host, port)) = target else {
+            return Ok(None);
+        };
+        let hub = crate::remote::hub_address_towards(&lan_host)
+            .ok_or_else(|| format!("no route from here to {lan_host}"))?;
+        let relay_port =
+            crate::orchestrator::free_port().ok_or("no free port for the LAN relay")?;
+        let listen = format!("{hub}:{relay_port}");
+        self.hub_call(serde_json::json!({"op": "add_relay", "listen": listen, "to": format!("{mesh_ip}:{port}")}))
+            .await?;
+        Ok(Some(listen))
     }
 
     /// Removes a node's peer from the hub (its traffic stops at once) and says so.
@@ -509,6 +595,9 @@ impl Core {
         self.read(|st| {
             for r in st.snap.stacks.values() {
                 for s in r.services.values() {
+                    if let Some(ip) = s.mesh_alias.as_deref().and_then(|a| a.parse().ok()) {
+                        alloc.taken.insert(ip);
+                    }
                     if let Some(crate::run::Run::Remote(run)) = crate::run::Run::of(s) {
                         if let Some(ip) = run.mesh.and_then(|m| m.mesh_ip.parse().ok()) {
                             alloc.taken.insert(ip);

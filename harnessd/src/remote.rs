@@ -173,6 +173,14 @@ impl Core {
         stack: &str,
         name: &str,
     ) -> Result<(RemoteRun, Option<String>), String> {
+        if self.read(|st| {
+            st.stack(stack)
+                .is_some_and(|r| crate::mesh::is_mesh(&r.config, name))
+        }) {
+            // Its LAN dependencies get their relays (and mesh addresses) first: its
+            // environment names them.
+            self.relay_lan_dependencies(stack, name).await?;
+        }
         let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
         // A mesh node joins before its service starts (its config goes into the
         // release's, or for a binary the run's, `network/`); the run records where it is.

@@ -85,6 +85,10 @@ pub struct ServiceRecord {
     /// The backend's opaque record of what runs (pids, run dir); the deployer defines it.
     #[serde(default)]
     pub process: Option<serde_json::Value>,
+    /// Its address on the WireGuard mesh, when mesh nodes reach it through a relay on
+    /// the hub (an alias there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_alias: Option<String>,
 }
 
 impl ServiceRecord {
@@ -99,6 +103,7 @@ impl ServiceRecord {
             restarts: 0,
             exit_code: None,
             process: None,
+            mesh_alias: None,
         }
     }
 }

@@ -646,3 +646,93 @@ impl Drop for RemoveImage {
         let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
     }
 }
+
+/// LAN hosts have no tunnel: a mesh service reaches a LAN service at an alias on the
+/// hub relayed to its LAN address, and a LAN service reaches a mesh service through a
+/// relay on the hub's LAN address.
+#[test]
+fn lan_and_mesh_services_reach_each_other_through_the_hub_s_relays() {
+    let bed = TestBed::new(2);
+    let d = tests::TestDaemon::start();
+    let third: u8 = bed
+        .subnet
+        .split('.')
+        .nth(2)
+        .expect("bed subnet")
+        .parse()
+        .unwrap();
+    let port = 42000 + u16::from(third);
+    let dir = d.workdir("meshlan");
+    let stack = format!("meshlan{}", std::process::id());
+    let host = |i: usize| {
+        let h = &bed.hosts[i];
+        format!(
+            "{{ address: {}, user: root, ssh_key: {}, known_hosts: {}, install_root: {} }}",
+            h.address,
+            bed.user_key.display(),
+            bed.known_hosts.display(),
+            h.install_root.display()
+        )
+    };
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: {stack}
+network: {{ wireguard_subnet: "10.44.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {node0}
+  lan1: {lan1}
+services:
+  db:
+    target: {{ remote_lan: {{ host: lan1, binary: DEMO, args: [--name, db, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  web:
+    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "db=${{db.addr}}"] }} }}
+    port: auto
+    depends_on: {{ db: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  lanclient:
+    target: {{ remote_lan: {{ host: lan1, binary: DEMO, args: [--name, lanclient, --port, "${{self.port}}", --upstream, "web=${{web.addr}}"] }} }}
+    port: auto
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+"#,
+            node0 = host(0),
+            lan1 = host(1),
+        ),
+    );
+    let up = d.cli(&dir, &["up"]);
+    assert!(
+        up.status.success(),
+        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr),
+        d.log()
+    );
+    let c = d.client();
+    // Each is healthy only once it connected to its upstream at the address it got.
+    for s in ["db", "web", "lanclient"] {
+        assert_eq!(
+            get(&c, &stack, s).health,
+            protocol::methods::Health::Healthy,
+            "{s}"
+        );
+    }
+    let env_of =
+        |s: &str| String::from_utf8_lossy(&d.cli(&dir, &["config", "env", s]).stdout).into_owned();
+    let web_env = env_of("web");
+    assert!(
+        web_env.contains(&format!("DB_ADDR=10.44.{third}.")),
+        "{web_env}"
+    );
+    let lan_env = env_of("lanclient");
+    assert!(
+        lan_env.contains(&format!("WEB_ADDR={}:", bed.hub_address)),
+        "{lan_env}"
+    );
+    let checks = d.cli(&dir, &["--json", "network", "test"]);
+    assert_ok(&d, &checks, "harness network test");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}

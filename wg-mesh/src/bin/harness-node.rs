@@ -9,8 +9,12 @@
 //! It prints `ready <udp port>` on stdout once the device is up. The control socket
 //! takes one JSON request per line and answers one JSON line each:
 //! `{"op":"add_peer","public_key":"…","allowed_ips":["10.42.0.3/32"],"endpoint":null,"persistent_keepalive":null}`,
-//! `{"op":"remove_peer","public_key":"…"}`, `{"op":"peers"}`. SIGTERM or SIGINT ends it
-//! and removes the device.
+//! `{"op":"remove_peer","public_key":"…"}`, `{"op":"peers"}`,
+//! `{"op":"add_relay","listen":"10.42.0.9:5432","to":"198.18.0.11:5432"}` (a TCP relay; a
+//! `listen` address inside the mesh subnet is added to the device first, as an alias),
+//! `{"op":"remove_relay","listen":"…"}`. Relays live here, not in harnessd, so a daemon
+//! restart drops no relayed connection. SIGTERM or SIGINT ends it and removes the
+//! device.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -56,6 +60,21 @@ enum Request {
         public_key: String,
     },
     Peers,
+    AddRelay {
+        listen: std::net::SocketAddr,
+        to: String,
+    },
+    RemoveRelay {
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// The agent's device and its relays.
+struct Agent {
+    device: Device,
+    interface: String,
+    address: Cidr,
+    relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, smol::Task<()>>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,12 +93,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args, config: Config) -> anyhow::Result<()> {
-    let device = Arc::new(Device::start(&args.interface, &config).await?);
+    let device = Device::start(&args.interface, &config).await?;
+    let port = device.port().unwrap_or(0);
+    let agent = Arc::new(Agent {
+        device,
+        interface: args.interface.clone(),
+        address: config.interface.address,
+        relays: Default::default(),
+    });
     let control = match &args.control {
-        Some(path) => Some(serve_control(path, device.clone())?),
+        Some(path) => Some(serve_control(path, agent.clone())?),
         None => None,
     };
-    println!("ready {}", device.port().unwrap_or(0));
+    println!("ready {port}");
     std::io::stdout().flush()?;
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
@@ -92,7 +118,7 @@ async fn run(args: Args, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve_control(path: &Path, device: Arc<Device>) -> anyhow::Result<smol::Task<()>> {
+fn serve_control(path: &Path, agent: Arc<Agent>) -> anyhow::Result<smol::Task<()>> {
     let _ = std::fs::remove_file(path);
     let listener = async_net::unix::UnixListener::bind(path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -103,12 +129,12 @@ fn serve_control(path: &Path, device: Arc<Device>) -> anyhow::Result<smol::Task<
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let device = device.clone();
+            let agent = agent.clone();
             smol::spawn(async move {
                 let mut lines = futures_lite::io::BufReader::new(stream.clone()).lines();
                 let mut stream = stream;
                 while let Some(Ok(line)) = lines.next().await {
-                    let reply = answer(&device, &line).await;
+                    let reply = answer(&agent, &line).await;
                     if stream
                         .write_all(format!("{reply}\n").as_bytes())
                         .await
@@ -123,7 +149,8 @@ fn serve_control(path: &Path, device: Arc<Device>) -> anyhow::Result<smol::Task<
     }))
 }
 
-async fn answer(device: &Device, line: &str) -> serde_json::Value {
+async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
+    let device = &agent.device;
     let request: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return serde_json::json!({"error": format!("bad request: {e}")}),
@@ -160,5 +187,90 @@ async fn answer(device: &Device, line: &str) -> serde_json::Value {
             Err(e) => serde_json::json!({"error": e.to_string()}),
         },
         Request::Peers => serde_json::json!({"peers": device.peers()}),
+        Request::AddRelay { listen, to } => match add_relay(agent, listen, to).await {
+            Ok(()) => serde_json::json!({"ok": true}),
+            Err(e) => serde_json::json!({"error": e}),
+        },
+        Request::RemoveRelay { listen } => {
+            let removed = agent
+                .relays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&listen)
+                .is_some();
+            serde_json::json!({"ok": removed})
+        }
+    }
+}
+
+/// Starts a TCP relay from `listen` to `to` (replacing one on the same address).
+async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> Result<(), String> {
+    if let std::net::IpAddr::V4(ip) = listen.ip() {
+        if agent.address.contains(ip) && ip != agent.address.addr {
+            add_alias(&agent.interface, ip).await?;
+        }
+    }
+    // A replaced relay lets go of its port before the new one binds it.
+    drop(
+        agent
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&listen),
+    );
+    let listener = async_net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("relay on {listen}: {e}"))?;
+    let task = smol::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            let to = to.clone();
+            smol::spawn(async move {
+                match async_net::TcpStream::connect(to.as_str()).await {
+                    Ok(outbound) => {
+                        // Each way until its end, which is passed on (a half-close).
+                        let pipe = |from: async_net::TcpStream, to: async_net::TcpStream| async move {
+                            let _ = futures_lite::io::copy(from, to.clone()).await;
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                        };
+                        futures_lite::future::zip(
+                            pipe(inbound.clone(), outbound.clone()),
+                            pipe(outbound, inbound),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::warn!("relay {listen} -> {to}: {e}"),
+                }
+            })
+            .detach();
+        }
+    });
+    agent
+        .relays
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(listen, task);
+    Ok(())
+}
+
+/// Adds `ip` to the device (a mesh alias), unless it has it already.
+async fn add_alias(interface: &str, ip: std::net::Ipv4Addr) -> Result<(), String> {
+    let (interface, addr) = (interface.to_owned(), format!("{ip}/32"));
+    let out = smol::unblock(move || {
+        std::process::Command::new("ip")
+            .args(["addr", "replace", &addr, "dev", &interface])
+            .output()
+    })
+    .await
+    .map_err(|e| format!("cannot run ip(8): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "alias {ip}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
