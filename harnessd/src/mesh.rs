@@ -121,7 +121,10 @@ impl Core {
         let subnet = subnet_of(config)?;
         let port = config.network.listen_port.unwrap_or(DEFAULT_PORT);
         let dir = self.state_dir.join("mesh");
-        let key = hub_key(&dir).await?;
+        let key = match &config.network.hub_key {
+            Some(file) => key_from_file(file).await?,
+            None => hub_key(&dir).await?,
+        };
         let public = key.public();
         let conf = Config {
             interface: Interface {
@@ -175,7 +178,11 @@ impl Core {
             return Err(format!("the mesh hub did not start: {}", why.trim()));
         }
         let pid = child.id();
-        write_secret(&dir.join("hub.pid"), format!("{pid} {port} {subnet}\n")).await?;
+        write_secret(
+            &dir.join("hub.pid"),
+            format!("{pid} {port} {subnet} {public}\n"),
+        )
+        .await?;
         // While the mesh is in use its subnet never falls through to the default
         // route: with the hub's device gone (it crashed), the kernel answers
         // "unreachable" instead of sending mesh traffic elsewhere.
@@ -204,11 +211,11 @@ impl Core {
         let pid: u32 = words.next()?.parse().ok()?;
         let port: u16 = words.next()?.parse().ok()?;
         let subnet = Subnet::parse(words.next()?).ok()?;
+        let public = PublicKey::from_base64(words.next()?).ok()?;
         let control = dir.join("hub.sock");
         if !is_hub_process(pid, &control) {
             return None;
         }
-        let public = hub_key(&dir).await.ok()?.public();
         tracing::info!("adopted the mesh hub (pid {pid})");
         Some(Hub {
             child: None,
@@ -267,7 +274,14 @@ impl Core {
         let subnet = subnet_of(&config)?;
         let (hub_public, port) = self.ensure_hub(&config).await?;
         let mesh_ip = self.free_mesh_address(subnet)?;
-        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
+        let given = match config.services.get(name).map(|s| &s.target) {
+            Some(Target::Wireguard(t)) => t.wireguard_key.clone(),
+            _ => None,
+        };
+        let key = match given {
+            Some(file) => key_from_file(&file).await?,
+            None => PrivateKey::generate().map_err(|e| e.to_string())?,
+        };
         let public_key = key.public().to_string();
         self.hub_call(serde_json::json!({
             "op": "add_peer", "public_key": public_key, "allowed_ips": [format!("{mesh_ip}/32")],
@@ -685,6 +699,15 @@ fn agent_program() -> PathBuf {
     std::env::current_exe()
         .map(|p| p.with_file_name("harness-node"))
         .unwrap_or_else(|_| PathBuf::from("harness-node"))
+}
+
+/// A pre-generated private key from a file the config names (the message names the
+/// file, never its contents).
+async fn key_from_file(file: &str) -> Result<PrivateKey, String> {
+    let text = smol::fs::read_to_string(file)
+        .await
+        .map_err(|e| format!("cannot read the WireGuard key file {file}: {e}"))?;
+    PrivateKey::from_base64(&text).map_err(|e| format!("{file}: {e}"))
 }
 
 /// The hub's key, made on first use (0600 in the state directory).

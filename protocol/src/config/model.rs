@@ -63,6 +63,10 @@ pub struct NetworkConfig {
     /// UDP port of the hub (default 51820).
     #[serde(default)]
     pub listen_port: Option<u16>,
+    /// A file holding the hub's WireGuard private key (base64), instead of the one the
+    /// daemon makes and keeps in its state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_key: Option<String>,
 }
 
 /// A named host reached over SSH.
@@ -323,6 +327,10 @@ pub struct RemoteTarget {
     /// SSH key (overrides the host's).
     #[serde(default)]
     pub ssh_key: Option<String>,
+    /// For a `wireguard` target: a file holding the node's WireGuard private key
+    /// (base64), instead of one made for each run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_key: Option<String>,
     /// A program already on the host.
     #[serde(default)]
     pub binary: Option<String>,

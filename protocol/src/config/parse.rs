@@ -98,7 +98,7 @@ const DISCOVERY: Spec = Spec {
 };
 
 const NETWORK: Spec = Spec {
-    known: &["wireguard_subnet", "listen_port"],
+    known: &["wireguard_subnet", "listen_port", "hub_key"],
     retired: &[
         ("lan_interface", "not needed: LAN addresses are taken from the route to each host"),
         ("dns_port", "the harness runs no DNS server; dependencies' addresses are injected as DEP_ADDR variables and `${dep.addr}` references"),
@@ -276,6 +276,7 @@ const DOCKER_BACKEND: Spec = Spec {
 
 const REMOTE: Spec = Spec {
     known: &[
+        "wireguard_key",
         "host",
         "hosts",
         "user",
@@ -486,6 +487,7 @@ fn network(cx: &mut Cx<'_>, node: &Node) -> NetworkConfig {
         listen_port: f
             .get("listen_port")
             .and_then(|n| cx.port(n, &f.key("listen_port"))),
+        hub_key: f.text(cx, "hub_key"),
     }
 }
 
@@ -800,6 +802,7 @@ fn remote(cx: &mut Cx<'_>, f: &Fields<'_>) -> RemoteTarget {
         hosts: f.texts(cx, "hosts"),
         user: f.text(cx, "user"),
         ssh_key: f.text(cx, "ssh_key").or_else(|| f.text(cx, "key_file")),
+        wireguard_key: f.text(cx, "wireguard_key"),
         binary: f.text(cx, "binary"),
         args: f.texts(cx, "args"),
         package: f.text(cx, "package"),

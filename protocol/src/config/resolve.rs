@@ -189,6 +189,7 @@ impl StackConfig {
             base: base_dir.trim_end_matches('/'),
             home,
         };
+        paths.fix_opt(&mut self.network.hub_key);
         for host in self.hosts.values_mut() {
             paths.fix_opt(&mut host.ssh_key);
             paths.fix_opt(&mut host.known_hosts);
@@ -222,6 +223,7 @@ impl StackConfig {
                 }
                 Target::RemoteLan(t) | Target::Wireguard(t) => {
                     paths.fix_opt(&mut t.ssh_key);
+                    paths.fix_opt(&mut t.wireguard_key);
                     paths.fix_opt(&mut t.package);
                     if let Some(b) = &mut t.build {
                         b.dir = Some(

@@ -870,3 +870,20 @@ fn the_discovery_section() {
         ],
     );
 }
+
+#[test]
+fn pre_generated_mesh_keys_belong_to_wireguard_targets() {
+    let s = one(&svc(
+        "    target: { wireguard: { host: n1, binary: /x, wireguard_key: ./node.key } }\n",
+    ));
+    let Target::Wireguard(t) = &s.target else {
+        panic!("{:?}", s.target)
+    };
+    assert_eq!(t.wireguard_key.as_deref(), Some("./node.key"));
+    check_errors(
+        &svc("    target: { remote_lan: { host: n1, binary: /x, wireguard_key: ./node.key } }\n"),
+        &["t.yaml:3:51: services.api.target.remote_lan.wireguard_key: `wireguard_key` is for `wireguard` targets: a remote_lan service is not on the mesh"],
+    );
+    let c = load("network: { hub_key: ./hub.key }\n");
+    assert_eq!(c.network.hub_key.as_deref(), Some("./hub.key"));
+}

@@ -254,7 +254,15 @@ fn check_target(p: &mut Problems<'_>, key: &str, target: &Target) {
             }
             check_env(p, &join(&key, "env"), &t.env);
         }
-        Target::RemoteLan(t) | Target::Wireguard(t) => check_remote(p, &key, t),
+        Target::RemoteLan(t) | Target::Wireguard(t) => {
+            check_remote(p, &key, t);
+            if matches!(target, Target::RemoteLan(_)) && t.wireguard_key.is_some() {
+                p.add(
+                    join(&key, "wireguard_key"),
+                    "`wireguard_key` is for `wireguard` targets: a remote_lan service is not on the mesh",
+                );
+            }
+        }
         Target::Discovered(t) => {
             if !DISCOVERY_KINDS.contains(&t.kind.as_str()) {
                 let hint = did_you_mean(&t.kind, DISCOVERY_KINDS)

@@ -286,12 +286,20 @@ fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
         interfaces(&ifname).is_empty(),
         "a mesh interface before any mesh service"
     );
+    // Pre-generated keys, given in the config, are the ones used.
+    let (hub_key, node_key) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    let (hub_key_file, node_key_file) = (dir.join("hub.key"), dir.join("node.key"));
+    std::fs::write(&hub_key_file, hub_key.to_base64()).unwrap();
+    std::fs::write(&node_key_file, node_key.to_base64()).unwrap();
     write_config(
         &dir,
         &format!(
             r#"
 name: {stack}
-network: {{ wireguard_subnet: "10.42.{third}.0/24", listen_port: {port} }}
+network: {{ wireguard_subnet: "10.42.{third}.0/24", listen_port: {port}, hub_key: {hub_key} }}
 hosts:
   node0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}
 services:
@@ -300,7 +308,7 @@ services:
     port: auto
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
   web:
-    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
+    target: {{ wireguard: {{ host: node0, wireguard_key: {node_key}, binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
     port: auto
     depends_on: {{ api: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 500ms }}
@@ -314,6 +322,8 @@ services:
             key = bed.user_key.display(),
             kh = bed.known_hosts.display(),
             root = h.install_root.display(),
+            hub_key = hub_key_file.display(),
+            node_key = node_key_file.display(),
         ),
     );
     let up = d.cli(&dir, &["up"]);
@@ -330,6 +340,19 @@ services:
         (web.backend.as_str(), web.health),
         ("wireguard", protocol::methods::Health::Healthy)
     );
+    let run_dir = h
+        .install_root
+        .join("web/run")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let node_conf = std::fs::read_to_string(run_dir.join("network/wireguard.conf")).unwrap();
+    let node_conf = Config::parse(&node_conf, "node").unwrap();
+    assert_eq!(node_conf.interface.private_key, node_key);
+    assert_eq!(node_conf.peers[0].public_key, hub_key.public());
     let web_addr = web.address.clone().expect("web's address");
     assert!(
         web_addr.starts_with(&format!("10.42.{third}.2:")),
@@ -453,6 +476,7 @@ services:
         (peers[0].node.as_str(), peers[0].name.as_str()),
         ("node0", "web")
     );
+    assert_eq!(peers[0].public_key, node_key.public().to_string());
     assert!(
         peers[0].handshake_age_secs.is_some() && peers[0].rx_bytes > 0,
         "{peers:?}"
