@@ -1,13 +1,14 @@
 //! Benchmarks of harness against the targets of the foundation issue. Each result is
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover]...`
+//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover|mesh]...`
 //! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
 //! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
 
 mod containers;
 mod discovery;
 mod lan;
+mod mesh;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -61,6 +62,9 @@ fn main() {
     }
     if want("discover") {
         discovery::bench(&d);
+    }
+    if want("mesh") {
+        mesh::bench();
     }
 }
 

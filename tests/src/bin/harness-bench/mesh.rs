@@ -1,0 +1,272 @@
+//! The mesh data plane benchmark (issue 5): single-stream TCP throughput (iperf3, 10 s)
+//! and ping RTT between two test-bed namespaces, over raw veth, through two
+//! `harness-node` agents, and through boringtun-cli 0.7.1 (with 1 and with 4 threads),
+//! all with tunnel MTU 1420, alternating in each round; and the tunnel-up time (agent
+//! start to the first ping reply).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::testbed::{run, TestBed};
+use wg_mesh::config::{Cidr, Config, Interface, Peer};
+use wg_mesh::keys::PrivateKey;
+
+const ROUNDS: usize = 3;
+const SECONDS: u32 = 10;
+
+/// A process in a namespace, ended when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_ns(ns: &str, argv: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(argv);
+    c
+}
+
+/// Mbit/s of one 10 s single-stream iperf3 run from `a` to `to` (a server in `b`).
+fn iperf(a: &str, b: &str, to: &str) -> f64 {
+    let _server = Proc(
+        in_ns(b, &["iperf3", "-s", "-1", "-B", to])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s (Debian's iperf3)"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = in_ns(a, &["iperf3", "-c", to, "-t", &SECONDS.to_string(), "-J"])
+        .output()
+        .expect("iperf3 -c");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6
+}
+
+/// Average RTT in ms of 20 pings from `a` to `to`.
+fn rtt(a: &str, to: &str) -> f64 {
+    let out = in_ns(a, &["busybox", "ping", "-q", "-c", "20", "-i", "0.05", to])
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // round-trip min/avg/max = 0.045/0.070/0.116 ms
+    text.lines()
+        .find_map(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn ping_once(a: &str, to: &str) -> bool {
+    in_ns(a, &["busybox", "ping", "-c", "1", "-W", "1", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Two harness-node agents: A (hub-like, listening) and B (node, towards A).
+fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
+    let (ka, kb) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    let mesh = Cidr::parse(&format!("10.45.{third}.0/24")).unwrap();
+    let a_conf = Config {
+        interface: Interface {
+            private_key: ka.clone(),
+            address: Cidr::parse(&format!("10.45.{third}.1/24")).unwrap(),
+            listen_port: Some(51900),
+            mtu: Some(1420),
+        },
+        peers: vec![Peer {
+            public_key: kb.public(),
+            endpoint: None,
+            allowed_ips: vec![Cidr::parse(&format!("10.45.{third}.2/32")).unwrap()],
+            persistent_keepalive: None,
+        }],
+    };
+    let endpoint = format!("{}:51900", bed.hosts[0].address).parse().unwrap();
+    let b_conf = Config::node(
+        kb,
+        Cidr::parse(&format!("10.45.{third}.2/24")).unwrap(),
+        ka.public(),
+        endpoint,
+        mesh,
+    );
+    let start = |i: usize, conf: &Config| {
+        let path = bed.hosts[i].dir.join("bench-wg.conf");
+        std::fs::write(&path, conf.render()).unwrap();
+        let mut child = in_ns(&bed.hosts[i].netns, &[])
+            .arg(tests::bin("harness-node"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--interface", &format!("hw{}", bed.id)])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(bed.hosts[i].dir.join("bench-agent.log")).unwrap())
+            .spawn()
+            .expect("harness-node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("ready"), "harness-node: {line}");
+        Proc(child)
+    };
+    let a = start(0, &a_conf);
+    let t = Instant::now();
+    let b = start(1, &b_conf);
+    while !ping_once(&bed.hosts[1].netns, &format!("10.45.{third}.1")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the harness tunnel never came up: {}{}",
+            std::fs::read_to_string(bed.hosts[0].dir.join("bench-agent.log")).unwrap_or_default(),
+            std::fs::read_to_string(bed.hosts[1].dir.join("bench-agent.log")).unwrap_or_default()
+        );
+    }
+    (a, b, t.elapsed())
+}
+
+/// Two boringtun-cli devices with `threads` threads, configured with wg(8).
+fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Proc, Proc) {
+    let keys = [
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    ];
+    // UAPI sockets live in /var/run/wireguard, which the namespaces share: each
+    // side's interface needs a name of its own.
+    let name = |i: usize| format!("bt{}{}", bed.id, ["a", "b"][i]);
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        let ns = &bed.hosts[i].netns;
+        procs.push(Proc(
+            in_ns(
+                ns,
+                &[
+                    "boringtun-cli",
+                    "--foreground",
+                    "--disable-drop-privileges",
+                    "--threads",
+                    &threads.to_string(),
+                    &name(i),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("boringtun-cli (cargo install boringtun-cli)"),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..2 {
+        let ns = bed.hosts[i].netns.clone();
+        let other = 1 - i;
+        let key_file = bed.hosts[i].dir.join("bench-bt.key");
+        std::fs::write(&key_file, keys[i].to_base64()).unwrap();
+        let peer = keys[other].public().to_string();
+        let endpoint = format!("{}:51901", bed.hosts[other].address);
+        let allowed = format!("10.46.{third}.{}/32", other + 1);
+        let name = name(i);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "wg",
+                "set",
+                &name,
+                "private-key",
+                key_file.to_str().unwrap(),
+                "listen-port",
+                "51901",
+                "peer",
+                &peer,
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &allowed,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("10.46.{third}.{}/24", i + 1),
+                "dev",
+                &name,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "netns", "exec", &ns, "ip", "link", "set", &name, "mtu", "1420", "up",
+            ],
+        );
+    }
+    let t = Instant::now();
+    while !ping_once(&bed.hosts[0].netns, &format!("10.46.{third}.2")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the boringtun-cli tunnel never came up"
+        );
+    }
+    let b = procs.pop().unwrap();
+    let a = procs.pop().unwrap();
+    (a, b)
+}
+
+pub fn bench() {
+    let bed = TestBed::new(2);
+    let third = bed.subnet.split('.').nth(2).unwrap().to_owned();
+    let (na, nb) = (bed.hosts[0].netns.clone(), bed.hosts[1].netns.clone());
+    let (mut raw, mut ours, mut bt1, mut bt4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rtt_raw, mut rtt_ours, mut rtt_bt, mut up) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        raw.push(iperf(&na, &nb, &bed.hosts[1].address));
+        rtt_raw.push(rtt(&na, &bed.hosts[1].address));
+        {
+            let (_a, _b, took) = harness_tunnel(&bed, &third);
+            up.push(took.as_secs_f64() * 1e3);
+            let to = format!("10.45.{third}.2");
+            ours.push(iperf(&na, &nb, &to));
+            rtt_ours.push(rtt(&na, &to));
+        }
+        for (threads, out) in [(1, &mut bt1), (4, &mut bt4)] {
+            let (_a, _b) = boringtun_tunnel(&bed, &third, threads);
+            let to = format!("10.46.{third}.2");
+            out.push(iperf(&na, &nb, &to));
+            if threads == 1 {
+                rtt_bt.push(rtt(&na, &to));
+            }
+        }
+    }
+    let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
+    let best = bt1.max(bt4);
+    println!(
+        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); RTT raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000)",
+        ours / best,
+        median(rtt_raw),
+        median(rtt_ours),
+        median(rtt_bt),
+        median(up),
+    );
+}
