@@ -78,6 +78,8 @@ pub struct TestDaemon {
     /// The network namespace harnessd and the CLI run in (`None`: this one). Only the
     /// CLI reaches a daemon in another namespace: its loopback is that namespace's.
     pub netns: Option<String>,
+    /// Run harnessd with CAP_NET_ADMIN dropped.
+    without_net_admin: bool,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -95,15 +97,26 @@ impl TestDaemon {
     /// Starts harnessd inside network namespace `netns` (a test-bed host's): it sees
     /// only that namespace's interfaces. Drive it with [`TestDaemon::cli`].
     pub fn start_in_netns(netns: &str) -> TestDaemon {
-        Self::start_inner("debug", &[], Some(netns.to_owned()))
+        Self::start_inner("debug", &[], Some(netns.to_owned()), false)
+    }
+
+    /// Starts harnessd without CAP_NET_ADMIN (dropped from its bounding set by
+    /// setpriv), as an unprivileged daemon would run.
+    pub fn start_without_net_admin() -> TestDaemon {
+        Self::start_inner("debug", &[], None, true)
     }
 
     /// Starts harnessd with the log filter `level` and extra environment `env`.
     pub fn start_with(level: &'static str, env: &[(&str, &str)]) -> TestDaemon {
-        Self::start_inner(level, env, None)
+        Self::start_inner(level, env, None, false)
     }
 
-    fn start_inner(level: &'static str, env: &[(&str, &str)], netns: Option<String>) -> TestDaemon {
+    fn start_inner(
+        level: &'static str,
+        env: &[(&str, &str)],
+        netns: Option<String>,
+        without_net_admin: bool,
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("harness-e2e-")
             .tempdir()
@@ -119,6 +132,7 @@ impl TestDaemon {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             netns,
+            without_net_admin,
             dir: Some(dir),
         };
         d.restart();
@@ -145,8 +159,15 @@ impl TestDaemon {
             .append(true)
             .open(self.state_dir.with_file_name("harnessd.log"))
             .expect("log file");
-        self.command(&bin("harnessd"))
-            .args(["--state-dir"])
+        let mut cmd = if self.without_net_admin {
+            let mut c = Command::new("setpriv");
+            c.args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"])
+                .arg(bin("harnessd"));
+            c
+        } else {
+            self.command(&bin("harnessd"))
+        };
+        cmd.args(["--state-dir"])
             .arg(&self.state_dir)
             .args(["--listen", "127.0.0.1:0"])
             .env("HARNESS_LOG", self.log_level)

@@ -673,10 +673,11 @@ impl Drop for RemoveImage {
 
 /// LAN hosts have no tunnel: a mesh service reaches a LAN service at an alias on the
 /// hub relayed to its LAN address, and a LAN service reaches a mesh service through a
-/// relay on the hub's LAN address.
+/// relay on the hub's LAN address; a second mesh node reaches the first through the
+/// hub.
 #[test]
 fn lan_and_mesh_services_reach_each_other_through_the_hub_s_relays() {
-    let bed = TestBed::new(2);
+    let bed = TestBed::new(3);
     let d = tests::TestDaemon::start();
     let third: u8 = bed
         .subnet
@@ -707,6 +708,7 @@ network: {{ wireguard_subnet: "10.44.{third}.0/24", listen_port: {port} }}
 hosts:
   node0: {node0}
   lan1: {lan1}
+  node2: {node2}
 services:
   db:
     target: {{ remote_lan: {{ host: lan1, binary: DEMO, args: [--name, db, --port, "${{self.port}}"] }} }}
@@ -722,9 +724,15 @@ services:
     port: auto
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
+  web2:
+    target: {{ wireguard: {{ host: node2, binary: DEMO, args: [--name, web2, --port, "${{self.port}}", --upstream, "web=${{web.addr}}"] }} }}
+    port: auto
+    depends_on: {{ web: {{ condition: healthy }} }}
+    health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
             node0 = host(0),
             lan1 = host(1),
+            node2 = host(2),
         ),
     );
     let up = d.cli(&dir, &["up"]);
@@ -737,7 +745,7 @@ services:
     );
     let c = d.client();
     // Each is healthy only once it connected to its upstream at the address it got.
-    for s in ["db", "web", "lanclient"] {
+    for s in ["db", "web", "lanclient", "web2"] {
         assert_eq!(
             get(&c, &stack, s).health,
             protocol::methods::Health::Healthy,
@@ -751,6 +759,11 @@ services:
         web_env.contains(&format!("DB_ADDR=10.44.{third}.")),
         "{web_env}"
     );
+    let web2_env = env_of("web2");
+    assert!(
+        web2_env.contains(&format!("WEB_ADDR=10.44.{third}.")),
+        "{web2_env}"
+    );
     let lan_env = env_of("lanclient");
     assert!(
         lan_env.contains(&format!("WEB_ADDR={}:", bed.hub_address)),
@@ -759,4 +772,33 @@ services:
     let checks = d.cli(&dir, &["--json", "network", "test"]);
     assert_ok(&d, &checks, "harness network test");
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}
+
+/// Without CAP_NET_ADMIN the hub cannot make its device: the mesh service fails and
+/// says why; the daemon serves on and no interface is left.
+#[test]
+fn a_mesh_service_without_cap_net_admin_fails_saying_so() {
+    let bed = TestBed::new(1);
+    let d = tests::TestDaemon::start_without_net_admin();
+    let dir = d.workdir("nocap");
+    let h = &bed.hosts[0];
+    write_config(
+        &dir,
+        &format!(
+            "name: nocap\nhosts:\n  node0: {{ address: {}, user: root, ssh_key: {}, known_hosts: {} }}\nservices:\n  web:\n    target: {{ wireguard: {{ host: node0, binary: /bin/true }} }}\n",
+            h.address,
+            bed.user_key.display(),
+            bed.known_hosts.display()
+        ),
+    );
+    let out = d.cli(&dir, &["up"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the mesh needs root or CAP_NET_ADMIN"),
+        "{err}"
+    );
+    assert!(!err.contains("Stack backtrace"), "{err}");
+    assert!(interfaces(&format!("hm{}", &d.info.instance[..10])).is_empty());
+    assert!(d.cli(&dir, &["daemon", "status"]).status.success());
 }

@@ -77,7 +77,18 @@ struct Agent {
     relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, smol::Task<()>>>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: harnessd shows it in the error of the service that needed it.
+            eprintln!("harness-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HARNESS_LOG")
