@@ -98,8 +98,14 @@ pub struct Device {
 
 impl Device {
     /// Creates TUN device `name` with the config's address and MTU, binds the UDP
-    /// port, adds the config's peers and starts. Needs root or CAP_NET_ADMIN.
-    pub async fn start(name: &str, config: &Config) -> Result<Device, MeshError> {
+    /// port, adds the config's peers and starts its tasks on `ex`. Needs root or
+    /// CAP_NET_ADMIN. An executor run by the thread that also drives the reactor (as
+    /// `smol::block_on(ex.run(..))` does) saves a thread hop per packet.
+    pub async fn start(
+        ex: &smol::Executor<'static>,
+        name: &str,
+        config: &Config,
+    ) -> Result<Device, MeshError> {
         let i = &config.interface;
         let tun = tun_rs::DeviceBuilder::new()
             .name(name)
@@ -136,9 +142,9 @@ impl Device {
             shared.add_peer(peer);
         }
         let tasks = vec![
-            smol::spawn(tun_to_udp(shared.clone())),
-            smol::spawn(udp_to_tun(shared.clone())),
-            smol::spawn(timers(shared.clone())),
+            ex.spawn(tun_to_udp(shared.clone())),
+            ex.spawn(udp_to_tun(shared.clone())),
+            ex.spawn(timers(shared.clone())),
         ];
         // Peers with an endpoint: handshake now rather than at the first packet.
         shared.initiate_all().await;

@@ -75,6 +75,7 @@ struct Agent {
     interface: String,
     address: Cidr,
     relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, smol::Task<()>>>,
+    ex: Arc<smol::Executor<'static>>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,17 +101,21 @@ fn start() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let config = Config::parse(&text, &args.config.display().to_string())?;
-    smol::block_on(run(args, config))
+    // Every task on the main thread, which also drives the reactor: no thread hop
+    // between a socket becoming ready and the task that reads it.
+    let ex = Arc::new(smol::Executor::new());
+    smol::block_on(ex.run(run(args, config, ex.clone())))
 }
 
-async fn run(args: Args, config: Config) -> anyhow::Result<()> {
-    let device = Device::start(&args.interface, &config).await?;
+async fn run(args: Args, config: Config, ex: Arc<smol::Executor<'static>>) -> anyhow::Result<()> {
+    let device = Device::start(&ex, &args.interface, &config).await?;
     let port = device.port().unwrap_or(0);
     let agent = Arc::new(Agent {
         device,
         interface: args.interface.clone(),
         address: config.interface.address,
         relays: Default::default(),
+        ex: ex.clone(),
     });
     let control = match &args.control {
         Some(path) => Some(serve_control(path, agent.clone())?),
@@ -135,13 +140,14 @@ fn serve_control(path: &Path, agent: Arc<Agent>) -> anyhow::Result<smol::Task<()
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(smol::spawn(async move {
+    let ex = agent.ex.clone();
+    Ok(agent.ex.clone().spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let agent = agent.clone();
-            smol::spawn(async move {
+            ex.spawn(async move {
                 let mut lines = futures_lite::io::BufReader::new(stream.clone()).lines();
                 let mut stream = stream;
                 while let Some(Ok(line)) = lines.next().await {
@@ -232,13 +238,14 @@ async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> R
     let listener = async_net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("relay on {listen}: {e}"))?;
-    let task = smol::spawn(async move {
+    let ex = agent.ex.clone();
+    let task = agent.ex.spawn(async move {
         loop {
             let Ok((inbound, _)) = listener.accept().await else {
                 continue;
             };
             let to = to.clone();
-            smol::spawn(async move {
+            ex.spawn(async move {
                 match async_net::TcpStream::connect(to.as_str()).await {
                     Ok(outbound) => {
                         // Each way until its end, which is passed on (a half-close).
