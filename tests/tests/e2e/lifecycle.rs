@@ -286,3 +286,78 @@ fn a_second_daemon_on_the_same_state_dir_refuses() {
         smol::block_on(c.call(names::DAEMON_STATUS, serde_json::json!({}))).unwrap();
     assert_eq!(s.pid, d.info.pid);
 }
+
+/// harnessd's CPU time so far (user + system), from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which may hold spaces) close with ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn a_service_that_dies_at_once_backs_off_without_a_busy_loop_and_its_dependents_are_told() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("loop");
+    write_config(
+        &dir,
+        r#"
+name: loop
+settings: { default_timeout: 20s }
+services:
+  dies:
+    target: { process: { binary: /bin/false } }
+    restart: { policy: always, max_restarts: 6 }
+    health_check: { type: tcp, port: 1 }
+  needs:
+    target: { process: { binary: DEMO, args: [--name, needs, --port, "${self.port}"] } }
+    port: auto
+    depends_on: { dies: { condition: healthy } }
+"#,
+    );
+    let before = cpu_time(d.info.pid);
+    let started = std::time::Instant::now();
+    let up = d.cli(&dir, &["up"]);
+    assert!(
+        !up.status.success(),
+        "up succeeded with a service that cannot run"
+    );
+    let c = d.client();
+    let dies = wait_service(&c, "loop", "dies", "dies to fail", |s| {
+        s.state == ServiceState::Failed
+    });
+    assert!(
+        dies.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("gave up after 6 restarts"),
+        "{dies:?}"
+    );
+    let elapsed = started.elapsed();
+    // 100 ms doubling six times: 6.3 s of backoff, not a tight loop.
+    assert!(
+        elapsed >= Duration::from_secs(6),
+        "gave up after {elapsed:?}"
+    );
+    let needs = wait_service(&c, "loop", "needs", "needs to fail", |s| {
+        s.state == ServiceState::Failed
+    });
+    assert!(
+        needs.reason.as_deref().unwrap_or("").contains("dies"),
+        "{needs:?}"
+    );
+    let cpu = cpu_time(d.info.pid) - before;
+    // A busy loop would burn the whole 6 s; seven short runs cost a few tens of ms.
+    assert!(
+        cpu < Duration::from_millis(1500),
+        "harnessd used {cpu:?} of CPU in {elapsed:?}"
+    );
+    eprintln!("crash loop: {elapsed:?}, harnessd CPU {cpu:?}");
+}
