@@ -390,6 +390,12 @@ pub fn render_env_file(env: &BTreeMap<String, String>) -> String {
 /// fsynced: it is rewritten on every launch, so a crash can only lose a file that is
 /// made again. Written in place, as containers mount it.
 pub async fn save_env_file(path: PathBuf, env: BTreeMap<String, String>) -> Result<(), String> {
+    write_private(path, render_env_file(&env)).await
+}
+
+/// Writes a file only its owner may read (0600; its directory made when missing), off
+/// the executor.
+pub async fn write_private(path: PathBuf, text: String) -> Result<(), String> {
     let shown = path.display().to_string();
     smol::unblock(move || {
         use std::io::Write;
@@ -403,7 +409,7 @@ pub async fn save_env_file(path: PathBuf, env: BTreeMap<String, String>) -> Resu
             .truncate(true)
             .mode(0o600)
             .open(&path)?
-            .write_all(render_env_file(&env).as_bytes())
+            .write_all(text.as_bytes())
     })
     .await
     .map_err(|e| format!("cannot write {shown}: {e}"))

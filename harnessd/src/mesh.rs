@@ -139,7 +139,7 @@ impl Core {
             peers: Vec::new(),
         };
         let conf_path = dir.join("hub.conf");
-        write_secret(&conf_path, conf.render()).await?;
+        crate::env::write_private(conf_path.clone(), conf.render()).await?;
         let control = dir.join("hub.sock");
         let log = dir.join("hub.log");
         let agent = agent_program();
@@ -178,8 +178,8 @@ impl Core {
             return Err(format!("the mesh hub did not start: {}", why.trim()));
         }
         let pid = child.id();
-        write_secret(
-            &dir.join("hub.pid"),
+        crate::env::write_private(
+            dir.join("hub.pid"),
             format!("{pid} {port} {subnet} {public}\n"),
         )
         .await?;
@@ -717,27 +717,6 @@ async fn hub_key(dir: &std::path::Path) -> Result<PrivateKey, String> {
         return PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()));
     }
     let key = PrivateKey::generate().map_err(|e| e.to_string())?;
-    write_secret(&path, key.to_base64()).await?;
+    crate::env::write_private(path, key.to_base64()).await?;
     Ok(key)
-}
-
-/// Writes a file only its owner may read.
-async fn write_secret(path: &std::path::Path, text: String) -> Result<(), String> {
-    let path = path.to_owned();
-    smol::unblock(move || {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?
-            .write_all(text.as_bytes())
-    })
-    .await
-    .map_err(|e| format!("cannot write a mesh file: {e}"))
 }

@@ -382,16 +382,27 @@ impl TestBed {
     pub fn hosts_yaml(&self) -> String {
         let mut out = String::from("hosts:\n");
         for h in &self.hosts {
-            out += &format!(
-                "  host{i}: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}\n",
-                i = h.index,
-                addr = h.address,
-                key = self.user_key.display(),
-                kh = self.known_hosts.display(),
-                root = h.install_root.display(),
-            );
+            out += &format!("  host{}: {}\n", h.index, self.host_yaml(h.index, ""));
         }
         out
+    }
+
+    /// Host `i`'s settings as a flow mapping for a config's `hosts:` (address, user,
+    /// key, known_hosts, install_root), with `extra` (`key: value, ...`) added.
+    pub fn host_yaml(&self, i: usize, extra: &str) -> String {
+        let h = &self.hosts[i];
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {extra}")
+        };
+        format!(
+            "{{ address: {}, user: root, ssh_key: {}, known_hosts: {}, install_root: {}{extra} }}",
+            h.address,
+            self.user_key.display(),
+            self.known_hosts.display(),
+            h.install_root.display(),
+        )
     }
 }
 

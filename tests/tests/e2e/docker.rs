@@ -566,7 +566,7 @@ fn a_container_on_an_ssh_host_runs_on_its_engine_through_ssh() {
             r#"
 name: {stack}
 hosts:
-  host0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root}, docker_socket: {socket} }}
+  host0: {host0}
 services:
   api:
     target: {{ process: {{ binary: DEMO, args: [--name, api, --port, "${{self.port}}", --bind, "${{self.bind}}"] }} }}
@@ -590,11 +590,7 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
-            addr = h.address,
-            key = bed.user_key.display(),
-            kh = bed.known_hosts.display(),
-            root = h.install_root.display(),
-            socket = engine.socket.display(),
+            host0 = bed.host_yaml(0, &format!("docker_socket: {}", engine.socket.display())),
             rootfs = rootfs.display(),
         ),
     );

@@ -301,7 +301,7 @@ fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
 name: {stack}
 network: {{ wireguard_subnet: "10.42.{third}.0/24", listen_port: {port}, hub_key: {hub_key} }}
 hosts:
-  node0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}
+  node0: {node0}
 services:
   api:
     target: {{ process: {{ binary: DEMO, args: [--name, api, --port, "${{self.port}}", --bind, "${{self.bind}}"] }} }}
@@ -318,22 +318,12 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
-            addr = h.address,
-            key = bed.user_key.display(),
-            kh = bed.known_hosts.display(),
-            root = h.install_root.display(),
+            node0 = bed.host_yaml(0, ""),
             hub_key = hub_key_file.display(),
             node_key = node_key_file.display(),
         ),
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr),
-        d.log()
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let web = get(&c, &stack, "web");
     assert_eq!(
@@ -584,7 +574,7 @@ fn a_package_on_a_mesh_node_is_reached_by_a_container_and_survives_a_cut_link() 
 name: {stack}
 network: {{ wireguard_subnet: "10.43.{third}.0/24", listen_port: {port} }}
 hosts:
-  node0: {{ address: {addr}, user: root, ssh_key: {key}, known_hosts: {kh}, install_root: {root} }}
+  node0: {node0}
 services:
   web:
     target: {{ wireguard: {{ host: node0, package: {pkg}, env: {{ PORT: "${{self.port}}" }} }} }}
@@ -602,22 +592,12 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/got" }}
 "#,
-            addr = h.address,
-            key = bed.user_key.display(),
-            kh = bed.known_hosts.display(),
-            root = h.install_root.display(),
+            node0 = bed.host_yaml(0, ""),
             pkg = pkg.display(),
             rootfs = rootfs.display(),
         ),
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr),
-        d.log()
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     let web = get(&c, &stack, "web");
     assert!(
@@ -689,16 +669,6 @@ fn lan_and_mesh_services_reach_each_other_through_the_hub_s_relays() {
     let port = 42000 + u16::from(third);
     let dir = d.workdir("meshlan");
     let stack = format!("meshlan{}", std::process::id());
-    let host = |i: usize| {
-        let h = &bed.hosts[i];
-        format!(
-            "{{ address: {}, user: root, ssh_key: {}, known_hosts: {}, install_root: {} }}",
-            h.address,
-            bed.user_key.display(),
-            bed.known_hosts.display(),
-            h.install_root.display()
-        )
-    };
     write_config(
         &dir,
         &format!(
@@ -730,19 +700,12 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
-            node0 = host(0),
-            lan1 = host(1),
-            node2 = host(2),
+            node0 = bed.host_yaml(0, ""),
+            lan1 = bed.host_yaml(1, ""),
+            node2 = bed.host_yaml(2, ""),
         ),
     );
-    let up = d.cli(&dir, &["up"]);
-    assert!(
-        up.status.success(),
-        "harness up failed:\n{}\n{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr),
-        d.log()
-    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
     // Each is healthy only once it connected to its upstream at the address it got.
     for s in ["db", "web", "lanclient", "web2"] {
