@@ -1,8 +1,9 @@
 //! The mesh data plane benchmark (issue 5): single-stream TCP throughput (iperf3, 10 s)
 //! and ping RTT between two test-bed namespaces, over raw veth, through two
 //! `harness-node` agents, and through boringtun-cli 0.7.1 (with 1 and with 4 threads),
-//! all with tunnel MTU 1420, alternating in each round; and the tunnel-up time (agent
-//! start to the first ping reply).
+//! all with tunnel MTU 1420, alternating in each round; the tunnel-up time (agent start
+//! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
+//! agent, from the hub's LAN address to the node's mesh address, as LAN callers use).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +34,11 @@ fn in_ns(ns: &str, argv: &[&str]) -> Command {
 
 /// Mbit/s of one 10 s single-stream iperf3 run from `a` to `to` (a server in `b`).
 fn iperf(a: &str, b: &str, to: &str) -> f64 {
+    iperf_via(a, b, to, to, 5201)
+}
+
+/// Like [`iperf`], with the client connecting to `via:port` (a relay to `to:5201`).
+fn iperf_via(a: &str, b: &str, to: &str, via: &str, port: u16) -> f64 {
     let _server = Proc(
         in_ns(b, &["iperf3", "-s", "-1", "-B", to])
             .stdout(Stdio::null())
@@ -41,9 +47,21 @@ fn iperf(a: &str, b: &str, to: &str) -> f64 {
             .expect("iperf3 -s (Debian's iperf3)"),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let out = in_ns(a, &["iperf3", "-c", to, "-t", &SECONDS.to_string(), "-J"])
-        .output()
-        .expect("iperf3 -c");
+    let out = in_ns(
+        a,
+        &[
+            "iperf3",
+            "-c",
+            via,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &SECONDS.to_string(),
+            "-J",
+        ],
+    )
+    .output()
+    .expect("iperf3 -c");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -75,6 +93,18 @@ fn ping_once(a: &str, to: &str) -> bool {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Asks agent A (host 0's, with a control socket) for a relay.
+fn add_relay(bed: &TestBed, listen: &str, to: &str) {
+    use std::io::Write;
+    let path = bed.hosts[0].dir.join("bench-control.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("control socket");
+    let request = serde_json::json!({"op": "add_relay", "listen": listen, "to": to});
+    writeln!(s, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "add_relay: {line}");
 }
 
 /// Two harness-node agents: A (hub-like, listening) and B (node, towards A).
@@ -109,11 +139,16 @@ fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
     let start = |i: usize, conf: &Config| {
         let path = bed.hosts[i].dir.join("bench-wg.conf");
         std::fs::write(&path, conf.render()).unwrap();
-        let mut child = in_ns(&bed.hosts[i].netns, &[])
-            .arg(tests::bin("harness-node"))
+        let mut cmd = in_ns(&bed.hosts[i].netns, &[]);
+        cmd.arg(tests::bin("harness-node"))
             .arg("--config")
             .arg(&path)
-            .args(["--interface", &format!("hw{}", bed.id)])
+            .args(["--interface", &format!("hw{}", bed.id)]);
+        if i == 0 {
+            cmd.arg("--control")
+                .arg(bed.hosts[0].dir.join("bench-control.sock"));
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(bed.hosts[i].dir.join("bench-agent.log")).unwrap())
             .spawn()
@@ -240,6 +275,7 @@ pub fn bench() {
     let (mut raw, mut ours, mut bt1, mut bt4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut rtt_raw, mut rtt_ours, mut rtt_bt, mut up) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut relayed = Vec::new();
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
         rtt_raw.push(rtt(&na, &bed.hosts[1].address));
@@ -249,6 +285,9 @@ pub fn bench() {
             let to = format!("10.45.{third}.2");
             ours.push(iperf(&na, &nb, &to));
             rtt_ours.push(rtt(&na, &to));
+            let via = bed.hosts[0].address.clone();
+            add_relay(&bed, &format!("{via}:5202"), &format!("{to}:5201"));
+            relayed.push(iperf_via(&na, &nb, &to, &via, 5202));
         }
         for (threads, out) in [(1, &mut bt1), (4, &mut bt4)] {
             let (_a, _b) = boringtun_tunnel(&bed, &third, threads);
@@ -262,11 +301,12 @@ pub fn bench() {
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
     let best = bt1.max(bt4);
     println!(
-        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); RTT raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000)",
+        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); RTT raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
         ours / best,
         median(rtt_raw),
         median(rtt_ours),
         median(rtt_bt),
         median(up),
+        median(relayed),
     );
 }
