@@ -352,10 +352,11 @@ impl TestBed {
             .collect();
         let bip = format!("10.{}.{}.1/24", 180 + octets[1] - 18, octets[2]);
         let ns = format!("hd{}-{i}", self.id);
-        let log = fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
         // nsenter, not `ip netns exec`: that one mounts a fresh /sys, which hides the
-        // cgroup hierarchy dockerd needs.
-        let child = Command::new("nsenter")
+        // cgroup hierarchy dockerd needs. `--live-restore` keeps containers running
+        // while this dockerd restarts.
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/run/netns/{}", h.netns))
             .arg("dockerd")
             .arg(format!("--data-root={}", dir.join("data").display()))
@@ -366,15 +367,14 @@ impl TestBed {
             .arg(format!("--containerd-namespace={ns}"))
             .arg(format!("--containerd-plugins-namespace={ns}-plugins"))
             .arg(format!("--cgroup-parent={ns}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd (Debian's docker.io)");
-        let engine = BedDocker { socket, dir, child };
-        wait_for("the bed's dockerd", Duration::from_secs(60), || {
-            engine.try_docker(&["info"]).ok()
-        });
+            .arg("--live-restore");
+        let mut engine = BedDocker {
+            socket,
+            dir,
+            command,
+            child: None,
+        };
+        engine.start();
         engine
     }
 
@@ -412,10 +412,48 @@ pub struct BedDocker {
     /// Its API socket (on the shared filesystem; the bed host's sshd forwards it).
     pub socket: PathBuf,
     dir: PathBuf,
-    child: Child,
+    command: Command,
+    child: Option<Child>,
 }
 
 impl BedDocker {
+    fn start(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))
+            .expect("dockerd log");
+        let child = self
+            .command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd (Debian's docker.io)");
+        self.child = Some(child);
+        wait_for("the bed's dockerd", Duration::from_secs(60), || {
+            self.try_docker(&["info"]).ok()
+        });
+    }
+
+    /// Stops dockerd (its containers keep running: `--live-restore`).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            run_quiet("kill", &["-TERM", &child.id().to_string()]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts dockerd again on the same state; returns once it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
     /// Runs the docker CLI against this engine; its output, or what went wrong.
     pub fn try_docker(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new("docker")
@@ -456,13 +494,7 @@ impl Drop for BedDocker {
                 let _ = self.try_docker(&args);
             }
         }
-        run_quiet("kill", &["-TERM", &self.child.id().to_string()]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

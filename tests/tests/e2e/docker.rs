@@ -722,3 +722,62 @@ fn a_container_on_a_host_without_an_engine_fails_saying_how_to_get_one() {
         .read_dir()
         .is_ok_and(|mut e| e.next().is_some()));
 }
+
+/// The engine a running container is on restarts (`--live-restore`): the harness takes
+/// the end of its wait for what it is, looks again, finds the container running and
+/// keeps it: no exit, no restart, the same process.
+#[test]
+fn a_container_outlives_its_engine_restarting_and_is_kept() {
+    let bed = tests::testbed::TestBed::new(1);
+    let mut engine = bed.start_dockerd(0);
+    let d = TestDaemon::start();
+    let dir = d.workdir("engine-restart");
+    let rootfs = dir.join("busybox-rootfs.tar");
+    busybox_rootfs(&rootfs);
+    write_config(
+        &dir,
+        &format!(
+            "name: er\nhosts:\n  host0: {}\nservices:\n  web:\n    target: {{ docker: {{ host: host0, image: harness-test/er-busybox:e2e, rootfs: {}, pull: never, command: [httpd, -f, -p, '80'], ports: ['80'] }} }}\n    stop_timeout: 1s\n    restart: always\n    health_check: {{ type: tcp, interval: 300ms }}\n",
+            bed.host_yaml(0, &format!("docker_socket: {}", engine.socket.display())),
+            rootfs.display()
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    let before = get(&c, "er", "web");
+    assert_eq!(before.health, Health::Healthy);
+    let started_at = |e: &tests::testbed::BedDocker| {
+        e.docker(&["inspect", "-f", "{{.State.StartedAt}}", "harness-er-web"])
+    };
+    let first_start = started_at(&engine);
+    engine.restart();
+    // Give the harness time to notice the engine went and came back.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = wait_service(
+        &c,
+        "er",
+        "web",
+        "web healthy after the engine restart",
+        |s| s.health == Health::Healthy,
+    );
+    assert_eq!(
+        (after.state, after.pid),
+        (ServiceState::Running, before.pid)
+    );
+    assert_eq!(
+        started_at(&engine),
+        first_start,
+        "the container was restarted"
+    );
+    let restarts: Vec<_> = replay(&c, &["service"])
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                protocol::EventKind::ServiceExited(_) | protocol::EventKind::ServiceRestarting(_)
+            )
+        })
+        .collect();
+    assert!(restarts.is_empty(), "{restarts:?}");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}
