@@ -80,6 +80,8 @@ pub struct TestDaemon {
     pub netns: Option<String>,
     /// Run harnessd with CAP_NET_ADMIN dropped.
     without_net_admin: bool,
+    /// The state directory is a tmpfs this guard mounted.
+    tmpfs: bool,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -104,6 +106,41 @@ impl TestDaemon {
     /// setpriv), as an unprivileged daemon would run.
     pub fn start_without_net_admin() -> TestDaemon {
         Self::start_inner("debug", &[], None, true)
+    }
+
+    /// Starts harnessd with its state directory on a tmpfs of `megabytes` (a disk a
+    /// test can fill); unmounted when dropped.
+    pub fn start_on_tmpfs(megabytes: u32) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("harness-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        let size = format!("size={megabytes}m,mode=0700");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+            .arg(&state_dir)
+            .status()
+            .expect("mount");
+        assert!(
+            mounted.success(),
+            "cannot mount a tmpfs on {}",
+            state_dir.display()
+        );
+        let mut d = TestDaemon {
+            state_dir,
+            child: None,
+            log_level: "debug",
+            info: placeholder(),
+            env: Vec::new(),
+            netns: None,
+            without_net_admin: false,
+            tmpfs: true,
+            dir: Some(dir),
+        };
+        d.restart();
+        d
     }
 
     /// Starts harnessd with the log filter `level` and extra environment `env`.
@@ -133,6 +170,7 @@ impl TestDaemon {
                 .collect(),
             netns,
             without_net_admin,
+            tmpfs: false,
             dir: Some(dir),
         };
         d.restart();
@@ -353,7 +391,10 @@ impl Drop for TestDaemon {
         if !self.info.instance.is_empty() && std::path::Path::new(DOCKER_SOCKET).exists() {
             remove_docker_leftovers(&self.info.instance);
         }
-        // 4. The temp dir goes last.
+        // 4. The temp dir goes last (its tmpfs first).
+        if self.tmpfs {
+            let _ = Command::new("umount").arg(&self.state_dir).status();
+        }
         drop(self.dir.take());
     }
 }

@@ -175,3 +175,52 @@ services:
         "registry.json changed"
     );
 }
+
+/// A full state directory: changes fail with a clear storage error, reads go on, and
+/// once there is room again everything works and the registry is intact.
+#[test]
+fn a_full_state_directory_fails_changes_clearly_and_loses_nothing() {
+    let mut d = TestDaemon::start_on_tmpfs(16);
+    let dir = d.workdir("full");
+    write_config(
+        &dir,
+        "name: full\nservices:\n  one:\n    target: { process: { binary: DEMO, args: [--name, one, --port, \"${self.port}\"] } }\n    port: auto\n    health_check: { type: tcp }\n",
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    // Fill the disk.
+    let filler = d.state_dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let other = d.workdir("full2");
+    write_config(
+        &other,
+        "name: full2\nservices:\n  two:\n    target: { process: { binary: DEMO, args: [--name, two, --port, \"${self.port}\"] } }\n    port: auto\n",
+    );
+    let out = d.cli(&other, &["up"]);
+    assert!(!out.status.success(), "up worked on a full disk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    // Reads are served.
+    let ps = d.cli(&dir, &["--json", "ps"]);
+    assert_ok(&d, &ps, "harness ps on a full disk");
+    assert!(String::from_utf8_lossy(&ps.stdout).contains("\"one\""));
+    // Room again: changes work, and a restarted daemon finds everything.
+    std::fs::remove_file(&filler).unwrap();
+    assert_ok(&d, &d.cli(&other, &["up"]), "harness up with room again");
+    d.kill9();
+    d.restart();
+    let c = d.client();
+    assert_eq!(
+        get(&c, "full", "one").state,
+        protocol::methods::ServiceState::Running
+    );
+    assert_eq!(
+        get(&c, "full2", "two").state,
+        protocol::methods::ServiceState::Running
+    );
+}
