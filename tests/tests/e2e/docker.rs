@@ -693,15 +693,11 @@ fn a_container_on_a_host_without_an_engine_fails_saying_how_to_get_one() {
     let bed = tests::testbed::TestBed::new(1);
     let d = TestDaemon::start();
     let dir = d.workdir("noengine");
-    let h = &bed.hosts[0];
     write_config(
         &dir,
         &format!(
-            "name: noengine\nhosts:\n  host0: {{ address: {}, user: root, ssh_key: {}, known_hosts: {}, docker_socket: {}/none.sock }}\nservices:\n  web:\n    target: {{ docker: {{ host: host0, image: busybox, pull: never }} }}\n",
-            h.address,
-            bed.user_key.display(),
-            bed.known_hosts.display(),
-            h.dir.display()
+            "name: noengine\nhosts:\n  host0: {}\nservices:\n  web:\n    target: {{ docker: {{ host: host0, image: busybox, pull: never }} }}\n",
+            bed.host_yaml(0, &format!("docker_socket: {}/none.sock", bed.hosts[0].dir.display()))
         ),
     );
     let out = d.cli(&dir, &["up"]);

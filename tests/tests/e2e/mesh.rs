@@ -744,14 +744,11 @@ fn a_mesh_service_without_cap_net_admin_fails_saying_so() {
     let bed = TestBed::new(1);
     let d = tests::TestDaemon::start_without_net_admin();
     let dir = d.workdir("nocap");
-    let h = &bed.hosts[0];
     write_config(
         &dir,
         &format!(
-            "name: nocap\nhosts:\n  node0: {{ address: {}, user: root, ssh_key: {}, known_hosts: {} }}\nservices:\n  web:\n    target: {{ wireguard: {{ host: node0, binary: /bin/true }} }}\n",
-            h.address,
-            bed.user_key.display(),
-            bed.known_hosts.display()
+            "name: nocap\nhosts:\n  node0: {}\nservices:\n  web:\n    target: {{ wireguard: {{ host: node0, binary: /bin/true }} }}\n",
+            bed.host_yaml(0, "")
         ),
     );
     let out = d.cli(&dir, &["up"]);
