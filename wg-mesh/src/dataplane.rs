@@ -1,5 +1,8 @@
 //! The data plane: one TUN device and one UDP socket, with a boringtun `noise::Tunn`
-//! per peer, driven by three smol tasks (TUN to UDP, UDP to TUN, timers).
+//! per peer, driven by one thread: it polls both (level-triggered, nothing to re-arm),
+//! drains each in batches (the packets read from the TUN go out in one `sendmmsg`),
+//! and runs the timers; one thread, so the two directions of a peer never contend for
+//! its `Tunn`. The thread ends with the process.
 //!
 //! - Outgoing: a packet read from the TUN goes to the peer its destination routes to
 //!   (the longest matching allowed IP).
@@ -12,7 +15,8 @@
 //!   from the next one on. A peer with an endpoint gets a handshake at once, so a node's
 //!   tunnel is up as soon as the hub answers.
 //!
-//! Locks are std mutexes held only around `Tunn` calls, never across an await.
+//! Locks (for the control socket's peer changes) are std mutexes, uncontended on the
+//! packet path.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -86,32 +90,25 @@ struct Shared {
     limiter: Arc<RateLimiter>,
     table: RwLock<Table>,
     next_index: AtomicU32,
-    tun: tun_rs::AsyncDevice,
-    udp: async_net::UdpSocket,
+    tun: tun_rs::SyncDevice,
+    udp: std::net::UdpSocket,
 }
 
-/// A running data plane; dropping it stops its tasks and removes the TUN device.
+/// A running data plane; its thread (and the TUN device) last as long as the process.
 pub struct Device {
     shared: Arc<Shared>,
-    _tasks: Vec<smol::Task<()>>,
 }
 
 impl Device {
     /// Creates TUN device `name` with the config's address and MTU, binds the UDP
-    /// port, adds the config's peers and starts its tasks on `ex`. Needs root or
-    /// CAP_NET_ADMIN. An executor run by the thread that also drives the reactor (as
-    /// `smol::block_on(ex.run(..))` does) saves a thread hop per packet.
-    pub async fn start(
-        ex: &smol::Executor<'static>,
-        name: &str,
-        config: &Config,
-    ) -> Result<Device, MeshError> {
+    /// port, adds the config's peers and starts. Needs root or CAP_NET_ADMIN.
+    pub fn start(name: &str, config: &Config) -> Result<Device, MeshError> {
         let i = &config.interface;
         let tun = tun_rs::DeviceBuilder::new()
             .name(name)
             .ipv4(i.address.addr, i.address.prefix, None)
             .mtu(i.mtu.unwrap_or(DEFAULT_MTU))
-            .build_async()
+            .build_sync()
             .map_err(|e| MeshError::Tun {
                 name: name.to_owned(),
                 detail: if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -121,12 +118,13 @@ impl Device {
                 },
             })?;
         let port = i.listen_port.unwrap_or(0);
-        let udp = async_net::UdpSocket::bind(("0.0.0.0", port))
-            .await
-            .map_err(|e| MeshError::Io {
-                action: format!("listen on UDP port {port}"),
-                source: e,
-            })?;
+        let io = |action: String| move |source| MeshError::Io { action, source };
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
+            .map_err(io(format!("listen on UDP port {port}")))?;
+        tun.set_nonblocking(true)
+            .map_err(io("make the TUN device non-blocking".into()))?;
+        udp.set_nonblocking(true)
+            .map_err(io("make the UDP socket non-blocking".into()))?;
         let secret = i.private_key.secret();
         let public = x25519::PublicKey::from(&secret);
         let shared = Arc::new(Shared {
@@ -141,17 +139,14 @@ impl Device {
         for peer in &config.peers {
             shared.add_peer(peer);
         }
-        let tasks = vec![
-            ex.spawn(tun_to_udp(shared.clone())),
-            ex.spawn(udp_to_tun(shared.clone())),
-            ex.spawn(timers(shared.clone())),
-        ];
+        let pumped = shared.clone();
+        std::thread::Builder::new()
+            .name("mesh data plane".into())
+            .spawn(move || pump(&pumped))
+            .map_err(io("start the data plane thread".into()))?;
         // Peers with an endpoint: handshake now rather than at the first packet.
-        shared.initiate_all().await;
-        Ok(Device {
-            shared,
-            _tasks: tasks,
-        })
+        shared.initiate_all();
+        Ok(Device { shared })
     }
 
     /// The UDP port it listens on.
@@ -160,9 +155,9 @@ impl Device {
     }
 
     /// Adds a peer, or replaces the one with that key (a new session: a short blip).
-    pub async fn add_peer(&self, peer: &Peer) {
+    pub fn add_peer(&self, peer: &Peer) {
         self.shared.add_peer(peer);
-        self.shared.initiate_all().await;
+        self.shared.initiate_all();
     }
 
     /// Removes a peer; its packets are dropped from now on. False when none had that key.
@@ -234,7 +229,7 @@ impl Shared {
     }
 
     /// Sends a handshake initiation to every peer that has an endpoint and no session.
-    async fn initiate_all(&self) {
+    fn initiate_all(&self) {
         let peers: Vec<Arc<PeerState>> = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
             table.by_key.values().cloned().collect()
@@ -244,36 +239,36 @@ impl Shared {
             let Some(endpoint) = *p.endpoint.lock().unwrap_or_else(|e| e.into_inner()) else {
                 continue;
             };
-            let packet = {
-                let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
-                if t.time_since_last_handshake().is_some() {
-                    continue;
-                }
-                match t.format_handshake_initiation(&mut buf, false) {
-                    TunnResult::WriteToNetwork(pkt) => pkt.to_vec(),
-                    _ => continue,
-                }
-            };
-            let _ = self.udp.send_to(&packet, endpoint).await;
+            let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            if t.time_since_last_handshake().is_some() {
+                continue;
+            }
+            if let TunnResult::WriteToNetwork(pkt) = t.format_handshake_initiation(&mut buf, false)
+            {
+                let _ = self.udp.send_to(pkt, endpoint);
+            }
         }
     }
 
-    /// Encrypts `packet` for `peer` and sends it (a handshake first, when needed).
-    async fn send_to_peer(&self, peer: &PeerState, packet: &[u8], out: &mut [u8]) {
-        let wire = {
-            let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-            match t.encapsulate(packet, out) {
-                TunnResult::WriteToNetwork(p) => p.to_vec(),
-                TunnResult::Err(e) => {
-                    tracing::debug!("encapsulate for {}: {e:?}", peer.key);
-                    return;
-                }
-                _ => return,
+    /// Encrypts `packet` for `peer` into `out`; where to send how many bytes of it.
+    fn encrypt(
+        &self,
+        peer: &PeerState,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        let endpoint = (*peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        match t.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(wire) => {
+                // boringtun writes from the start of `out`.
+                Some((endpoint, wire.len()))
             }
-        };
-        let endpoint = *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(endpoint) = endpoint {
-            let _ = self.udp.send_to(&wire, endpoint).await;
+            TunnResult::Err(e) => {
+                tracing::debug!("encapsulate for {}: {e:?}", peer.key);
+                None
+            }
+            _ => None,
         }
     }
 }
@@ -285,17 +280,55 @@ fn destination(packet: &[u8]) -> Option<Ipv4Addr> {
     }
 }
 
-async fn tun_to_udp(shared: Arc<Shared>) {
-    let (mut src, mut out) = (vec![0u8; BUFFER], vec![0u8; BUFFER]);
+/// Packets read from the TUN device (and sent) per turn of the pump.
+const BATCH: usize = 32;
+
+/// The data plane's one thread.
+fn pump(shared: &Shared) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut tun_bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
+    let mut wire: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
+    let (mut src, mut out, mut relay) = (vec![0u8; BUFFER], vec![0u8; BUFFER], vec![0u8; BUFFER]);
+    let mut timer_buf = vec![0u8; BUFFER];
+    let (mut next_tick, mut last_reset) = (Instant::now() + TIMER_TICK, Instant::now());
     loop {
-        let n = match shared.tun.recv(&mut src).await {
+        let left = next_tick.saturating_duration_since(Instant::now());
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [
+            PollFd::new(&shared.tun, PollFlags::IN),
+            PollFd::new(&shared.udp, PollFlags::IN),
+        ];
+        let _ = poll(&mut fds, Some(&timeout));
+        drain_tun(shared, &mut tun_bufs, &mut wire);
+        drain_udp(shared, &mut src, &mut out, &mut relay);
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + TIMER_TICK;
+            if last_reset.elapsed() >= Duration::from_secs(1) {
+                shared.limiter.reset_count();
+                last_reset = Instant::now();
+            }
+            run_timers(shared, &mut timer_buf);
+        }
+    }
+}
+
+/// Reads what the TUN device has (at most a batch), encrypts each packet for its peer
+/// and sends them all in one `sendmmsg`.
+fn drain_tun(shared: &Shared, bufs: &mut [Vec<u8>], wire: &mut [Vec<u8>]) {
+    let mut batch: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(BATCH);
+    for (k, buf) in bufs.iter_mut().enumerate() {
+        let n = match shared.tun.recv(buf) {
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 tracing::warn!("reading the TUN device: {e}");
-                return;
+                break;
             }
         };
-        let Some(dst) = destination(&src[..n]) else {
+        let Some(dst) = destination(&buf[..n]) else {
             continue;
         };
         let peer = shared
@@ -304,119 +337,155 @@ async fn tun_to_udp(shared: Arc<Shared>) {
             .unwrap_or_else(|e| e.into_inner())
             .route(dst);
         if let Some(peer) = peer {
-            shared.send_to_peer(&peer, &src[..n], &mut out).await;
+            if let Some((to, len)) = shared.encrypt(&peer, &buf[..n], &mut wire[k]) {
+                batch.push((to, k, len));
+            }
+        }
+    }
+    send_batch(&shared.udp, &batch, wire);
+}
+
+/// Sends `batch` (destination, buffer, length) with `sendmmsg`.
+fn send_batch(udp: &std::net::UdpSocket, batch: &[(SocketAddr, usize, usize)], wire: &[Vec<u8>]) {
+    use rustix::net::addr::SocketAddrArg;
+    use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
+    use std::io::IoSlice;
+    let mut sent = 0;
+    while sent < batch.len() {
+        let rest = &batch[sent..];
+        let addrs: Vec<_> = rest.iter().map(|(to, _, _)| to.as_any()).collect();
+        let iovs: Vec<[IoSlice<'_>; 1]> = rest
+            .iter()
+            .map(|(_, k, len)| [IoSlice::new(&wire[*k][..*len])])
+            .collect();
+        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = rest
+            .iter()
+            .map(|_| SendAncillaryBuffer::default())
+            .collect();
+        let mut msgs: Vec<MMsgHdr<'_>> = addrs
+            .iter()
+            .zip(&iovs)
+            .zip(controls.iter_mut())
+            .map(|((a, iov), c)| MMsgHdr::new_with_addr(a, iov, c))
+            .collect();
+        match sendmmsg(udp, &mut msgs, SendFlags::empty()) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            // A full socket buffer: the rest is dropped, as a router would.
+            Err(_) => break,
         }
     }
 }
 
-async fn udp_to_tun(shared: Arc<Shared>) {
-    let (mut src, mut out, mut relay) = (vec![0u8; BUFFER], vec![0u8; BUFFER], vec![0u8; BUFFER]);
-    loop {
-        let (n, from) = match shared.udp.recv_from(&mut src).await {
+/// Reads what the UDP socket has (at most a batch) and handles each datagram.
+fn drain_udp(shared: &Shared, src: &mut [u8], out: &mut [u8], relay: &mut [u8]) {
+    for _ in 0..BATCH {
+        let (n, from) = match shared.udp.recv_from(src) {
             Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 tracing::warn!("reading the UDP socket: {e}");
                 return;
             }
         };
-        let peer = match Tunn::parse_incoming_packet(&src[..n]) {
-            Ok(Packet::HandshakeInit(init)) => {
-                match parse_handshake_anon(&shared.secret, &shared.public, &init) {
-                    Ok(half) => {
-                        let key = PublicKey(half.peer_static_public);
-                        let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
-                        table.by_key.get(&key).cloned()
-                    }
-                    Err(_) => None,
+        handle_datagram(shared, &src[..n], from, out, relay);
+    }
+}
+
+fn handle_datagram(
+    shared: &Shared,
+    datagram: &[u8],
+    from: SocketAddr,
+    out: &mut [u8],
+    relay: &mut [u8],
+) {
+    let peer = match Tunn::parse_incoming_packet(datagram) {
+        Ok(Packet::HandshakeInit(init)) => {
+            match parse_handshake_anon(&shared.secret, &shared.public, &init) {
+                Ok(half) => {
+                    let key = PublicKey(half.peer_static_public);
+                    let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
+                    table.by_key.get(&key).cloned()
                 }
+                Err(_) => None,
             }
-            Ok(Packet::HandshakeResponse(p)) => shared.peer_by_index(p.receiver_idx),
-            Ok(Packet::PacketCookieReply(p)) => shared.peer_by_index(p.receiver_idx),
-            Ok(Packet::PacketData(p)) => shared.peer_by_index(p.receiver_idx),
-            Err(_) => None,
-        };
-        // Unknown (or removed) peers get nothing back.
-        let Some(peer) = peer else {
-            continue;
-        };
-        let (mut replies, mut inner) = (Vec::new(), Vec::new());
-        {
-            let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-            let mut result = t.decapsulate(Some(from.ip()), &src[..n], &mut out);
-            loop {
-                match result {
-                    TunnResult::WriteToNetwork(p) => {
-                        replies.push(p.to_vec());
-                        // Packets queued during the handshake go out now.
-                        result = t.decapsulate(None, &[], &mut out);
-                    }
-                    TunnResult::WriteToTunnelV4(p, source) => {
-                        if peer.allowed.iter().any(|c| c.contains(source)) {
-                            inner.push(p.to_vec());
+        }
+        Ok(Packet::HandshakeResponse(p)) => shared.peer_by_index(p.receiver_idx),
+        Ok(Packet::PacketCookieReply(p)) => shared.peer_by_index(p.receiver_idx),
+        Ok(Packet::PacketData(p)) => shared.peer_by_index(p.receiver_idx),
+        Err(_) => None,
+    };
+    // Unknown (or removed) peers get nothing back.
+    let Some(peer) = peer else {
+        return;
+    };
+    let mut forward: Option<(Arc<PeerState>, usize)> = None;
+    let mut authenticated = false;
+    {
+        let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut result = t.decapsulate(Some(from.ip()), datagram, out);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(p) => {
+                    authenticated = true;
+                    let _ = shared.udp.send_to(p, from);
+                    // Packets queued during the handshake go out now.
+                    result = t.decapsulate(None, &[], out);
+                }
+                TunnResult::WriteToTunnelV4(p, source) => {
+                    authenticated = true;
+                    if peer.allowed.iter().any(|c| c.contains(source)) {
+                        let next = destination(p).and_then(|dst| {
+                            shared
+                                .table
+                                .read()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .route(dst)
+                        });
+                        match next {
+                            // For another peer: on through its tunnel (below, once
+                            // this peer's lock is let go).
+                            Some(other) if other.key != peer.key => {
+                                forward = Some((other, p.len()))
+                            }
+                            _ => {
+                                let _ = shared.tun.send(p);
+                            }
                         }
-                        break;
                     }
-                    TunnResult::WriteToTunnelV6(..) | TunnResult::Done => break,
-                    TunnResult::Err(e) => {
-                        tracing::debug!("from {from}: {e:?}");
-                        break;
-                    }
+                    break;
                 }
-            }
-        }
-        if replies.is_empty() && inner.is_empty() {
-            continue;
-        }
-        // It authenticated: this is where the peer is now (it may have roamed).
-        *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-        for r in replies {
-            let _ = shared.udp.send_to(&r, from).await;
-        }
-        for packet in inner {
-            let next = destination(&packet).and_then(|dst| {
-                shared
-                    .table
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .route(dst)
-            });
-            match next {
-                // For another peer: on through its tunnel.
-                Some(other) if other.key != peer.key => {
-                    shared.send_to_peer(&other, &packet, &mut relay).await
-                }
-                _ => {
-                    let _ = shared.tun.send(&packet).await;
+                TunnResult::WriteToTunnelV6(..) | TunnResult::Done => break,
+                TunnResult::Err(e) => {
+                    tracing::debug!("from {from}: {e:?}");
+                    break;
                 }
             }
         }
     }
+    if authenticated {
+        // This is where the peer is now (it may have roamed).
+        *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+    }
+    if let Some((other, len)) = forward {
+        let packet = out[..len].to_vec();
+        if let Some((to, n)) = shared.encrypt(&other, &packet, relay) {
+            let _ = shared.udp.send_to(&relay[..n], to);
+        }
+    }
 }
 
-async fn timers(shared: Arc<Shared>) {
-    let mut buf = vec![0u8; BUFFER];
-    let mut last_reset = Instant::now();
-    loop {
-        smol::Timer::after(TIMER_TICK).await;
-        if last_reset.elapsed() >= Duration::from_secs(1) {
-            shared.limiter.reset_count();
-            last_reset = Instant::now();
-        }
-        let peers: Vec<Arc<PeerState>> = {
-            let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
-            table.by_key.values().cloned().collect()
-        };
-        for p in peers {
-            let packet = {
-                let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
-                match t.update_timers(&mut buf) {
-                    TunnResult::WriteToNetwork(pkt) => pkt.to_vec(),
-                    _ => continue,
-                }
-            };
-            let endpoint = *p.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+fn run_timers(shared: &Shared, buf: &mut [u8]) {
+    let peers: Vec<Arc<PeerState>> = {
+        let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
+        table.by_key.values().cloned().collect()
+    };
+    for p in peers {
+        let endpoint = *p.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        if let TunnResult::WriteToNetwork(pkt) = t.update_timers(buf) {
             if let Some(endpoint) = endpoint {
-                let _ = shared.udp.send_to(&packet, endpoint).await;
+                let _ = shared.udp.send_to(pkt, endpoint);
             }
         }
     }

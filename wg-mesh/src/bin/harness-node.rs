@@ -101,14 +101,14 @@ fn start() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read {}", args.config.display()))?;
     let config = Config::parse(&text, &args.config.display().to_string())?;
-    // Every task on the main thread, which also drives the reactor: no thread hop
-    // between a socket becoming ready and the task that reads it.
+    // The control socket and the relays run here; the data plane has a thread of its
+    // own (see `wg_mesh::dataplane`).
     let ex = Arc::new(smol::Executor::new());
     smol::block_on(ex.run(run(args, config, ex.clone())))
 }
 
 async fn run(args: Args, config: Config, ex: Arc<smol::Executor<'static>>) -> anyhow::Result<()> {
-    let device = Device::start(&ex, &args.interface, &config).await?;
+    let device = Device::start(&args.interface, &config)?;
     let port = device.port().unwrap_or(0);
     let agent = Arc::new(Agent {
         device,
@@ -193,7 +193,7 @@ async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
             });
             match peer {
                 Ok(peer) => {
-                    device.add_peer(&peer).await;
+                    device.add_peer(&peer);
                     serde_json::json!({"ok": true})
                 }
                 Err(e) => serde_json::json!({"error": e.to_string()}),
