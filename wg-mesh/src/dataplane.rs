@@ -468,8 +468,7 @@ fn handle_datagram(
         *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
     }
     if let Some((other, len)) = forward {
-        let packet = out[..len].to_vec();
-        if let Some((to, n)) = shared.encrypt(&other, &packet, relay) {
+        if let Some((to, n)) = shared.encrypt(&other, &out[..len], relay) {
             let _ = shared.udp.send_to(&relay[..n], to);
         }
     }

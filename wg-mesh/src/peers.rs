@@ -1,5 +1,5 @@
 //! The peer table's routing: which peer an inner packet goes to (the longest matching
-//! allowed IP), and whether a peer may send from an address.
+//! allowed IP).
 
 use std::net::Ipv4Addr;
 
@@ -41,13 +41,6 @@ impl<T: Clone + PartialEq> Routes<T> {
             .find(|(n, _)| n.contains(dst))
             .map(|(_, p)| p)
     }
-
-    /// Whether `peer` may send from `src` (a packet from elsewhere is dropped).
-    pub fn allows(&self, peer: &T, src: Ipv4Addr) -> bool {
-        self.entries
-            .iter()
-            .any(|(n, p)| p == peer && n.contains(src))
-    }
 }
 
 #[cfg(test)]
@@ -55,15 +48,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_longest_prefix_wins_and_sources_are_checked() {
+    fn the_longest_prefix_wins() {
         let mut r = Routes::default();
         r.add(&[Cidr::parse("10.42.0.0/16").unwrap()], "hub");
         r.add(&[Cidr::parse("10.42.0.5/32").unwrap()], "node5");
         assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"node5"));
         assert_eq!(r.lookup("10.42.0.6".parse().unwrap()), Some(&"hub"));
         assert_eq!(r.lookup("10.43.0.6".parse().unwrap()), None);
-        assert!(r.allows(&"node5", "10.42.0.5".parse().unwrap()));
-        assert!(!r.allows(&"node5", "10.42.0.6".parse().unwrap()));
         r.remove(&"node5");
         assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"hub"));
     }

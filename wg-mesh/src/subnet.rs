@@ -46,11 +46,6 @@ impl Subnet {
         u32::MAX << (32 - self.prefix)
     }
 
-    /// Whether `addr` is in the subnet.
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & self.mask() == u32::from(self.network)
-    }
-
     /// The hub's address: the first host address.
     pub fn hub(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + 1)
@@ -96,13 +91,6 @@ impl Allocator {
         self.taken.insert(free);
         Ok(free)
     }
-
-    /// Gives `addr` back (the hub's is kept).
-    pub fn release(&mut self, addr: Ipv4Addr) {
-        if addr != self.subnet.hub() {
-            self.taken.remove(&addr);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -110,15 +98,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_are_handed_out_lowest_first_and_reused() {
+    fn addresses_are_handed_out_lowest_first_around_taken_ones() {
         let subnet = Subnet::parse("10.42.7.9/24").unwrap();
         assert_eq!(subnet.to_string(), "10.42.7.0/24");
         assert_eq!(subnet.hub(), Ipv4Addr::new(10, 42, 7, 1));
         let mut a = Allocator::new(subnet);
         assert_eq!(a.allocate().unwrap(), Ipv4Addr::new(10, 42, 7, 2));
         assert_eq!(a.allocate().unwrap(), Ipv4Addr::new(10, 42, 7, 3));
-        a.release(Ipv4Addr::new(10, 42, 7, 2));
-        a.release(subnet.hub());
+        // The daemon marks what its records hold; the lowest free one comes next.
+        a.taken.remove(&Ipv4Addr::new(10, 42, 7, 2));
         assert_eq!(a.allocate().unwrap(), Ipv4Addr::new(10, 42, 7, 2));
         assert!(a.taken.contains(&subnet.hub()));
     }

@@ -92,11 +92,6 @@ impl SocketForward {
         })
     }
 
-    /// The local socket.
-    pub fn local_path(&self) -> &Path {
-        &self.local
-    }
-
     /// Whether it still carries connections: false once its session ended (sshd
     /// went away, the link was cut); a new forward is needed then.
     pub fn is_alive(&self) -> bool {
