@@ -43,6 +43,15 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Largest packet read from either side, plus WireGuard's overhead.
 const BUFFER: usize = 65536 + 32;
 
+/// Packets handled per batch: segments of what the TUN device hands over (a TCP
+/// superpacket of up to 64 KiB is split into at most this many), and datagrams read
+/// from the UDP socket before their packets go to the TUN device, coalesced.
+const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+
+/// Segment buffers for the TUN side: room for two superpackets, so a batch can hold
+/// more than one read.
+const TUN_SLOTS: usize = 2 * BATCH;
+
 /// What a peer has done, for `mesh.peers`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStats {
@@ -104,11 +113,23 @@ impl Device {
     /// port, adds the config's peers and starts. Needs root or CAP_NET_ADMIN.
     pub fn start(name: &str, config: &Config) -> Result<Device, MeshError> {
         let i = &config.interface;
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .ipv4(i.address.addr, i.address.prefix, None)
-            .mtu(i.mtu.unwrap_or(DEFAULT_MTU))
-            .build_sync()
+        // Offloads (virtio headers): the kernel hands over TCP superpackets, which
+        // are split here, and takes the packets of a batch coalesced, so the TCP
+        // stacks on both ends see a few large packets instead of many small ones.
+        // Without kernel support the device works a packet at a time.
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .ipv4(i.address.addr, i.address.prefix, None)
+                .mtu(i.mtu.unwrap_or(DEFAULT_MTU))
+                .offload(offload)
+                .build_sync()
+        };
+        let tun = build(true)
+            .or_else(|e| {
+                tracing::debug!("TUN offloads unavailable ({e}); one packet at a time");
+                build(false)
+            })
             .map_err(|e| MeshError::Tun {
                 name: name.to_owned(),
                 detail: if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -280,15 +301,47 @@ fn destination(packet: &[u8]) -> Option<Ipv4Addr> {
     }
 }
 
-/// Packets read from the TUN device (and sent) per turn of the pump.
-const BATCH: usize = 32;
+/// The pump's buffers, allocated once (untouched pages cost no memory).
+struct Buffers {
+    /// One read from the TUN device: a virtio header and a packet or superpacket.
+    tun_read: Vec<u8>,
+    /// Its packets, split.
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Their ciphertexts.
+    wire: Vec<Vec<u8>>,
+    datagram: Vec<u8>,
+    decrypted: Vec<u8>,
+    relay: Vec<u8>,
+    /// Decrypted packets bound for the TUN device, each after room for a virtio header.
+    to_tun: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        let big = || vec![0u8; BUFFER];
+        Buffers {
+            tun_read: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + BUFFER],
+            segments: (0..TUN_SLOTS).map(|_| big()).collect(),
+            sizes: vec![0; TUN_SLOTS],
+            wire: (0..TUN_SLOTS).map(|_| big()).collect(),
+            datagram: big(),
+            decrypted: big(),
+            relay: big(),
+            // Coalescing appends to a packet only within its capacity.
+            to_tun: (0..BATCH)
+                .map(|_| Vec::with_capacity(2 * tun_rs::VIRTIO_NET_HDR_LEN + BUFFER))
+                .collect(),
+            gro: tun_rs::GROTable::default(),
+        }
+    }
+}
 
 /// The data plane's one thread.
 fn pump(shared: &Shared) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut tun_bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
-    let mut wire: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUFFER]).collect();
-    let (mut src, mut out, mut relay) = (vec![0u8; BUFFER], vec![0u8; BUFFER], vec![0u8; BUFFER]);
+    let mut bufs = Buffers::new();
     let mut timer_buf = vec![0u8; BUFFER];
     let (mut next_tick, mut last_reset) = (Instant::now() + TIMER_TICK, Instant::now());
     loop {
@@ -302,8 +355,8 @@ fn pump(shared: &Shared) {
             PollFd::new(&shared.udp, PollFlags::IN),
         ];
         let _ = poll(&mut fds, Some(&timeout));
-        drain_tun(shared, &mut tun_bufs, &mut wire);
-        drain_udp(shared, &mut src, &mut out, &mut relay);
+        drain_tun(shared, &mut bufs);
+        drain_udp(shared, &mut bufs);
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + TIMER_TICK;
             if last_reset.elapsed() >= Duration::from_secs(1) {
@@ -315,12 +368,19 @@ fn pump(shared: &Shared) {
     }
 }
 
-/// Reads what the TUN device has (at most a batch), encrypts each packet for its peer
-/// and sends them all in one `sendmmsg`.
-fn drain_tun(shared: &Shared, bufs: &mut [Vec<u8>], wire: &mut [Vec<u8>]) {
-    let mut batch: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(BATCH);
-    for (k, buf) in bufs.iter_mut().enumerate() {
-        let n = match shared.tun.recv(buf) {
+/// Reads what the TUN device has (while a superpacket still fits the segment
+/// buffers), encrypts each packet for its peer and sends them all in one `sendmmsg`.
+fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
+    let mut batch: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(TUN_SLOTS);
+    let mut filled = 0;
+    while filled + BATCH <= TUN_SLOTS {
+        let read = shared.tun.recv_multiple(
+            &mut bufs.tun_read,
+            &mut bufs.segments[filled..],
+            &mut bufs.sizes[filled..],
+            0,
+        );
+        let n = match read {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
@@ -328,21 +388,25 @@ fn drain_tun(shared: &Shared, bufs: &mut [Vec<u8>], wire: &mut [Vec<u8>]) {
                 break;
             }
         };
-        let Some(dst) = destination(&buf[..n]) else {
-            continue;
-        };
-        let peer = shared
-            .table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .route(dst);
-        if let Some(peer) = peer {
-            if let Some((to, len)) = shared.encrypt(&peer, &buf[..n], &mut wire[k]) {
-                batch.push((to, k, len));
+        for k in filled..filled + n {
+            let packet = &bufs.segments[k][..bufs.sizes[k]];
+            let Some(dst) = destination(packet) else {
+                continue;
+            };
+            let peer = shared
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .route(dst);
+            if let Some(peer) = peer {
+                if let Some((to, len)) = shared.encrypt(&peer, packet, &mut bufs.wire[k]) {
+                    batch.push((to, k, len));
+                }
             }
         }
+        filled += n;
     }
-    send_batch(&shared.udp, &batch, wire);
+    send_batch(&shared.udp, &batch, &bufs.wire);
 }
 
 /// Sends `batch` (destination, buffer, length) with `sendmmsg`.
@@ -377,28 +441,51 @@ fn send_batch(udp: &std::net::UdpSocket, batch: &[(SocketAddr, usize, usize)], w
     }
 }
 
-/// Reads what the UDP socket has (at most a batch) and handles each datagram.
-fn drain_udp(shared: &Shared, src: &mut [u8], out: &mut [u8], relay: &mut [u8]) {
-    for _ in 0..BATCH {
-        let (n, from) = match shared.udp.recv_from(src) {
+/// Reads what the UDP socket has (at most a batch), handles each datagram, and writes
+/// the packets for this host to the TUN device together (coalesced where they can be).
+fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
+    let mut count = 0;
+    while count < BATCH {
+        let (n, from) = match shared.udp.recv_from(&mut bufs.datagram) {
             Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 tracing::warn!("reading the UDP socket: {e}");
-                return;
+                break;
             }
         };
-        handle_datagram(shared, &src[..n], from, out, relay);
+        let datagram = &bufs.datagram[..n];
+        if let Some(len) =
+            handle_datagram(shared, datagram, from, &mut bufs.decrypted, &mut bufs.relay)
+        {
+            let packet = &mut bufs.to_tun[count];
+            packet.clear();
+            packet.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+            packet.extend_from_slice(&bufs.decrypted[..len]);
+            count += 1;
+        }
+    }
+    if count > 0 {
+        let written = shared.tun.send_multiple(
+            &mut bufs.gro,
+            &mut bufs.to_tun[..count],
+            tun_rs::VIRTIO_NET_HDR_LEN,
+        );
+        if let Err(e) = written {
+            tracing::debug!("writing to the TUN device: {e}");
+        }
     }
 }
 
+/// Handles one datagram: answers handshakes, relays packets for other peers, and
+/// returns the length of the decrypted packet in `out` when it is for this host.
 fn handle_datagram(
     shared: &Shared,
     datagram: &[u8],
     from: SocketAddr,
     out: &mut [u8],
     relay: &mut [u8],
-) {
+) -> Option<usize> {
     let peer = match Tunn::parse_incoming_packet(datagram) {
         Ok(Packet::HandshakeInit(init)) => {
             match parse_handshake_anon(&shared.secret, &shared.public, &init) {
@@ -416,10 +503,9 @@ fn handle_datagram(
         Err(_) => None,
     };
     // Unknown (or removed) peers get nothing back.
-    let Some(peer) = peer else {
-        return;
-    };
+    let peer = peer?;
     let mut forward: Option<(Arc<PeerState>, usize)> = None;
+    let mut local = None;
     let mut authenticated = false;
     {
         let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
@@ -448,9 +534,7 @@ fn handle_datagram(
                             Some(other) if other.key != peer.key => {
                                 forward = Some((other, p.len()))
                             }
-                            _ => {
-                                let _ = shared.tun.send(p);
-                            }
+                            _ => local = Some(p.len()),
                         }
                     }
                     break;
@@ -472,6 +556,7 @@ fn handle_datagram(
             let _ = shared.udp.send_to(&relay[..n], to);
         }
     }
+    local
 }
 
 fn run_timers(shared: &Shared, buf: &mut [u8]) {
