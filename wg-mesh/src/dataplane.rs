@@ -1,8 +1,14 @@
 //! The data plane: one TUN device and one UDP socket, with a boringtun `noise::Tunn`
 //! per peer, driven by one thread: it polls both (level-triggered, nothing to re-arm),
-//! drains each in batches (the packets read from the TUN go out in one `sendmmsg`),
-//! and runs the timers; one thread, so the two directions of a peer never contend for
-//! its `Tunn`. The thread ends with the process.
+//! drains each in batches and runs the timers; one thread, so the two directions of a
+//! peer never contend for its `Tunn`. The thread ends with the process.
+//!
+//! Packets cross the kernel in bulk, with the offloads the kernel has for TUN devices
+//! and UDP sockets: the TUN device hands over TCP superpackets (split here) and takes
+//! a batch's packets coalesced back into them; the UDP socket takes a run of
+//! ciphertexts for one peer in one send and hands over a sender's datagrams
+//! coalesced ([`crate::udp`]). Each side's TCP and UDP stacks then see a few large
+//! packets where they would see many small ones: that, not the cipher, was the cost.
 //!
 //! - Outgoing: a packet read from the TUN goes to the peer its destination routes to
 //!   (the longest matching allowed IP).
@@ -32,6 +38,7 @@ use boringtun::x25519;
 use crate::config::{Cidr, Config, Peer, DEFAULT_MTU};
 use crate::keys::PublicKey;
 use crate::peers::Routes;
+use crate::udp::{Receiver, SendQueue};
 use crate::MeshError;
 
 /// Handshakes a peer may start per second before cookies are asked for.
@@ -309,8 +316,8 @@ struct Buffers {
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     /// Their ciphertexts.
-    wire: Vec<Vec<u8>>,
-    datagram: Vec<u8>,
+    queue: SendQueue,
+    receiver: Receiver,
     decrypted: Vec<u8>,
     relay: Vec<u8>,
     /// Decrypted packets bound for the TUN device, each after room for a virtio header.
@@ -319,14 +326,14 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new() -> Buffers {
+    fn new(udp: &std::net::UdpSocket) -> Buffers {
         let big = || vec![0u8; BUFFER];
         Buffers {
             tun_read: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + BUFFER],
             segments: (0..TUN_SLOTS).map(|_| big()).collect(),
             sizes: vec![0; TUN_SLOTS],
-            wire: (0..TUN_SLOTS).map(|_| big()).collect(),
-            datagram: big(),
+            queue: SendQueue::new(TUN_SLOTS * 2048 + BUFFER),
+            receiver: Receiver::new(udp),
             decrypted: big(),
             relay: big(),
             // Coalescing appends to a packet only within its capacity.
@@ -340,21 +347,19 @@ impl Buffers {
 
 /// The data plane's one thread.
 fn pump(shared: &Shared) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut bufs = Buffers::new();
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut bufs = Buffers::new(&shared.udp);
     let mut timer_buf = vec![0u8; BUFFER];
     let (mut next_tick, mut last_reset) = (Instant::now() + TIMER_TICK, Instant::now());
     loop {
         let left = next_tick.saturating_duration_since(Instant::now());
-        let timeout = Timespec {
-            tv_sec: 0,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        };
         let mut fds = [
-            PollFd::new(&shared.tun, PollFlags::IN),
-            PollFd::new(&shared.udp, PollFlags::IN),
+            PollFd::new(shared.tun.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shared.udp.as_fd(), PollFlags::POLLIN),
         ];
-        let _ = poll(&mut fds, Some(&timeout));
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, timeout);
         drain_tun(shared, &mut bufs);
         drain_udp(shared, &mut bufs);
         if Instant::now() >= next_tick {
@@ -368,10 +373,12 @@ fn pump(shared: &Shared) {
     }
 }
 
+/// What WireGuard adds to a packet: a 16-byte header, padding to 16 bytes, a 16-byte tag.
+const OVERHEAD: usize = 16 + 15 + 16;
+
 /// Reads what the TUN device has (while a superpacket still fits the segment
-/// buffers), encrypts each packet for its peer and sends them all in one `sendmmsg`.
+/// buffers), encrypts each packet for its peer and sends them together.
 fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
-    let mut batch: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(TUN_SLOTS);
     let mut filled = 0;
     while filled + BATCH <= TUN_SLOTS {
         let read = shared.tun.recv_multiple(
@@ -399,54 +406,25 @@ fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
                 .unwrap_or_else(|e| e.into_inner())
                 .route(dst);
             if let Some(peer) = peer {
-                if let Some((to, len)) = shared.encrypt(&peer, packet, &mut bufs.wire[k]) {
-                    batch.push((to, k, len));
+                let space = bufs.queue.space(&shared.udp, packet.len() + OVERHEAD);
+                if let Some((to, len)) = shared.encrypt(&peer, packet, space) {
+                    bufs.queue.push(to, len);
                 }
             }
         }
         filled += n;
     }
-    send_batch(&shared.udp, &batch, &bufs.wire);
+    bufs.queue.flush(&shared.udp);
 }
 
-/// Sends `batch` (destination, buffer, length) with `sendmmsg`.
-fn send_batch(udp: &std::net::UdpSocket, batch: &[(SocketAddr, usize, usize)], wire: &[Vec<u8>]) {
-    use rustix::net::addr::SocketAddrArg;
-    use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags};
-    use std::io::IoSlice;
-    let mut sent = 0;
-    while sent < batch.len() {
-        let rest = &batch[sent..];
-        let addrs: Vec<_> = rest.iter().map(|(to, _, _)| to.as_any()).collect();
-        let iovs: Vec<[IoSlice<'_>; 1]> = rest
-            .iter()
-            .map(|(_, k, len)| [IoSlice::new(&wire[*k][..*len])])
-            .collect();
-        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = rest
-            .iter()
-            .map(|_| SendAncillaryBuffer::default())
-            .collect();
-        let mut msgs: Vec<MMsgHdr<'_>> = addrs
-            .iter()
-            .zip(&iovs)
-            .zip(controls.iter_mut())
-            .map(|((a, iov), c)| MMsgHdr::new_with_addr(a, iov, c))
-            .collect();
-        match sendmmsg(udp, &mut msgs, SendFlags::empty()) {
-            Ok(0) => break,
-            Ok(n) => sent += n,
-            // A full socket buffer: the rest is dropped, as a router would.
-            Err(_) => break,
-        }
-    }
-}
-
-/// Reads what the UDP socket has (at most a batch), handles each datagram, and writes
-/// the packets for this host to the TUN device together (coalesced where they can be).
+/// Reads what the UDP socket has (about a batch of datagrams), handles each, and
+/// writes the packets for this host to the TUN device together (coalesced where they
+/// can be).
 fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
     let mut count = 0;
-    while count < BATCH {
-        let (n, from) = match shared.udp.recv_from(&mut bufs.datagram) {
+    let mut handled = 0;
+    while handled < BATCH {
+        let received = match bufs.receiver.recv(&shared.udp) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
@@ -454,10 +432,23 @@ fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
                 break;
             }
         };
-        let datagram = &bufs.datagram[..n];
-        if let Some(len) =
-            handle_datagram(shared, datagram, from, &mut bufs.decrypted, &mut bufs.relay)
-        {
+        let bytes = bufs.receiver.bytes(&received);
+        for datagram in bytes.chunks(received.segment) {
+            handled += 1;
+            let local = handle_datagram(
+                shared,
+                datagram,
+                received.from,
+                &mut bufs.decrypted,
+                &mut bufs.relay,
+            );
+            let Some(len) = local else {
+                continue;
+            };
+            if count == bufs.to_tun.len() {
+                write_to_tun(shared, &mut bufs.to_tun, &mut bufs.gro);
+                count = 0;
+            }
             let packet = &mut bufs.to_tun[count];
             packet.clear();
             packet.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
@@ -465,15 +456,19 @@ fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
             count += 1;
         }
     }
-    if count > 0 {
-        let written = shared.tun.send_multiple(
-            &mut bufs.gro,
-            &mut bufs.to_tun[..count],
-            tun_rs::VIRTIO_NET_HDR_LEN,
-        );
-        if let Err(e) = written {
-            tracing::debug!("writing to the TUN device: {e}");
-        }
+    write_to_tun(shared, &mut bufs.to_tun[..count], &mut bufs.gro);
+}
+
+/// Writes `packets` (each after room for a virtio header) to the TUN device.
+fn write_to_tun(shared: &Shared, packets: &mut [Vec<u8>], gro: &mut tun_rs::GROTable) {
+    if packets.is_empty() {
+        return;
+    }
+    if let Err(e) = shared
+        .tun
+        .send_multiple(gro, packets, tun_rs::VIRTIO_NET_HDR_LEN)
+    {
+        tracing::debug!("writing to the TUN device: {e}");
     }
 }
 

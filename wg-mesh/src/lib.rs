@@ -23,5 +23,6 @@ pub mod peers;
 pub mod subnet;
 
 mod error;
+mod udp;
 
 pub use error::MeshError;

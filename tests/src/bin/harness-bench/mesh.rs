@@ -69,9 +69,9 @@ fn iperf_via(a: &str, b: &str, to: &str, via: &str, port: u16) -> f64 {
         / 1e6
 }
 
-/// Average RTT in ms of 20 pings from `a` to `to`.
+/// Average RTT in ms of 100 pings from `a` to `to`.
 fn rtt(a: &str, to: &str) -> f64 {
-    let out = in_ns(a, &["busybox", "ping", "-q", "-c", "20", "-i", "0.05", to])
+    let out = in_ns(a, &["busybox", "ping", "-q", "-c", "100", "-i", "0.02", to])
         .output()
         .expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
