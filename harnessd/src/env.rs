@@ -109,6 +109,14 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
     let cfg = stack_rec.config.services.get(target)?;
     let rec = stack_rec.services.get(target)?;
     match (&cfg.target, place) {
+        // A mesh node reaches what is not on the mesh at its alias on the hub, relayed
+        // to where a host process would reach it (see `Core::relay_dependencies`).
+        (t, Place::Mesh { .. })
+            if !matches!(t, Target::Wireguard(_)) && rec.mesh_alias.is_some() =>
+        {
+            let (_, port) = endpoint(stack_rec, target, &Place::Host)?;
+            Some((rec.mesh_alias.clone()?, port))
+        }
         // A container on an SSH host's engine is reached at the host's address and its
         // published port, from everywhere (its bridge is inside that host).
         (Target::Docker(t), _) if t.host.is_some() => {
@@ -133,10 +141,6 @@ pub fn endpoint(stack_rec: &StackRecord, target: &str, place: &Place) -> Option<
                 .rsplit_once(':')
                 .map(|(h, p)| (h.to_owned(), p.parse().ok()))?;
             Some((host, port?))
-        }
-        // A mesh node reaches a LAN service at its alias on the hub, relayed.
-        (Target::RemoteLan(_), Place::Mesh { .. }) if rec.mesh_alias.is_some() => {
-            Some((rec.mesh_alias.clone()?, rec.port?))
         }
         (Target::Wireguard(_), _) if mesh_address(rec).is_some() => {
             Some((mesh_address(rec)?, rec.port?))

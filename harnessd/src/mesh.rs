@@ -10,6 +10,7 @@
 //! started, and a ping of the hub's mesh address over the tunnel before the service
 //! starts. Private keys go only into 0600 files: never into arguments, logs or events.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -57,6 +58,10 @@ pub struct Hub {
     public: PublicKey,
     port: u16,
     subnet: Subnet,
+    /// Addresses handed out in this hub's life (recorded in the registry only once
+    /// the node joined or the relay runs), so two services starting at once never get
+    /// the same one.
+    handed_out: HashSet<Ipv4Addr>,
 }
 
 impl Hub {
@@ -199,6 +204,7 @@ impl Core {
             public,
             port,
             subnet,
+            handed_out: HashSet::new(),
         });
         Ok((public, port))
     }
@@ -224,6 +230,7 @@ impl Core {
             public,
             port,
             subnet,
+            handed_out: HashSet::new(),
         })
     }
 
@@ -273,7 +280,7 @@ impl Core {
             .ok_or("stack was removed")?;
         let subnet = subnet_of(&config)?;
         let (hub_public, port) = self.ensure_hub(&config).await?;
-        let mesh_ip = self.free_mesh_address(subnet)?;
+        let mesh_ip = self.free_mesh_address(subnet).await?;
         let given = match config.services.get(name).map(|s| &s.target) {
             Some(Target::Wireguard(t)) => t.wireguard_key.clone(),
             _ => None,
@@ -431,26 +438,37 @@ impl Core {
         }
     }
 
-    /// Relays for a mesh service's LAN dependencies (a LAN host has no tunnel): each
-    /// gets a mesh alias on the hub, relayed to its LAN address; recorded on the
-    /// dependency, where its mesh callers' addresses come from.
-    pub async fn relay_lan_dependencies(&self, stack: &str, name: &str) -> Result<(), String> {
+    /// Gives every dependency of mesh service `name` that is not itself on the mesh a
+    /// mesh address of its own, an alias on the hub's device (kept in the registry),
+    /// so a node, which has only its tunnel, reaches host processes, host containers,
+    /// LAN and external services alike (DESIGN.md's network model). What runs on this
+    /// host listens on all its addresses (processes bind `${self.bind}`, which is all
+    /// of them once a stack has more than processes; containers publish on all), the
+    /// alias included; everything else gets a relay from the alias to the address a
+    /// host process would use.
+    pub async fn relay_dependencies(&self, stack: &str, name: &str) -> Result<(), String> {
         let (config, deps) = self
             .read(|st| {
                 let r = st.stack(stack)?;
-                let deps: Vec<(String, String, Option<String>)> = r.config.services[name]
+                let deps: Vec<(String, (String, u16), bool, Option<String>)> = r.config.services
+                    [name]
                     .depends_on
                     .keys()
                     .filter(|d| {
-                        matches!(
-                            r.config.services.get(*d).map(|s| &s.target),
-                            Some(Target::RemoteLan(_))
-                        )
+                        r.config
+                            .services
+                            .get(*d)
+                            .is_some_and(|s| !matches!(s.target, Target::Wireguard(_)))
                     })
                     .filter_map(|d| {
-                        let (host, port) = crate::env::endpoint(r, d, &crate::env::Place::Probe)?;
+                        let to = crate::env::endpoint(r, d, &crate::env::Place::Host)?;
+                        let local = match &r.config.services.get(d)?.target {
+                            Target::Process(_) => true,
+                            Target::Docker(t) => t.host.is_none(),
+                            _ => false,
+                        };
                         let alias = r.services.get(d)?.mesh_alias.clone();
-                        Some((d.clone(), format!("{host}:{port}"), alias))
+                        Some((d.clone(), to, local, alias))
                     })
                     .collect();
                 Some((r.config.clone(), deps))
@@ -461,14 +479,17 @@ impl Core {
         }
         let subnet = subnet_of(&config)?;
         self.ensure_hub(&config).await?;
-        for (dep, to, alias) in deps {
+        for (dep, (host, port), local, alias) in deps {
             let alias = match alias {
                 Some(a) => a,
-                None => self.free_mesh_address(subnet)?.to_string(),
+                None => self.free_mesh_address(subnet).await?.to_string(),
             };
-            let port = to.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
-            self.hub_call(serde_json::json!({"op": "add_relay", "listen": format!("{alias}:{port}"), "to": to}))
-                .await?;
+            let request = if local {
+                serde_json::json!({"op": "add_alias", "address": alias})
+            } else {
+                serde_json::json!({"op": "add_relay", "listen": format!("{alias}:{port}"), "to": format!("{host}:{port}")})
+            };
+            self.hub_call(request).await?;
             self.update(|st, _| {
                 if let Some(rec) = st.service_mut(stack, &dep) {
                     rec.mesh_alias = Some(alias.clone());
@@ -604,7 +625,7 @@ impl Core {
     }
 
     /// The lowest mesh address no run of any stack holds.
-    fn free_mesh_address(&self, subnet: Subnet) -> Result<Ipv4Addr, String> {
+    async fn free_mesh_address(&self, subnet: Subnet) -> Result<Ipv4Addr, String> {
         let mut alloc = wg_mesh::subnet::Allocator::new(subnet);
         self.read(|st| {
             for r in st.snap.stacks.values() {
@@ -620,7 +641,12 @@ impl Core {
                 }
             }
         });
-        alloc.allocate().map_err(|e| e.to_string())
+        let mut hub = self.mesh.lock().await;
+        let hub = hub.as_mut().ok_or("the mesh hub is not running")?;
+        alloc.taken.extend(&hub.handed_out);
+        let ip = alloc.allocate().map_err(|e| e.to_string())?;
+        hub.handed_out.insert(ip);
+        Ok(ip)
     }
 }
 

@@ -177,9 +177,9 @@ impl Core {
             st.stack(stack)
                 .is_some_and(|r| crate::mesh::is_mesh(&r.config, name))
         }) {
-            // Its LAN dependencies get their relays (and mesh addresses) first: its
+            // Its dependencies get their mesh addresses and relays first: its
             // environment names them.
-            self.relay_lan_dependencies(stack, name).await?;
+            self.relay_dependencies(stack, name).await?;
         }
         let (mut spec, ssh, host, package) = self.read(|st| self.remote_spec(st, stack, name))?;
         // A mesh node joins before its service starts (its config goes into the

@@ -344,14 +344,27 @@ services:
     assert_eq!(node_conf.interface.private_key, node_key);
     assert_eq!(node_conf.peers[0].public_key, hub_key.public());
     let web_addr = web.address.clone().expect("web's address");
+    // The hub is .1; the api's alias, handed out first, .2; the node .3.
     assert!(
-        web_addr.starts_with(&format!("10.42.{third}.2:")),
+        web_addr.starts_with(&format!("10.42.{third}.3:")),
         "{web_addr}"
     );
-    // The node reached the local api at the hub's mesh address, and the local client
-    // reached the node at its mesh address (each is healthy only once it connected).
+    // The node reached the local api at a mesh address of its own (an alias on the
+    // hub, relayed), and the local client reached the node at its mesh address (each
+    // is healthy only once it connected).
     let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "web"]).stdout).into_owned();
-    assert!(env.contains(&format!("API_ADDR=10.42.{third}.1:")), "{env}");
+    let api_alias = env
+        .lines()
+        .find_map(|l| l.strip_prefix("API_ADDR="))
+        .unwrap_or_default()
+        .to_owned();
+    let api_ip = api_alias.split(':').next().unwrap_or_default();
+    assert!(
+        api_ip.starts_with(&format!("10.42.{third}."))
+            && api_ip != format!("10.42.{third}.1")
+            && !web_addr.starts_with(&format!("{api_ip}:")),
+        "the api's mesh address is neither the hub's nor the node's: {env}"
+    );
     assert_eq!(
         get(&c, &stack, "client").health,
         protocol::methods::Health::Healthy
@@ -400,10 +413,7 @@ services:
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert!(
-        api_from_mesh.starts_with(&format!("10.42.{third}.1:")),
-        "{rows}"
-    );
+    assert_eq!(api_from_mesh, api_alias, "{rows}");
     let checks = json(&["--json", "network", "test"]);
     let checks = checks.as_array().unwrap();
     assert!(checks.iter().all(|c| c["ok"] == true), "{checks:?}");
@@ -500,7 +510,7 @@ services:
         mesh_events,
         [
             "up".to_owned(),
-            format!("added node0 10.42.{third}.2"),
+            format!("added node0 10.42.{third}.3"),
             "removed node0 revoked".to_owned(),
             "down".to_owned()
         ],
@@ -526,7 +536,8 @@ services:
 }
 
 /// A package deployed to a mesh node: its WireGuard config lands in the release (0600),
-/// a container on the harness host reaches it through its mesh address, and a cut link
+/// it reaches a container on the harness host at that container's mesh alias, a
+/// container on the harness host reaches it through its mesh address, and a cut link
 /// turns it unhealthy until the link is back, with no redeploy.
 #[test]
 fn a_package_on_a_mesh_node_is_reached_by_a_container_and_survives_a_cut_link() {
@@ -553,7 +564,8 @@ fn a_package_on_a_mesh_node_is_reached_by_a_container_and_survives_a_cut_link() 
     std::fs::copy(tests::bin("demo-service"), pkg.join("bin/web")).unwrap();
     std::fs::write(
         pkg.join("scripts/start.sh"),
-        "#!/bin/sh\nexec \"$1/bin/web\" --name web --port \"$PORT\"\n",
+        // It connects to its upstream (a host container) before it serves.
+        "#!/bin/sh\nexec \"$1/bin/web\" --name web --port \"$PORT\" --upstream \"files=$FILES_ADDR\"\n",
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -576,9 +588,20 @@ network: {{ wireguard_subnet: "10.43.{third}.0/24", listen_port: {port} }}
 hosts:
   node0: {node0}
 services:
+  files:
+    target:
+      docker:
+        image: {image}
+        rootfs: {rootfs}
+        pull: never
+        command: [httpd, -f, -p, "80", -h, /www]
+        ports: ["80"]
+    stop_timeout: 1s
+    health_check: {{ type: http, url: "http://${{self.addr}}/" }}
   web:
     target: {{ wireguard: {{ host: node0, package: {pkg}, env: {{ PORT: "${{self.port}}" }} }} }}
     port: auto
+    depends_on: {{ files: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms, retries: 2, timeout: 500ms }}
   box:
     target:
@@ -604,12 +627,25 @@ services:
         web.address
             .as_deref()
             .unwrap_or_default()
-            .starts_with(&format!("10.43.{third}.2:")),
+            .starts_with(&format!("10.43.{third}.3:")),
         "{web:?}"
     );
     // The container fetched from the mesh service through its mesh address.
     let got = http_get(get(&c, &stack, "box").address.as_deref().unwrap(), "/got");
     assert!(got.contains("web"), "{got}");
+    // And the node reached a host container at a mesh address of its own (web
+    // connects to it before it serves, so web being healthy proves the relay).
+    let env = String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "web"]).stdout).into_owned();
+    let files_ip = env
+        .lines()
+        .find_map(|l| l.strip_prefix("FILES_ADDR="))
+        .and_then(|a| a.split(':').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        files_ip.starts_with(&format!("10.43.{third}.")) && files_ip != format!("10.43.{third}.1"),
+        "{env}"
+    );
     // The node's config is in the release, 0600, and not in the package.
     let releases = h.install_root.join("web/releases");
     let release = std::fs::read_dir(&releases)

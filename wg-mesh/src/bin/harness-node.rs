@@ -12,7 +12,9 @@
 //! `{"op":"remove_peer","public_key":"…"}`, `{"op":"peers"}`,
 //! `{"op":"add_relay","listen":"10.42.0.9:5432","to":"198.18.0.11:5432"}` (a TCP relay; a
 //! `listen` address inside the mesh subnet is added to the device first, as an alias),
-//! `{"op":"remove_relay","listen":"…"}`. Relays live here, not in harnessd, so a daemon
+//! `{"op":"remove_relay","listen":"…"}`, `{"op":"add_alias","address":"10.42.0.9"}` (an
+//! address of the mesh subnet on the device, for what already listens on all of this
+//! host's addresses). Relays live here, not in harnessd, so a daemon
 //! restart drops no relayed connection. SIGTERM or SIGINT ends it and removes the
 //! device.
 
@@ -67,6 +69,9 @@ enum Request {
     RemoveRelay {
         listen: std::net::SocketAddr,
     },
+    AddAlias {
+        address: std::net::Ipv4Addr,
+    },
 }
 
 /// The agent's device and its relays.
@@ -76,6 +81,13 @@ struct Agent {
     address: Cidr,
     relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, smol::Task<()>>>,
     ex: Arc<smol::Executor<'static>>,
+}
+
+impl Agent {
+    /// Whether `ip` can be an alias on the device: in its subnet, not its own address.
+    fn is_alias(&self, ip: std::net::Ipv4Addr) -> bool {
+        self.address.contains(ip) && ip != self.address.addr
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -208,6 +220,20 @@ async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
             Ok(()) => serde_json::json!({"ok": true}),
             Err(e) => serde_json::json!({"error": e}),
         },
+        Request::AddAlias { address } => {
+            let added = if agent.is_alias(address) {
+                add_alias(&agent.interface, address).await
+            } else {
+                Err(format!(
+                    "{address} is not an alias address in {}",
+                    agent.address
+                ))
+            };
+            match added {
+                Ok(()) => serde_json::json!({"ok": true}),
+                Err(e) => serde_json::json!({"error": e}),
+            }
+        }
         Request::RemoveRelay { listen } => {
             let removed = agent
                 .relays
@@ -223,7 +249,7 @@ async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
 /// Starts a TCP relay from `listen` to `to` (replacing one on the same address).
 async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> Result<(), String> {
     if let std::net::IpAddr::V4(ip) = listen.ip() {
-        if agent.address.contains(ip) && ip != agent.address.addr {
+        if agent.is_alias(ip) {
             add_alias(&agent.interface, ip).await?;
         }
     }
