@@ -110,6 +110,17 @@ pub fn interface_name(instance: &str) -> String {
     format!("hm{}", instance.get(..10).unwrap_or(instance))
 }
 
+/// A dependency of a mesh service, as `Core::relay_dependencies` sees it.
+struct MeshDependency {
+    name: String,
+    /// Where a host process reaches it.
+    to: (String, u16),
+    /// Whether it runs on this host (and so listens on the alias itself).
+    local: bool,
+    /// Its mesh address, once it has one.
+    alias: Option<String>,
+}
+
 impl Core {
     /// Starts the hub's data plane unless it runs; returns its public key and port.
     async fn ensure_hub(&self, config: &StackConfig) -> Result<(PublicKey, u16), String> {
@@ -450,8 +461,7 @@ impl Core {
         let (config, deps) = self
             .read(|st| {
                 let r = st.stack(stack)?;
-                let deps: Vec<(String, (String, u16), bool, Option<String>)> = r.config.services
-                    [name]
+                let deps: Vec<MeshDependency> = r.config.services[name]
                     .depends_on
                     .keys()
                     .filter(|d| {
@@ -468,7 +478,12 @@ impl Core {
                             _ => false,
                         };
                         let alias = r.services.get(d)?.mesh_alias.clone();
-                        Some((d.clone(), to, local, alias))
+                        Some(MeshDependency {
+                            name: d.clone(),
+                            to,
+                            local,
+                            alias,
+                        })
                     })
                     .collect();
                 Some((r.config.clone(), deps))
@@ -479,7 +494,13 @@ impl Core {
         }
         let subnet = subnet_of(&config)?;
         self.ensure_hub(&config).await?;
-        for (dep, (host, port), local, alias) in deps {
+        for MeshDependency {
+            name: dep,
+            to: (host, port),
+            local,
+            alias,
+        } in deps
+        {
             let alias = match alias {
                 Some(a) => a,
                 None => self.free_mesh_address(subnet).await?.to_string(),
