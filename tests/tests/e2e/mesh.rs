@@ -1,6 +1,7 @@
-//! The mesh's data plane on real TUN devices: `harness-node` agents in test-bed
-//! namespaces, a hub and two nodes joined over the bed's LAN; each bed has its own
-//! subnet, interface names and namespaces.
+//! The mesh on real TUN devices: `harness-node` agents in test-bed namespaces, and
+//! services the daemon deploys to mesh nodes. Each bed is a link of its own to the
+//! harness host (its own subnet, routed nowhere else, its own interface names and
+//! namespaces), so nodes on one bed reach the hosts of another only through the mesh.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -690,12 +691,14 @@ impl Drop for RemoveImage {
 /// LAN hosts have no tunnel: a mesh service reaches a LAN service at an alias on the
 /// hub relayed to its LAN address, and a LAN service reaches a mesh service through a
 /// relay on the hub's LAN address; a second mesh node reaches the first through the
-/// hub.
+/// hub. The nodes and the LAN host are on separate beds (a WAN and a LAN).
 #[test]
 fn lan_and_mesh_services_reach_each_other_through_the_hub_s_relays() {
-    let bed = TestBed::new(3);
+    // The mesh nodes are on a "WAN" bed of their own: they reach the harness host and
+    // nothing of the LAN bed, whose hosts reach the harness host and no node.
+    let (wan, lan) = (TestBed::new(2), TestBed::new(1));
     let d = tests::TestDaemon::start();
-    let third: u8 = bed
+    let third: u8 = wan
         .subnet
         .split('.')
         .nth(2)
@@ -736,10 +739,27 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
-            node0 = bed.host_yaml(0, ""),
-            lan1 = bed.host_yaml(1, ""),
-            node2 = bed.host_yaml(2, ""),
+            node0 = wan.host_yaml(0, ""),
+            lan1 = lan.host_yaml(0, ""),
+            node2 = wan.host_yaml(1, ""),
         ),
+    );
+    let ping = |ns: &str, to: &str| {
+        Command::new("ip")
+            .args([
+                "netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "1", to,
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let (node_ns, lan_ns) = (&wan.hosts[0].netns, &lan.hosts[0].netns);
+    assert!(
+        ping(node_ns, &wan.hub_address),
+        "a node reaches the harness host"
+    );
+    assert!(
+        !ping(node_ns, &lan.hosts[0].address) && !ping(lan_ns, &wan.hosts[0].address),
+        "the WAN and the LAN bed reach each other directly"
     );
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
     let c = d.client();
@@ -765,7 +785,7 @@ services:
     );
     let lan_env = env_of("lanclient");
     assert!(
-        lan_env.contains(&format!("WEB_ADDR={}:", bed.hub_address)),
+        lan_env.contains(&format!("WEB_ADDR={}:", lan.hub_address)),
         "{lan_env}"
     );
     let checks = d.cli(&dir, &["--json", "network", "test"]);
