@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use deployer::release;
 use deployer::ssh::{quote, SshHost};
 use futures_lite::{AsyncBufReadExt, AsyncWriteExt};
 use protocol::config::{HostConfig, StackConfig, Target};
@@ -47,6 +48,10 @@ pub struct MeshMember {
     /// The hub's relay for LAN callers: `hub address towards the LAN:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan_relay: Option<String>,
+    /// Whether its agent runs under `sudo -n` (the host's `sudo: true`), and so is
+    /// stopped that way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sudo: bool,
 }
 
 /// The hub's running data plane: started by this daemon (`child`), or found running
@@ -352,18 +357,26 @@ impl Core {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let sudo = if host.sudo { "sudo -n " } else { "" };
-        let start = format!(
-            "cd {net} && {{ [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; sleep 0.1; }}; {sudo}setsid ./harness-node --config wireguard.conf --interface {ifname} > agent.log 2>&1 < /dev/null & echo $! > {pid}",
-            net = quote(&net),
-            ifname = interface_name(&self.instance),
-            pid = quote(&format!("{net}/agent.pid")),
+        // Under sudo the whole script runs as root, so the pid it records is the
+        // agent's own (not sudo's) and a later stop may signal it.
+        let start = release::privileged(
+            &format!(
+                "cd {net} && {{ [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; sleep 0.1; }}; setsid ./harness-node --config wireguard.conf --interface {ifname} > agent.log 2>&1 < /dev/null & echo $! > {pid}",
+                net = quote(&net),
+                ifname = interface_name(&self.instance),
+                pid = quote(&format!("{net}/agent.pid")),
+            ),
+            host.sudo,
         );
         ssh.check("start the mesh agent", &start, b"", timeout)
             .await
             .map_err(|e| e.to_string())?;
         let hub_ip = subnet.hub();
-        let ping = format!("ping -c 1 -W 1 {hub_ip} >/dev/null 2>&1 || busybox ping -c 1 -W 1 {hub_ip} >/dev/null 2>&1");
+        // (busybox's ping needs root for its raw socket.)
+        let ping = release::privileged(
+            &format!("ping -c 1 -W 1 {hub_ip} >/dev/null 2>&1 || busybox ping -c 1 -W 1 {hub_ip} >/dev/null 2>&1"),
+            host.sudo,
+        );
         let deadline = Instant::now() + TUNNEL_UP;
         loop {
             let out = ssh
@@ -405,6 +418,7 @@ impl Core {
             public_key,
             network_dir: net,
             lan_relay,
+            sudo: host.sudo,
         })
     }
 
@@ -415,9 +429,12 @@ impl Core {
             return;
         };
         let net = &member.network_dir;
-        let stop = format!(
-            "cd {} && [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; rm -f agent.pid",
-            quote(net)
+        let stop = release::privileged(
+            &format!(
+                "cd {} && [ -f agent.pid ] && kill $(cat agent.pid) 2>/dev/null; rm -f agent.pid",
+                quote(net)
+            ),
+            member.sudo,
         );
         let _ = ssh.exec(&stop, b"", Duration::from_secs(30)).await;
         self.remove_peer(run, member, why).await;

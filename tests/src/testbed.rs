@@ -66,6 +66,8 @@ pub struct TestBed {
     /// The bed's LAN, e.g. `198.18.7.0/24`.
     pub subnet: String,
     forward_rule: bool,
+    /// Users of this machine made for the bed ([`TestBed::add_sudo_user`]).
+    users: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -176,6 +178,7 @@ impl TestBed {
             dir,
             subnet,
             forward_rule,
+            users: Vec::new(),
             _tmp: tmp,
         };
         for i in 0..n {
@@ -245,6 +248,38 @@ impl TestBed {
             veth,
             sshd: None,
         }
+    }
+
+    /// Makes a user of this machine (the beds share its /etc) who logs in to the
+    /// bed's hosts with the bed's key, owns host `i`'s `install_root`, and may run
+    /// anything as root with `sudo -n` (the sudo package); the user and its sudoers
+    /// entry go with the bed. Returns its name.
+    pub fn add_sudo_user(&mut self, i: usize) -> String {
+        let name = format!("hu{}", self.id);
+        record(&self.id, &format!("user {name}\n"));
+        let home = self.hosts[i].dir.display().to_string();
+        // `*`: no password, yet not locked (sshd refuses locked accounts).
+        run(
+            "useradd",
+            &[
+                "--no-create-home",
+                "--home-dir",
+                &home,
+                "--shell",
+                "/bin/sh",
+                "--password",
+                "*",
+                &name,
+            ],
+        );
+        self.users.push(name.clone());
+        let sudoers = sudoers_file(&name);
+        fs::write(&sudoers, format!("{name} ALL=(root) NOPASSWD: ALL\n")).expect("sudoers entry");
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440)).expect("sudoers mode");
+        let root = self.hosts[i].install_root.display().to_string();
+        run("chown", &[&name, &root]);
+        name
     }
 
     /// Starts host `i`'s sshd (again) and waits until it accepts connections.
@@ -390,6 +425,11 @@ impl TestBed {
     /// Host `i`'s settings as a flow mapping for a config's `hosts:` (address, user,
     /// key, known_hosts, install_root), with `extra` (`key: value, ...`) added.
     pub fn host_yaml(&self, i: usize, extra: &str) -> String {
+        self.host_yaml_as(i, "root", extra)
+    }
+
+    /// Like [`TestBed::host_yaml`], logging in as `user`.
+    pub fn host_yaml_as(&self, i: usize, user: &str, extra: &str) -> String {
         let h = &self.hosts[i];
         let extra = if extra.is_empty() {
             String::new()
@@ -397,7 +437,7 @@ impl TestBed {
             format!(", {extra}")
         };
         format!(
-            "{{ address: {}, user: root, ssh_key: {}, known_hosts: {}, install_root: {}{extra} }}",
+            "{{ address: {}, user: {user}, ssh_key: {}, known_hosts: {}, install_root: {}{extra} }}",
             h.address,
             self.user_key.display(),
             self.known_hosts.display(),
@@ -505,12 +545,18 @@ impl Drop for TestBed {
             self.kill_sshd(i);
         }
         let names: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
-        remove(&self.id, &self.bridge, &names, self.forward_rule);
+        remove(
+            &self.id,
+            &self.bridge,
+            &names,
+            &self.users,
+            self.forward_rule,
+        );
     }
 }
 
 /// Ends every process in the namespaces, then removes namespaces, links and rule.
-fn remove(id: &str, bridge: &str, netns: &[String], forward_rule: bool) {
+fn remove(id: &str, bridge: &str, netns: &[String], users: &[String], forward_rule: bool) {
     for ns in netns {
         for pid in netns_pids(ns) {
             run_quiet("kill", &["-KILL", &pid.to_string()]);
@@ -526,6 +572,10 @@ fn remove(id: &str, bridge: &str, netns: &[String], forward_rule: bool) {
         );
     }
     run_quiet("ip", &["link", "del", bridge]);
+    for user in users {
+        let _ = fs::remove_file(sudoers_file(user));
+        run_quiet("userdel", &[user]);
+    }
     let _ = fs::remove_file(Path::new(RECORDS).join(id));
 }
 
@@ -604,9 +654,15 @@ fn sweep_dead_beds() {
             &id,
             &bridge,
             &field("netns "),
+            &field("user "),
             !field("forward ").is_empty(),
         );
     }
+}
+
+/// The sudoers entry of a bed's user.
+fn sudoers_file(user: &str) -> PathBuf {
+    Path::new("/etc/sudoers.d").join(format!("harness-testbed-{user}"))
 }
 
 /// The third octet's prefix (`198.18.N`) of a /24 in 198.18.0.0/15 that no interface

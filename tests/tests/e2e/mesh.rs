@@ -266,10 +266,12 @@ fn interfaces(prefix: &str) -> Vec<String> {
 }
 
 /// A service on a mesh node, deployed by the harness: the hub starts with it, the node
-/// joins over SSH, and it and local processes reach each other through mesh addresses.
+/// joins over SSH (as a user with `sudo: true`: the agent runs as root, the service as
+/// that user), and it and local processes reach each other through mesh addresses.
 #[test]
 fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
-    let bed = TestBed::new(1);
+    let mut bed = TestBed::new(1);
+    let user = bed.add_sudo_user(0);
     let mut d = tests::TestDaemon::start();
     let third: u8 = bed
         .subnet
@@ -319,7 +321,7 @@ services:
     depends_on: {{ web: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
-            node0 = bed.host_yaml(0, ""),
+            node0 = bed.host_yaml_as(0, &user, "sudo: true"),
             hub_key = hub_key_file.display(),
             node_key = node_key_file.display(),
         ),
@@ -373,6 +375,27 @@ services:
     let env =
         String::from_utf8_lossy(&d.cli(&dir, &["config", "env", "client"]).stdout).into_owned();
     assert!(env.contains(&format!("WEB_ADDR={web_addr}")), "{env}");
+    // Under sudo: the agent is root's, the service the SSH user's.
+    let uid_of = |needle: &str| -> Vec<String> {
+        bed.pids(0)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+            })
+            .filter_map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+                Some(uid.split_whitespace().next()?.to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(uid_of("harness-node"), vec!["0".to_owned()], "the agent");
+    let service_uids = uid_of("--name\0web");
+    assert!(
+        !service_uids.is_empty() && service_uids.iter().all(|u| u != "0"),
+        "the service runs as {user}: uids {service_uids:?}"
+    );
     assert_eq!(interfaces(&ifname), vec![ifname.clone()]);
     let unreachable = format!("unreachable 10.42.{third}.0/24");
     let routes = || tests::testbed::run("ip", &["route", "show"]);

@@ -1,5 +1,5 @@
 //! The mesh data plane benchmark (issue 5): single-stream TCP throughput (iperf3, 10 s)
-//! and ping RTT between two test-bed namespaces, over raw veth, through two
+//! and ping RTT (the median of 100 pings a round) between two test-bed namespaces, over raw veth, through two
 //! `harness-node` agents, and through boringtun-cli 0.7.1 (with 1 and with 4 threads),
 //! all with tunnel MTU 1420, alternating in each round; the tunnel-up time (agent start
 //! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
@@ -69,17 +69,24 @@ fn iperf_via(a: &str, b: &str, to: &str, via: &str, port: u16) -> f64 {
         / 1e6
 }
 
-/// Average RTT in ms of 100 pings from `a` to `to`.
-fn rtt(a: &str, to: &str) -> f64 {
-    let out = in_ns(a, &["busybox", "ping", "-q", "-c", "100", "-i", "0.02", to])
+/// The RTTs in ms of 100 pings from `a` to `to` (each ping's own: the median of
+/// them all is robust against a few scheduling hiccups, which an average is not).
+fn rtt(a: &str, to: &str) -> Vec<f64> {
+    let out = in_ns(a, &["busybox", "ping", "-c", "100", "-i", "0.02", to])
         .output()
         .expect("ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // round-trip min/avg/max = 0.045/0.070/0.116 ms
-    text.lines()
-        .find_map(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1)?.parse().ok())
-        .unwrap_or(f64::NAN)
+    // 64 bytes from 10.45.7.2: seq=0 ttl=64 time=0.123 ms
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 fn ping_once(a: &str, to: &str) -> bool {
@@ -278,13 +285,13 @@ pub fn bench() {
     let mut relayed = Vec::new();
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
-        rtt_raw.push(rtt(&na, &bed.hosts[1].address));
+        rtt_raw.extend(rtt(&na, &bed.hosts[1].address));
         {
             let (_a, _b, took) = harness_tunnel(&bed, &third);
             up.push(took.as_secs_f64() * 1e3);
             let to = format!("10.45.{third}.2");
             ours.push(iperf(&na, &nb, &to));
-            rtt_ours.push(rtt(&na, &to));
+            rtt_ours.extend(rtt(&na, &to));
             let via = bed.hosts[0].address.clone();
             add_relay(&bed, &format!("{via}:5202"), &format!("{to}:5201"));
             relayed.push(iperf_via(&na, &nb, &to, &via, 5202));
@@ -294,15 +301,16 @@ pub fn bench() {
             let to = format!("10.46.{third}.2");
             out.push(iperf(&na, &nb, &to));
             if threads == 1 {
-                rtt_bt.push(rtt(&na, &to));
+                rtt_bt.extend(rtt(&na, &to));
             }
         }
     }
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
     let best = bt1.max(bt4);
     println!(
-        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); RTT raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
+        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); median ping RTT ({} pings each) raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
         ours / best,
+        rtt_ours.len(),
         median(rtt_raw),
         median(rtt_ours),
         median(rtt_bt),
