@@ -14,7 +14,8 @@
 //!   sessions: the machine's own shell start-up files (root's .bashrc) never run
 //!   there, so ending a bed's processes can never leave their locks behind.
 //! - [`Drop`] ends every process in the bed's namespaces (only they can be in them),
-//!   then deletes the namespaces, veths, bridge, firewall rule and files.
+//!   then deletes the namespaces, veths, bridge, firewall rule, the users it made
+//!   (with their sudoers entries) and files.
 
 use std::fs;
 use std::io::Write;
