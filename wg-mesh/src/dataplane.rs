@@ -50,14 +50,13 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Largest packet read from either side, plus WireGuard's overhead.
 const BUFFER: usize = 65536 + 32;
 
-/// Packets handled per batch: segments of what the TUN device hands over (a TCP
-/// superpacket of up to 64 KiB is split into at most this many), and datagrams read
-/// from the UDP socket before their packets go to the TUN device, coalesced.
+/// Packets of one read: segments of what the TUN device hands over (a TCP superpacket
+/// of up to 64 KiB is split into at most this many), and the datagrams of one
+/// (coalesced) read from the UDP socket.
 const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 
-/// Segment buffers for the TUN side: room for two superpackets, so a batch can hold
-/// more than one read.
-const TUN_SLOTS: usize = 2 * BATCH;
+/// Reads from one side per turn of the pump before the other side has its turn.
+const READS_PER_TURN: usize = 32;
 
 /// What a peer has done, for `mesh.peers`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -330,9 +329,9 @@ impl Buffers {
         let big = || vec![0u8; BUFFER];
         Buffers {
             tun_read: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + BUFFER],
-            segments: (0..TUN_SLOTS).map(|_| big()).collect(),
-            sizes: vec![0; TUN_SLOTS],
-            queue: SendQueue::new(TUN_SLOTS * 2048 + BUFFER),
+            segments: (0..BATCH).map(|_| big()).collect(),
+            sizes: vec![0; BATCH],
+            queue: SendQueue::new(BATCH * 2048 + BUFFER),
             receiver: Receiver::new(udp),
             decrypted: big(),
             relay: big(),
@@ -360,8 +359,14 @@ fn pump(shared: &Shared) {
         ];
         let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
         let _ = poll(&mut fds, timeout);
-        drain_tun(shared, &mut bufs);
-        drain_udp(shared, &mut bufs);
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let (tun_ready, udp_ready) = (ready(&fds[0]), ready(&fds[1]));
+        if tun_ready {
+            drain_tun(shared, &mut bufs);
+        }
+        if udp_ready {
+            drain_udp(shared, &mut bufs);
+        }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + TIMER_TICK;
             if last_reset.elapsed() >= Duration::from_secs(1) {
@@ -376,26 +381,24 @@ fn pump(shared: &Shared) {
 /// What WireGuard adds to a packet: a 16-byte header, padding to 16 bytes, a 16-byte tag.
 const OVERHEAD: usize = 16 + 15 + 16;
 
-/// Reads what the TUN device has (while a superpacket still fits the segment
-/// buffers), encrypts each packet for its peer and sends them together.
+/// Reads what the TUN device has (a turn's worth), encrypts each packet for its peer
+/// and sends each read's packets together: a superpacket's go down in one send. Each
+/// read is sent before the next, so a lone packet waits for no one.
 fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
-    let mut filled = 0;
-    while filled + BATCH <= TUN_SLOTS {
-        let read = shared.tun.recv_multiple(
-            &mut bufs.tun_read,
-            &mut bufs.segments[filled..],
-            &mut bufs.sizes[filled..],
-            0,
-        );
+    for _ in 0..READS_PER_TURN {
+        let read =
+            shared
+                .tun
+                .recv_multiple(&mut bufs.tun_read, &mut bufs.segments, &mut bufs.sizes, 0);
         let n = match read {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 tracing::warn!("reading the TUN device: {e}");
-                break;
+                return;
             }
         };
-        for k in filled..filled + n {
+        for k in 0..n {
             let packet = &bufs.segments[k][..bufs.sizes[k]];
             let Some(dst) = destination(packet) else {
                 continue;
@@ -412,29 +415,26 @@ fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
                 }
             }
         }
-        filled += n;
+        bufs.queue.flush(&shared.udp);
     }
-    bufs.queue.flush(&shared.udp);
 }
 
-/// Reads what the UDP socket has (about a batch of datagrams), handles each, and
-/// writes the packets for this host to the TUN device together (coalesced where they
-/// can be).
+/// Reads what the UDP socket has (a turn's worth), handles each datagram, and writes
+/// each read's packets for this host to the TUN device together (the kernel hands a
+/// sender's datagrams over coalesced, and their packets go in coalesced again).
 fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
-    let mut count = 0;
-    let mut handled = 0;
-    while handled < BATCH {
+    for _ in 0..READS_PER_TURN {
         let received = match bufs.receiver.recv(&shared.udp) {
             Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 tracing::warn!("reading the UDP socket: {e}");
-                break;
+                return;
             }
         };
+        let mut count = 0;
         let bytes = bufs.receiver.bytes(&received);
         for datagram in bytes.chunks(received.segment) {
-            handled += 1;
             let local = handle_datagram(
                 shared,
                 datagram,
@@ -455,8 +455,8 @@ fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
             packet.extend_from_slice(&bufs.decrypted[..len]);
             count += 1;
         }
+        write_to_tun(shared, &mut bufs.to_tun[..count], &mut bufs.gro);
     }
-    write_to_tun(shared, &mut bufs.to_tun[..count], &mut bufs.gro);
 }
 
 /// Writes `packets` (each after room for a virtio header) to the TUN device.
