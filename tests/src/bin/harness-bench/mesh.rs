@@ -1,5 +1,6 @@
 //! The mesh data plane benchmark (issue 5): single-stream TCP throughput (iperf3, 10 s)
-//! and ping RTT (the median of 100 pings a round) between two test-bed namespaces, over raw veth, through two
+//! and ping RTT (the median of every ping, with both tunnels up and their pings
+//! alternated in batches) between two test-bed namespaces, over raw veth, through two
 //! `harness-node` agents, and through boringtun-cli 0.7.1 (with 1 and with 4 threads),
 //! all with tunnel MTU 1420, alternating in each round; the tunnel-up time (agent start
 //! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
@@ -69,10 +70,11 @@ fn iperf_via(a: &str, b: &str, to: &str, via: &str, port: u16) -> f64 {
         / 1e6
 }
 
-/// The RTTs in ms of 100 pings from `a` to `to` (each ping's own: the median of
+/// The RTTs in ms of `count` pings from `a` to `to` (each ping's own: the median of
 /// them all is robust against a few scheduling hiccups, which an average is not).
-fn rtt(a: &str, to: &str) -> Vec<f64> {
-    let out = in_ns(a, &["busybox", "ping", "-c", "100", "-i", "0.02", to])
+fn rtt(a: &str, to: &str, count: usize) -> Vec<f64> {
+    let count = count.to_string();
+    let out = in_ns(a, &["busybox", "ping", "-c", &count, "-i", "0.02", to])
         .output()
         .expect("ping");
     // 64 bytes from 10.45.7.2: seq=0 ttl=64 time=0.123 ms
@@ -88,6 +90,11 @@ fn rtt(a: &str, to: &str) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Ping batches per path in the RTT phase, alternating between the paths.
+const RTT_BATCHES: usize = 10;
+/// Pings per batch.
+const RTT_BATCH: usize = 30;
 
 fn ping_once(a: &str, to: &str) -> bool {
     in_ns(a, &["busybox", "ping", "-c", "1", "-W", "1", to])
@@ -285,13 +292,11 @@ pub fn bench() {
     let mut relayed = Vec::new();
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
-        rtt_raw.extend(rtt(&na, &bed.hosts[1].address));
         {
             let (_a, _b, took) = harness_tunnel(&bed, &third);
             up.push(took.as_secs_f64() * 1e3);
             let to = format!("10.45.{third}.2");
             ours.push(iperf(&na, &nb, &to));
-            rtt_ours.extend(rtt(&na, &to));
             let via = bed.hosts[0].address.clone();
             add_relay(&bed, &format!("{via}:5202"), &format!("{to}:5201"));
             relayed.push(iperf_via(&na, &nb, &to, &via, 5202));
@@ -300,9 +305,18 @@ pub fn bench() {
             let (_a, _b) = boringtun_tunnel(&bed, &third, threads);
             let to = format!("10.46.{third}.2");
             out.push(iperf(&na, &nb, &to));
-            if threads == 1 {
-                rtt_bt.extend(rtt(&na, &to));
-            }
+        }
+    }
+    // RTT: both tunnels up at once and their pings alternated in batches, so the
+    // machine's moods (it is shared) fall on both alike.
+    {
+        let (_a, _b, _) = harness_tunnel(&bed, &third);
+        let (_c, _d) = boringtun_tunnel(&bed, &third, 1);
+        let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
+        for _ in 0..RTT_BATCHES {
+            rtt_raw.extend(rtt(&na, &bed.hosts[1].address, RTT_BATCH));
+            rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
+            rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
         }
     }
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
