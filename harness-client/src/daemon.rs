@@ -36,6 +36,10 @@ pub async fn ensure_daemon(
     if let Ok(c) = connect(state_dir, client_name).await {
         return Ok(c);
     }
+    // A daemon on another machine is not this client's to start.
+    if read_daemon_file(state_dir).is_ok_and(|info| info.is_remote()) {
+        return connect(state_dir, client_name).await;
+    }
     progress(&format!("starting harnessd for {}", state_dir.display()));
     let mut child = spawn_daemon(state_dir)?;
     let deadline = Instant::now() + START_TIMEOUT;

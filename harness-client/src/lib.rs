@@ -32,7 +32,7 @@ use futures_util::{SinkExt, StreamExt};
 use protocol::envelope::Outcome;
 use protocol::{DaemonFile, ErrorObject, Event, Request, Response, ServerMessage};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -105,22 +105,55 @@ pub struct Client {
     _writer: smol::Task<()>,
 }
 
-/// A TLS client configuration that trusts only the CA in `ca_pem`.
-pub fn pinned_tls(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+/// A TLS client configuration that trusts only the CA in `ca_pem` and, for a daemon
+/// that asks (mutual TLS), presents `client_identity`.
+pub fn pinned_tls(
+    ca_pem: &[u8],
+    client_identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots
             .add(cert.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match client_identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("client certificate: {e}"))?,
+    };
     Ok(Arc::new(config))
+}
+
+/// The client certificate chain and key `info` names, if any.
+fn client_identity(
+    info: &DaemonFile,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, ClientError> {
+    let (Some(cert), Some(key)) = (&info.client_cert, &info.client_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| ClientError::Io {
+            path: path.clone(),
+            source: e,
+        })
+    };
+    let bad = |path: &std::path::PathBuf, e: rustls_pki_types::pem::Error| ClientError::Connect {
+        url: info.url.clone(),
+        message: format!("{}: {e}", path.display()),
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| bad(key, e))?;
+    Ok(Some((chain, key)))
 }
 
 impl Client {
@@ -151,7 +184,7 @@ impl Client {
             path: info.ca.clone(),
             source: e,
         })?;
-        let tls = pinned_tls(&ca).map_err(connect_error)?;
+        let tls = pinned_tls(&ca, client_identity(info)?).map_err(connect_error)?;
         let authority = info
             .url
             .strip_prefix("wss://")

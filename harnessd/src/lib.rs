@@ -49,6 +49,12 @@ pub struct DaemonOpts {
     pub default_state_dir: bool,
     /// Program that runs the supervisor shim (`<exe> shim <spec>`): harnessd itself.
     pub shim_exe: PathBuf,
+    /// CA (PEM) whose certificates clients on other machines must present (mutual
+    /// TLS); without it only loopback is served.
+    pub client_ca: Option<PathBuf>,
+    /// Names (DNS or IP) remote clients reach the daemon by, added to its server
+    /// certificate beside localhost and the listen address.
+    pub server_names: Vec<String>,
 }
 
 /// Errors of the daemon library.

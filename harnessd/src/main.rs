@@ -20,6 +20,14 @@ struct Opts {
     /// Address to listen on (default 127.0.0.1:7461 for the default state directory, 127.0.0.1:0 otherwise).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// CA certificate (PEM) for mutual TLS: clients on other machines must present a
+    /// certificate it signed. Required to listen on anything but loopback.
+    #[arg(long, value_name = "CA.pem")]
+    client_ca: Option<PathBuf>,
+    /// A name (DNS or IP) remote clients use for this daemon, for its certificate
+    /// (repeatable; a specific --listen address is added on its own).
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -66,6 +74,8 @@ fn main() -> ExitCode {
         state_dir,
         listen: opts.listen,
         shim_exe,
+        client_ca: opts.client_ca.clone(),
+        server_names: opts.server_names.clone(),
     };
     match harnessd::run(daemon_opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,15 +57,37 @@ pub struct Pki {
     pub token: String,
 }
 
-/// Loads the PKI from `paths`, making whatever is missing.
-pub fn load_or_create(paths: &PkiPaths, instance: &str) -> Result<Pki, DaemonError> {
+/// What the listener needs beyond the daemon's own PKI.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerTls {
+    /// A CA (PEM) for client certificates: clients that present one must chain to it,
+    /// and clients on other machines must present one (checked per connection).
+    pub client_ca: Option<PathBuf>,
+    /// Extra names for the server certificate (the listen address, `--server-name`).
+    pub server_names: Vec<String>,
+}
+
+/// Names the server certificate always carries.
+const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Loads the PKI from `paths`, making whatever is missing. With extra server names
+/// the server certificate is issued afresh (by the same CA, which is what clients
+/// pin), so it names what remote clients connect to.
+pub fn load_or_create(
+    paths: &PkiPaths,
+    instance: &str,
+    listener: &ListenerTls,
+) -> Result<Pki, DaemonError> {
     if !paths.ca_cert.exists() || !paths.ca_key.exists() {
         create_ca(paths, instance)?;
         // A new CA invalidates any old server certificate.
         let _ = fs::remove_file(&paths.server_cert);
     }
-    if !paths.server_cert.exists() || !paths.server_key.exists() {
-        create_server_cert(paths)?;
+    if !paths.server_cert.exists()
+        || !paths.server_key.exists()
+        || !listener.server_names.is_empty()
+    {
+        create_server_cert(paths, &listener.server_names)?;
     }
     if !paths.token.exists() {
         let token = random_hex(32)?;
@@ -81,14 +103,32 @@ pub fn load_or_create(paths: &PkiPaths, instance: &str) -> Result<Pki, DaemonErr
         .map_err(|e| pki_error(&paths.server_cert, e))?;
     let key = PrivateKeyDer::from_pem_slice(read(&paths.server_key)?.as_bytes())
         .map_err(|e| pki_error(&paths.server_key, e))?;
-    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| pki_error(&paths.server_cert, e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| pki_error(&paths.server_cert, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| pki_error(&paths.server_cert, e))?;
+    let builder = match &listener.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(read(ca)?.as_bytes()) {
+                roots
+                    .add(cert.map_err(|e| pki_error(ca, e))?)
+                    .map_err(|e| pki_error(ca, e))?;
+            }
+            // Optional at the TLS layer: local clients have none; the server refuses
+            // remote clients without one after the handshake.
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| pki_error(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let server_config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| pki_error(&paths.server_cert, e))?;
     Ok(Pki {
         server_config: Arc::new(server_config),
         token,
@@ -113,16 +153,17 @@ fn create_ca(paths: &PkiPaths, instance: &str) -> Result<(), DaemonError> {
     write_file(&paths.ca_cert, cert.pem().as_bytes(), 0o644)
 }
 
-fn create_server_cert(paths: &PkiPaths) -> Result<(), DaemonError> {
+fn create_server_cert(paths: &PkiPaths, extra_names: &[String]) -> Result<(), DaemonError> {
     let ca_pem = read(&paths.ca_cert)?;
     let ca_key = KeyPair::from_pem(&read(&paths.ca_key)?).map_err(rcgen_error)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(rcgen_error)?;
-    let mut params = CertificateParams::new(vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ])
-    .map_err(rcgen_error)?;
+    let mut names: Vec<String> = LOCAL_NAMES.iter().map(|n| n.to_string()).collect();
+    for n in extra_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let mut params = CertificateParams::new(names).map_err(rcgen_error)?;
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

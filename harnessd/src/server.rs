@@ -43,7 +43,6 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
     for r in recoveries.iter().chain(&journal_recoveries) {
         tracing::warn!("recovered: {r}");
     }
-    let pki = pki::load_or_create(&PkiPaths::new(&opts.state_dir), &snapshot.instance)?;
     let addr = opts.listen.unwrap_or_else(|| {
         let port = if opts.default_state_dir {
             protocol::DEFAULT_PORT
@@ -52,6 +51,25 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
         };
         SocketAddr::from(([127, 0, 0, 1], port))
     });
+    if !addr.ip().is_loopback() && opts.client_ca.is_none() {
+        return Err(DaemonError::Listen {
+            addr,
+            message: "only loopback is served without mutual TLS: pass --client-ca CA.pem, and clients on other machines then present a certificate that CA signed (with the token, as always)".to_owned(),
+        });
+    }
+    let mut server_names = opts.server_names.clone();
+    if !addr.ip().is_loopback() && !addr.ip().is_unspecified() {
+        server_names.push(addr.ip().to_string());
+    }
+    let listener_tls = pki::ListenerTls {
+        client_ca: opts.client_ca.clone(),
+        server_names,
+    };
+    let pki = pki::load_or_create(
+        &PkiPaths::new(&opts.state_dir),
+        &snapshot.instance,
+        &listener_tls,
+    )?;
     let listener = async_net::TcpListener::bind(addr).await.map_err(|e| DaemonError::Listen {
         addr,
         message: if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -64,7 +82,18 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
         addr,
         message: e.to_string(),
     })?;
-    let url = format!("wss://{local}");
+    // Local clients connect to loopback, which the certificate names, also when the
+    // daemon listens on every address.
+    let reachable = match local.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], local.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, local.port()))
+        }
+        _ => local,
+    };
+    let url = format!("wss://{reachable}");
     let events = EventBus::new(journal.last_seq());
     let core = Arc::new(Core::new(
         snapshot,
@@ -119,7 +148,7 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
             let conn_id = next_conn.fetch_add(1, Ordering::Relaxed);
             let (core, acceptor, token) = (core.clone(), acceptor.clone(), token.clone());
             ex.spawn(async move {
-                if let Err(e) = connection(core, acceptor, token, tcp, conn_id).await {
+                if let Err(e) = connection(core, acceptor, token, tcp, peer, conn_id).await {
                     tracing::debug!("connection {conn_id} from {peer}: {e}");
                 }
             })
@@ -157,6 +186,8 @@ fn write_daemon_file(dir: &Path, url: &str, instance: &str) -> Result<(), Daemon
         token_file: paths.token,
         pid: std::process::id(),
         instance: instance.to_owned(),
+        client_cert: None,
+        client_key: None,
     };
     let text = serde_json::to_string_pretty(&info).expect("daemon file serializes");
     pki::write_file(&daemon_file_path(dir), text.as_bytes(), 0o644)
@@ -174,10 +205,15 @@ async fn connection(
     acceptor: TlsAcceptor,
     token: Arc<str>,
     tcp: async_net::TcpStream,
+    peer: SocketAddr,
     id: u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
     let mut tls = acceptor.accept(tcp).await?;
+    // Another machine must have shown a certificate of the client CA (the TLS layer
+    // checked any it showed); it is told so at its hello.
+    let certificate_missing =
+        !peer.ip().is_loopback() && tls.get_ref().1.peer_certificates().is_none();
     let head = smol::future::or(crate::ui::read_head(&mut tls), async {
         smol::Timer::after(IDLE_TIMEOUT).await;
         Err(std::io::ErrorKind::TimedOut.into())
@@ -302,6 +338,15 @@ async fn connection(
         match protocol::envelope::parse_request(&text) {
             Err(response) => {
                 let _ = out_tx.send(serde_json::to_string(&response)?).await;
+            }
+            Ok(request) if certificate_missing => {
+                let r = Response::err(
+                    Some(request.id),
+                    ErrorCode::Unauthorized,
+                    format!("a client on another machine ({}) must present a client certificate signed by the daemon's --client-ca", peer.ip()),
+                );
+                let _ = out_tx.send(serde_json::to_string(&r)?).await;
+                break;
             }
             Ok(request) if !authenticated => {
                 let (response, ok, close) = dispatch::hello(&core, &token, &request);

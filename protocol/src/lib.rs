@@ -35,6 +35,31 @@ pub struct DaemonFile {
     pub pid: u32,
     /// Daemon instance id.
     pub instance: String,
+    /// A client certificate chain (PEM) to present, for a daemon on another machine
+    /// (its `--client-ca` signed it). Never written by the daemon itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The private key of `client_cert` (PEM, 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl DaemonFile {
+    /// Whether it names a daemon on another machine (a client certificate, or a
+    /// host that is not loopback), which a client must never try to start.
+    pub fn is_remote(&self) -> bool {
+        let host = self
+            .url
+            .strip_prefix("wss://")
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'));
+        let loopback = host.is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        self.client_cert.is_some() || !loopback
+    }
 }
 
 /// The state directory clients and the daemon agree on: `HARNESS_STATE_DIR`, else

@@ -82,6 +82,8 @@ pub struct TestDaemon {
     without_net_admin: bool,
     /// The state directory is a tmpfs this guard mounted.
     tmpfs: bool,
+    /// harnessd's arguments after `--state-dir DIR` (default `--listen 127.0.0.1:0`).
+    args: Vec<String>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -99,13 +101,13 @@ impl TestDaemon {
     /// Starts harnessd inside network namespace `netns` (a test-bed host's): it sees
     /// only that namespace's interfaces. Drive it with [`TestDaemon::cli`].
     pub fn start_in_netns(netns: &str) -> TestDaemon {
-        Self::start_inner("debug", &[], Some(netns.to_owned()), false)
+        Self::start_inner("debug", &[], Some(netns.to_owned()), false, default_args())
     }
 
     /// Starts harnessd without CAP_NET_ADMIN (dropped from its bounding set by
     /// setpriv), as an unprivileged daemon would run.
     pub fn start_without_net_admin() -> TestDaemon {
-        Self::start_inner("debug", &[], None, true)
+        Self::start_inner("debug", &[], None, true, default_args())
     }
 
     /// Starts harnessd with its state directory on a tmpfs of `megabytes` (a disk a
@@ -137,6 +139,7 @@ impl TestDaemon {
             netns: None,
             without_net_admin: false,
             tmpfs: true,
+            args: default_args(),
             dir: Some(dir),
         };
         d.restart();
@@ -145,7 +148,7 @@ impl TestDaemon {
 
     /// Starts harnessd with the log filter `level` and extra environment `env`.
     pub fn start_with(level: &'static str, env: &[(&str, &str)]) -> TestDaemon {
-        Self::start_inner(level, env, None, false)
+        Self::start_inner(level, env, None, false, default_args())
     }
 
     fn start_inner(
@@ -153,6 +156,7 @@ impl TestDaemon {
         env: &[(&str, &str)],
         netns: Option<String>,
         without_net_admin: bool,
+        args: Vec<String>,
     ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("harness-e2e-")
@@ -171,10 +175,18 @@ impl TestDaemon {
             netns,
             without_net_admin,
             tmpfs: false,
+            args,
             dir: Some(dir),
         };
         d.restart();
         d
+    }
+
+    /// Starts harnessd with `args` after `--state-dir DIR` in place of
+    /// `--listen 127.0.0.1:0` (say where it listens).
+    pub fn start_with_args(args: &[&str]) -> TestDaemon {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::start_inner("debug", &[], None, false, args)
     }
 
     /// Starts harnessd again on the same state directory (after a kill).
@@ -189,7 +201,8 @@ impl TestDaemon {
         });
     }
 
-    /// Spawns `harnessd --state-dir DIR --listen 127.0.0.1:0`, output to DIR/../harnessd.log.
+    /// Spawns `harnessd --state-dir DIR` with its arguments (`--listen 127.0.0.1:0`
+    /// unless told otherwise), output to DIR/../harnessd.log.
     pub fn spawn_daemon(&self) -> Child {
         std::fs::create_dir_all(&self.state_dir).expect("state dir");
         let log = std::fs::OpenOptions::new()
@@ -207,7 +220,7 @@ impl TestDaemon {
         };
         cmd.args(["--state-dir"])
             .arg(&self.state_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(&self.args)
             .env("HARNESS_LOG", self.log_level)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -340,6 +353,10 @@ pub fn busybox_rootfs(path: &Path) {
         .expect("finish rootfs tar");
 }
 
+fn default_args() -> Vec<String> {
+    vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()]
+}
+
 fn placeholder() -> DaemonFile {
     DaemonFile {
         url: String::new(),
@@ -347,6 +364,8 @@ fn placeholder() -> DaemonFile {
         token_file: PathBuf::new(),
         pid: 0,
         instance: String::new(),
+        client_cert: None,
+        client_key: None,
     }
 }
 

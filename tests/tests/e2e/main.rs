@@ -12,6 +12,7 @@ mod lan;
 mod lifecycle;
 mod mesh;
 mod packages;
+mod remote_clients;
 mod scripts;
 mod support;
 mod systemd;
