@@ -313,10 +313,16 @@ pub fn bench() {
         let (_a, _b, _) = harness_tunnel(&bed, &third);
         let (_c, _d) = boringtun_tunnel(&bed, &third, 1);
         let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
-        for _ in 0..RTT_BATCHES {
+        for batch in 0..RTT_BATCHES {
             rtt_raw.extend(rtt(&na, &bed.hosts[1].address, RTT_BATCH));
-            rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
-            rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
+            // Which goes first alternates too.
+            if batch % 2 == 0 {
+                rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
+                rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
+            } else {
+                rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
+                rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
+            }
         }
     }
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
