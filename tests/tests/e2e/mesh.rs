@@ -272,6 +272,10 @@ fn interfaces(prefix: &str) -> Vec<String> {
 fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
     let mut bed = TestBed::new(1);
     let user = bed.add_sudo_user(0);
+    // The service runs as that user, who may not reach this build's target directory
+    // (a fresh clone under a 0700 temp directory): a copy on the host it can run.
+    let node_demo = bed.hosts[0].dir.join("demo-service");
+    std::fs::copy(tests::bin("demo-service"), &node_demo).unwrap();
     let mut d = tests::TestDaemon::start();
     let third: u8 = bed
         .subnet
@@ -311,7 +315,7 @@ services:
     port: auto
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
   web:
-    target: {{ wireguard: {{ host: node0, wireguard_key: {node_key}, binary: DEMO, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
+    target: {{ wireguard: {{ host: node0, wireguard_key: {node_key}, binary: {node_demo}, args: [--name, web, --port, "${{self.port}}", --upstream, "api=${{api.addr}}"] }} }}
     port: auto
     depends_on: {{ api: {{ condition: healthy }} }}
     health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 500ms }}
@@ -322,6 +326,7 @@ services:
     health_check: {{ type: http, url: "http://${{self.addr}}/health" }}
 "#,
             node0 = bed.host_yaml_as(0, &user, "sudo: true"),
+            node_demo = node_demo.display(),
             hub_key = hub_key_file.display(),
             node_key = node_key_file.display(),
         ),
