@@ -21,7 +21,7 @@ use protocol::config::{
 use protocol::events::{EventKind, Exited, Restarting};
 use protocol::methods::{Health, ServiceState};
 
-use crate::core::{Core, State};
+use crate::core::{Changes, Core, State};
 use crate::env::Place;
 use crate::run::Run;
 use crate::{containers, env, health};
@@ -62,6 +62,49 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A service without a health check counts as recovered after running this long.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Restart attempt `attempt` of a service whose run ended (`how`, for the reason when it
+/// gives up): marks it failed past `max`, else counts the attempt, says so
+/// (`service.restarting`, and Starting "restarting {why}"), and returns the backoff to
+/// wait and the generation of the new run.
+#[allow(clippy::too_many_arguments)]
+fn schedule_restart(
+    st: &mut State,
+    ch: &mut Changes,
+    stack: &str,
+    name: &str,
+    attempt: u32,
+    max: u32,
+    how: &str,
+    why: &str,
+) -> Option<(Duration, u64)> {
+    if attempt > max {
+        let reason = format!("{how}; gave up after {max} restarts");
+        ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+        return None;
+    }
+    st.service_mut(stack, name)?.restarts = attempt;
+    let wait = backoff(attempt);
+    ch.push(EventKind::ServiceRestarting(Restarting {
+        stack: stack.to_owned(),
+        name: name.to_owned(),
+        attempt,
+        backoff_ms: wait.as_millis() as u64,
+    }));
+    let generation = {
+        let rt = st.runtime(stack, name);
+        rt.generation += 1;
+        rt.generation
+    };
+    ch.set_state(
+        st,
+        stack,
+        name,
+        ServiceState::Starting,
+        Some(format!("restarting {why}")),
+    );
+    Some((wait, generation))
+}
 
 /// Backoff before restart `attempt` (from 1).
 pub fn backoff(attempt: u32) -> Duration {
@@ -651,11 +694,30 @@ impl Core {
         if self.fall_back(stack, name, generation, &reason) {
             return;
         }
-        self.update(|st, ch| {
-            if current(st, stack, name, generation) {
-                ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+        let restart = self.update(|st, ch| {
+            if !current(st, stack, name, generation) {
+                return None;
             }
+            // A restart its policy asked for that could not start (its engine or host
+            // is not back yet, say) is one more failed attempt, tried again after the
+            // next backoff; a first start fails at once, with the reason.
+            let cfg = &st.stack(stack)?.config.services[name];
+            let (policy, max) = (
+                cfg.restart.policy,
+                cfg.restart.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
+            );
+            let restarts = st.service(stack, name).map_or(0, |r| r.restarts);
+            if restarts == 0 || policy == RestartPolicy::No {
+                ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
+                return None;
+            }
+            let how = format!("could not start again ({reason})");
+            let why = format!("after its last start failed ({reason})");
+            schedule_restart(st, ch, stack, name, restarts + 1, max, &how, &why)
         });
+        if let Some((wait, generation)) = restart {
+            self.relaunch_after(stack, name, wait, generation);
+        }
     }
 
     /// Gives up the target a service with a placement list runs on, when it has not
@@ -821,45 +883,34 @@ impl Core {
                 ch.set_state(st, stack, name, to, Some(reason));
                 return None;
             }
-            if attempt > max {
-                let reason = format!("{how}; gave up after {max} restarts");
-                ch.set_state(st, stack, name, ServiceState::Failed, Some(reason));
-                return None;
-            }
-            rec.restarts = attempt;
-            let wait = backoff(attempt);
-            ch.push(EventKind::ServiceRestarting(Restarting {
-                stack: stack.to_owned(),
-                name: name.to_owned(),
-                attempt,
-                backoff_ms: wait.as_millis() as u64,
-            }));
-            let generation = {
-                let rt = st.runtime(stack, name);
-                rt.generation += 1;
-                rt.generation
-            };
-            ch.set_state(
+            schedule_restart(
                 st,
+                ch,
                 stack,
                 name,
-                ServiceState::Starting,
-                Some(format!("restarting after it {how}")),
-            );
-            Some((wait, generation))
+                attempt,
+                max,
+                &how,
+                &format!("after it {how}"),
+            )
         });
         if let Some((wait, generation)) = restart {
-            let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
-            let task = self.ex.spawn(async move {
-                smol::Timer::after(wait).await;
-                core.launch(&stack2, &name2, generation).await;
-            });
-            self.update(|st, _| {
-                if current(st, stack, name, generation) {
-                    st.runtime(stack, name).tasks = vec![task];
-                }
-            });
+            self.relaunch_after(stack, name, wait, generation);
         }
+    }
+
+    /// Launches a service again after `wait` (a restart its policy asked for).
+    fn relaunch_after(self: &Arc<Self>, stack: &str, name: &str, wait: Duration, generation: u64) {
+        let (core, stack2, name2) = (self.clone(), stack.to_owned(), name.to_owned());
+        let task = self.ex.spawn(async move {
+            smol::Timer::after(wait).await;
+            core.launch(&stack2, &name2, generation).await;
+        });
+        self.update(|st, _| {
+            if current(st, stack, name, generation) {
+                st.runtime(stack, name).tasks = vec![task];
+            }
+        });
     }
 
     /// Stops services and everything depending on them, dependents first.

@@ -377,6 +377,12 @@ impl TestBed {
     /// parent), as a "remote" host's engine; reachable only where its socket is read,
     /// which is what the host's SSH sessions do. Waits until it answers.
     pub fn start_dockerd(&self, i: usize) -> BedDocker {
+        self.start_dockerd_with(i, true)
+    }
+
+    /// Like [`TestBed::start_dockerd`], with or without `--live-restore` (without it,
+    /// stopping dockerd stops its containers).
+    pub fn start_dockerd_with(&self, i: usize, live_restore: bool) -> BedDocker {
         let h = &self.hosts[i];
         let dir = h.dir.join("docker");
         fs::create_dir_all(&dir).expect("docker dir");
@@ -402,8 +408,10 @@ impl TestBed {
             .arg(format!("--bip={bip}"))
             .arg(format!("--containerd-namespace={ns}"))
             .arg(format!("--containerd-plugins-namespace={ns}-plugins"))
-            .arg(format!("--cgroup-parent={ns}"))
-            .arg("--live-restore");
+            .arg(format!("--cgroup-parent={ns}"));
+        if live_restore {
+            command.arg("--live-restore");
+        }
         let mut engine = BedDocker {
             socket,
             dir,
@@ -477,7 +485,8 @@ impl BedDocker {
         });
     }
 
-    /// Stops dockerd (its containers keep running: `--live-restore`).
+    /// Stops dockerd (its containers keep running with `--live-restore`, and are
+    /// stopped without it).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             run_quiet("kill", &["-TERM", &child.id().to_string()]);

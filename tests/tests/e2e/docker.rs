@@ -777,3 +777,53 @@ fn a_container_outlives_its_engine_restarting_and_is_kept() {
     assert!(restarts.is_empty(), "{restarts:?}");
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
 }
+
+/// The engine restarts without `--live-restore`, which stops its containers: the
+/// harness takes that as the exit it is, says so in its events, and restarts the
+/// service by its policy once the engine is back.
+#[test]
+fn a_container_its_engine_stopped_is_restarted_by_policy() {
+    let bed = tests::testbed::TestBed::new(1);
+    let mut engine = bed.start_dockerd_with(0, false);
+    let d = TestDaemon::start();
+    let dir = d.workdir("engine-stop");
+    let rootfs = dir.join("busybox-rootfs.tar");
+    busybox_rootfs(&rootfs);
+    write_config(
+        &dir,
+        &format!(
+            "name: es\nhosts:\n  host0: {}\nservices:\n  web:\n    target: {{ docker: {{ host: host0, image: harness-test/es-busybox:e2e, rootfs: {}, pull: never, command: [httpd, -f, -p, '80'], ports: ['80'] }} }}\n    stop_timeout: 1s\n    restart: always\n    health_check: {{ type: tcp, interval: 300ms }}\n",
+            bed.host_yaml(0, &format!("docker_socket: {}", engine.socket.display())),
+            rootfs.display()
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    let before = get(&c, "es", "web");
+    assert_eq!(before.health, Health::Healthy);
+    engine.restart();
+    // Running and healthy again, by its policy.
+    let after = wait_service(&c, "es", "web", "web restarted and healthy", |s| {
+        s.state == ServiceState::Running
+            && s.health == Health::Healthy
+            && s.restarts >= 1
+            && s.container.is_some()
+    });
+    assert!(after.restarts >= 1);
+    // The events say what happened: the container exited (the engine stopped it), and
+    // restarts that could not start while the engine was away were tried again.
+    let events = replay(&c, &["service"]);
+    assert!(
+        events.iter().any(|e| matches!(&e.kind,
+            protocol::EventKind::ServiceExited(x) if x.name == "web" && x.code == Some(137))),
+        "{events:?}"
+    );
+    let retried = events.iter().any(|e| matches!(&e.kind,
+        protocol::EventKind::ServiceState(x) if x.reason.as_deref().is_some_and(|r| r.starts_with("restarting after its last start failed"))));
+    let attempts = events
+        .iter()
+        .filter(|e| matches!(e.kind, protocol::EventKind::ServiceRestarting(_)))
+        .count();
+    assert!(retried && attempts >= 2, "{events:?}");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}
