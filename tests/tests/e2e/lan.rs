@@ -457,3 +457,73 @@ fn an_unreachable_host_fails_within_its_connect_timeout() {
         "harness daemon status",
     );
 }
+
+/// Faults while a LAN service runs: its host's sshd killed (with every SSH session),
+/// then its link cut. Neither is taken for an exit: the service turns unhealthy while
+/// it cannot be reached, with an event, and is healthy again once the host is back,
+/// the same process, neither restarted nor deployed again.
+#[test]
+fn a_lan_service_rides_out_a_killed_sshd_and_a_cut_link() {
+    let mut bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let dir = d.workdir("lanfaults");
+    let hosts = bed
+        .hosts_yaml()
+        .replace("install_root:", "connect_timeout: 1s, install_root:");
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: lanfaults
+{hosts}
+services:
+  api:
+    target: {{ remote_lan: {{ host: host0, binary: DEMO, args: [--name, api, --port, "${{self.port}}"] }} }}
+    port: auto
+    restart: always
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms, timeout: 500ms, retries: 2 }}
+"#
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    let before = get(&c, "lanfaults", "api");
+    assert_eq!(before.health, Health::Healthy);
+
+    // sshd and its sessions gone: the daemon cannot look at the run, which keeps going.
+    bed.kill_ssh(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let during = get(&c, "lanfaults", "api");
+    assert_eq!(
+        (during.state, during.pid),
+        (ServiceState::Running, before.pid)
+    );
+    bed.start_sshd(0);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The link cut: unhealthy, with an event; back: healthy, the same run.
+    bed.set_link(0, false);
+    wait_service(&c, "lanfaults", "api", "api unhealthy", |s| {
+        s.health == Health::Unhealthy
+    });
+    bed.set_link(0, true);
+    let back = wait_service(&c, "lanfaults", "api", "api healthy again", |s| {
+        s.health == Health::Healthy
+    });
+    assert_eq!((back.state, back.pid), (ServiceState::Running, before.pid));
+    let events = replay(&c, &["service"]);
+    assert!(
+        events.iter().any(|e| matches!(&e.kind,
+            protocol::EventKind::ServiceHealth(h) if h.status == Health::Unhealthy)),
+        "no unhealthy event: {events:?}"
+    );
+    let restarted = events.iter().any(|e| {
+        matches!(
+            e.kind,
+            protocol::EventKind::ServiceExited(_) | protocol::EventKind::ServiceRestarting(_)
+        )
+    });
+    assert!(!restarted, "taken for an exit: {events:?}");
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+    assert!(bed.processes(0).is_empty(), "{:?}", bed.processes(0));
+}
