@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Long runs that are not part of every CI run (./scripts/test.sh runs the suite).
 #   ./scripts/soak.sh fuzz [SECONDS]   every fuzz target of tests/fuzz for SECONDS (default 300)
+#   ./scripts/soak.sh crash [CYCLES]    the crash cycles across every backend, CYCLES
+#                                       (default 50) with a random seed, printed
 # cargo-fuzz needs the compiler's unstable sanitizer flags; this machine has only a
 # stable toolchain, and RUSTC_BOOTSTRAP=1 lets it accept them (for these builds only).
 set -euo pipefail
@@ -21,5 +23,13 @@ case "$what" in
       fi
     done
     ;;
-  *) echo "usage: $0 fuzz [SECONDS]" >&2; exit 2 ;;
+  crash)
+    cycles=${2:-50}
+    seed=${CRASH_SEED:-$RANDOM$RANDOM}
+    echo "== crash cycles: $cycles, CRASH_SEED=$seed"
+    cargo build --workspace --bins --quiet
+    CRASH_CYCLES=$cycles CRASH_SEED=$seed cargo nextest run -p tests \
+      -E 'test(/crash_cycles/)' --no-capture
+    ;;
+  *) echo "usage: $0 fuzz [SECONDS] | crash [CYCLES]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod crash_cycles;
 mod daemon_restart;
 mod dashboard;
 mod discovery;
