@@ -13,8 +13,9 @@
 //! - Outgoing: a packet read from the TUN goes to the peer its destination routes to
 //!   (the longest matching allowed IP).
 //! - Incoming: a handshake initiation finds its peer by the static key it carries,
-//!   everything else by the receiver index; a decrypted packet whose source is not
-//!   among the peer's allowed IPs is dropped. A packet for another peer (node to node,
+//!   everything else by the receiver index; a decrypted packet whose source does not
+//!   route back to that peer (an allowed IP belongs to the last peer to claim it) is
+//!   dropped. A packet for another peer (node to node,
 //!   on the hub) is sent on to it directly, without a trip through the kernel, so the
 //!   hub needs no IP forwarding.
 //! - Peers are added and removed while it runs; a removed peer's packets are dropped
@@ -528,14 +529,14 @@ fn handle_datagram(
                 }
                 TunnResult::WriteToTunnelV4(p, source) => {
                     authenticated = true;
-                    if peer.allowed.iter().any(|c| c.contains(source)) {
-                        let next = destination(p).and_then(|dst| {
-                            shared
-                                .table
-                                .read()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .route(dst)
-                        });
+                    // Cryptokey routing: the source must be an address that routes
+                    // back to this very peer (one claimed since by another is not).
+                    let (back, next) = {
+                        let table = shared.table.read().unwrap_or_else(|e| e.into_inner());
+                        let back = table.route(source).is_some_and(|b| b.key == peer.key);
+                        (back, destination(p).and_then(|dst| table.route(dst)))
+                    };
+                    if back {
                         match next {
                             // For another peer: on through its tunnel (below, once
                             // this peer's lock is let go).

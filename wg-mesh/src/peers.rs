@@ -20,8 +20,11 @@ impl<T> Default for Routes<T> {
 }
 
 impl<T: Clone + PartialEq> Routes<T> {
-    /// Routes `nets` to `peer`.
+    /// Routes `nets` to `peer`. An allowed IP belongs to one peer, the last to claim
+    /// it (as in wg(8)): a node that joins again with a new key takes its address over
+    /// from a stale peer that nobody removed.
     pub fn add(&mut self, nets: &[Cidr], peer: T) {
+        self.entries.retain(|(n, _)| !nets.contains(n));
         for n in nets {
             self.entries.push((*n, peer.clone()));
         }
@@ -57,5 +60,16 @@ mod tests {
         assert_eq!(r.lookup("10.43.0.6".parse().unwrap()), None);
         r.remove(&"node5");
         assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"hub"));
+    }
+
+    #[test]
+    fn an_address_claimed_again_goes_to_the_new_peer() {
+        let mut r = Routes::default();
+        let five = Cidr::parse("10.42.0.5/32").unwrap();
+        r.add(&[five], "old");
+        r.add(&[five], "new");
+        assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), Some(&"new"));
+        r.remove(&"new");
+        assert_eq!(r.lookup("10.42.0.5".parse().unwrap()), None);
     }
 }

@@ -264,11 +264,19 @@ pub async fn state(ssh: &SshHost, rec: &RemoteRecord) -> Result<RemoteState, Dep
         .await?;
     let text = String::from_utf8_lossy(&out.stdout);
     let text = text.trim();
-    Ok(match text.strip_prefix("exit ") {
-        Some(code) => RemoteState::Exited(exit_status(code.trim().parse().ok())),
-        None if text == "running" => RemoteState::Running,
-        None => RemoteState::Gone,
-    })
+    match text.strip_prefix("exit ") {
+        Some(code) => Ok(RemoteState::Exited(exit_status(code.trim().parse().ok()))),
+        None if text == "running" => Ok(RemoteState::Running),
+        None if text == "gone" => Ok(RemoteState::Gone),
+        // A session cut while the check ran says nothing (or half of it): that is not
+        // news about the run, only about the connection.
+        None => Err(DeployError::RemoteCommand {
+            host: rec.address.clone(),
+            what: "check the service".to_owned(),
+            status: out.status,
+            message: format!("unexpected answer {text:?} (the connection was cut?)"),
+        }),
+    }
 }
 
 /// A shell's `$?`: above 128 means killed by signal `$? - 128`.
