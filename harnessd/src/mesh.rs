@@ -614,6 +614,42 @@ impl Core {
             .collect())
     }
 
+    /// At start: removes the hub's peers that no active mesh run owns (a daemon killed
+    /// between stopping a node's agent and removing its peer leaves one behind).
+    /// Returns what it removed, for `daemon.reconciled`.
+    pub async fn reconcile_mesh(&self) -> Vec<String> {
+        let running = self.mesh.lock().await.is_some() || self.adopt_hub().await.is_some();
+        if !running {
+            return Vec::new();
+        }
+        let stats: Vec<wg_mesh::dataplane::PeerStats> =
+            match self.hub_call(serde_json::json!({"op": "peers"})).await {
+                Ok(answer) => serde_json::from_value(answer["peers"].clone()).unwrap_or_default(),
+                Err(e) => return vec![format!("the mesh hub did not list its peers: {e}")],
+            };
+        let owned: HashSet<String> = self
+            .mesh_runs(None)
+            .into_iter()
+            .map(|(_, m)| m.public_key)
+            .collect();
+        let mut fixes = Vec::new();
+        for peer in stats.into_iter().filter(|p| !owned.contains(&p.public_key)) {
+            let request = serde_json::json!({"op": "remove_peer", "public_key": peer.public_key});
+            match self.hub_call(request).await {
+                Ok(_) => fixes.push(format!(
+                    "removed the mesh peer {} ({}), which no service owns",
+                    peer.public_key,
+                    peer.allowed_ips.join(", ")
+                )),
+                Err(e) => fixes.push(format!(
+                    "cannot remove the stale mesh peer {}: {e}",
+                    peer.public_key
+                )),
+            }
+        }
+        fixes
+    }
+
     /// Cuts node `node` of `stack` off the mesh (`mesh.revoke`): its peers removed at
     /// once, then its services stopped, so no restart brings it back. Returns them.
     pub async fn revoke(

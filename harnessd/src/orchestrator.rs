@@ -1329,6 +1329,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
         }
     }
     fixes.extend(reconcile_containers(core, &owned).await);
+    fixes.extend(core.reconcile_mesh().await);
     core.events
         .publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {
             instance: core.instance.clone(),

@@ -54,6 +54,18 @@ fn containers_of(instance: &str) -> Vec<String> {
         .collect()
 }
 
+/// The hub agent's own peer list (all of them, owned or not), from its control socket.
+fn hub_peers(d: &TestDaemon) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(d.state_dir.join("mesh/hub.sock"))
+        .expect("the hub's control socket");
+    writeln!(s, "{}", serde_json::json!({"op": "peers"})).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    answer["peers"].as_array().cloned().unwrap_or_default()
+}
+
 /// A small xorshift: random moments that a printed seed reproduces.
 struct Rng(u64);
 
@@ -191,6 +203,9 @@ services:
             });
         }
         check_no_duplicates(&d, &format!("{when}, after up"));
+        // The hub has one peer, the node's: none left over from a crash.
+        let peers = hub_peers(&d);
+        assert_eq!(peers.len(), 1, "{when}: the hub's peers: {peers:?}");
         // A service that ran through the crash is the same process now.
         for (n, pids) in running {
             if let [pid] = pids[..] {
