@@ -752,29 +752,17 @@ const UNREACHABLE_METRIC: &str = "4242";
 
 /// Adds (`replace`) or removes (`del`) the `unreachable` route covering `subnet`.
 async fn ip_route(action: &'static str, subnet: &Subnet) -> Result<(), String> {
-    let net = subnet.to_string();
-    let out = smol::unblock(move || {
-        std::process::Command::new("ip")
-            .args([
-                "route",
-                action,
-                "unreachable",
-                &net,
-                "metric",
-                UNREACHABLE_METRIC,
-            ])
-            .output()
-    })
-    .await
-    .map_err(|e| format!("cannot run ip(8) for the mesh route: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip route {action} unreachable {subnet}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let args = [
+        "route",
+        action,
+        "unreachable",
+        &subnet.to_string(),
+        "metric",
+        UNREACHABLE_METRIC,
+    ];
+    wg_mesh::ip::run(args.map(str::to_owned).to_vec())
+        .await
+        .map_err(|e| format!("ip route {action} unreachable {subnet}: {e}"))
 }
 
 /// Whether a service runs on a mesh node.

@@ -422,6 +422,16 @@ impl TestBed {
         engine
     }
 
+    /// The third octet of the bed's /24 (`198.18.N.0/24` gives N): tests derive
+    /// names, subnets and ports of their own from it.
+    pub fn third_octet(&self) -> u8 {
+        self.subnet
+            .split('.')
+            .nth(2)
+            .and_then(|o| o.parse().ok())
+            .expect("a bed subnet a.b.c.0/24")
+    }
+
     /// A `hosts:` block naming every host `host0..hostN` for a harness config.
     pub fn hosts_yaml(&self) -> String {
         let mut out = String::from("hosts:\n");

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod ip;
 pub mod keys;
 pub mod peers;
 pub mod subnet;

@@ -94,7 +94,7 @@ fn mesh_crash_cycles_across_every_backend_lose_and_duplicate_nothing() {
     let mut rng = Rng(seed);
     let bed = TestBed::new(2);
     let mut d = TestDaemon::start();
-    let third: u8 = bed.subnet.split('.').nth(2).unwrap().parse().unwrap();
+    let third = bed.third_octet();
     let tag = format!("cc{}", std::process::id());
     let dir = d.workdir("crash");
     let rootfs = dir.join("rootfs.tar");

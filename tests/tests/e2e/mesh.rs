@@ -104,7 +104,7 @@ fn control(path: &std::path::Path, request: serde_json::Value) -> serde_json::Va
 fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off() {
     let bed = TestBed::new(3);
     // A subnet of this bed's own: 10.42.<the bed's third octet>.0/24.
-    let third = bed.subnet.split('.').nth(2).expect("bed subnet").to_owned();
+    let third = bed.third_octet();
     let mesh = Cidr::parse(&format!("10.42.{third}.0/24")).unwrap();
     let ip = |n: u8| format!("10.42.{third}.{n}");
     let (hub_key, n1_key, n2_key) = (
@@ -277,13 +277,7 @@ fn a_mesh_service_and_local_processes_reach_each_other_through_the_hub() {
     let node_demo = bed.hosts[0].dir.join("demo-service");
     std::fs::copy(tests::bin("demo-service"), &node_demo).unwrap();
     let mut d = tests::TestDaemon::start();
-    let third: u8 = bed
-        .subnet
-        .split('.')
-        .nth(2)
-        .expect("bed subnet")
-        .parse()
-        .unwrap();
+    let third = bed.third_octet();
     let port = 40000 + u16::from(third);
     let h = &bed.hosts[0];
     let dir = d.workdir("mesh");
@@ -576,13 +570,7 @@ fn a_package_on_a_mesh_node_is_reached_by_a_container_and_survives_a_cut_link() 
     );
     let bed = TestBed::new(1);
     let d = tests::TestDaemon::start();
-    let third: u8 = bed
-        .subnet
-        .split('.')
-        .nth(2)
-        .expect("bed subnet")
-        .parse()
-        .unwrap();
+    let third = bed.third_octet();
     let port = 41000 + u16::from(third);
     let h = &bed.hosts[0];
     let dir = d.workdir("meshpkg");
@@ -726,13 +714,7 @@ fn lan_and_mesh_services_reach_each_other_through_the_hub_s_relays() {
     // nothing of the LAN bed, whose hosts reach the harness host and no node.
     let (wan, lan) = (TestBed::new(2), TestBed::new(1));
     let d = tests::TestDaemon::start();
-    let third: u8 = wan
-        .subnet
-        .split('.')
-        .nth(2)
-        .expect("bed subnet")
-        .parse()
-        .unwrap();
+    let third = wan.third_octet();
     let port = 42000 + u16::from(third);
     let dir = d.workdir("meshlan");
     let stack = format!("meshlan{}", std::process::id());

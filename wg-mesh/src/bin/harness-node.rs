@@ -301,20 +301,8 @@ async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> R
 
 /// Adds `ip` to the device (a mesh alias), unless it has it already.
 async fn add_alias(interface: &str, ip: std::net::Ipv4Addr) -> Result<(), String> {
-    let (interface, addr) = (interface.to_owned(), format!("{ip}/32"));
-    let out = smol::unblock(move || {
-        std::process::Command::new("ip")
-            .args(["addr", "replace", &addr, "dev", &interface])
-            .output()
-    })
-    .await
-    .map_err(|e| format!("cannot run ip(8): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "alias {ip}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let args = ["addr", "replace", &format!("{ip}/32"), "dev", interface];
+    wg_mesh::ip::run(args.map(str::to_owned).to_vec())
+        .await
+        .map_err(|e| format!("alias {ip}: {e}"))
 }

@@ -284,7 +284,7 @@ fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Proc, Proc) 
 
 pub fn bench() {
     let bed = TestBed::new(2);
-    let third = bed.subnet.split('.').nth(2).unwrap().to_owned();
+    let third = bed.third_octet().to_string();
     let (na, nb) = (bed.hosts[0].netns.clone(), bed.hosts[1].netns.clone());
     let (mut raw, mut ours, mut bt1, mut bt4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut rtt_raw, mut rtt_ours, mut rtt_bt, mut up) =
