@@ -10,9 +10,10 @@ sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 need=()
 # postgresql, redis-server, dnsmasq and python3-zeroconf are the real servers and
 # responders the discovery tests find (started by the tests in test-bed namespaces);
-# sudo is what a mesh node's `sudo: true` runs (a test logs in as a user with it).
+# sudo is what a mesh node's `sudo: true` runs (a test logs in as a user with it);
+# e2fsprogs makes and repairs the ext4 disk a test turns read-only under the daemon.
 for pkg in pkg-config libssl-dev iproute2 openssh-server openssh-client busybox-static procps python3 docker.io systemd chromium \
-  postgresql redis-server dnsmasq python3-zeroconf util-linux sudo; do
+  postgresql redis-server dnsmasq python3-zeroconf util-linux sudo e2fsprogs; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

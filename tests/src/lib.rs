@@ -14,6 +14,8 @@ use harness_client::Client;
 pub mod testbed;
 use protocol::DaemonFile;
 
+use crate::testbed::run;
+
 /// The directory holding this build's binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -80,8 +82,8 @@ pub struct TestDaemon {
     pub netns: Option<String>,
     /// Run harnessd with CAP_NET_ADMIN dropped.
     without_net_admin: bool,
-    /// The state directory is a tmpfs this guard mounted.
-    tmpfs: bool,
+    /// A file system this guard mounted on the state directory.
+    mount: Option<StateMount>,
     /// harnessd's arguments after `--state-dir DIR` (default `--listen 127.0.0.1:0`).
     args: Vec<String>,
     dir: Option<tempfile::TempDir>,
@@ -113,23 +115,45 @@ impl TestDaemon {
     /// Starts harnessd with its state directory on a tmpfs of `megabytes` (a disk a
     /// test can fill); unmounted when dropped.
     pub fn start_on_tmpfs(megabytes: u32) -> TestDaemon {
+        Self::start_on_mount(|state_dir| {
+            let size = format!("size={megabytes}m,mode=0700");
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+                .arg(state_dir)
+                .status()
+                .expect("mount");
+            assert!(mounted.success(), "cannot mount a tmpfs on {}", state_dir.display());
+            StateMount::Tmpfs
+        })
+    }
+
+    /// Starts harnessd with its state directory on an ext4 file system of `megabytes`
+    /// in a loop device, mounted `errors=remount-ro`, so that
+    /// [`TestDaemon::fail_state_fs`] can turn it read-only under open files, as a disk
+    /// error does. Unmounted and detached when dropped.
+    pub fn start_on_ext4(megabytes: u32) -> TestDaemon {
+        Self::start_on_mount(|state_dir| {
+            let image = state_dir.with_file_name("state.ext4");
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(u64::from(megabytes) << 20))
+                .expect("image file");
+            let image_path = image.to_str().expect("a UTF-8 temp path");
+            run("mkfs.ext4", &["-q", image_path]);
+            let device = run("losetup", &["-f", "--show", image_path]).trim().to_owned();
+            let mount = StateMount::Ext4 { image, device };
+            mount.mount_ext4(state_dir);
+            mount
+        })
+    }
+
+    fn start_on_mount(mount: impl FnOnce(&Path) -> StateMount) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("harness-e2e-")
             .tempdir()
             .expect("temp dir");
         let state_dir = dir.path().join("state");
         std::fs::create_dir_all(&state_dir).expect("state dir");
-        let size = format!("size={megabytes}m,mode=0700");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
-            .arg(&state_dir)
-            .status()
-            .expect("mount");
-        assert!(
-            mounted.success(),
-            "cannot mount a tmpfs on {}",
-            state_dir.display()
-        );
+        let mount = mount(&state_dir);
         let mut d = TestDaemon {
             state_dir,
             child: None,
@@ -138,12 +162,55 @@ impl TestDaemon {
             env: Vec::new(),
             netns: None,
             without_net_admin: false,
-            tmpfs: true,
+            mount: Some(mount),
             args: default_args(),
             dir: Some(dir),
         };
         d.restart();
         d
+    }
+
+    /// Makes the state directory's ext4 file system fail as on a disk error: the
+    /// kernel turns it read-only at once, files open for writing included.
+    pub fn fail_state_fs(&self) {
+        let Some(StateMount::Ext4 { device, .. }) = &self.mount else {
+            panic!("fail_state_fs needs a daemon from start_on_ext4");
+        };
+        let name = device.trim_start_matches("/dev/");
+        std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1")
+            .expect("trigger an ext4 error");
+    }
+
+    /// What an operator does after a disk error, with harnessd stopped: ends what
+    /// still runs from the state directory (this daemon's services, by their marker),
+    /// unmounts it, repairs it with e2fsck and mounts it again.
+    pub fn repair_state_fs(&mut self) {
+        assert!(self.child.is_none(), "stop harnessd before repairing its disk");
+        self.kill_leftovers();
+        let Some(mount @ StateMount::Ext4 { device, .. }) = &self.mount else {
+            panic!("repair_state_fs needs a daemon from start_on_ext4");
+        };
+        run("umount", &[self.state_dir.to_str().expect("a UTF-8 temp path")]);
+        // 1: errors corrected, which is what a file system that failed has.
+        let fsck = Command::new("e2fsck").args(["-fy", device]).output().expect("e2fsck");
+        assert!(
+            matches!(fsck.status.code(), Some(0 | 1)),
+            "e2fsck {device}: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        mount.mount_ext4(&self.state_dir);
+    }
+
+    /// Ends, by pid, every process that carries this daemon's `HARNESS_INSTANCE` marker.
+    fn kill_leftovers(&self) {
+        if self.info.instance.is_empty() {
+            return;
+        }
+        for (pid, _) in deployer::process::find_instances(&format!("{}/", self.info.instance)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 
     /// Starts harnessd with the log filter `level` and extra environment `env`.
@@ -174,7 +241,7 @@ impl TestDaemon {
                 .collect(),
             netns,
             without_net_admin,
-            tmpfs: false,
+            mount: None,
             args,
             dir: Some(dir),
         };
@@ -398,22 +465,43 @@ impl Drop for TestDaemon {
         }
         // 2. Anything of this daemon still alive (a test killed the daemon and did not
         //    restart it): end it by pid, found by its HARNESS_INSTANCE marker.
-        if !self.info.instance.is_empty() {
-            for (pid, _) in deployer::process::find_instances(&format!("{}/", self.info.instance)) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
+        self.kill_leftovers();
         // 3. Containers and networks this daemon made (a test that left them, or a
         //    daemon that was killed): found by its instance label.
         if !self.info.instance.is_empty() && std::path::Path::new(DOCKER_SOCKET).exists() {
             remove_docker_leftovers(&self.info.instance);
         }
-        // 4. The temp dir goes last (its tmpfs first).
-        if self.tmpfs {
-            let _ = Command::new("umount").arg(&self.state_dir).status();
+        // 4. The temp dir goes last (its file system first).
+        if let Some(mount) = self.mount.take() {
+            mount.unmount(&self.state_dir);
         }
         drop(self.dir.take());
     }
 }
+
+/// A file system a [`TestDaemon`] mounted on its state directory.
+enum StateMount {
+    Tmpfs,
+    /// ext4 in `image`, attached as loop `device`.
+    Ext4 { image: PathBuf, device: String },
+}
+
+impl StateMount {
+    fn mount_ext4(&self, on: &Path) {
+        if let StateMount::Ext4 { device, .. } = self {
+            let on = on.to_str().expect("a UTF-8 temp path");
+            run("mount", &["-t", "ext4", "-o", "errors=remount-ro", device, on]);
+        }
+    }
+
+    fn unmount(self, from: &Path) {
+        // Lazily, should something still hold a file there: the loop device is then
+        // freed when the last one closes.
+        let _ = Command::new("umount").arg("-l").arg(from).status();
+        if let StateMount::Ext4 { image, device } = self {
+            let _ = Command::new("losetup").args(["-d", &device]).status();
+            let _ = std::fs::remove_file(image);
+        }
+    }
+}
+

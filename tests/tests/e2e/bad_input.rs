@@ -224,3 +224,67 @@ fn a_full_state_directory_fails_changes_clearly_and_loses_nothing() {
         protocol::methods::ServiceState::Running
     );
 }
+
+/// A state directory whose disk fails and turns read-only under the running daemon
+/// (ext4 `errors=remount-ro`, files open for writing included): changes fail with a
+/// clear storage error, reads go on, and once the disk is repaired a restarted daemon
+/// finds the registry as it was, with the refused change not half on disk.
+#[test]
+fn a_read_only_state_directory_fails_changes_clearly_serves_reads_and_loses_nothing() {
+    let mut d = TestDaemon::start_on_ext4(64);
+    let dir = d.workdir("ro");
+    write_config(
+        &dir,
+        "name: ro\nservices:\n  one:\n    target: { process: { binary: DEMO, args: [--name, one, --port, \"${self.port}\"] } }\n    port: auto\n    health_check: { type: tcp }\n",
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let before = get(&d.client(), "ro", "one");
+    d.fail_state_fs();
+    let other = d.workdir("ro2");
+    write_config(
+        &other,
+        "name: ro2\nservices:\n  two:\n    target: { process: { binary: DEMO, args: [--name, two, --port, \"${self.port}\"] } }\n    port: auto\n",
+    );
+    let out = d.cli(&other, &["up"]);
+    assert!(!out.status.success(), "up worked on a read-only disk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot save the registry") && err.contains("Read-only file system"),
+        "{err}"
+    );
+    // Reads are served, by the same daemon.
+    let ps = d.cli(&dir, &["--json", "ps"]);
+    assert_ok(&d, &ps, "harness ps on a read-only disk");
+    let c = d.client();
+    let now = get(&c, "ro", "one");
+    assert_eq!(now.state, m::ServiceState::Running);
+    assert_eq!(now.pid, before.pid, "the service was restarted");
+    assert!(!log_lines(&c, "ro", "one").is_empty(), "no logs served");
+    // The operator repairs the disk; a restarted daemon finds what was saved.
+    d.kill9();
+    d.repair_state_fs();
+    d.restart();
+    let c = d.client();
+    let services = list(&c, "ro");
+    assert_eq!(
+        services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["one"]
+    );
+    let refused: Result<Vec<m::ServiceInfo>, _> = smol::block_on(c.call(
+        names::SERVICE_LIST,
+        m::ListParams {
+            stack: Some("ro2".into()),
+        },
+    ));
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("no stack named ro2")),
+        "the refused stack is in the registry"
+    );
+    let moved_aside: Vec<_> = std::fs::read_dir(&d.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".corrupt-"))
+        .collect();
+    assert!(moved_aside.is_empty(), "files moved aside: {moved_aside:?}");
+}
