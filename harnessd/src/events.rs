@@ -143,26 +143,30 @@ impl EventBus {
         };
         if let Some(since) = params.since {
             let oldest_recent = bus.recent.front().map_or(bus.next_seq, |(e, _)| e.seq);
-            let mut replay: Vec<Arc<str>> = Vec::new();
+            let mut replay: Vec<(u64, Arc<str>)> = Vec::new();
             if since < oldest_recent {
                 // Older than memory: the journal has it (minus what is not yet flushed,
                 // which is in memory anyway).
                 for ev in journal_replay(since, oldest_recent) {
                     if sub.wants(&ev.kind) {
-                        replay.push(serde_json::to_string(&ev).expect("events serialize").into());
+                        let text = serde_json::to_string(&ev).expect("events serialize");
+                        replay.push((ev.seq, text.into()));
                     }
                 }
             }
             for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
                 if sub.wants(&ev.kind) {
-                    replay.push(text.clone());
+                    replay.push((ev.seq, text.clone()));
                 }
             }
-            for text in replay {
+            // A replay longer than the queue goes a queue at a time: the lag notice
+            // names the first event that did not fit, and the client asks again from
+            // there (naming `since` again would replay the same queueful for ever).
+            for (seq, text) in replay {
                 if sink.tx.try_send(text).is_err() {
                     let _ = sink.lagged_from.compare_exchange(
                         0,
-                        since,
+                        seq,
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     );
@@ -190,5 +194,80 @@ impl EventBus {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Bus> {
         self.bus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::events::Reconciled;
+
+    fn sink(capacity: usize) -> (EventSink, async_channel::Receiver<Arc<str>>) {
+        let (tx, rx) = async_channel::bounded(capacity);
+        let sink = EventSink {
+            tx,
+            lagged_from: Arc::new(AtomicU64::new(0)),
+        };
+        (sink, rx)
+    }
+
+    fn seqs(rx: &async_channel::Receiver<Arc<str>>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|t| serde_json::from_str::<Event>(&t).unwrap().seq)
+            .collect()
+    }
+
+    /// A replay longer than the queue goes a queueful at a time, each lag notice naming
+    /// where the next one starts, so a client asking again from there gets everything.
+    #[test]
+    fn a_long_replay_resumes_where_the_queue_filled() {
+        let bus = EventBus::new(0);
+        for _ in 0..250 {
+            bus.publish(EventKind::DaemonReconciled(Reconciled {
+                fixes: Vec::new(),
+            }));
+        }
+        let mut got = Vec::new();
+        let mut since = 1;
+        for conn in 1.. {
+            let (sink, rx) = sink(100);
+            let params = SubscribeParams {
+                since: Some(since),
+                ..Default::default()
+            };
+            bus.subscribe(conn, &params, &sink, |_, _| Vec::new());
+            got.extend(seqs(&rx));
+            since = sink.lagged_from.load(Ordering::Acquire);
+            bus.drop_connection(conn);
+            if since == 0 {
+                break;
+            }
+            assert_eq!(
+                since,
+                got.last().unwrap() + 1,
+                "resumes after the last one sent"
+            );
+        }
+        assert_eq!(got, (1..=250).collect::<Vec<_>>());
+    }
+
+    /// A live subscriber whose queue is full is marked lagged from the first event it
+    /// missed; publishing goes on for everyone else.
+    #[test]
+    fn a_full_queue_marks_the_subscriber_lagged_and_blocks_no_one() {
+        let bus = EventBus::new(0);
+        let (slow, slow_rx) = sink(10);
+        let (fast, fast_rx) = sink(1000);
+        bus.subscribe(1, &SubscribeParams::default(), &slow, |_, _| Vec::new());
+        bus.subscribe(2, &SubscribeParams::default(), &fast, |_, _| Vec::new());
+        for _ in 0..50 {
+            bus.publish(EventKind::DaemonReconciled(Reconciled {
+                fixes: Vec::new(),
+            }));
+        }
+        assert_eq!(seqs(&slow_rx), (1..=10).collect::<Vec<_>>());
+        assert_eq!(slow.lagged_from.load(Ordering::Acquire), 11);
+        assert_eq!(seqs(&fast_rx), (1..=50).collect::<Vec<_>>());
+        assert_eq!(fast.lagged_from.load(Ordering::Acquire), 0);
     }
 }

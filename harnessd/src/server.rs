@@ -34,6 +34,8 @@ const CONNECTION_OUT_QUEUE: usize = 256;
 /// A connection that neither sends nor answers pings for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// Kernel send buffer per connection (the kernel doubles it for its bookkeeping).
+const SOCKET_SEND_BUFFER: usize = 128 << 10;
 
 /// Starts the daemon and serves until shutdown.
 pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result<(), DaemonError> {
@@ -209,6 +211,11 @@ async fn connection(
     id: u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = tcp.set_nodelay(true);
+    // A fixed send buffer instead of one the kernel grows to megabytes: a client that
+    // stops reading then holds a bounded amount of kernel memory too, and it is its
+    // queue here that fills, so it is told it lagged (and replays from the journal)
+    // rather than being fed a backlog of stale events when it wakes.
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&tcp, SOCKET_SEND_BUFFER);
     let mut tls = acceptor.accept(tcp).await?;
     // Another machine must have shown a certificate of the client CA (the TLS layer
     // checked any it showed); it is told so at its hello.

@@ -122,7 +122,11 @@ impl TestDaemon {
                 .arg(state_dir)
                 .status()
                 .expect("mount");
-            assert!(mounted.success(), "cannot mount a tmpfs on {}", state_dir.display());
+            assert!(
+                mounted.success(),
+                "cannot mount a tmpfs on {}",
+                state_dir.display()
+            );
             StateMount::Tmpfs
         })
     }
@@ -139,7 +143,9 @@ impl TestDaemon {
                 .expect("image file");
             let image_path = image.to_str().expect("a UTF-8 temp path");
             run("mkfs.ext4", &["-q", image_path]);
-            let device = run("losetup", &["-f", "--show", image_path]).trim().to_owned();
+            let device = run("losetup", &["-f", "--show", image_path])
+                .trim()
+                .to_owned();
             let mount = StateMount::Ext4 { image, device };
             mount.mount_ext4(state_dir);
             mount
@@ -185,14 +191,23 @@ impl TestDaemon {
     /// still runs from the state directory (this daemon's services, by their marker),
     /// unmounts it, repairs it with e2fsck and mounts it again.
     pub fn repair_state_fs(&mut self) {
-        assert!(self.child.is_none(), "stop harnessd before repairing its disk");
+        assert!(
+            self.child.is_none(),
+            "stop harnessd before repairing its disk"
+        );
         self.kill_leftovers();
         let Some(mount @ StateMount::Ext4 { device, .. }) = &self.mount else {
             panic!("repair_state_fs needs a daemon from start_on_ext4");
         };
-        run("umount", &[self.state_dir.to_str().expect("a UTF-8 temp path")]);
+        run(
+            "umount",
+            &[self.state_dir.to_str().expect("a UTF-8 temp path")],
+        );
         // 1: errors corrected, which is what a file system that failed has.
-        let fsck = Command::new("e2fsck").args(["-fy", device]).output().expect("e2fsck");
+        let fsck = Command::new("e2fsck")
+            .args(["-fy", device])
+            .output()
+            .expect("e2fsck");
         assert!(
             matches!(fsck.status.code(), Some(0 | 1)),
             "e2fsck {device}: {}",
@@ -483,14 +498,20 @@ impl Drop for TestDaemon {
 enum StateMount {
     Tmpfs,
     /// ext4 in `image`, attached as loop `device`.
-    Ext4 { image: PathBuf, device: String },
+    Ext4 {
+        image: PathBuf,
+        device: String,
+    },
 }
 
 impl StateMount {
     fn mount_ext4(&self, on: &Path) {
         if let StateMount::Ext4 { device, .. } = self {
             let on = on.to_str().expect("a UTF-8 temp path");
-            run("mount", &["-t", "ext4", "-o", "errors=remount-ro", device, on]);
+            run(
+                "mount",
+                &["-t", "ext4", "-o", "errors=remount-ro", device, on],
+            );
         }
     }
 
@@ -504,4 +525,3 @@ impl StateMount {
         }
     }
 }
-

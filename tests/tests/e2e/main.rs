@@ -11,6 +11,7 @@ mod docker;
 mod external;
 mod lan;
 mod lifecycle;
+mod load;
 mod mesh;
 mod packages;
 mod remote_clients;
