@@ -49,10 +49,11 @@ load() { # CLIENTS REQUESTS SUBSCRIBERS
 
 case "$what" in
   fuzz) fuzz "${2:-300}" ;;
-  crash) cargo build --release --workspace --bins --quiet; crash "${2:-50}" ;;
+  crash) ./scripts/ensure-dockerd.sh; cargo build --release --workspace --bins --quiet; crash "${2:-50}" ;;
   load) cargo build --release --workspace --bins --quiet; load "${2:-200}" "${3:-1000}" "${4:-50}" ;;
   report)
     fuzz_secs=${2:-60}
+    ./scripts/ensure-dockerd.sh
     cargo build --release --workspace --bins --quiet
     log=$(mktemp -d)
     rows=()

