@@ -213,7 +213,7 @@ async fn route(
         }
         names::CONFIG_GET => {
             let s: m::StackParams = params(p)?;
-            let cfg = core.read(|st| st.stack(&s.stack).map(|r| r.config.clone()));
+            let cfg = core.read(|st| st.stack(&s.stack).map(|r| r.config.masked()));
             ok(cfg.ok_or_else(|| no_stack(&s.stack))?)
         }
         names::CONFIG_ENV => {
@@ -221,14 +221,25 @@ async fn route(
             let env_file = core.env_file(&s.stack, &s.name);
             let env = core.read(|st| {
                 known_service(st, &s.stack, &s.name)?;
-                crate::env::service_env(
+                let mut env = crate::env::service_env(
                     st,
                     &s.stack,
                     &s.name,
                     &crate::env::place_of(st, &s.stack, &s.name),
                     &env_file,
                 )
-                .map_err(|e| error(ErrorCode::InvalidConfig, e))
+                .map_err(|e| error(ErrorCode::InvalidConfig, e))?;
+                if let Some(cfg) = st
+                    .stack(&s.stack)
+                    .and_then(|r| r.config.services.get(&s.name))
+                {
+                    for (k, v) in env.iter_mut() {
+                        if cfg.is_secret(k) {
+                            *v = config::SECRET_MASK.to_owned();
+                        }
+                    }
+                }
+                Ok(env)
             })?;
             ok(m::EnvResult { env })
         }

@@ -36,6 +36,27 @@ pub(crate) fn private() -> OpenOptions {
     o
 }
 
+/// Makes `path` private (0600) when others may read it: it holds configs with
+/// secrets. Returns what was done, for the daemon to report; `None` when it was
+/// private already or is not there.
+pub(crate) fn make_private(path: &Path) -> Result<Option<crate::Recovery>, RegistryError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(FILE_MODE)).map_err(io_err(path))?;
+    Ok(Some(crate::Recovery {
+        path: path.to_owned(),
+        moved_to: None,
+        problem: format!("others could read it (mode {mode:o}); made it 0600"),
+    }))
+}
+
 /// Writes `bytes` to a fresh `tmp` file and flushes it to disk. The handle is returned
 /// open for reading and appending, so a caller can keep using the file after renaming it.
 pub(crate) fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<File, RegistryError> {

@@ -10,7 +10,9 @@ use protocol::config::StackConfig;
 use protocol::methods::{Health, ServiceState};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{corrupt_name, ensure_dir, io_err, remove_stale, rename_synced, replace};
+use crate::fsutil::{
+    corrupt_name, ensure_dir, io_err, make_private, remove_stale, rename_synced, replace,
+};
 use crate::{Recovery, RegistryError};
 
 /// Schema version of `registry.json` written by this crate. Bump it (and add a migration
@@ -142,7 +144,7 @@ impl Store {
                 store.tmp.display()
             );
         }
-        let mut recoveries = Vec::new();
+        let mut recoveries: Vec<Recovery> = make_private(&store.path)?.into_iter().collect();
         let instance_path = dir.join(INSTANCE_FILE);
         let stored_instance = read_instance(&instance_path, &mut recoveries)?;
 
@@ -343,6 +345,25 @@ mod tests {
         let (_store, loaded, rec) = Store::open(tmp.path()).unwrap();
         assert!(rec.is_empty(), "{rec:?}");
         assert_eq!(loaded, saved);
+    }
+
+    /// The registry holds configs with secrets: one others could read is made private
+    /// at open, and that is reported.
+    #[test]
+    fn a_registry_others_can_read_is_made_private_and_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
+        store.save(&sample(&snap.instance, 1)).unwrap();
+        drop(store);
+        let path = tmp.path().join(REGISTRY_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let (_store, loaded, rec) = Store::open(tmp.path()).unwrap();
+        assert_eq!(loaded, sample(&snap.instance, 1));
+        assert_eq!(rec.len(), 1, "{rec:?}");
+        assert!(rec[0].problem.contains("mode 644"), "{}", rec[0]);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

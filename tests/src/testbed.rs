@@ -330,13 +330,37 @@ impl TestBed {
     /// host's namespace, so nothing outside the bed is touched).
     pub fn kill_ssh(&mut self, i: usize) {
         self.kill_sshd(i);
-        for pid in self.pids(i) {
-            let is_sshd = fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.starts_with(b"sshd") || c.starts_with(b"/usr/sbin/sshd"));
-            if is_sshd {
+        self.kill_where(i, is_sshd);
+    }
+
+    /// Kills (SIGKILL) the processes on host `i` whose command line contains `needle`,
+    /// as a crash would; returns how many. Only this host's: a `pkill` run in its
+    /// namespace would see every process of the machine (network namespaces do not
+    /// separate pids), other tests' included.
+    pub fn kill_processes(&self, i: usize, needle: &str) -> usize {
+        self.kill_where(i, |cmdline| cmdline.contains(needle))
+    }
+
+    fn kill_where(&self, i: usize, matches: impl Fn(&str) -> bool) -> usize {
+        let mut killed = 0;
+        for (pid, cmdline) in self.command_lines(i) {
+            if matches(&cmdline) {
                 run_quiet("kill", &["-KILL", &pid.to_string()]);
+                killed += 1;
             }
         }
+        killed
+    }
+
+    /// The pid and command line (arguments joined by spaces) of every process on host `i`.
+    fn command_lines(&self, i: usize) -> Vec<(u32, String)> {
+        self.pids(i)
+            .into_iter()
+            .filter_map(|pid| {
+                let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                Some((pid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+            })
+            .collect()
     }
 
     /// Cuts (or restores) host `i`'s link to the bridge.
@@ -361,14 +385,10 @@ impl TestBed {
     /// Command lines of the processes in host `i`'s namespace other than sshd and its
     /// sessions: what services left running there.
     pub fn processes(&self, i: usize) -> Vec<String> {
-        self.pids(i)
+        self.command_lines(i)
             .into_iter()
-            .filter_map(|pid| {
-                let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-                (!cmdline.starts_with("sshd") && !cmdline.starts_with("/usr/sbin/sshd"))
-                    .then(|| cmdline.trim().to_owned())
-            })
+            .filter(|(_, c)| !is_sshd(c))
+            .map(|(_, c)| c.trim().to_owned())
             .collect()
     }
 
@@ -573,6 +593,11 @@ impl Drop for TestBed {
             self.forward_rule,
         );
     }
+}
+
+/// Whether a command line is sshd's (the listener or a session of it).
+fn is_sshd(cmdline: &str) -> bool {
+    cmdline.starts_with("sshd") || cmdline.starts_with("/usr/sbin/sshd")
 }
 
 /// Ends every process in the namespaces, then removes namespaces, links and rule.

@@ -877,7 +877,7 @@ async fn config_cmd(g: &GlobalOpts, cmd: ConfigCmd) -> anyhow::Result<ExitCode> 
                 c.call(names::CONFIG_GET, m::StackParams { stack }).await?;
             print_config(&cfg, g.json)?;
         }
-        ConfigCmd::Resolve => print_config(&config_file::load(g)?.config, g.json)?,
+        ConfigCmd::Resolve => print_config(&config_file::load(g)?.config.masked(), g.json)?,
         ConfigCmd::Env { service } => {
             let stack = require_stack(g)?;
             let c = client(g).await?;

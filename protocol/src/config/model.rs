@@ -129,6 +129,11 @@ pub struct ServiceConfig {
     /// A dotenv-style file whose variables are added (below `env` in precedence).
     #[serde(default)]
     pub env_file: Option<String>,
+    /// Names of environment variables whose values are secrets: the service gets them,
+    /// nobody else sees them (masked in `config.get`, `config.env` and `harness config`
+    /// output), and one on the command line, where `ps` shows it, is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
     /// How the harness checks that it works.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -151,10 +156,51 @@ pub struct ServiceConfig {
     pub instance_of: Option<String>,
 }
 
+/// What a secret's value is shown as.
+pub const SECRET_MASK: &str = "(secret)";
+
 impl ServiceConfig {
     /// With a placement list: the position of the target in use (from 0).
     pub fn placement_position(&self) -> Option<usize> {
         self.placement.iter().position(|t| *t == self.target)
+    }
+
+    /// Whether variable `name` holds a secret.
+    pub fn is_secret(&self, name: &str) -> bool {
+        self.secret_env.iter().any(|s| s == name)
+    }
+
+    /// The config as it may be shown: every secret's value replaced by [`SECRET_MASK`].
+    pub fn masked(&self) -> ServiceConfig {
+        let mut shown = self.clone();
+        if self.secret_env.is_empty() {
+            return shown;
+        }
+        let mask = |env: &mut BTreeMap<String, String>| {
+            for (k, v) in env.iter_mut() {
+                if self.is_secret(k) {
+                    *v = SECRET_MASK.to_owned();
+                }
+            }
+        };
+        mask(&mut shown.env);
+        for target in std::iter::once(&mut shown.target).chain(&mut shown.placement) {
+            if let Some(env) = target.env_mut() {
+                mask(env);
+            }
+        }
+        shown
+    }
+}
+
+impl StackConfig {
+    /// The config as it may be shown: every service's secrets masked.
+    pub fn masked(&self) -> StackConfig {
+        let mut shown = self.clone();
+        for svc in shown.services.values_mut() {
+            *svc = svc.masked();
+        }
+        shown
     }
 }
 
@@ -177,6 +223,37 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target's own environment, for those that have one.
+    pub fn env(&self) -> Option<&BTreeMap<String, String>> {
+        match self {
+            Target::Process(p) => Some(&p.env),
+            Target::Docker(d) => Some(&d.env),
+            Target::RemoteLan(r) | Target::Wireguard(r) => Some(&r.env),
+            Target::Discovered(_) | Target::External(_) => None,
+        }
+    }
+
+    /// [`Target::env`], to change.
+    pub fn env_mut(&mut self) -> Option<&mut BTreeMap<String, String>> {
+        match self {
+            Target::Process(p) => Some(&mut p.env),
+            Target::Docker(d) => Some(&mut d.env),
+            Target::RemoteLan(r) | Target::Wireguard(r) => Some(&mut r.env),
+            Target::Discovered(_) | Target::External(_) => None,
+        }
+    }
+
+    /// The words of the command line it runs (where `ps` on its host shows them).
+    pub fn command_line(&self) -> Vec<&str> {
+        let words: Vec<&String> = match self {
+            Target::Process(p) => std::iter::once(&p.binary).chain(&p.args).collect(),
+            Target::Docker(d) => d.entrypoint.iter().chain(&d.command).collect(),
+            Target::RemoteLan(r) | Target::Wireguard(r) => r.binary.iter().chain(&r.args).collect(),
+            Target::Discovered(_) | Target::External(_) => Vec::new(),
+        };
+        words.into_iter().map(String::as_str).collect()
+    }
+
     /// Backend name as shown by `ps`.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -887,3 +887,34 @@ fn pre_generated_mesh_keys_belong_to_wireguard_targets() {
     let c = load("network: { hub_key: ./hub.key }\n");
     assert_eq!(c.network.hub_key.as_deref(), Some("./hub.key"));
 }
+
+#[test]
+fn secret_env_values_are_masked_wherever_the_config_is_shown() {
+    let cfg = load(&svc("    target: { process: { binary: /bin/api, env: { PASSWORD: from-target, PLAIN: p } } }\n    env: { API_TOKEN: t0ken-value, MODE: dev }\n    secret_env: [API_TOKEN, PASSWORD]\n"));
+    let api = &cfg.services["api"];
+    assert!(api.is_secret("API_TOKEN") && api.is_secret("PASSWORD") && !api.is_secret("MODE"));
+    let shown = cfg.masked();
+    let shown_api = &shown.services["api"];
+    assert_eq!(shown_api.env["API_TOKEN"], SECRET_MASK);
+    assert_eq!(shown_api.env["MODE"], "dev");
+    let target_env = shown_api.target.env().unwrap();
+    assert_eq!(target_env["PASSWORD"], SECRET_MASK);
+    assert_eq!(target_env["PLAIN"], "p");
+    let text = serde_json::to_string(&shown).unwrap();
+    assert!(
+        !text.contains("t0ken-value") && !text.contains("from-target"),
+        "{text}"
+    );
+    // The config itself keeps the values: the service gets them.
+    assert_eq!(api.env["API_TOKEN"], "t0ken-value");
+}
+
+#[test]
+fn a_secret_on_the_command_line_is_refused_without_showing_it() {
+    check_errors(
+        &svc("    target: { process: { binary: /bin/api, args: [--token, \"t0ken-value\"] } }\n    env: { API_TOKEN: t0ken-value }\n    secret_env: [API_TOKEN]\n"),
+        &["t.yaml:5:17: services.api.secret_env: the value of secret API_TOKEN is in word 3 of the command line, where `ps` shows it to every user of the host: pass it in the environment (API_TOKEN) and read it there"],
+    );
+    // Short values are not looked for (they would match by chance), nor names alone.
+    one(&svc("    target: { process: { binary: /bin/api, args: [--mode, \"1\", API_TOKEN] } }\n    env: { API_TOKEN: \"1\" }\n    secret_env: [API_TOKEN]\n"));
+}

@@ -361,3 +361,109 @@ services:
     );
     eprintln!("crash loop: {elapsed:?}, harnessd CPU {cpu:?}");
 }
+
+/// Every process command line on this machine, for looking for a secret in `ps`.
+fn all_command_lines() -> String {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ") + "\n")
+        .collect()
+}
+
+/// A value named in `secret_env` reaches the service and no one else: masked in
+/// `config.get`, `config.env` and `harness config`, absent from the daemon's log, the
+/// event journal and every command line; a config that puts it on a command line is
+/// refused with a message that does not repeat it.
+#[test]
+fn a_secret_env_value_reaches_the_service_and_no_one_else() {
+    let d = TestDaemon::start();
+    let dir = d.workdir("secrets");
+    let secret = format!("s3cret-{}", std::process::id());
+    // The service checks the value it got against a file, so the value is on no
+    // command line, not even the test's.
+    std::fs::write(dir.join("expected"), &secret).unwrap();
+    std::fs::write(
+        dir.join("check.sh"),
+        "#!/bin/sh\n[ \"$API_TOKEN\" = \"$(cat expected)\" ] && echo token-ok || echo token-wrong\nexec sleep 600\n",
+    )
+    .unwrap();
+    write_config(
+        &dir,
+        &format!(
+            "name: secrets\nservices:\n  api:\n    target: {{ process: {{ binary: /bin/sh, args: [./check.sh] }} }}\n    env: {{ API_TOKEN: {secret}, MODE: dev }}\n    secret_env: [API_TOKEN]\n"
+        ),
+    );
+    assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
+    let c = d.client();
+    wait_for("the service's check", Duration::from_secs(10), || {
+        log_lines(&c, "secrets", "api")
+            .iter()
+            .any(|l| l.line.contains("token-ok"))
+            .then_some(())
+    });
+    let shown: Vec<String> = [
+        vec!["config", "show"],
+        vec!["config", "env", "api"],
+        vec!["config", "resolve"],
+        vec!["--json", "config", "show"],
+    ]
+    .iter()
+    .map(|args| {
+        let out = d.cli(&dir, args);
+        assert_ok(&d, &out, &args.join(" "));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .collect();
+    for (out, what) in shown.iter().zip([
+        "config show",
+        "config env",
+        "config resolve",
+        "config show --json",
+    ]) {
+        assert!(!out.contains(&secret), "{what} shows the secret:\n{out}");
+        assert!(
+            out.contains(protocol::config::SECRET_MASK),
+            "{what}:\n{out}"
+        );
+    }
+    assert!(shown[1].contains("dev"), "{}", shown[1]);
+    assert!(
+        !all_command_lines().contains(&secret),
+        "a command line shows the secret"
+    );
+    assert!(
+        !d.log().contains(&secret),
+        "the daemon's log shows the secret"
+    );
+    let journal = std::fs::read_to_string(d.state_dir.join("events.jsonl")).unwrap_or_default();
+    assert!(
+        !journal.contains(&secret),
+        "the event journal holds the secret"
+    );
+
+    // On a command line it is refused, without being repeated.
+    let bad = d.workdir("secrets-bad");
+    write_config(
+        &bad,
+        &format!(
+            "name: secretsbad\nservices:\n  api:\n    target: {{ process: {{ binary: /bin/sh, args: [-c, 'echo {secret}'] }} }}\n    env: {{ API_TOKEN: {secret} }}\n    secret_env: [API_TOKEN]\n"
+        ),
+    );
+    let out = d.cli(&bad, &["up"]);
+    assert!(
+        !out.status.success(),
+        "a secret on a command line was accepted"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("secret API_TOKEN") && err.contains("`ps`"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&secret),
+        "the error repeats the secret: {err}"
+    );
+    assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
+}
