@@ -374,8 +374,8 @@ fn all_command_lines() -> String {
 
 /// A value named in `secret_env` reaches the service and no one else: masked in
 /// `config.get`, `config.env` and `harness config`, absent from the daemon's log, the
-/// event journal and every command line; a config that puts it on a command line is
-/// refused with a message that does not repeat it.
+/// event journal and every command line (as the daemon's token is); a config that
+/// puts it on a command line is refused with a message that does not repeat it.
 #[test]
 fn a_secret_env_value_reaches_the_service_and_no_one_else() {
     let d = TestDaemon::start();
@@ -429,19 +429,19 @@ fn a_secret_env_value_reaches_the_service_and_no_one_else() {
         );
     }
     assert!(shown[1].contains("dev"), "{}", shown[1]);
-    assert!(
-        !all_command_lines().contains(&secret),
-        "a command line shows the secret"
-    );
-    assert!(
-        !d.log().contains(&secret),
-        "the daemon's log shows the secret"
-    );
-    let journal = std::fs::read_to_string(d.state_dir.join("events.jsonl")).unwrap_or_default();
-    assert!(
-        !journal.contains(&secret),
-        "the event journal holds the secret"
-    );
+    // Nor is the daemon's token anywhere but its file.
+    let token = std::fs::read_to_string(&d.info.token_file).unwrap();
+    let journal = std::fs::read_to_string(d.state_dir.join("events.jsonl")).unwrap();
+    let (command_lines, log) = (all_command_lines(), d.log());
+    assert!(journal.contains("service.state") && log.contains("listening"));
+    for (value, what) in [(secret.as_str(), "the secret"), (token.trim(), "the token")] {
+        assert!(
+            !command_lines.contains(value),
+            "a command line shows {what}"
+        );
+        assert!(!log.contains(value), "the daemon's log shows {what}");
+        assert!(!journal.contains(value), "the event journal holds {what}");
+    }
 
     // On a command line it is refused, without being repeated.
     let bad = d.workdir("secrets-bad");
