@@ -19,25 +19,27 @@ targets=(protocol_decode config_parse manifest_parse package_open mesh_config)
 
 nextest() { cargo nextest run --cargo-profile release --profile soak -p tests --no-capture "$@"; }
 
-fuzz() { # SECONDS: prints "TARGET RUNS" per target; fails on a crash or a failed run
-  local secs=$1 scratch
+fuzz() { # SECONDS: prints "TARGET RUNS passed|FAILED" per target; fails if one failed
+  local secs=$1 scratch failed=0 runs
   command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
   # New inputs go to a scratch corpus: the committed seeds stay as they are.
   scratch=$(mktemp -d)
   for target in "${targets[@]}"; do
     mkdir -p "$scratch/$target"
     echo "== $target: $secs s" >&2
+    local status=passed
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$target" \
       "$scratch/$target" "tests/fuzz/corpus/$target" \
       -- -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$scratch/$target.log" 2>&1; then
       tail -40 "$scratch/$target.log" >&2
       echo "$target: the fuzz run failed (a crash is kept in tests/fuzz/artifacts/$target/)" >&2
-      return 1
+      status=FAILED failed=1
     fi
-    grep -E '^(Done|stat::number_of_executed_units)' "$scratch/$target.log" >&2
-    echo "$target $(sed -n 's/^stat::number_of_executed_units: *//p' "$scratch/$target.log" | tail -1)"
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$scratch/$target.log" | tail -1)
+    echo "$target ${runs:-0} $status"
   done
   rm -rf "$scratch"
+  return $failed
 }
 
 crash() { # CYCLES
@@ -52,7 +54,7 @@ load() { # CLIENTS REQUESTS SUBSCRIBERS
 }
 
 case "$what" in
-  fuzz) fuzz "${2:-300}" ;;
+  fuzz) fuzz "${2:-300}" >&2 ;;
   crash) ./scripts/ensure-dockerd.sh; cargo build --release --workspace --bins --quiet; crash "${2:-50}" ;;
   load) cargo build --release --workspace --bins --quiet; load "${2:-200}" "${3:-1000}" "${4:-50}" ;;
   report)
@@ -60,7 +62,7 @@ case "$what" in
     ./scripts/ensure-dockerd.sh
     cargo build --release --workspace --bins --quiet
     log=$(mktemp -d)
-    rows=()
+    rows=() any_failed=0
     # row NAME SIZE REPRODUCE SUMMARY_PREFIX -- COMMAND...: runs it, adds a table row
     row() {
       local name=$1 size=$2 repro=$3 prefix=$4; shift 5
@@ -72,7 +74,8 @@ case "$what" in
         figures=$(grep -E '^ +Summary' "$log/out" | tail -1 | sed 's/^ *//' || true)
       fi
       cp "$log/out" "$log/$(echo "$name" | tr -c 'a-z0-9' _).log"
-      rows+=("| $name | $size | ${figures//|/\\|} | $result | \`$repro\` |")
+      [ "$result" = passed ] || any_failed=1
+      rows+=("| $name | $size | ${figures//|/\\|} | $result | \`${repro//|/\\|}\` |")
       echo "$name: $result" >&2
     }
     row "crash cycles, every backend (a process, a container, a LAN service, a mesh service)" \
@@ -99,9 +102,11 @@ case "$what" in
       "cargo nextest run -p tests -E 'test(/^bad_input::/)'" "" -- nextest -E 'test(/^bad_input::/)'
     row "remote clients without a client certificate, or with another CA's" "1 of each" \
       "cargo nextest run -p tests -E 'test(/remote_clients/)'" "" -- nextest -E 'test(/remote_clients/)'
-    if fuzz "$fuzz_secs" >"$log/fuzz" 2>"$log/fuzz.log"; then fuzz_result=passed; else fuzz_result="**FAILED** (see $log/fuzz.log)"; fi
-    while read -r target runs; do
-      rows+=("| fuzzing \`$target\` | $fuzz_secs s | $runs inputs tried, 0 crashes | $fuzz_result | \`./scripts/soak.sh fuzz $fuzz_secs\` |")
+    fuzz "$fuzz_secs" >"$log/fuzz" 2>"$log/fuzz.log" || any_failed=1
+    while read -r target runs status; do
+      if [ "$status" = passed ]; then figures="$runs inputs tried, 0 crashes"; result=passed
+      else figures="$runs inputs tried"; result="**FAILED** (see $log/fuzz.log)"; fi
+      rows+=("| fuzzing \`$target\` | $fuzz_secs s | $figures | $result | \`./scripts/soak.sh fuzz $fuzz_secs\` |")
     done <"$log/fuzz"
     {
       echo "# Reliability"
@@ -109,8 +114,12 @@ case "$what" in
       echo "Written by \`./scripts/soak.sh report $fuzz_secs\` on $(date -u +%Y-%m-%d) at commit"
       echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)'), on $(nproc) cores. CI runs the"
       echo "reduced sizes of the same tests (\`./scripts/test.sh\`: 10 crash cycles, 20 clients × 100"
-      echo "requests with 5 subscribers). Data lost in every run below: none (each test fails"
-      echo "otherwise)."
+      if [ "$any_failed" = 0 ]; then
+        echo "requests with 5 subscribers). Every run below passed, and none lost data (each test"
+        echo "fails otherwise)."
+      else
+        echo "requests with 5 subscribers). **Some runs below failed**: see their rows."
+      fi
       echo
       echo "| test | size | figures | result | reproduce |"
       echo "|---|---|---|---|---|"
@@ -122,6 +131,7 @@ case "$what" in
     grep -q '^<!-- kept by soak.sh -->$' "$log/RELIABILITY.md" || echo '<!-- kept by soak.sh -->' >>"$log/RELIABILITY.md"
     mv "$log/RELIABILITY.md" RELIABILITY.md
     echo "wrote RELIABILITY.md (logs in $log)" >&2
+    exit "$any_failed"
     ;;
   *) echo "usage: $0 fuzz [SECONDS] | crash [CYCLES] | load [CLIENTS REQUESTS SUBSCRIBERS] | report [FUZZ_SECONDS]" >&2; exit 2 ;;
 esac

@@ -325,16 +325,15 @@ async fn route(
         names::SUBSCRIBE => {
             let s: m::SubscribeParams = params(p)?;
             let journal = core.persister.journal.clone();
-            let (subscription, seq) =
-                core.events
-                    .subscribe(conn.id, &s, &conn.sink, |since, until| {
-                        let j = journal.lock().unwrap_or_else(|e| e.into_inner());
-                        j.read_since(since, usize::MAX)
-                            .unwrap_or_default()
-                            .into_iter()
-                            .filter(|e| e.seq < until)
-                            .collect()
-                    });
+            let (subscription, seq) = core
+                .events
+                .subscribe(conn.id, &s, &conn.sink, |from, until, limit| {
+                    let j = journal.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut batch = j.read_since(from, limit).map_err(|e| e.to_string())?;
+                    batch.retain(|e| e.seq < until);
+                    Ok(batch)
+                })
+                .map_err(|e| error(ErrorCode::Internal, format!("cannot replay events: {e}")))?;
             ok(m::SubscribeResult { subscription, seq })
         }
         names::UNSUBSCRIBE => {

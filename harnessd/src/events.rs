@@ -18,6 +18,9 @@ use crate::core::now;
 /// Events kept in memory for replay; older ones are read from the journal file.
 const RECENT_EVENTS: usize = 8192;
 
+/// Journaled events read at a time for a replay.
+const JOURNAL_BATCH: usize = 1024;
+
 /// Per-connection event queue capacity.
 pub const CONNECTION_EVENT_QUEUE: usize = 1024;
 
@@ -121,16 +124,19 @@ impl EventBus {
         std::mem::take(&mut self.lock().unjournaled)
     }
 
-    /// Adds a subscription for connection `conn`. Events with `seq >= since` that are
-    /// still in memory are queued first; returns the subscription id, the latest seq, and
-    /// the oldest in-memory seq (so the caller can fill an older gap from the journal).
+    /// Adds a subscription for connection `conn`. Events with `seq >= since` are queued
+    /// first: older than memory through `journal_replay(from, until, limit)` (at most
+    /// `limit` journaled events from `from`, below `until`), read a batch at a time and
+    /// only as far as the connection's queue takes. Returns the subscription id and the
+    /// latest seq; a journal that cannot be read is an error (a silent gap would be
+    /// worse).
     pub fn subscribe(
         &self,
         conn: u64,
         params: &SubscribeParams,
         sink: &EventSink,
-        journal_replay: impl FnOnce(u64, u64) -> Vec<Event>,
-    ) -> (u64, u64) {
+        mut journal_replay: impl FnMut(u64, u64, usize) -> Result<Vec<Event>, String>,
+    ) -> Result<(u64, u64), String> {
         let mut bus = self.lock();
         let id = bus.next_sub;
         bus.next_sub += 1;
@@ -144,14 +150,18 @@ impl EventBus {
         if let Some(since) = params.since {
             let oldest_recent = bus.recent.front().map_or(bus.next_seq, |(e, _)| e.seq);
             let mut replay: Vec<(u64, Arc<str>)> = Vec::new();
-            if since < oldest_recent {
-                // Older than memory: the journal has it (minus what is not yet flushed,
-                // which is in memory anyway).
-                for ev in journal_replay(since, oldest_recent) {
-                    if sub.wants(&ev.kind) {
-                        let text = serde_json::to_string(&ev).expect("events serialize");
-                        replay.push((ev.seq, text.into()));
-                    }
+            // What the queue can take, and one more to tell that it overflowed.
+            let room = sink.tx.capacity().unwrap_or(usize::MAX).saturating_add(1);
+            let mut from = since;
+            // Older than memory: the journal has it (minus what is not yet flushed,
+            // which is in memory anyway).
+            while from < oldest_recent && replay.len() < room {
+                let batch = journal_replay(from, oldest_recent, JOURNAL_BATCH)?;
+                let Some(last) = batch.last() else { break };
+                from = last.seq + 1;
+                for ev in batch.into_iter().filter(|e| sub.wants(&e.kind)) {
+                    let text = serde_json::to_string(&ev).expect("events serialize");
+                    replay.push((ev.seq, text.into()));
                 }
             }
             for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
@@ -176,7 +186,7 @@ impl EventBus {
         }
         let last = bus.next_seq - 1;
         bus.subs.push(sub);
-        (id, last)
+        Ok((id, last))
     }
 
     /// Removes a subscription of `conn`; false when there was none.
@@ -235,7 +245,8 @@ mod tests {
                 since: Some(since),
                 ..Default::default()
             };
-            bus.subscribe(conn, &params, &sink, |_, _| Vec::new());
+            bus.subscribe(conn, &params, &sink, |_, _, _| Ok(Vec::new()))
+                .unwrap();
             got.extend(seqs(&rx));
             since = sink.lagged_from.load(Ordering::Acquire);
             bus.drop_connection(conn);
@@ -251,6 +262,48 @@ mod tests {
         assert_eq!(got, (1..=250).collect::<Vec<_>>());
     }
 
+    /// Older than memory, a replay reads the journal a batch at a time and stops once
+    /// the queue is full; a journal that cannot be read fails the subscription.
+    #[test]
+    fn a_replay_from_the_journal_reads_only_what_the_queue_takes() {
+        let bus = EventBus::new(0);
+        let total = RECENT_EVENTS as u64 + 5000;
+        for _ in 0..total {
+            bus.publish(EventKind::DaemonReconciled(Reconciled {
+                fixes: Vec::new(),
+            }));
+        }
+        let journal: Vec<Event> = (1..=total)
+            .map(|seq| Event {
+                seq,
+                time: now(),
+                kind: EventKind::DaemonReconciled(Reconciled { fixes: Vec::new() }),
+            })
+            .collect();
+        let (queue, rx) = sink(100);
+        let mut reads = 0;
+        let params = SubscribeParams {
+            since: Some(1),
+            ..Default::default()
+        };
+        bus.subscribe(1, &params, &queue, |from, until, limit| {
+            reads += 1;
+            Ok(journal
+                .iter()
+                .filter(|e| e.seq >= from && e.seq < until)
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+        .unwrap();
+        assert_eq!(seqs(&rx), (1..=100).collect::<Vec<_>>());
+        assert_eq!(queue.lagged_from.load(Ordering::Acquire), 101);
+        assert_eq!(reads, 1, "read more of the journal than the queue takes");
+        let (other, _rx) = sink(100);
+        let failed = bus.subscribe(2, &params, &other, |_, _, _| Err("disk on fire".into()));
+        assert_eq!(failed, Err("disk on fire".to_owned()));
+    }
+
     /// A live subscriber whose queue is full is marked lagged from the first event it
     /// missed; publishing goes on for everyone else.
     #[test]
@@ -258,8 +311,14 @@ mod tests {
         let bus = EventBus::new(0);
         let (slow, slow_rx) = sink(10);
         let (fast, fast_rx) = sink(1000);
-        bus.subscribe(1, &SubscribeParams::default(), &slow, |_, _| Vec::new());
-        bus.subscribe(2, &SubscribeParams::default(), &fast, |_, _| Vec::new());
+        bus.subscribe(1, &SubscribeParams::default(), &slow, |_, _, _| {
+            Ok(Vec::new())
+        })
+        .unwrap();
+        bus.subscribe(2, &SubscribeParams::default(), &fast, |_, _, _| {
+            Ok(Vec::new())
+        })
+        .unwrap();
         for _ in 0..50 {
             bus.publish(EventKind::DaemonReconciled(Reconciled {
                 fixes: Vec::new(),

@@ -127,7 +127,10 @@ impl TestDaemon {
                 "cannot mount a tmpfs on {}",
                 state_dir.display()
             );
-            StateMount::Tmpfs
+            StateMount {
+                on: state_dir.to_owned(),
+                loop_device: None,
+            }
         })
     }
 
@@ -146,8 +149,12 @@ impl TestDaemon {
             let device = run("losetup", &["-f", "--show", image_path])
                 .trim()
                 .to_owned();
-            let mount = StateMount::Ext4 { image, device };
-            mount.mount_ext4(state_dir);
+            // The guard first: a mount that fails still detaches the device.
+            let mount = StateMount {
+                on: state_dir.to_owned(),
+                loop_device: Some((device, image)),
+            };
+            mount.mount_ext4();
             mount
         })
     }
@@ -179,7 +186,7 @@ impl TestDaemon {
     /// Makes the state directory's ext4 file system fail as on a disk error: the
     /// kernel turns it read-only at once, files open for writing included.
     pub fn fail_state_fs(&self) {
-        let Some(StateMount::Ext4 { device, .. }) = &self.mount else {
+        let Some((device, _)) = self.mount.as_ref().and_then(|m| m.loop_device.as_ref()) else {
             panic!("fail_state_fs needs a daemon from start_on_ext4");
         };
         let name = device.trim_start_matches("/dev/");
@@ -195,10 +202,17 @@ impl TestDaemon {
             self.child.is_none(),
             "stop harnessd before repairing its disk"
         );
-        self.kill_leftovers();
-        let Some(mount @ StateMount::Ext4 { device, .. }) = &self.mount else {
+        let killed = self.kill_leftovers();
+        let Some(mount) = &self.mount else {
             panic!("repair_state_fs needs a daemon from start_on_ext4");
         };
+        let Some((device, _)) = &mount.loop_device else {
+            panic!("repair_state_fs needs a daemon from start_on_ext4");
+        };
+        // A killed process lets go of its files once it is gone.
+        wait_for("the killed services to go", Duration::from_secs(10), || {
+            killed.iter().all(|&pid| !alive(pid)).then_some(())
+        });
         run(
             "umount",
             &[self.state_dir.to_str().expect("a UTF-8 temp path")],
@@ -213,19 +227,22 @@ impl TestDaemon {
             "e2fsck {device}: {}",
             String::from_utf8_lossy(&fsck.stdout)
         );
-        mount.mount_ext4(&self.state_dir);
+        mount.mount_ext4();
     }
 
-    /// Ends, by pid, every process that carries this daemon's `HARNESS_INSTANCE` marker.
-    fn kill_leftovers(&self) {
+    /// Ends, by pid, every process that carries this daemon's `HARNESS_INSTANCE`
+    /// marker; returns their pids.
+    fn kill_leftovers(&self) -> Vec<u32> {
         if self.info.instance.is_empty() {
-            return;
+            return Vec::new();
         }
-        for (pid, _) in deployer::process::find_instances(&format!("{}/", self.info.instance)) {
+        let found = deployer::process::find_instances(&format!("{}/", self.info.instance));
+        for (pid, _) in &found {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
         }
+        found.into_iter().map(|(pid, _)| pid).collect()
     }
 
     /// Starts harnessd with the log filter `level` and extra environment `env`.
@@ -487,40 +504,38 @@ impl Drop for TestDaemon {
             remove_docker_leftovers(&self.info.instance);
         }
         // 4. The temp dir goes last (its file system first).
-        if let Some(mount) = self.mount.take() {
-            mount.unmount(&self.state_dir);
-        }
+        drop(self.mount.take());
         drop(self.dir.take());
     }
 }
 
-/// A file system a [`TestDaemon`] mounted on its state directory.
-enum StateMount {
-    Tmpfs,
-    /// ext4 in `image`, attached as loop `device`.
-    Ext4 {
-        image: PathBuf,
-        device: String,
-    },
+/// A file system a [`TestDaemon`] mounted on its state directory: a tmpfs, or ext4 in
+/// an image file attached as a loop device. Unmounted (and detached) when dropped.
+struct StateMount {
+    on: PathBuf,
+    /// The loop device and its image file, for ext4.
+    loop_device: Option<(String, PathBuf)>,
 }
 
 impl StateMount {
-    fn mount_ext4(&self, on: &Path) {
-        if let StateMount::Ext4 { device, .. } = self {
-            let on = on.to_str().expect("a UTF-8 temp path");
+    fn mount_ext4(&self) {
+        if let Some((device, _)) = &self.loop_device {
+            let on = self.on.to_str().expect("a UTF-8 temp path");
             run(
                 "mount",
                 &["-t", "ext4", "-o", "errors=remount-ro", device, on],
             );
         }
     }
+}
 
-    fn unmount(self, from: &Path) {
-        // Lazily, should something still hold a file there: the loop device is then
+impl Drop for StateMount {
+    fn drop(&mut self) {
+        // Lazily, should something still hold a file there: a loop device is then
         // freed when the last one closes.
-        let _ = Command::new("umount").arg("-l").arg(from).status();
-        if let StateMount::Ext4 { image, device } = self {
-            let _ = Command::new("losetup").args(["-d", &device]).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.on).status();
+        if let Some((device, image)) = &self.loop_device {
+            let _ = Command::new("losetup").args(["-d", device]).status();
             let _ = std::fs::remove_file(image);
         }
     }

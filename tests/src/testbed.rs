@@ -333,12 +333,16 @@ impl TestBed {
         self.kill_where(i, is_sshd);
     }
 
-    /// Kills (SIGKILL) the processes on host `i` whose command line contains `needle`,
-    /// as a crash would; returns how many. Only this host's: a `pkill` run in its
-    /// namespace would see every process of the machine (network namespaces do not
-    /// separate pids), other tests' included.
-    pub fn kill_processes(&self, i: usize, needle: &str) -> usize {
-        self.kill_where(i, |cmdline| cmdline.contains(needle))
+    /// Kills (SIGKILL) the processes on host `i` that run `program` (the file name of
+    /// their first word: not the shell that wraps a service, whose arguments name it
+    /// too) with `needle` in their command line, as a crash would; returns how many.
+    /// Only this host's: a `pkill` run in its namespace would see every process of the
+    /// machine (network namespaces do not separate pids), other tests' included.
+    pub fn kill_processes(&self, i: usize, program: &str, needle: &str) -> usize {
+        self.kill_where(i, |cmdline| {
+            let first = cmdline.split(' ').next().unwrap_or_default();
+            Path::new(first).file_name().is_some_and(|f| f == program) && cmdline.contains(needle)
+        })
     }
 
     fn kill_where(&self, i: usize, matches: impl Fn(&str) -> bool) -> usize {

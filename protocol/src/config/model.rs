@@ -170,26 +170,75 @@ impl ServiceConfig {
         self.secret_env.iter().any(|s| s == name)
     }
 
-    /// The config as it may be shown: every secret's value replaced by [`SECRET_MASK`].
-    pub fn masked(&self) -> ServiceConfig {
-        let mut shown = self.clone();
-        if self.secret_env.is_empty() {
-            return shown;
+    /// The values of its secrets as the config gives them (the service's `env` before
+    /// its targets'), with the variable each belongs to.
+    pub fn secret_values(&self) -> Vec<(&str, &str)> {
+        let targets = std::iter::once(&self.target).chain(&self.placement);
+        let envs = std::iter::once(&self.env).chain(targets.filter_map(Target::env));
+        let mut values = Vec::new();
+        for env in envs {
+            for name in &self.secret_env {
+                if let Some(v) = env.get(name) {
+                    values.push((name.as_str(), v.as_str()));
+                }
+            }
         }
-        let mask = |env: &mut BTreeMap<String, String>| {
+        values
+    }
+
+    /// The config as it may be shown: the secrets' variables say [`SECRET_MASK`], and so
+    /// does each place a secret's value (of [`MIN_SECRET_CHARS`] or more) appears in, such
+    /// as another variable built from it or a health check's URL.
+    pub fn masked(&self) -> ServiceConfig {
+        if self.secret_env.is_empty() {
+            return self.clone();
+        }
+        let mut values: Vec<&str> = self
+            .secret_values()
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| v.chars().count() >= MIN_SECRET_CHARS)
+            .collect();
+        // Longest first: a secret that contains another is masked whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        let mut tree = serde_json::to_value(self).expect("configs serialize");
+        mask_strings(&mut tree, &values);
+        let mut shown: ServiceConfig =
+            serde_json::from_value(tree).expect("a masked config reads back");
+        let by_name = |env: &mut BTreeMap<String, String>| {
             for (k, v) in env.iter_mut() {
                 if self.is_secret(k) {
                     *v = SECRET_MASK.to_owned();
                 }
             }
         };
-        mask(&mut shown.env);
+        by_name(&mut shown.env);
         for target in std::iter::once(&mut shown.target).chain(&mut shown.placement) {
             if let Some(env) = target.env_mut() {
-                mask(env);
+                by_name(env);
             }
         }
         shown
+    }
+}
+
+/// Secrets shorter than this are masked where they are named, not looked for elsewhere
+/// (they would turn up by chance).
+pub const MIN_SECRET_CHARS: usize = 4;
+
+/// Replaces each of `values` in every string of `tree` by [`SECRET_MASK`].
+fn mask_strings(tree: &mut serde_json::Value, values: &[&str]) {
+    match tree {
+        serde_json::Value::String(s) => {
+            for v in values {
+                if s.contains(v) {
+                    *s = s.replace(v, SECRET_MASK);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| mask_strings(i, values)),
+        serde_json::Value::Object(map) => map.values_mut().for_each(|i| mask_strings(i, values)),
+        _ => {}
     }
 }
 
@@ -243,12 +292,20 @@ impl Target {
         }
     }
 
-    /// The words of the command line it runs (where `ps` on its host shows them).
-    pub fn command_line(&self) -> Vec<&str> {
+    /// The commands it runs, word by word, where `ps` on their host shows them: its
+    /// program and arguments, and on a remote host the setup and install commands.
+    pub fn command_words(&self) -> Vec<&str> {
         let words: Vec<&String> = match self {
             Target::Process(p) => std::iter::once(&p.binary).chain(&p.args).collect(),
             Target::Docker(d) => d.entrypoint.iter().chain(&d.command).collect(),
-            Target::RemoteLan(r) | Target::Wireguard(r) => r.binary.iter().chain(&r.args).collect(),
+            Target::RemoteLan(r) | Target::Wireguard(r) => r
+                .binary
+                .iter()
+                .chain(&r.args)
+                .chain(&r.setup_commands)
+                .chain(&r.pre_install)
+                .chain(&r.post_install)
+                .collect(),
             Target::Discovered(_) | Target::External(_) => Vec::new(),
         };
         words.into_iter().map(String::as_str).collect()

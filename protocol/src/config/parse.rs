@@ -580,11 +580,6 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
     svc.env = f.text_map(cx, "env");
     svc.env_file = f.text(cx, "env_file");
     svc.secret_env = f.texts(cx, "secret_env");
-    if let Some(n) = f.get("secret_env") {
-        if let Some(reason) = secret_on_command_line(&svc) {
-            cx.error(&f.key("secret_env"), n, reason);
-        }
-    }
     svc.health_check = f
         .get("health_check")
         .and_then(|n| health_check(cx, n, &f.key("health_check")));
@@ -599,35 +594,6 @@ fn service(cx: &mut Cx<'_>, key: &Key, node: &Node) -> ServiceConfig {
             .unwrap_or_default();
     }
     svc
-}
-
-/// Why a secret of `svc` would show in `ps`: its value (as the config gives it, of 4
-/// characters or more) is part of a command line. The message names the variable and
-/// where, never the value.
-fn secret_on_command_line(svc: &ServiceConfig) -> Option<String> {
-    for name in &svc.secret_env {
-        let targets = std::iter::once(&svc.target).chain(&svc.placement);
-        for target in targets {
-            // The service's `env` comes before the target's.
-            let value = svc
-                .env
-                .get(name)
-                .or_else(|| target.env().and_then(|env| env.get(name)))
-                .filter(|v| v.chars().count() >= 4);
-            let Some(value) = value else { continue };
-            if let Some(i) = target
-                .command_line()
-                .iter()
-                .position(|w| w.contains(value.as_str()))
-            {
-                return Some(format!(
-                    "the value of secret {name} is in word {} of the command line, where `ps` shows it to every user of the host: pass it in the environment ({name}) and read it there",
-                    i + 1
-                ));
-            }
-        }
-    }
-    None
 }
 
 /// What to write instead of the one-word placements of the deployment guide

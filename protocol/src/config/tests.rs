@@ -905,6 +905,12 @@ fn secret_env_values_are_masked_wherever_the_config_is_shown() {
         !text.contains("t0ken-value") && !text.contains("from-target"),
         "{text}"
     );
+    // A value built from a secret, a URL holding one: masked where they appear.
+    let built = load(&svc("    target: { process: { binary: /bin/api } }\n    env: { DB_PASSWORD: hunter22, DATABASE_URL: \"postgres://u:hunter22@db/x\" }\n    secret_env: [DB_PASSWORD]\n    health_check: { type: http, url: \"http://u:hunter22@${self.addr}/\" }\n"))
+    .masked();
+    let text = serde_json::to_string(&built).unwrap();
+    assert!(!text.contains("hunter22"), "{text}");
+    assert!(text.contains("postgres://u:(secret)@db/x"), "{text}");
     // The config itself keeps the values: the service gets them.
     assert_eq!(api.env["API_TOKEN"], "t0ken-value");
 }
@@ -913,8 +919,23 @@ fn secret_env_values_are_masked_wherever_the_config_is_shown() {
 fn a_secret_on_the_command_line_is_refused_without_showing_it() {
     check_errors(
         &svc("    target: { process: { binary: /bin/api, args: [--token, \"t0ken-value\"] } }\n    env: { API_TOKEN: t0ken-value }\n    secret_env: [API_TOKEN]\n"),
-        &["t.yaml:5:17: services.api.secret_env: the value of secret API_TOKEN is in word 3 of the command line, where `ps` shows it to every user of the host: pass it in the environment (API_TOKEN) and read it there"],
+        &["t.yaml:5:5: services.api.secret_env: the value of secret API_TOKEN is in a command it runs, where `ps` shows it to every user of the host: pass it in the environment (API_TOKEN) and read it there"],
     );
+    // In a health check's command too; and in the daemon, once `${VAR}` is resolved.
+    check_errors(
+        &svc("    target: { process: { binary: /bin/api } }\n    env: { API_TOKEN: t0ken-value }\n    secret_env: [API_TOKEN]\n    health_check: { type: command, command: curl, args: [-H, \"X: t0ken-value\"] }\n"),
+        &["t.yaml:5:5: services.api.secret_env: the value of secret API_TOKEN is in its health check's command, where `ps` shows it to every user of the host: pass it in the environment (API_TOKEN) and read it there"],
+    );
+    let mut resolved = load(&svc("    target: { process: { binary: /bin/api, args: [\"--key=${KEY}\"] } }\n    env: { API_TOKEN: \"${TOKEN}\" }\n    secret_env: [API_TOKEN]\n"));
+    resolved
+        .resolve_environment(&mut |_| Some("t0ken-value".into()))
+        .unwrap();
+    let errors = validate(&resolved, FILE).unwrap_err().to_string();
+    assert!(
+        errors.contains("secret API_TOKEN is in a command it runs"),
+        "{errors}"
+    );
+    assert!(!errors.contains("t0ken-value"), "{errors}");
     // Short values are not looked for (they would match by chance), nor names alone.
     one(&svc("    target: { process: { binary: /bin/api, args: [--mode, \"1\", API_TOKEN] } }\n    env: { API_TOKEN: \"1\" }\n    secret_env: [API_TOKEN]\n"));
 }

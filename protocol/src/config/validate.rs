@@ -24,6 +24,44 @@ pub fn validate(config: &StackConfig, file: &str) -> Result<(), ConfigErrors> {
     }
 }
 
+/// Why a secret of `svc` would show in `ps`: its value (of [`MIN_SECRET_CHARS`] or more)
+/// is in a command the harness runs for it. Checked on the config as written and, in the
+/// daemon, on the config with `${VAR}` resolved. The message names the variable and
+/// where, never the value.
+fn secret_in_a_command(svc: &ServiceConfig) -> Option<String> {
+    let health: Vec<&str> = match svc.health_check.as_ref().map(|h| &h.check) {
+        Some(CheckKind::Command { command, args, .. }) => std::iter::once(command)
+            .chain(args)
+            .map(String::as_str)
+            .collect(),
+        Some(CheckKind::Script { path, args }) => std::iter::once(path)
+            .chain(args)
+            .map(String::as_str)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let targets = std::iter::once(&svc.target).chain(&svc.placement);
+    for (name, value) in svc.secret_values() {
+        if value.chars().count() < MIN_SECRET_CHARS {
+            continue;
+        }
+        let place = if targets
+            .clone()
+            .any(|t| t.command_words().iter().any(|w| w.contains(value)))
+        {
+            "a command it runs"
+        } else if health.iter().any(|w| w.contains(value)) {
+            "its health check's command"
+        } else {
+            continue;
+        };
+        return Some(format!(
+            "the value of secret {name} is in {place}, where `ps` shows it to every user of the host: pass it in the environment ({name}) and read it there"
+        ));
+    }
+    None
+}
+
 /// Collects problems keyed by canonical dotted paths.
 struct Problems<'a> {
     file: &'a str,
@@ -156,6 +194,9 @@ pub const HOST_KEY_POLICIES: [&str; 2] = ["strict", "accept-new"];
 
 fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &ServiceConfig) {
     let key = join("services", name);
+    if let Some(reason) = secret_in_a_command(svc) {
+        p.add(join(&key, "secret_env"), reason);
+    }
     if !is_service_name(name) {
         let message = format!(
             "bad service name {name:?}: use lower-case letters, digits, `-` and `_`, starting with a letter or digit (names become environment variable and file names)"

@@ -309,7 +309,7 @@ services:
     assert!(text.contains(&bed.hosts[0].address), "{text}");
 
     // A crash on the host is seen and restarted by policy.
-    assert_eq!(bed.kill_processes(0, "demo-service --name api"), 1);
+    assert_eq!(bed.kill_processes(0, "demo-service", "--name api"), 1);
     let restarted = wait_service(&c, "lan", "api", "api restarted after its crash", |s| {
         // (Becoming healthy again resets the restart count.)
         s.health == Health::Healthy && s.pid.is_some_and(|p| p != pid)
