@@ -11,9 +11,10 @@ need=()
 # postgresql, redis-server, dnsmasq and python3-zeroconf are the real servers and
 # responders the discovery tests find (started by the tests in test-bed namespaces);
 # sudo is what a mesh node's `sudo: true` runs (a test logs in as a user with it);
-# e2fsprogs makes and repairs the ext4 disk a test turns read-only under the daemon.
+# e2fsprogs makes and repairs the ext4 disk a test turns read-only under the daemon;
+# openssl's s_client is the TLS 1.2 client the daemon must refuse.
 for pkg in pkg-config libssl-dev iproute2 openssh-server openssh-client busybox-static procps python3 docker.io systemd chromium \
-  postgresql redis-server dnsmasq python3-zeroconf util-linux sudo e2fsprogs; do
+  postgresql redis-server dnsmasq python3-zeroconf util-linux sudo e2fsprogs openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

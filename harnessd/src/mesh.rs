@@ -88,6 +88,39 @@ fn is_hub_process(pid: u32, control: &std::path::Path) -> bool {
     args.first().is_some_and(|a| a.ends_with(b"harness-node")) && args.contains(&control)
 }
 
+/// Ends hub agents that carry this daemon's hub marker but could not be adopted: a
+/// daemon killed between starting one and recording it (`hub.pid`) leaves it running,
+/// holding the interface's name, so a new one could not make its device. Nothing was
+/// joined through it (nodes join once the hub is recorded), so ending it loses nothing.
+async fn end_unrecorded_hubs(marker: &str) {
+    let marker = marker.to_owned();
+    let found = smol::unblock({
+        let marker = marker.clone();
+        move || deployer::process::find_instances(&marker)
+    })
+    .await;
+    if found.is_empty() {
+        return;
+    }
+    for (pid, _) in &found {
+        if deployer::process::kill_stray(*pid) {
+            tracing::warn!("ended mesh hub agent {pid}, which no record owned");
+        }
+    }
+    // Its device goes with it, once it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let marker = marker.clone();
+        if smol::unblock(move || deployer::process::find_instances(&marker))
+            .await
+            .is_empty()
+        {
+            return;
+        }
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+}
+
 /// The stack's mesh subnet (`network.wireguard_subnet`, default 10.42.0.0/16).
 pub fn subnet_of(config: &StackConfig) -> Result<Subnet, String> {
     let text = config
@@ -166,6 +199,7 @@ impl Core {
         let agent = agent_program();
         let interface = interface_name(&self.instance);
         let marker = hub_instance(&self.instance);
+        end_unrecorded_hubs(&marker).await;
         let (child, ready) = smol::unblock(move || -> Result<_, String> {
             use std::io::BufRead;
             use std::os::unix::process::CommandExt;

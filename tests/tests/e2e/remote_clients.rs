@@ -130,3 +130,44 @@ fn clients_on_other_machines_need_a_certificate_of_the_client_ca() {
     smol::block_on(local.call::<serde_json::Value>("daemon.status", serde_json::json!({})))
         .expect("still serving");
 }
+
+/// Only TLS 1.3 is spoken (rustls is built without TLS 1.2): a client that offers
+/// nothing newer than TLS 1.2 is refused in the handshake, one that offers TLS 1.3 is
+/// served, and the daemon goes on serving.
+#[test]
+fn a_client_that_offers_only_tls_1_2_is_refused() {
+    let d = tests::TestDaemon::start();
+    let authority = d
+        .info
+        .url
+        .trim_start_matches("wss://")
+        .trim_end_matches('/');
+    let handshake = |version: &str| {
+        Command::new("openssl")
+            .args(["s_client", "-connect", authority, version, "-CAfile"])
+            .arg(&d.info.ca)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client")
+    };
+    let old = handshake("-tls1_2");
+    let said = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success(), "a TLS 1.2 handshake succeeded");
+    assert!(said.contains("alert protocol version"), "{said}");
+    let new = handshake("-tls1_3");
+    let shown = String::from_utf8_lossy(&new.stdout);
+    assert!(
+        new.status.success(),
+        "{}",
+        String::from_utf8_lossy(&new.stderr)
+    );
+    assert!(
+        shown.contains("TLSv1.3") && shown.contains("Verify return code: 0 (ok)"),
+        "{shown}"
+    );
+    smol::block_on(
+        d.client()
+            .call::<serde_json::Value>("daemon.status", serde_json::json!({})),
+    )
+    .expect("still serving");
+}
