@@ -240,6 +240,13 @@ services:
     tests::wait_for("the mesh interface to go", Duration::from_secs(10), || {
         (!tests::testbed::run("ip", &["-o", "link", "show"]).contains(&ifname)).then_some(())
     });
+    // And the `unreachable` route that covered the mesh subnet while it was in use.
+    let subnet = format!("10.49.{third}.0/24");
+    let routes = tests::testbed::run("ip", &["-4", "route", "show", "table", "all"]);
+    assert!(
+        !routes.contains(&subnet),
+        "a route of the mesh is left: {routes}"
+    );
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
     println!(
         "crash cycles: {cycles} cycles, seed {seed}: harnessd SIGKILLed {cycles} times (during up {}, down {}, restart {}), restarted and reconciled each time; {adopted} times a service ran through a crash and was the same process after it, none ran twice, the registry whole every time; nothing left after down",
