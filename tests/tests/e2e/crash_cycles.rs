@@ -253,3 +253,79 @@ services:
         kills[0], kills[1], kills[2]
     );
 }
+
+/// The moment crash cycle 13 of seed 320122769 hit: a hub agent that the daemon started
+/// but did not record (it was killed in between) still runs, holding the mesh
+/// interface's name. The next mesh service must not fail with "Device or resource busy":
+/// the daemon ends that agent and starts its own hub.
+#[test]
+fn an_unrecorded_hub_agent_is_ended_before_a_new_hub_starts() {
+    use std::io::{BufRead, BufReader};
+    use wg_mesh::config::{Cidr, Config, Interface};
+    let bed = TestBed::new(1);
+    let d = TestDaemon::start();
+    let third = bed.third_octet();
+    let dir = d.workdir("orphan");
+    let conf = Config {
+        interface: Interface {
+            private_key: wg_mesh::keys::PrivateKey::generate().unwrap(),
+            address: Cidr::parse(&format!("10.50.{third}.1/24")).unwrap(),
+            listen_port: Some(0),
+            mtu: None,
+        },
+        peers: Vec::new(),
+    };
+    let conf_path = dir.join("orphan.conf");
+    std::fs::write(&conf_path, conf.render()).unwrap();
+    let interface = format!("hm{}", &d.info.instance[..10]);
+    let mut orphan = Command::new(tests::bin("harness-node"))
+        .arg("--config")
+        .arg(&conf_path)
+        .args(["--interface", &interface])
+        .env(
+            "HARNESS_INSTANCE",
+            format!("{}/-/mesh-hub", d.info.instance),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start harness-node");
+    let mut ready = String::new();
+    BufReader::new(orphan.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(
+        ready.starts_with("ready"),
+        "the orphan did not start: {ready}"
+    );
+
+    let tag = format!("orphan{}", std::process::id());
+    let stack = d.workdir("orphan-stack");
+    write_config(
+        &stack,
+        &format!(
+            r#"
+name: {tag}
+network: {{ wireguard_subnet: "10.49.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {node0}
+services:
+  mesh:
+    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, {tag}-mesh, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
+"#,
+            port = 44000 + u16::from(third),
+            node0 = bed.host_yaml(0, ""),
+        ),
+    );
+    let up = d.cli(&stack, &["up"]);
+    // Ended by the daemon, whatever the outcome (a failed `up` must not leave it).
+    let ended = tests::wait_for("the orphan to be ended", Duration::from_secs(10), || {
+        orphan.try_wait().ok().flatten()
+    });
+    assert_ok(&d, &up, "harness up beside an unrecorded hub agent");
+    assert!(!ended.success(), "the orphan exited by itself: {ended}");
+    assert_ok(&d, &d.cli(&stack, &["down"]), "harness down");
+}
