@@ -201,10 +201,18 @@ impl ServiceConfig {
             .collect();
         // Longest first: a secret that contains another is masked whole.
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        let mut tree = serde_json::to_value(self).expect("configs serialize");
-        mask_strings(&mut tree, &values);
-        let mut shown: ServiceConfig =
-            serde_json::from_value(tree).expect("a masked config reads back");
+        // A secret that is also a whole keyword of the config (`port: auto`, a check's
+        // `type: http`) would not read back masked there: such whole strings are left,
+        // and with them the secret's other whole-string uses (a variable named in
+        // `secret_env` is masked by name below in any case).
+        let masked_with = |whole: bool| -> Option<ServiceConfig> {
+            let mut tree = serde_json::to_value(self).ok()?;
+            mask_strings(&mut tree, &values, whole);
+            serde_json::from_value(tree).ok()
+        };
+        let mut shown = masked_with(true)
+            .or_else(|| masked_with(false))
+            .unwrap_or_else(|| self.clone());
         let by_name = |env: &mut BTreeMap<String, String>| {
             for (k, v) in env.iter_mut() {
                 if self.is_secret(k) {
@@ -226,18 +234,26 @@ impl ServiceConfig {
 /// (they would turn up by chance).
 pub const MIN_SECRET_CHARS: usize = 4;
 
-/// Replaces each of `values` in every string of `tree` by [`SECRET_MASK`].
-fn mask_strings(tree: &mut serde_json::Value, values: &[&str]) {
+/// Replaces each of `values` in every string of `tree` by [`SECRET_MASK`]; a string that
+/// is one of them entirely only when `whole`.
+fn mask_strings(tree: &mut serde_json::Value, values: &[&str], whole: bool) {
     match tree {
         serde_json::Value::String(s) => {
+            if !whole && values.contains(&s.as_str()) {
+                return;
+            }
             for v in values {
                 if s.contains(v) {
                     *s = s.replace(v, SECRET_MASK);
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| mask_strings(i, values)),
-        serde_json::Value::Object(map) => map.values_mut().for_each(|i| mask_strings(i, values)),
+        serde_json::Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| mask_strings(i, values, whole)),
+        serde_json::Value::Object(map) => map
+            .values_mut()
+            .for_each(|i| mask_strings(i, values, whole)),
         _ => {}
     }
 }

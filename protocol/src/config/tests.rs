@@ -911,6 +911,22 @@ fn secret_env_values_are_masked_wherever_the_config_is_shown() {
     let text = serde_json::to_string(&built).unwrap();
     assert!(!text.contains("hunter22"), "{text}");
     assert!(text.contains("postgres://u:(secret)@db/x"), "{text}");
+    // A secret that is also a keyword of the config (`type: http`, `port: auto`): the
+    // config still reads back, the variable is masked, the keywords stay.
+    let keyword = load(&svc("    target: { process: { binary: /bin/api, env: { OTHER: \"x-http-y\" } } }\n    port: auto\n    env: { WORD: http, AUTO: auto }\n    secret_env: [WORD, AUTO]\n    health_check: { type: http, url: \"http://${self.addr}/\" }\n"));
+    let shown_kw = keyword.masked();
+    let kw = &shown_kw.services["api"];
+    assert_eq!(
+        (kw.env["WORD"].as_str(), kw.env["AUTO"].as_str()),
+        (SECRET_MASK, SECRET_MASK)
+    );
+    assert_eq!(kw.port, keyword.services["api"].port);
+    // `type: http` is still an http check; the secret inside strings is masked.
+    let Some(CheckKind::Http { url, .. }) = kw.health_check.as_ref().map(|h| &h.check) else {
+        panic!("the check's type changed: {:?}", kw.health_check);
+    };
+    assert_eq!(url, "(secret)://${self.addr}/");
+    assert_eq!(kw.target.env().unwrap()["OTHER"], "x-(secret)-y");
     // The config itself keeps the values: the service gets them.
     assert_eq!(api.env["API_TOKEN"], "t0ken-value");
 }
