@@ -324,16 +324,19 @@ async fn route(
         names::SERVICE_EXEC => ok(exec(core, conn, req.id, params(p)?).await?),
         names::SUBSCRIBE => {
             let s: m::SubscribeParams = params(p)?;
+            // Held for the whole replay: a compaction between two batches would skip
+            // events without a word.
             let journal = core.persister.journal.clone();
+            let j = journal.lock().unwrap_or_else(|e| e.into_inner());
             let (subscription, seq) = core
                 .events
                 .subscribe(conn.id, &s, &conn.sink, |from, until, limit| {
-                    let j = journal.lock().unwrap_or_else(|e| e.into_inner());
                     let mut batch = j.read_since(from, limit).map_err(|e| e.to_string())?;
                     batch.retain(|e| e.seq < until);
                     Ok(batch)
                 })
                 .map_err(|e| error(ErrorCode::Internal, format!("cannot replay events: {e}")))?;
+            drop(j);
             ok(m::SubscribeResult { subscription, seq })
         }
         names::UNSUBSCRIBE => {

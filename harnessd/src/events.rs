@@ -164,24 +164,32 @@ impl EventBus {
                     replay.push((ev.seq, text.into()));
                 }
             }
-            for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
-                if sub.wants(&ev.kind) {
-                    replay.push((ev.seq, text.clone()));
+            // Stopped with journaled events still unread: memory's turn comes after them,
+            // in a later round.
+            let journal_cut = from < oldest_recent;
+            if !journal_cut {
+                for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
+                    if sub.wants(&ev.kind) {
+                        replay.push((ev.seq, text.clone()));
+                    }
                 }
             }
             // A replay longer than the queue goes a queue at a time: the lag notice
             // names the first event that did not fit, and the client asks again from
             // there (naming `since` again would replay the same queueful for ever).
+            let mut next = journal_cut.then_some(from);
             for (seq, text) in replay {
                 if sink.tx.try_send(text).is_err() {
-                    let _ = sink.lagged_from.compare_exchange(
-                        0,
-                        seq,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    next = Some(seq);
                     break;
                 }
+            }
+            // The writer may drain the queue while it fills, so all of a cut replay can
+            // fit: the notice then names the first event not read.
+            if let Some(next) = next {
+                let _ =
+                    sink.lagged_from
+                        .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire);
             }
         }
         let last = bus.next_seq - 1;

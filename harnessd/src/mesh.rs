@@ -88,33 +88,41 @@ fn is_hub_process(pid: u32, control: &std::path::Path) -> bool {
     args.first().is_some_and(|a| a.ends_with(b"harness-node")) && args.contains(&control)
 }
 
-/// Ends hub agents that carry this daemon's hub marker but could not be adopted: a
-/// daemon killed between starting one and recording it (`hub.pid`) leaves it running,
-/// holding the interface's name, so a new one could not make its device. Nothing was
-/// joined through it (nodes join once the hub is recorded), so ending it loses nothing.
-async fn end_unrecorded_hubs(marker: &str) {
+/// The pids of processes carrying exactly this daemon's hub marker.
+async fn hub_agents(marker: &str) -> Vec<u32> {
     let marker = marker.to_owned();
-    let found = smol::unblock({
-        let marker = marker.clone();
-        move || deployer::process::find_instances(&marker)
+    smol::unblock(move || {
+        deployer::process::find_instances(&marker)
+            .into_iter()
+            .filter(|(_, m)| *m == marker)
+            .map(|(pid, _)| pid)
+            .collect()
     })
-    .await;
-    if found.is_empty() {
+    .await
+}
+
+/// Ends the agents with this daemon's hub marker that do not serve its control socket
+/// (so cannot be adopted): they would hold the interface's name, and a new hub could
+/// not make its device. One that serves the socket is never ended: it is adopted.
+async fn end_unrecorded_hubs(marker: &str, control: &std::path::Path) {
+    let strays: Vec<u32> = hub_agents(marker)
+        .await
+        .into_iter()
+        .filter(|&pid| !is_hub_process(pid, control))
+        .collect();
+    if strays.is_empty() {
         return;
     }
-    for (pid, _) in &found {
-        if deployer::process::kill_stray(*pid) {
+    for &pid in &strays {
+        if deployer::process::kill_stray(pid) {
             tracing::warn!("ended mesh hub agent {pid}, which no record owned");
         }
     }
     // Its device goes with it, once it is gone.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let marker = marker.clone();
-        if smol::unblock(move || deployer::process::find_instances(&marker))
-            .await
-            .is_empty()
-        {
+        let left = hub_agents(marker).await;
+        if !strays.iter().any(|p| left.contains(p)) {
             return;
         }
         smol::Timer::after(Duration::from_millis(20)).await;
@@ -199,7 +207,7 @@ impl Core {
         let agent = agent_program();
         let interface = interface_name(&self.instance);
         let marker = hub_instance(&self.instance);
-        end_unrecorded_hubs(&marker).await;
+        end_unrecorded_hubs(&marker, &control).await;
         let (child, ready) = smol::unblock(move || -> Result<_, String> {
             use std::io::BufRead;
             use std::os::unix::process::CommandExt;
@@ -259,8 +267,49 @@ impl Core {
         Ok((public, port))
     }
 
-    /// The hub a previous run of the daemon started, when it still runs.
+    /// The hub a previous run of the daemon started, when it still runs: the one
+    /// `hub.pid` names, else one it started but did not get to record (it was killed
+    /// in between), known by its marker and control socket and read from `hub.conf`.
     async fn adopt_hub(&self) -> Option<Hub> {
+        match self.adopt_recorded_hub().await {
+            Some(hub) => Some(hub),
+            None => self.adopt_unrecorded_hub().await,
+        }
+    }
+
+    async fn adopt_unrecorded_hub(&self) -> Option<Hub> {
+        let dir = self.state_dir.join("mesh");
+        let control = dir.join("hub.sock");
+        let pid = hub_agents(&hub_instance(&self.instance))
+            .await
+            .into_iter()
+            .find(|&pid| is_hub_process(pid, &control))?;
+        let text = smol::fs::read_to_string(dir.join("hub.conf")).await.ok()?;
+        let conf = Config::parse(&text, "hub.conf").ok()?;
+        let i = &conf.interface;
+        let port = i.listen_port?;
+        let subnet = Subnet::parse(&format!("{}/{}", i.address.addr, i.address.prefix)).ok()?;
+        let public = i.private_key.public();
+        let record = format!("{pid} {port} {subnet} {public}\n");
+        if let Err(e) = crate::env::write_private(dir.join("hub.pid"), record).await {
+            tracing::warn!("{e}");
+        }
+        if let Err(e) = ip_route("replace", &subnet).await {
+            tracing::warn!("{e}");
+        }
+        tracing::info!("adopted the mesh hub (pid {pid}), which no record named");
+        Some(Hub {
+            child: None,
+            pid,
+            control,
+            public,
+            port,
+            subnet,
+            handed_out: HashSet::new(),
+        })
+    }
+
+    async fn adopt_recorded_hub(&self) -> Option<Hub> {
         let dir = self.state_dir.join("mesh");
         let text = smol::fs::read_to_string(dir.join("hub.pid")).await.ok()?;
         let mut words = text.split_whitespace();
@@ -774,7 +823,13 @@ async fn stop_hub(mut hub: Hub, dir: &std::path::Path) {
             }
         }
     }
-    let _ = smol::fs::remove_file(dir.join("hub.pid")).await;
+    // Only the stopped hub's record: a new hub may have started and recorded itself.
+    let record = smol::fs::read_to_string(dir.join("hub.pid"))
+        .await
+        .unwrap_or_default();
+    if record.split_whitespace().next() == Some(hub.pid.to_string().as_str()) {
+        let _ = smol::fs::remove_file(dir.join("hub.pid")).await;
+    }
     if let Err(e) = ip_route("del", &hub.subnet).await {
         tracing::warn!("{e}");
     }
