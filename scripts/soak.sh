@@ -32,13 +32,13 @@ fuzz() { # SECONDS: prints "TARGET RUNS passed|FAILED" per target; fails if one 
       "$scratch/$target" "tests/fuzz/corpus/$target" \
       -- -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 >"$scratch/$target.log" 2>&1; then
       tail -40 "$scratch/$target.log" >&2
-      echo "$target: the fuzz run failed (a crash is kept in tests/fuzz/artifacts/$target/)" >&2
+      echo "$target: the fuzz run failed (output above and in $scratch; a crash it found is kept in tests/fuzz/artifacts/$target/)" >&2
       status=FAILED failed=1
     fi
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$scratch/$target.log" | tail -1)
     echo "$target ${runs:-0} $status"
   done
-  rm -rf "$scratch"
+  [ "$failed" = 1 ] || rm -rf "$scratch"
   return $failed
 }
 
@@ -73,7 +73,7 @@ case "$what" in
       if [ -z "$figures" ]; then
         figures=$(grep -E '^ +Summary' "$log/out" | tail -1 | sed 's/^ *//' || true)
       fi
-      cp "$log/out" "$log/$(echo "$name" | tr -c 'a-z0-9' _).log"
+      cp "$log/out" "$log/$(printf %s "$name" | tr -c 'a-z0-9' _).log"
       [ "$result" = passed ] || any_failed=1
       rows+=("| $name | $size | ${figures//|/\\|} | $result | \`${repro//|/\\|}\` |")
       echo "$name: $result" >&2
@@ -108,6 +108,7 @@ case "$what" in
       else figures="$runs inputs tried"; result="**FAILED** (see $log/fuzz.log)"; fi
       rows+=("| fuzzing \`$target\` | $fuzz_secs s | $figures | $result | \`./scripts/soak.sh fuzz $fuzz_secs\` |")
     done <"$log/fuzz"
+    [ -s "$log/fuzz" ] || rows+=("| fuzzing | $fuzz_secs s per target | none ran | **FAILED** (see $log/fuzz.log) | \`./scripts/soak.sh fuzz $fuzz_secs\` |")
     {
       echo "# Reliability"
       echo

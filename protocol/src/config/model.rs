@@ -186,33 +186,20 @@ impl ServiceConfig {
         values
     }
 
-    /// The config as it may be shown: the secrets' variables say [`SECRET_MASK`], and so
-    /// does each place a secret's value (of [`MIN_SECRET_CHARS`] or more) appears in, such
-    /// as another variable built from it or a health check's URL.
-    pub fn masked(&self) -> ServiceConfig {
-        if self.secret_env.is_empty() {
-            return self.clone();
+    /// The config as it may be shown: its secrets' variables say [`SECRET_MASK`], and
+    /// so does each place one of `values` appears in (the stack's secrets, from
+    /// [`StackConfig::secret_values`]), such as a variable built from one or a health
+    /// check's URL.
+    pub fn masked_with(&self, values: &[&str]) -> ServiceConfig {
+        let mut shown = self.clone();
+        if !values.is_empty() {
+            if let Ok(mut tree) = serde_json::to_value(self) {
+                mask_tree(&mut tree, values);
+                if let Ok(masked) = serde_json::from_value(tree) {
+                    shown = masked;
+                }
+            }
         }
-        let mut values: Vec<&str> = self
-            .secret_values()
-            .into_iter()
-            .map(|(_, v)| v)
-            .filter(|v| v.chars().count() >= MIN_SECRET_CHARS)
-            .collect();
-        // Longest first: a secret that contains another is masked whole.
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        // A secret that is also a whole keyword of the config (`port: auto`, a check's
-        // `type: http`) would not read back masked there: such whole strings are left,
-        // and with them the secret's other whole-string uses (a variable named in
-        // `secret_env` is masked by name below in any case).
-        let masked_with = |whole: bool| -> Option<ServiceConfig> {
-            let mut tree = serde_json::to_value(self).ok()?;
-            mask_strings(&mut tree, &values, whole);
-            serde_json::from_value(tree).ok()
-        };
-        let mut shown = masked_with(true)
-            .or_else(|| masked_with(false))
-            .unwrap_or_else(|| self.clone());
         let by_name = |env: &mut BTreeMap<String, String>| {
             for (k, v) in env.iter_mut() {
                 if self.is_secret(k) {
@@ -230,40 +217,84 @@ impl ServiceConfig {
     }
 }
 
-/// Secrets shorter than this are masked where they are named, not looked for elsewhere
-/// (they would turn up by chance).
-pub const MIN_SECRET_CHARS: usize = 4;
+/// `text` with each of `values` replaced by [`SECRET_MASK`].
+pub fn mask_secrets(text: &str, values: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for v in values {
+        if out.contains(v) {
+            out = out.replace(v, SECRET_MASK);
+        }
+    }
+    out
+}
 
-/// Replaces each of `values` in every string of `tree` by [`SECRET_MASK`]; a string that
-/// is one of them entirely only when `whole`.
-fn mask_strings(tree: &mut serde_json::Value, values: &[&str], whole: bool) {
-    match tree {
-        serde_json::Value::String(s) => {
-            if !whole && values.contains(&s.as_str()) {
-                return;
-            }
-            for v in values {
-                if s.contains(v) {
-                    *s = s.replace(v, SECRET_MASK);
-                }
+/// Masks `values` in every string of `tree` that still reads back as a config once
+/// masked: a secret that is also a keyword of the config (`port: auto`, a check's
+/// `type: http`, a policy `on-failure` around `fail`) stays where masking it would
+/// make the config unreadable; the keyword tells nothing of the secret there.
+fn mask_tree(tree: &mut serde_json::Value, values: &[&str]) {
+    let mut paths = Vec::new();
+    string_paths(tree, String::new(), values, &mut paths);
+    for path in paths {
+        let Some(serde_json::Value::String(text)) = tree.pointer_mut(&path) else {
+            continue;
+        };
+        let original = std::mem::take(text);
+        *text = mask_secrets(&original, values);
+        if serde_json::from_value::<ServiceConfig>(tree.clone()).is_err() {
+            if let Some(serde_json::Value::String(text)) = tree.pointer_mut(&path) {
+                *text = original;
             }
         }
-        serde_json::Value::Array(items) => items
-            .iter_mut()
-            .for_each(|i| mask_strings(i, values, whole)),
-        serde_json::Value::Object(map) => map
-            .values_mut()
-            .for_each(|i| mask_strings(i, values, whole)),
+    }
+}
+
+/// JSON pointers of the strings in `tree` that hold one of `values`.
+fn string_paths(tree: &serde_json::Value, at: String, values: &[&str], out: &mut Vec<String>) {
+    match tree {
+        serde_json::Value::String(s) if values.iter().any(|v| s.contains(v)) => out.push(at),
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                string_paths(item, format!("{at}/{i}"), values, out);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (key, item) in map {
+                let key = key.replace('~', "~0").replace('/', "~1");
+                string_paths(item, format!("{at}/{key}"), values, out);
+            }
+        }
         _ => {}
     }
 }
 
+/// Secrets shorter than this are masked where they are named, not looked for elsewhere
+/// (they would turn up by chance).
+pub const MIN_SECRET_CHARS: usize = 4;
+
 impl StackConfig {
-    /// The config as it may be shown: every service's secrets masked.
+    /// The values of every service's secrets (of [`MIN_SECRET_CHARS`] or more), longest
+    /// first (a secret that contains another is masked whole).
+    pub fn secret_values(&self) -> Vec<&str> {
+        let mut values: Vec<&str> = self
+            .services
+            .values()
+            .flat_map(ServiceConfig::secret_values)
+            .map(|(_, v)| v)
+            .filter(|v| v.chars().count() >= MIN_SECRET_CHARS)
+            .collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        values
+    }
+
+    /// The config as it may be shown: every secret masked wherever it appears, in any
+    /// service (a database's password in its client's URL too).
     pub fn masked(&self) -> StackConfig {
+        let values = self.secret_values();
         let mut shown = self.clone();
         for svc in shown.services.values_mut() {
-            *svc = svc.masked();
+            *svc = svc.masked_with(&values);
         }
         shown
     }

@@ -952,6 +952,15 @@ fn a_secret_on_the_command_line_is_refused_without_showing_it() {
         "{errors}"
     );
     assert!(!errors.contains("t0ken-value"), "{errors}");
+    // Another service's secret counts too: masked in its client's URL, refused on its
+    // command line.
+    let stack = load("services:\n  db:\n    target: { process: { binary: /bin/db } }\n    env: { POSTGRES_PASSWORD: hunter22 }\n    secret_env: [POSTGRES_PASSWORD]\n  api:\n    target: { process: { binary: /bin/api } }\n    env: { DATABASE_URL: \"postgres://u:hunter22@db/x\" }\n");
+    let text = serde_json::to_string(&stack.masked()).unwrap();
+    assert!(!text.contains("hunter22"), "{text}");
+    check_errors(
+        "services:\n  db:\n    target: { process: { binary: /bin/db } }\n    env: { POSTGRES_PASSWORD: hunter22 }\n    secret_env: [POSTGRES_PASSWORD]\n  api:\n    target: { process: { binary: /bin/api, args: [--db-password, hunter22] } }\n",
+        &["t.yaml:7:5: services.api.target: the value of secret POSTGRES_PASSWORD (of service db) is in a command it runs, where `ps` shows it to every user of the host: pass it in the environment (POSTGRES_PASSWORD) and read it there"],
+    );
     // Short values are not looked for (they would match by chance), nor names alone.
     one(&svc("    target: { process: { binary: /bin/api, args: [--mode, \"1\", API_TOKEN] } }\n    env: { API_TOKEN: \"1\" }\n    secret_env: [API_TOKEN]\n"));
 }

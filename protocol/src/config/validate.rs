@@ -24,11 +24,12 @@ pub fn validate(config: &StackConfig, file: &str) -> Result<(), ConfigErrors> {
     }
 }
 
-/// Why a secret of `svc` would show in `ps`: its value (of [`MIN_SECRET_CHARS`] or more)
-/// is in a command the harness runs for it. Checked on the config as written and, in the
+/// Why a secret of the stack (`secrets`: owning service, variable, value) would show in
+/// `ps`: its value (of [`MIN_SECRET_CHARS`] or more) is in a command the harness runs for
+/// `svc`. Checked on the config as written and, in the
 /// daemon, on the config with `${VAR}` resolved. The message names the variable and
 /// where, never the value.
-fn secret_in_a_command(svc: &ServiceConfig) -> Option<String> {
+fn secret_in_a_command(svc: &ServiceConfig, secrets: &[(&str, &str, &str)]) -> Option<String> {
     let health: Vec<&str> = match svc.health_check.as_ref().map(|h| &h.check) {
         Some(CheckKind::Command { command, args, .. }) => std::iter::once(command)
             .chain(args)
@@ -41,7 +42,7 @@ fn secret_in_a_command(svc: &ServiceConfig) -> Option<String> {
         _ => Vec::new(),
     };
     let targets = std::iter::once(&svc.target).chain(&svc.placement);
-    for (name, value) in svc.secret_values() {
+    for &(owner, name, value) in secrets {
         if value.chars().count() < MIN_SECRET_CHARS {
             continue;
         }
@@ -55,8 +56,15 @@ fn secret_in_a_command(svc: &ServiceConfig) -> Option<String> {
         } else {
             continue;
         };
+        let whose = if svc.secret_env.iter().any(|n| n == name)
+            && svc.secret_values().iter().any(|&(_, v)| v == value)
+        {
+            String::new()
+        } else {
+            format!(" (of service {owner})")
+        };
         return Some(format!(
-            "the value of secret {name} is in {place}, where `ps` shows it to every user of the host: pass it in the environment ({name}) and read it there"
+            "the value of secret {name}{whose} is in {place}, where `ps` shows it to every user of the host: pass it in the environment ({name}) and read it there"
         ));
     }
     None
@@ -194,8 +202,22 @@ pub const HOST_KEY_POLICIES: [&str; 2] = ["strict", "accept-new"];
 
 fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &ServiceConfig) {
     let key = join("services", name);
-    if let Some(reason) = secret_in_a_command(svc) {
-        p.add(join(&key, "secret_env"), reason);
+    let secrets: Vec<(&str, &str, &str)> = config
+        .services
+        .iter()
+        .flat_map(|(owner, s)| {
+            s.secret_values()
+                .into_iter()
+                .map(move |(name, value)| (owner.as_str(), name, value))
+        })
+        .collect();
+    if let Some(reason) = secret_in_a_command(svc, &secrets) {
+        let at = if svc.secret_env.is_empty() {
+            "target"
+        } else {
+            "secret_env"
+        };
+        p.add(join(&key, at), reason);
     }
     if !is_service_name(name) {
         let message = format!(

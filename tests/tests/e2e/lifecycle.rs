@@ -392,7 +392,7 @@ fn a_secret_env_value_reaches_the_service_and_no_one_else() {
     write_config(
         &dir,
         &format!(
-            "name: secrets\nservices:\n  api:\n    target: {{ process: {{ binary: /bin/sh, args: [./check.sh] }} }}\n    env: {{ API_TOKEN: {secret}, MODE: dev }}\n    secret_env: [API_TOKEN]\n"
+            "name: secrets\nservices:\n  api:\n    target: {{ process: {{ binary: /bin/sh, args: [./check.sh] }} }}\n    env: {{ API_TOKEN: {secret}, MODE: dev, URL: \"pg://u:{secret}@db/x\" }}\n    secret_env: [API_TOKEN]\n"
         ),
     );
     assert_ok(&d, &d.cli(&dir, &["up"]), "harness up");
