@@ -155,7 +155,15 @@ impl EventBus {
             let mut from = since;
             // Older than memory: the journal has it (minus what is not yet flushed,
             // which is in memory anyway).
-            while from < oldest_recent && replay.len() < room {
+            // Cut short (the queue is full) with journaled events still unread: memory's
+            // turn comes after them, in a later round. (A journal with nothing more
+            // below memory, or nothing before `since` at all, is not cut.)
+            let mut journal_cut = false;
+            while from < oldest_recent {
+                if replay.len() >= room {
+                    journal_cut = true;
+                    break;
+                }
                 let batch = journal_replay(from, oldest_recent, JOURNAL_BATCH)?;
                 let Some(last) = batch.last() else { break };
                 from = last.seq + 1;
@@ -164,9 +172,6 @@ impl EventBus {
                     replay.push((ev.seq, text.into()));
                 }
             }
-            // Stopped with journaled events still unread: memory's turn comes after them,
-            // in a later round.
-            let journal_cut = from < oldest_recent;
             if !journal_cut {
                 for (ev, text) in bus.recent.iter().filter(|(e, _)| e.seq >= since) {
                     if sub.wants(&ev.kind) {
@@ -310,6 +315,28 @@ mod tests {
         let (other, _rx) = sink(100);
         let failed = bus.subscribe(2, &params, &other, |_, _, _| Err("disk on fire".into()));
         assert_eq!(failed, Err("disk on fire".to_owned()));
+    }
+
+    /// `since` older than anything (0) or than the journal holds: what there is comes,
+    /// and no lag notice (the replay was not cut short).
+    #[test]
+    fn a_replay_from_before_the_first_event_is_not_a_lag() {
+        let bus = EventBus::new(0);
+        for _ in 0..5 {
+            bus.publish(EventKind::DaemonReconciled(Reconciled {
+                fixes: Vec::new(),
+            }));
+        }
+        let (queue, rx) = sink(100);
+        let params = SubscribeParams {
+            since: Some(0),
+            ..Default::default()
+        };
+        // The journal has only what memory has too (seq >= 1): nothing below `until`.
+        bus.subscribe(1, &params, &queue, |_, _, _| Ok(Vec::new()))
+            .unwrap();
+        assert_eq!(seqs(&rx), (1..=5).collect::<Vec<_>>());
+        assert_eq!(queue.lagged_from.load(Ordering::Acquire), 0);
     }
 
     /// A live subscriber whose queue is full is marked lagged from the first event it
