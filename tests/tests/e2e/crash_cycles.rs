@@ -329,3 +329,71 @@ services:
     assert!(!ended.success(), "the orphan exited by itself: {ended}");
     assert_ok(&d, &d.cli(&stack, &["down"]), "harness down");
 }
+
+/// A hub agent that runs with its record (`hub.pid`) gone, as when the daemon is killed
+/// between starting it and recording it, while it already serves: the restarted daemon
+/// adopts it (the same process, its peer kept, the mesh service's tunnel up), neither
+/// ending it nor starting a second hub.
+#[test]
+fn a_hub_whose_record_is_gone_is_adopted_not_replaced() {
+    let bed = TestBed::new(1);
+    let mut d = TestDaemon::start();
+    let third = bed.third_octet();
+    let tag = format!("adopt{}", std::process::id());
+    let stack = d.workdir("adopt-stack");
+    write_config(
+        &stack,
+        &format!(
+            r#"
+name: {tag}
+network: {{ wireguard_subnet: "10.49.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {node0}
+services:
+  mesh:
+    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, {tag}-mesh, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
+"#,
+            port = 45000 + u16::from(third),
+            node0 = bed.host_yaml(0, ""),
+        ),
+    );
+    assert_ok(&d, &d.cli(&stack, &["up"]), "harness up");
+    let record = d.state_dir.join("mesh/hub.pid");
+    let hub_pid: u32 = std::fs::read_to_string(&record)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mesh_pid = {
+        let c = d.client();
+        crate::support::get(&c, &tag, "mesh").pid
+    };
+    d.kill9();
+    std::fs::remove_file(&record).unwrap();
+    d.restart();
+    let c = d.client();
+    let mesh = wait_service(&c, &tag, "mesh", "mesh healthy after the restart", |s| {
+        s.state == ServiceState::Running && s.health == Health::Healthy
+    });
+    assert_eq!(mesh.pid, mesh_pid, "the mesh service was started again");
+    assert!(tests::alive(hub_pid), "the hub was ended");
+    assert_eq!(hub_peers(&d).len(), 1, "the hub lost its peer");
+    // `up` again finds the adopted hub: no second one, the same process.
+    assert_ok(&d, &d.cli(&stack, &["up"]), "harness up after the restart");
+    let recorded: u32 = std::fs::read_to_string(&record)
+        .expect("the adopted hub recorded again")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(recorded, hub_pid);
+    assert_ok(&d, &d.cli(&stack, &["down"]), "harness down");
+    tests::wait_for("the hub to end", Duration::from_secs(10), || {
+        (!tests::alive(hub_pid)).then_some(())
+    });
+}
