@@ -254,6 +254,38 @@ services:
     );
 }
 
+/// A stack `NAME<pid>` (in its own work dir, returned with the name) of one mesh
+/// service on the bed's host 0, its mesh on UDP port `port_base` + the bed's octet.
+fn one_mesh_service(
+    d: &TestDaemon,
+    bed: &TestBed,
+    name: &str,
+    port_base: u16,
+) -> (String, std::path::PathBuf) {
+    let third = bed.third_octet();
+    let tag = format!("{name}{}", std::process::id());
+    let stack = d.workdir(&format!("{name}-stack"));
+    write_config(
+        &stack,
+        &format!(
+            r#"
+name: {tag}
+network: {{ wireguard_subnet: "10.49.{third}.0/24", listen_port: {port} }}
+hosts:
+  node0: {node0}
+services:
+  mesh:
+    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, {tag}-mesh, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
+"#,
+            port = port_base + u16::from(third),
+            node0 = bed.host_yaml(0, ""),
+        ),
+    );
+    (tag, stack)
+}
+
 /// The moment crash cycle 13 of seed 320122769 hit: a hub agent that the daemon started
 /// but did not record (it was killed in between) still runs, holding the mesh
 /// interface's name. The next mesh service must not fail with "Device or resource busy":
@@ -300,26 +332,7 @@ fn an_unrecorded_hub_agent_is_ended_before_a_new_hub_starts() {
         "the orphan did not start: {ready}"
     );
 
-    let tag = format!("orphan{}", std::process::id());
-    let stack = d.workdir("orphan-stack");
-    write_config(
-        &stack,
-        &format!(
-            r#"
-name: {tag}
-network: {{ wireguard_subnet: "10.49.{third}.0/24", listen_port: {port} }}
-hosts:
-  node0: {node0}
-services:
-  mesh:
-    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, {tag}-mesh, --port, "${{self.port}}"] }} }}
-    port: auto
-    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
-"#,
-            port = 44000 + u16::from(third),
-            node0 = bed.host_yaml(0, ""),
-        ),
-    );
+    let (_, stack) = one_mesh_service(&d, &bed, "orphan", 44000);
     let up = d.cli(&stack, &["up"]);
     // Ended by the daemon, whatever the outcome (a failed `up` must not leave it).
     let ended = tests::wait_for("the orphan to be ended", Duration::from_secs(10), || {
@@ -338,27 +351,7 @@ services:
 fn a_hub_whose_record_is_gone_is_adopted_not_replaced() {
     let bed = TestBed::new(1);
     let mut d = TestDaemon::start();
-    let third = bed.third_octet();
-    let tag = format!("adopt{}", std::process::id());
-    let stack = d.workdir("adopt-stack");
-    write_config(
-        &stack,
-        &format!(
-            r#"
-name: {tag}
-network: {{ wireguard_subnet: "10.49.{third}.0/24", listen_port: {port} }}
-hosts:
-  node0: {node0}
-services:
-  mesh:
-    target: {{ wireguard: {{ host: node0, binary: DEMO, args: [--name, {tag}-mesh, --port, "${{self.port}}"] }} }}
-    port: auto
-    health_check: {{ type: http, url: "http://${{self.addr}}/health", interval: 300ms }}
-"#,
-            port = 45000 + u16::from(third),
-            node0 = bed.host_yaml(0, ""),
-        ),
-    );
+    let (tag, stack) = one_mesh_service(&d, &bed, "adopt", 45000);
     assert_ok(&d, &d.cli(&stack, &["up"]), "harness up");
     let record = d.state_dir.join("mesh/hub.pid");
     let hub_pid: u32 = std::fs::read_to_string(&record)
