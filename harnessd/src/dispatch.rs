@@ -230,7 +230,7 @@ async fn route(
                 )
                 .map_err(|e| error(ErrorCode::InvalidConfig, e))?;
                 if let Some(stack) = st.stack(&s.stack) {
-                    mask_env(&stack.config, &s.name, &mut env);
+                    stack.config.mask_env(&s.name, &mut env);
                 }
                 Ok(env)
             })?;
@@ -942,33 +942,4 @@ async fn exec(
     let (status, ()) = futures_lite::future::zip(run, forward).await;
     let (exit_code, signal) = status.map_err(|e| error(ErrorCode::BackendError, e))?;
     Ok(m::ExecResult { exit_code, signal })
-}
-
-/// Masks the secrets in the environment `env` of service `name`: its `secret_env`
-/// variables, and every secret value of the stack (these included, wherever they came
-/// from, an env file too) inside the other values.
-fn mask_env(
-    config: &StackConfig,
-    name: &str,
-    env: &mut std::collections::BTreeMap<String, String>,
-) {
-    let Some(svc) = config.services.get(name) else {
-        return;
-    };
-    let resolved: Vec<String> = env
-        .iter()
-        .filter(|(k, v)| svc.is_secret(k) && v.chars().count() >= config::MIN_SECRET_CHARS)
-        .map(|(_, v)| v.clone())
-        .collect();
-    let mut values: Vec<&str> = config.secret_values();
-    values.extend(resolved.iter().map(String::as_str));
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    values.dedup();
-    for (k, v) in env.iter_mut() {
-        *v = if svc.is_secret(k) {
-            config::SECRET_MASK.to_owned()
-        } else {
-            config::mask_secrets(v, &values)
-        };
-    }
 }

@@ -70,6 +70,37 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub found running: started by an earlier daemon, not this one's child.
+    fn found(pid: u32, control: PathBuf, public: PublicKey, port: u16, subnet: Subnet) -> Hub {
+        Hub {
+            child: None,
+            pid,
+            control,
+            public,
+            port,
+            subnet,
+            handed_out: HashSet::new(),
+        }
+    }
+
+    /// Its line in `hub.pid` (what [`Hub::from_record`] reads back).
+    fn record(&self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.pid, self.port, self.subnet, self.public
+        )
+    }
+
+    /// The hub `hub.pid` records, serving `control` (whether it runs is not checked).
+    fn from_record(text: &str, control: PathBuf) -> Option<Hub> {
+        let mut words = text.split_whitespace();
+        let pid: u32 = words.next()?.parse().ok()?;
+        let port: u16 = words.next()?.parse().ok()?;
+        let subnet = Subnet::parse(words.next()?).ok()?;
+        let public = PublicKey::from_base64(words.next()?).ok()?;
+        Some(Hub::found(pid, control, public, port, subnet))
+    }
+
     fn alive(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),
@@ -240,12 +271,9 @@ impl Core {
             let why = std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default();
             return Err(format!("the mesh hub did not start: {}", why.trim()));
         }
-        let pid = child.id();
-        crate::env::write_private(
-            dir.join("hub.pid"),
-            format!("{pid} {port} {subnet} {public}\n"),
-        )
-        .await?;
+        // Recorded before anything else, so a daemon killed from here on adopts it.
+        let started = Hub::found(child.id(), dir.join("hub.sock"), public, port, subnet);
+        crate::env::write_private(dir.join("hub.pid"), started.record()).await?;
         // While the mesh is in use its subnet never falls through to the default
         // route: with the hub's device gone (it crashed), the kernel answers
         // "unreachable" instead of sending mesh traffic elsewhere.
@@ -257,12 +285,7 @@ impl Core {
         }));
         *hub = Some(Hub {
             child: Some(child),
-            pid,
-            control: dir.join("hub.sock"),
-            public,
-            port,
-            subnet,
-            handed_out: HashSet::new(),
+            ..started
         });
         Ok((public, port))
     }
@@ -289,48 +312,26 @@ impl Core {
         let i = &conf.interface;
         let port = i.listen_port?;
         let subnet = Subnet::parse(&format!("{}/{}", i.address.addr, i.address.prefix)).ok()?;
-        let public = i.private_key.public();
-        let record = format!("{pid} {port} {subnet} {public}\n");
-        if let Err(e) = crate::env::write_private(dir.join("hub.pid"), record).await {
+        let hub = Hub::found(pid, control, i.private_key.public(), port, subnet);
+        if let Err(e) = crate::env::write_private(dir.join("hub.pid"), hub.record()).await {
             tracing::warn!("{e}");
         }
-        if let Err(e) = ip_route("replace", &subnet).await {
+        if let Err(e) = ip_route("replace", &hub.subnet).await {
             tracing::warn!("{e}");
         }
         tracing::info!("adopted the mesh hub (pid {pid}), which no record named");
-        Some(Hub {
-            child: None,
-            pid,
-            control,
-            public,
-            port,
-            subnet,
-            handed_out: HashSet::new(),
-        })
+        Some(hub)
     }
 
     async fn adopt_recorded_hub(&self) -> Option<Hub> {
         let dir = self.state_dir.join("mesh");
         let text = smol::fs::read_to_string(dir.join("hub.pid")).await.ok()?;
-        let mut words = text.split_whitespace();
-        let pid: u32 = words.next()?.parse().ok()?;
-        let port: u16 = words.next()?.parse().ok()?;
-        let subnet = Subnet::parse(words.next()?).ok()?;
-        let public = PublicKey::from_base64(words.next()?).ok()?;
-        let control = dir.join("hub.sock");
-        if !is_hub_process(pid, &control) {
+        let hub = Hub::from_record(&text, dir.join("hub.sock"))?;
+        if !is_hub_process(hub.pid, &hub.control) {
             return None;
         }
-        tracing::info!("adopted the mesh hub (pid {pid})");
-        Some(Hub {
-            child: None,
-            pid,
-            control,
-            public,
-            port,
-            subnet,
-            handed_out: HashSet::new(),
-        })
+        tracing::info!("adopted the mesh hub (pid {})", hub.pid);
+        Some(hub)
     }
 
     /// One request to the hub's control socket.
@@ -827,7 +828,7 @@ async fn stop_hub(mut hub: Hub, dir: &std::path::Path) {
     let record = smol::fs::read_to_string(dir.join("hub.pid"))
         .await
         .unwrap_or_default();
-    if record.split_whitespace().next() == Some(hub.pid.to_string().as_str()) {
+    if Hub::from_record(&record, hub.control.clone()).is_some_and(|r| r.pid == hub.pid) {
         let _ = smol::fs::remove_file(dir.join("hub.pid")).await;
     }
     if let Err(e) = ip_route("del", &hub.subnet).await {

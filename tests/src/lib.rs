@@ -379,6 +379,38 @@ impl TestDaemon {
     }
 }
 
+/// Starts `agent` (a `harness-node` command, its arguments given) with its output to
+/// `log` and returns once it printed `ready` (its device and control socket are up).
+pub fn start_node_agent(agent: &mut Command, log: &Path) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = agent
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("agent log"))
+        .spawn()
+        .expect("start harness-node");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read ready");
+    assert!(
+        first.starts_with("ready"),
+        "harness-node did not start: {first}{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    child
+}
+
+/// One request to a `harness-node` control socket; its JSON answer.
+pub fn node_control(socket: &Path, request: serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    writeln!(s, "{request}").expect("write");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("read");
+    serde_json::from_str(&line).expect("json answer")
+}
+
 /// The engine's socket; the docker tests need it.
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 

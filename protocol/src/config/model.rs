@@ -272,20 +272,54 @@ fn string_paths(tree: &serde_json::Value, at: String, values: &[&str], out: &mut
 /// (they would turn up by chance).
 pub const MIN_SECRET_CHARS: usize = 4;
 
+/// The secret values worth looking for, once each, longest first (a secret that
+/// contains another is masked whole).
+fn longest_first<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut values: Vec<&str> = values
+        .filter(|v| v.chars().count() >= MIN_SECRET_CHARS)
+        .collect();
+    // By length, then by text, so that equal ones are neighbours for `dedup`.
+    values.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    values.dedup();
+    values
+}
+
 impl StackConfig {
     /// The values of every service's secrets (of [`MIN_SECRET_CHARS`] or more), longest
     /// first (a secret that contains another is masked whole).
     pub fn secret_values(&self) -> Vec<&str> {
-        let mut values: Vec<&str> = self
-            .services
-            .values()
-            .flat_map(ServiceConfig::secret_values)
-            .map(|(_, v)| v)
-            .filter(|v| v.chars().count() >= MIN_SECRET_CHARS)
+        longest_first(
+            self.services
+                .values()
+                .flat_map(ServiceConfig::secret_values)
+                .map(|(_, v)| v),
+        )
+    }
+
+    /// Masks the secrets in `env`, the environment of service `name` as resolved: its
+    /// `secret_env` variables, and every secret of the stack (these included, wherever
+    /// they came from, an env file too) inside the other values.
+    pub fn mask_env(&self, name: &str, env: &mut BTreeMap<String, String>) {
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
+        let resolved: Vec<String> = env
+            .iter()
+            .filter(|(k, _)| svc.is_secret(k))
+            .map(|(_, v)| v.clone())
             .collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        values.dedup();
-        values
+        let values = longest_first(
+            self.secret_values()
+                .into_iter()
+                .chain(resolved.iter().map(String::as_str)),
+        );
+        for (k, v) in env.iter_mut() {
+            *v = if svc.is_secret(k) {
+                SECRET_MASK.to_owned()
+            } else {
+                mask_secrets(v, &values)
+            };
+        }
     }
 
     /// The config as it may be shown: every secret masked wherever it appears, in any

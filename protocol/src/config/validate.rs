@@ -29,7 +29,11 @@ pub fn validate(config: &StackConfig, file: &str) -> Result<(), ConfigErrors> {
 /// `svc`. Checked on the config as written and, in the
 /// daemon, on the config with `${VAR}` resolved. The message names the variable and
 /// where, never the value.
-fn secret_in_a_command(svc: &ServiceConfig, secrets: &[(&str, &str, &str)]) -> Option<String> {
+fn secret_in_a_command(
+    service: &str,
+    svc: &ServiceConfig,
+    secrets: &[(&str, &str, &str)],
+) -> Option<String> {
     let health: Vec<&str> = match svc.health_check.as_ref().map(|h| &h.check) {
         Some(CheckKind::Command { command, args, .. }) => std::iter::once(command)
             .chain(args)
@@ -56,9 +60,7 @@ fn secret_in_a_command(svc: &ServiceConfig, secrets: &[(&str, &str, &str)]) -> O
         } else {
             continue;
         };
-        let whose = if svc.secret_env.iter().any(|n| n == name)
-            && svc.secret_values().iter().any(|&(_, v)| v == value)
-        {
+        let whose = if owner == service {
             String::new()
         } else {
             format!(" (of service {owner})")
@@ -103,8 +105,27 @@ pub(crate) fn problems(config: &StackConfig, file: &str) -> Vec<ConfigError> {
     for (name, host) in &config.hosts {
         check_host(&mut p, &join("hosts", name), host);
     }
+    // Every service's secrets, with their owner: one service's may not be in another's
+    // commands either.
+    let secrets: Vec<(&str, &str, &str)> = config
+        .services
+        .iter()
+        .flat_map(|(owner, s)| {
+            s.secret_values()
+                .into_iter()
+                .map(move |(name, value)| (owner.as_str(), name, value))
+        })
+        .collect();
     for (name, svc) in &config.services {
         check_service(&mut p, config, name, svc);
+        if let Some(reason) = secret_in_a_command(name, svc, &secrets) {
+            let at = if svc.secret_env.is_empty() {
+                "target"
+            } else {
+                "secret_env"
+            };
+            p.add(join(&join("services", name), at), reason);
+        }
         if let Some(sig) = svc
             .stop_signal
             .as_deref()
@@ -202,23 +223,6 @@ pub const HOST_KEY_POLICIES: [&str; 2] = ["strict", "accept-new"];
 
 fn check_service(p: &mut Problems<'_>, config: &StackConfig, name: &str, svc: &ServiceConfig) {
     let key = join("services", name);
-    let secrets: Vec<(&str, &str, &str)> = config
-        .services
-        .iter()
-        .flat_map(|(owner, s)| {
-            s.secret_values()
-                .into_iter()
-                .map(move |(name, value)| (owner.as_str(), name, value))
-        })
-        .collect();
-    if let Some(reason) = secret_in_a_command(svc, &secrets) {
-        let at = if svc.secret_env.is_empty() {
-            "target"
-        } else {
-            "secret_env"
-        };
-        p.add(join(&key, at), reason);
-    }
     if !is_service_name(name) {
         let message = format!(
             "bad service name {name:?}: use lower-case letters, digits, `-` and `_`, starting with a letter or digit (names become environment variable and file names)"

@@ -56,13 +56,8 @@ fn containers_of(instance: &str) -> Vec<String> {
 
 /// The hub agent's own peer list (all of them, owned or not), from its control socket.
 fn hub_peers(d: &TestDaemon) -> Vec<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(d.state_dir.join("mesh/hub.sock"))
-        .expect("the hub's control socket");
-    writeln!(s, "{}", serde_json::json!({"op": "peers"})).unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).unwrap();
-    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let socket = d.state_dir.join("mesh/hub.sock");
+    let answer = tests::node_control(&socket, serde_json::json!({"op": "peers"}));
     answer["peers"].as_array().cloned().unwrap_or_default()
 }
 
@@ -292,7 +287,6 @@ services:
 /// the daemon ends that agent and starts its own hub.
 #[test]
 fn an_unrecorded_hub_agent_is_ended_before_a_new_hub_starts() {
-    use std::io::{BufRead, BufReader};
     use wg_mesh::config::{Cidr, Config, Interface};
     let bed = TestBed::new(1);
     let d = TestDaemon::start();
@@ -310,26 +304,16 @@ fn an_unrecorded_hub_agent_is_ended_before_a_new_hub_starts() {
     let conf_path = dir.join("orphan.conf");
     std::fs::write(&conf_path, conf.render()).unwrap();
     let interface = format!("hm{}", &d.info.instance[..10]);
-    let mut orphan = Command::new(tests::bin("harness-node"))
-        .arg("--config")
-        .arg(&conf_path)
-        .args(["--interface", &interface])
-        .env(
-            "HARNESS_INSTANCE",
-            format!("{}/-/mesh-hub", d.info.instance),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start harness-node");
-    let mut ready = String::new();
-    BufReader::new(orphan.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert!(
-        ready.starts_with("ready"),
-        "the orphan did not start: {ready}"
+    let mut orphan = tests::start_node_agent(
+        Command::new(tests::bin("harness-node"))
+            .arg("--config")
+            .arg(&conf_path)
+            .args(["--interface", &interface])
+            .env(
+                "HARNESS_INSTANCE",
+                format!("{}/-/mesh-hub", d.info.instance),
+            ),
+        &dir.join("orphan.log"),
     );
 
     let (_, stack) = one_mesh_service(&d, &bed, "orphan", 44000);

@@ -3,7 +3,7 @@
 //! harness host (its own subnet, routed nowhere else, its own interface names and
 //! namespaces), so nodes on one bed reach the hosts of another only through the mesh.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,21 +52,7 @@ fn agent(bed: &TestBed, i: usize, config: &Config, control: Option<&std::path::P
     if let Some(c) = control {
         cmd.arg("--control").arg(c);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).expect("log"))
-        .spawn()
-        .expect("start harness-node");
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("read ready");
-    assert!(
-        first.starts_with("ready"),
-        "harness-node did not start: {first}{}",
-        std::fs::read_to_string(&stderr).unwrap_or_default()
-    );
+    let child = tests::start_node_agent(&mut cmd, &stderr);
     Agent { child, stderr }
 }
 
@@ -89,15 +75,6 @@ fn ping(bed: &TestBed, i: usize, to: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// One request to a hub agent's control socket; its JSON answer.
-fn control(path: &std::path::Path, request: serde_json::Value) -> serde_json::Value {
-    let mut s = std::os::unix::net::UnixStream::connect(path).expect("control socket");
-    writeln!(s, "{request}").expect("write");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("read");
-    serde_json::from_str(&line).expect("json answer")
 }
 
 #[test]
@@ -176,7 +153,7 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
     assert!(ping(&bed, 2, &ip(2)), "node 2 cannot reach node 1");
 
     // The hub's peers with handshakes and traffic.
-    let peers = control(&control_path, serde_json::json!({"op": "peers"}));
+    let peers = tests::node_control(&control_path, serde_json::json!({"op": "peers"}));
     let list = peers["peers"].as_array().expect("peers");
     assert_eq!(list.len(), 2, "{peers}");
     for p in list {
@@ -187,7 +164,7 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
     // Removing node 2's peer cuts it off at once; adding it back (with the endpoint
     // the hub knew) restores it without touching the node.
     let n2_pub = n2_key.public().to_string();
-    let removed = control(
+    let removed = tests::node_control(
         &control_path,
         serde_json::json!({"op": "remove_peer", "public_key": n2_pub}),
     );
@@ -201,7 +178,7 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
         "node 2 still reaches the hub after its removal"
     );
     let endpoint = format!("{}:{}", bed.hosts[2].address, node_port(&bed, 2));
-    let added = control(
+    let added = tests::node_control(
         &control_path,
         serde_json::json!({"op": "add_peer", "public_key": n2_pub, "allowed_ips": [format!("{}/32", ip(3))], "endpoint": endpoint}),
     );
@@ -212,7 +189,7 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
     }
 
     // Bad control input gets an error, and the hub keeps serving.
-    let bad = control(
+    let bad = tests::node_control(
         &control_path,
         serde_json::json!({"op": "add_peer", "public_key": "nope", "allowed_ips": []}),
     );

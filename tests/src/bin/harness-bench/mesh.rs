@@ -6,7 +6,6 @@
 //! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
 //! agent, from the hub's LAN address to the node's mesh address, as LAN callers use).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -111,14 +110,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Asks agent A (host 0's, with a control socket) for a relay.
 fn add_relay(bed: &TestBed, listen: &str, to: &str) {
-    use std::io::Write;
     let path = bed.hosts[0].dir.join("bench-control.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("control socket");
     let request = serde_json::json!({"op": "add_relay", "listen": listen, "to": to});
-    writeln!(s, "{request}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    assert!(line.contains("\"ok\":true"), "add_relay: {line}");
+    let answer = tests::node_control(&path, request);
+    assert_eq!(answer["ok"], true, "add_relay: {answer}");
 }
 
 /// Two harness-node agents: A (hub-like, listening) and B (node, towards A).
@@ -162,17 +157,10 @@ fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
             cmd.arg("--control")
                 .arg(bed.hosts[0].dir.join("bench-control.sock"));
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(bed.hosts[i].dir.join("bench-agent.log")).unwrap())
-            .spawn()
-            .expect("harness-node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("ready"), "harness-node: {line}");
-        Proc(child)
+        Proc(tests::start_node_agent(
+            &mut cmd,
+            &bed.hosts[i].dir.join("bench-agent.log"),
+        ))
     };
     let a = start(0, &a_conf);
     let t = Instant::now();
