@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeployError {
-    /// Writing a file of the run directory (spec.json, shim.json, exit.json) failed.
+    /// Writing a file of the run directory (shim.json, exit.json) failed.
     #[error("cannot write {path}: {source}")]
     WriteFile {
         /// The file.
@@ -33,6 +33,17 @@ pub enum DeployError {
         /// The cause.
         source: io::Error,
     },
+    /// The shim server failed to answer, also after it was started again.
+    #[error("the shim server {exe} failed: {source}")]
+    ShimServer {
+        /// Its executable.
+        exe: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The shim server could not fork a shim.
+    #[error("cannot fork a shim: {0}")]
+    Fork(io::Error),
     /// The shim could not start the service; the reason is the shim's own words,
     /// e.g. "cannot run /x/y: No such file or directory (os error 2)".
     #[error("{reason}")]

@@ -1,15 +1,17 @@
 //! The process backend against real processes: spawn, logs, exit, stop, adoption.
 //!
-//! The shim is `deployer-test-shim`, a stand-in for `harnessd shim`. Every test uses
-//! its own temporary directory and instance name, and kills only what it started.
+//! The shim server is `deployer-test-shim`, a stand-in for `harness-shim`. Every test
+//! uses its own temporary directory, instance name and shim server, and kills only
+//! what it started.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use deployer::logs::{self, LogEntry};
-use deployer::process::{self, Adoption, ExitStatus, ProcessRecord, ProcessSpec};
+use deployer::process::{self, Adoption, ExitStatus, ProcessRecord, ProcessSpec, ShimServer};
 use rustix::process::{Pid, Signal};
 
 fn shim_exe() -> &'static Path {
@@ -27,14 +29,20 @@ fn unique(name: &str) -> String {
 
 struct Test {
     dir: tempfile::TempDir,
+    /// The daemon instance this test stands in for.
+    daemon: String,
+    shims: Arc<ShimServer>,
     /// Every run started, killed on drop if it still runs.
     runs: Vec<ProcessRecord>,
 }
 
 impl Test {
     fn new() -> Self {
+        let daemon = unique("daemon");
         Self {
             dir: tempfile::tempdir().unwrap(),
+            shims: Arc::new(ShimServer::new(shim_exe(), &daemon)),
+            daemon,
             runs: Vec::new(),
         }
     }
@@ -42,7 +50,7 @@ impl Test {
     fn spec(&self, name: &str, binary: &str, args: &[&str]) -> ProcessSpec {
         let env = BTreeMap::from([("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned())]);
         ProcessSpec {
-            instance: format!("{}/stack/{name}", unique(name)),
+            instance: format!("{}/stack/{name}", self.daemon),
             binary: binary.to_owned(),
             args: args.iter().map(|a| a.to_string()).collect(),
             env,
@@ -55,7 +63,7 @@ impl Test {
     }
 
     fn spawn(&mut self, spec: &ProcessSpec) -> ProcessRecord {
-        let record = smol::block_on(process::spawn(spec, shim_exe())).expect("spawn");
+        let record = smol::block_on(process::spawn(spec, &self.shims)).expect("spawn");
         self.runs.push(record.clone());
         record
     }
@@ -165,7 +173,7 @@ fn spawn_failure_names_the_binary() {
     let t = Test::new();
     let missing = t.dir.path().join("no/such/binary");
     let spec = t.spec("missing", missing.to_str().unwrap(), &[]);
-    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+    let err = smol::block_on(process::spawn(&spec, &t.shims))
         .unwrap_err()
         .to_string();
     assert!(
@@ -174,14 +182,14 @@ fn spawn_failure_names_the_binary() {
     );
 
     let spec = t.spec("unknown", "no-such-binary-on-path", &[]);
-    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+    let err = smol::block_on(process::spawn(&spec, &t.shims))
         .unwrap_err()
         .to_string();
     assert!(err.contains("cannot run no-such-binary-on-path"), "{err}");
 
     let mut spec = t.spec("nodir", "true", &[]);
     spec.working_dir = t.dir.path().join("nodir");
-    let err = smol::block_on(process::spawn(&spec, shim_exe()))
+    let err = smol::block_on(process::spawn(&spec, &t.shims))
         .unwrap_err()
         .to_string();
     assert!(
@@ -189,7 +197,8 @@ fn spawn_failure_names_the_binary() {
         "{err}"
     );
 
-    let err = smol::block_on(process::spawn(&spec, &t.dir.path().join("no-shim"))).unwrap_err();
+    let no_server = ShimServer::new(&t.dir.path().join("no-shim"), "x");
+    let err = smol::block_on(process::spawn(&spec, &no_server)).unwrap_err();
     assert!(err.to_string().contains("no-shim"), "{err}");
 }
 
@@ -404,13 +413,16 @@ fn rotation_and_restarts_keep_offsets_continuous() {
 }
 
 #[test]
-fn find_instances_sees_shim_and_service() {
+fn find_instances_sees_server_shim_and_service() {
     let mut t = Test::new();
     let spec = t.spec("found", "sleep", &["100"]);
     let record = t.spawn(&spec);
-    let prefix = spec.instance.split('/').next().unwrap().to_owned() + "/";
+    let prefix = format!("{}/", t.daemon);
+    // The shim is a fork of the server: its initial environment is the server's.
+    let server = process::server_instance(&t.daemon);
     let mut want = vec![
-        (record.shim_pid, spec.instance.clone()),
+        (parent(record.shim_pid).unwrap(), server.clone()),
+        (record.shim_pid, server),
         (record.pid, spec.instance.clone()),
     ];
     want.sort();
@@ -430,8 +442,8 @@ fn many_services_start_at_once() {
         let tasks: Vec<_> = specs
             .iter()
             .map(|s| {
-                let s = s.clone();
-                smol::spawn(async move { process::spawn(&s, shim_exe()).await })
+                let (s, shims) = (s.clone(), t.shims.clone());
+                smol::spawn(async move { process::spawn(&s, &shims).await })
             })
             .collect();
         let mut out = Vec::new();
@@ -449,4 +461,75 @@ fn many_services_start_at_once() {
         run_dirs,
         specs.iter().map(|s| s.run_dir.clone()).collect::<Vec<_>>()
     );
+}
+
+/// The parent pid, from /proc/<pid>/stat.
+fn parent(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn shims_are_forked_by_one_server_which_reaps_them() {
+    let mut t = Test::new();
+    let first = t.spawn(&t.spec("one", "sleep", &["0.5"]));
+    let server = parent(first.shim_pid).expect("the first shim's parent");
+    let second = t.spawn(&t.spec("two", "sleep", &["100"]));
+    assert_ne!(server, std::process::id(), "the shim is the server's child");
+    assert_eq!(parent(second.shim_pid), Some(server), "one server for both");
+    assert_eq!(wait(&first).code, Some(0));
+    // Reaped by the server, not left a zombie.
+    eventually("the exited shim reaped", || {
+        stat(first.shim_pid)
+            .is_none_or(|(_, start)| start != first.shim_start)
+            .then_some(())
+    });
+    assert_eq!(process::adopt(&second), Adoption::Alive);
+}
+
+#[test]
+fn a_killed_shim_server_is_replaced_and_its_shims_live_on() {
+    let mut t = Test::new();
+    let before = t.spawn(&t.spec("before", "sleep", &["100"]));
+    let server = parent(before.shim_pid).unwrap();
+    let server_start = start_time(server).unwrap();
+    // Our own child (the test's ShimServer started it), checked by its start time.
+    rustix::process::kill_process(pid(server), Signal::KILL).unwrap();
+    eventually("the server gone", || {
+        exited(server, server_start).then_some(())
+    });
+    let after = t.spawn(&t.spec("after", "sleep", &["100"]));
+    let replacement = parent(after.shim_pid).unwrap();
+    assert_ne!(
+        (replacement, start_time(replacement)),
+        (server, Some(server_start))
+    );
+    assert_eq!(process::adopt(&before), Adoption::Alive);
+    for r in [&before, &after] {
+        let status = smol::block_on(process::stop(r, "TERM", Duration::from_secs(10))).unwrap();
+        assert_eq!(status.signal, Some(15));
+    }
+}
+
+#[test]
+fn the_shim_server_ends_with_its_daemon_and_its_shims_do_not() {
+    let mut t = Test::new();
+    let shims = ShimServer::new(shim_exe(), &unique("daemon"));
+    let spec = t.spec("survivor", "sleep", &["100"]);
+    let record = smol::block_on(process::spawn(&spec, &shims)).unwrap();
+    t.runs.push(record.clone());
+    let server = parent(record.shim_pid).unwrap();
+    let server_start = start_time(server).unwrap();
+    // The daemon's end of the control socket closes.
+    drop(shims);
+    eventually("the server exited", || {
+        exited(server, server_start).then_some(())
+    });
+    assert_eq!(process::adopt(&record), Adoption::Alive);
+    let status = smol::block_on(process::stop(&record, "TERM", Duration::from_secs(10))).unwrap();
+    assert_eq!(status.signal, Some(15));
 }

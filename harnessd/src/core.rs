@@ -116,8 +116,8 @@ pub struct Core {
     pub state_dir: PathBuf,
     /// URL clients connect to.
     pub url: String,
-    /// Program that runs the supervisor shim.
-    pub shim_exe: PathBuf,
+    /// The server that forks each local service's supervisor shim.
+    pub shims: deployer::process::ShimServer,
     /// When the daemon started.
     pub started: Instant,
     /// The executor every task runs on.
@@ -168,7 +168,7 @@ impl Core {
             instance: snap.instance.clone(),
             state_dir,
             url,
-            shim_exe,
+            shims: deployer::process::ShimServer::new(&shim_exe, &snap.instance),
             started: Instant::now(),
             ex,
             watchers: Mutex::new(HashMap::new()),

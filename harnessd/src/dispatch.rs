@@ -627,8 +627,7 @@ async fn remove(
         }
     });
     if removed == Some(true) {
-        let dir = core.state_dir.join("run").join(stack);
-        let _ = smol::unblock(move || std::fs::remove_dir_all(dir)).await;
+        core.retire_run_dirs(stack).await;
     }
     core.commit()
         .await

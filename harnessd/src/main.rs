@@ -34,18 +34,15 @@ struct Opts {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Supervise one service (internal: harnessd starts it).
+    /// Fork the supervisor of each local service (internal: harnessd starts it).
     #[command(hide = true)]
-    Shim {
-        /// The service's spec.json.
-        spec: PathBuf,
-    },
+    ShimServer,
 }
 
 fn main() -> ExitCode {
     let opts = Opts::parse();
-    if let Some(Cmd::Shim { spec }) = &opts.cmd {
-        let code = deployer::process::run_shim(spec);
+    if let Some(Cmd::ShimServer) = &opts.cmd {
+        let code = deployer::process::serve_shims();
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     tracing_subscriber::fmt()
@@ -61,9 +58,10 @@ fn main() -> ExitCode {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_dir.clone());
-    // The shim: the small `harness-shim` installed beside harnessd (it starts faster),
-    // else harnessd itself (`harnessd shim SPEC`) through /proc/self/exe, which keeps
-    // working when the file on disk was replaced by a rebuild or an upgrade.
+    // The shim server: the small `harness-shim` installed beside harnessd (each shim
+    // is a fork of it), else harnessd itself (`harnessd shim-server`) through
+    // /proc/self/exe, which keeps working when the file on disk was replaced by a
+    // rebuild or an upgrade.
     let shim_exe = std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.join("harness-shim")))

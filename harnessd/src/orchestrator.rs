@@ -604,7 +604,7 @@ impl Core {
     ) -> Result<process::ProcessRecord, String> {
         let (spec, harness_env) = self.read(|st| self.process_spec(st, stack, name))?;
         env::save_env_file(self.env_file(stack, name), harness_env).await?;
-        process::spawn(&spec, &self.shim_exe)
+        process::spawn(&spec, &self.shims)
             .await
             .map_err(|e| e.to_string())
     }
@@ -1059,9 +1059,29 @@ impl Core {
         self.state_dir.join("run").join(stack).join(name)
     }
 
+    /// Empties the env files of a stack that is gone (they may hold secrets) but
+    /// keeps its run directories, whose files the next `up` overwrites in place: on
+    /// ext4, creating files soon after deleting many costs milliseconds each, which
+    /// was most of the daemon's work in an `up` after a `down`. What no stack uses
+    /// goes when the daemon starts ([`prune_run_dirs`]).
+    pub async fn retire_run_dirs(&self, stack: &str) {
+        let dir = self.state_dir.join("run").join(stack);
+        smol::unblock(move || {
+            for service in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let env_file = service.path().join(ENV_FILE);
+                // Truncated in place, and only if it exists: no inode is made or freed.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(env_file);
+            }
+        })
+        .await
+    }
+
     /// The env file of a service (in its run directory) that it can `source`.
     pub fn env_file(&self, stack: &str, name: &str) -> PathBuf {
-        self.run_dir(stack, name).join("service.env")
+        self.run_dir(stack, name).join(ENV_FILE)
     }
 
     /// Log file of a service.
@@ -1071,6 +1091,48 @@ impl Core {
             .join(stack)
             .join(format!("{name}.log"))
     }
+}
+
+/// A service's env file, in its run directory.
+const ENV_FILE: &str = "service.env";
+
+/// Removes the run directories of stacks and services the registry no longer has (at
+/// start, before anything runs): housekeeping, logged, not a fix.
+async fn prune_run_dirs(core: &Core) {
+    let known: HashMap<String, Vec<String>> = core.read(|st| {
+        st.snap
+            .stacks
+            .iter()
+            .map(|(stack, r)| (stack.clone(), r.services.keys().cloned().collect()))
+            .collect()
+    });
+    let run = core.state_dir.join("run");
+    smol::unblock(move || {
+        let entries = |dir: &std::path::Path| -> Vec<(String, PathBuf)> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                .collect()
+        };
+        for (stack, path) in entries(&run) {
+            let stale: Vec<PathBuf> = match known.get(&stack) {
+                None => vec![path],
+                Some(services) => entries(&path)
+                    .into_iter()
+                    .filter(|(name, _)| !services.contains(name))
+                    .map(|(_, p)| p)
+                    .collect(),
+            };
+            for dir in stale {
+                if std::fs::remove_dir_all(&dir).is_ok() {
+                    tracing::debug!("removed the unused run directory {}", dir.display());
+                }
+            }
+        }
+    })
+    .await
 }
 
 fn key(stack: &str, name: &str) -> (String, String) {
@@ -1319,6 +1381,9 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
     // The mesh hub's data plane is the daemon's own, not a service's: it is adopted
     // (while a mesh service runs), never taken for a stray.
     owned.insert(crate::mesh::hub_instance(&core.instance));
+    // Nor is the shim server, nor the shims it forked (their initial environment is
+    // the server's): a stray shim ends with its service, which carries its own.
+    owned.insert(process::server_instance(&core.instance));
     let prefix = format!("{}/", core.instance);
     let strays: Vec<(u32, String)> = smol::unblock(move || process::find_instances(&prefix)).await;
     for (pid, instance) in strays.into_iter().filter(|(_, i)| !owned.contains(i)) {
@@ -1329,6 +1394,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
         }
     }
     fixes.extend(reconcile_containers(core, &owned).await);
+    prune_run_dirs(core).await;
     fixes.extend(core.reconcile_mesh().await);
     core.events
         .publish(EventKind::DaemonStarted(protocol::events::DaemonStarted {

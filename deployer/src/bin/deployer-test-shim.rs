@@ -1,20 +1,20 @@
 //! Test helper for deployer's integration tests, standing in for harnessd.
 //!
-//! `deployer-test-shim shim SPEC` runs the shim, as `harnessd shim SPEC` does.
-//! `deployer-test-shim spawn SPEC` spawns the service of SPEC with this executable
-//! as the shim, prints the record as JSON and exits: a daemon that dies right after
-//! starting a service.
+//! `deployer-test-shim shim-server` is the shim server, as `harness-shim shim-server`.
+//! `deployer-test-shim spawn SPEC` spawns the service of SPEC (a JSON file) with this
+//! executable as the shim server, prints the record as JSON and exits: a daemon that
+//! dies right after starting a service.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use deployer::process::{self, ProcessSpec};
+use deployer::process::{self, ProcessSpec, ShimServer};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [cmd, spec] if cmd == "shim" => {
-            ExitCode::from(u8::try_from(process::run_shim(spec.as_ref())).unwrap_or(1))
+        [cmd] if cmd == "shim-server" => {
+            ExitCode::from(u8::try_from(process::serve_shims()).unwrap_or(1))
         }
         [cmd, spec] if cmd == "spawn" => match spawn(spec.into()) {
             Ok(record) => {
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: deployer-test-shim shim|spawn SPEC");
+            eprintln!("usage: deployer-test-shim shim-server | spawn SPEC");
             ExitCode::from(2)
         }
     }
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 
 fn spawn(spec_path: PathBuf) -> Result<String, Box<dyn std::error::Error>> {
     let spec: ProcessSpec = serde_json::from_slice(&std::fs::read(spec_path)?)?;
-    let exe = std::env::current_exe()?;
-    let record = smol::block_on(process::spawn(&spec, &exe))?;
+    let shims = ShimServer::new(&std::env::current_exe()?, "deployer-test");
+    let record = smol::block_on(process::spawn(&spec, &shims))?;
     Ok(serde_json::to_string(&record)?)
 }

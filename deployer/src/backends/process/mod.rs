@@ -1,26 +1,26 @@
 //! The process backend: local services, each under its own supervisor shim.
 //!
-//! [`spawn`] starts `<shim_exe> shim <run_dir>/spec.json` ([`run_shim`] is its main),
+//! [`spawn`] has the daemon's [`ShimServer`] fork a shim ([`run_shim`] is its main),
 //! which starts the service and stays its parent. The daemon keeps a
 //! [`ProcessRecord`] of the pair and, after a restart of its own, finds them again
 //! with [`adopt`].
 
 mod procfs;
+mod server;
+mod shim;
 
 pub use procfs::tcp_listeners;
-mod shim;
+pub use server::{serve as serve_shims, server_instance, ShimServer};
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
-use futures_lite::{future, AsyncBufReadExt};
-use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+use futures_lite::{future, AsyncBufReadExt, AsyncWriteExt};
+use rustix::process::{Pid, PidfdFlags, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::DeployError;
@@ -40,11 +40,11 @@ pub const DEFAULT_LOG_KEEP: usize = 3;
 /// How long [`spawn`] waits for the shim to report before killing it.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-const SPEC_FILE: &str = "spec.json";
 const SHIM_FILE: &str = "shim.json";
 const EXIT_FILE: &str = "exit.json";
 
-/// What to run. Written as `<run_dir>/spec.json` for the shim.
+/// What to run. Sent to the shim on its channel (never written to a file: the
+/// environment may hold secrets).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ProcessSpec {
     /// `<daemon id>/<stack>/<service>`, set as `HARNESS_INSTANCE` for the shim and
@@ -60,8 +60,7 @@ pub struct ProcessSpec {
     pub env: BTreeMap<String, String>,
     /// The service's working directory.
     pub working_dir: PathBuf,
-    /// The service's own directory for spec.json, shim.json and exit.json; created
-    /// by [`spawn`].
+    /// The service's own directory for shim.json and exit.json; created by [`spawn`].
     pub run_dir: PathBuf,
     /// The log file, e.g. `<state>/logs/<stack>/<service>.log`; its directory is
     /// created by the shim.
@@ -120,7 +119,7 @@ pub enum Adoption {
     Gone,
 }
 
-/// The shim's one-line report to [`spawn`] on its stdout.
+/// The shim's one-line report to [`spawn`] on its channel.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Ready {
@@ -138,49 +137,71 @@ struct ExitFile {
     status: ExitStatus,
 }
 
-/// Starts the shim for `spec` and returns once the service runs, or with the reason
-/// it could not be started.
+/// Starts `spec`'s service under a shim forked by `shims` and returns once it runs,
+/// or with the reason it could not be started.
 ///
-/// The shim runs as `<shim_exe> shim <run_dir>/spec.json` in its own process group,
-/// with /dev/null as stdin and stderr and an environment of only `HARNESS_INSTANCE`.
-/// Its stdout is a pipe on which it reports one line once shim.json is written; that
-/// line is all this function waits for (no polling).
-pub async fn spawn(spec: &ProcessSpec, shim_exe: &Path) -> Result<ProcessRecord, DeployError> {
-    let (spec, exe) = (spec.clone(), shim_exe.to_owned());
-    let mut child = smol::unblock(move || start_shim(spec, &exe)).await?;
-    let shim_pid = child.id();
-    let stdout = child.stdout.take();
-    let report = future::or(async { Ok(read_report(stdout).await) }, async {
-        Timer::after(START_TIMEOUT).await;
-        Err(())
-    });
+/// The shim is in a process group of its own, its stdio /dev/null. It reads the spec
+/// from a socket of its own (paths made absolute, as the shim runs in /), and reports
+/// on it one line once shim.json is written; that line is all this function waits for
+/// (no polling).
+pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessRecord, DeployError> {
+    let json = smol::unblock({
+        let spec = spec.clone();
+        move || prepare(spec)
+    })
+    .await?;
+    let channel_err = |source| DeployError::StartShim {
+        exe: shims.exe().to_owned(),
+        source,
+    };
+    let (ours, theirs) = UnixStream::pair().map_err(channel_err)?;
+    let shim_pid = shims.fork_shim(&theirs).await?;
+    drop(theirs);
+    // Taken while the shim surely exists: its parent, the server, reaps it only
+    // after it exited, and it exits only once it read the spec.
+    let shim_start = procfs::start_time(shim_pid);
+    let mut ours = Async::new(ours).map_err(channel_err)?;
+    let report = future::or(
+        async {
+            // A shim that died early makes the write fail; the report then says so.
+            let _ = ours.write_all(&json).await;
+            let _ = ours.get_ref().shutdown(std::net::Shutdown::Write);
+            Ok(read_report(&mut ours).await)
+        },
+        async {
+            Timer::after(START_TIMEOUT).await;
+            Err(())
+        },
+    );
     let err = match report.await {
-        // The shim stays our child; `wait_exit` reaps it through its pidfd.
         Ok(Some(Ready::Running(record))) => return Ok(record),
-        Ok(Some(Ready::Failed(reason))) => DeployError::Spawn { reason },
+        Ok(Some(Ready::Failed(reason))) => return Err(DeployError::Spawn { reason }),
         Ok(None) => DeployError::ShimDied { shim_pid },
         Err(()) => DeployError::ShimTimeout {
             shim_pid,
             timeout: START_TIMEOUT,
         },
     };
-    // Our own unreaped child, so the pid cannot have been reused; the kill makes
-    // sure the wait ends.
-    let _ = child.kill();
-    let _ = smol::unblock(move || child.wait()).await;
+    // Only the shim that was forked for us: a pid taken since by another process
+    // has another start time.
+    if shim_start.is_some_and(|start| procfs::is_running(shim_pid, start)) {
+        if let Some(pid) = Pid::from_raw(shim_pid as i32) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+    }
     Err(err)
 }
 
-/// The shim's report line; `None` when it closed its stdout without one.
-async fn read_report(stdout: Option<ChildStdout>) -> Option<Ready> {
-    let mut reader = futures_lite::io::BufReader::new(Async::new(stdout?).ok()?);
+/// The shim's report line; `None` when it closed its channel without one.
+async fn read_report(channel: &mut Async<UnixStream>) -> Option<Ready> {
+    let mut reader = futures_lite::io::BufReader::new(channel);
     let mut line = String::new();
     reader.read_line(&mut line).await.ok()?;
     serde_json::from_str(&line).ok()
 }
 
-/// Writes spec.json (with absolute paths, as the shim runs in /) and starts the shim.
-fn start_shim(mut spec: ProcessSpec, exe: &Path) -> Result<Child, DeployError> {
+/// Makes the spec's paths absolute, creates its run directory, and serializes it.
+fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| DeployError::WriteFile { path, source }
@@ -188,30 +209,10 @@ fn start_shim(mut spec: ProcessSpec, exe: &Path) -> Result<Child, DeployError> {
     for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path] {
         *path = std::path::absolute(&*path).map_err(write_err(path))?;
     }
+    // Files of the previous run stay: exit.json names its shim, so it is never read
+    // as this run's, and the shim overwrites shim.json in place.
     std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
-    // Written in place, not through a temporary file: the shim reads it only after
-    // this returns, and every file created costs an inode allocation, which ext4 makes
-    // slow under the create/delete churn of starting and stopping many services. Files
-    // of the previous run stay: exit.json names its shim, so it is never read as this
-    // run's, and the shim overwrites shim.json.
-    let spec_path = spec.run_dir.join(SPEC_FILE);
-    let json = serde_json::to_vec(&spec).map_err(|e| write_err(&spec_path)(e.into()))?;
-    std::fs::write(&spec_path, json).map_err(write_err(&spec_path))?;
-    Command::new(exe)
-        .arg("shim")
-        .arg(&spec_path)
-        .env_clear()
-        .env(INSTANCE_VAR, &spec.instance)
-        .current_dir("/")
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|source| DeployError::StartShim {
-            exe: exe.to_owned(),
-            source,
-        })
+    serde_json::to_vec(&spec).map_err(|e| write_err(&spec.run_dir)(e.into()))
 }
 
 /// Writes `value` as JSON to `path` atomically (temporary file, then rename).
@@ -273,8 +274,8 @@ pub fn adopt(record: &ProcessRecord) -> Adoption {
 /// Waits until the service has exited and returns how. Works for shims started by
 /// this process and for adopted ones.
 ///
-/// Waits on a pidfd of the shim (no polling), reaps the shim when it is our child,
-/// then reads the exit.json the shim wrote before exiting.
+/// Waits on a pidfd of the shim (no polling; its parent, the shim server or init,
+/// reaps it), then reads the exit.json the shim wrote before exiting.
 pub async fn wait_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError> {
     let shim_pid = record.shim_pid;
     let watch_err = |source: io::Error| DeployError::Watch { shim_pid, source };
@@ -286,12 +287,6 @@ pub async fn wait_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError
         Ok(fd) if procfs::start_time(shim_pid) == Some(record.shim_start) => {
             let fd = Async::new_nonblocking(fd).map_err(watch_err)?;
             fd.readable().await.map_err(watch_err)?;
-            // Reaps the shim if it is our child; for an adopted shim this fails with
-            // ECHILD and its own parent reaps it.
-            let _ = rustix::process::waitid(
-                WaitId::PidFd(fd.get_ref().as_fd()),
-                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-            );
         }
         Ok(_) => {}
         Err(e) if e == rustix::io::Errno::SRCH => {}

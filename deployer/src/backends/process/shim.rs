@@ -1,6 +1,7 @@
 //! The shim: the service's parent, log writer and exit recorder.
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,34 +20,44 @@ use crate::DeployError;
 /// left the service's process group may hold its pipes open forever.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The shim's main, run as `<exe> shim <spec.json>` by [`super::spawn`].
+/// The shim's main, in a process forked by the shim server for [`super::spawn`],
+/// which holds the other end of `channel`.
 ///
-/// 1. Reads the spec and opens the log.
+/// 1. Reads the spec from `channel` (until the spawner shuts down its writing half)
+///    and opens the log.
 /// 2. Starts the service (environment cleared, then the spec's `env` and
 ///    `HARNESS_INSTANCE`; own process group; stdin /dev/null; stdout and stderr piped).
-/// 3. Writes shim.json and reports one line on stdout to the spawner, then points
-///    stdout at /dev/null.
+/// 3. Writes shim.json, reports one line on `channel` to the spawner and closes it.
 /// 4. Copies both pipes into the log, one thread per pipe.
 /// 5. When the service exits, kills what is left of its process group, drains the
 ///    pipes (at most 2 s) and writes exit.json.
 ///
 /// Returns the shim's exit code: 0 when the service ran (whatever its own status),
 /// 1 when it could not be started.
-pub fn run_shim(spec_path: &Path) -> i32 {
-    let started = match start(spec_path) {
-        Ok(started) => started,
+pub fn run_shim(mut channel: UnixStream) -> i32 {
+    let started = start(&mut channel);
+    let ready = match &started {
+        Ok((_, record)) => Ready::Running(record.clone()),
+        Err((reason, _)) => Ready::Failed(reason.clone()),
+    };
+    // Best effort: a spawner that is gone learns nothing either way.
+    let mut line = serde_json::to_vec(&ready).unwrap_or_default();
+    line.push(b'\n');
+    let _ = channel.write_all(&line);
+    drop(channel);
+    let started = match started {
+        Ok((started, _)) => started,
         Err((reason, run_dir)) => {
             if let Some(run_dir) = run_dir {
                 // Best effort: the spawner learns the reason from the report anyway.
                 let _ = write_exit(
                     &run_dir,
                     ExitStatus {
-                        error: Some(reason.clone()),
+                        error: Some(reason),
                         ..ExitStatus::default()
                     },
                 );
             }
-            report(&Ready::Failed(reason));
             return 1;
         }
     };
@@ -64,17 +75,14 @@ struct Started {
     log: LogWriter,
 }
 
-/// Steps 1–3. On failure: the reason, and the run directory once it is known.
-fn start(spec_path: &Path) -> Result<Started, (String, Option<PathBuf>)> {
-    let spec: ProcessSpec = std::fs::read(spec_path)
-        .and_then(|text| Ok(serde_json::from_slice(&text)?))
-        .map_err(|source| {
-            let e = DeployError::ReadFile {
-                path: spec_path.to_owned(),
-                source,
-            };
-            (e.to_string(), None)
-        })?;
+/// Steps 1–3 but the report. On failure: the reason, and the run directory once it
+/// is known.
+fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, Option<PathBuf>)> {
+    let mut text = Vec::new();
+    let spec: ProcessSpec = channel
+        .read_to_end(&mut text)
+        .and_then(|_| Ok(serde_json::from_slice(&text)?))
+        .map_err(|e| (format!("cannot read the service's spec: {e}"), None))?;
     let fail = |reason: String| (reason, Some(spec.run_dir.clone()));
     let log = LogWriter::open(&spec.log_path, spec.log_max_bytes, spec.log_keep)
         .map_err(|e| fail(e.to_string()))?;
@@ -120,20 +128,7 @@ fn start(spec_path: &Path) -> Result<Started, (String, Option<PathBuf>)> {
         };
         return Err(fail(e.to_string()));
     }
-    report(&Ready::Running(record));
-    Ok(Started { spec, child, log })
-}
-
-/// Sends the one report line to the spawner, then detaches stdout from its pipe so
-/// the shim holds nothing of the spawner's once it has started.
-fn report(ready: &Ready) {
-    let mut line = serde_json::to_vec(ready).unwrap_or_default();
-    line.push(b'\n');
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(&line).and_then(|()| stdout.flush());
-    if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
-        let _ = rustix::stdio::dup2_stdout(null);
-    }
+    Ok((Started { spec, child, log }, record))
 }
 
 /// Steps 4–5: copies the output until the service exits, returns how it exited.
