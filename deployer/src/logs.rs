@@ -6,7 +6,7 @@
 //! of the service, so a client can resume from the offset it saw last.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -332,28 +332,44 @@ impl LogWriter {
     }
 }
 
-/// Splits a stream into lines of at most [`MAX_LINE`] bytes (without the newline)
-/// and hands each to `emit`, until end of file.
-pub(crate) fn split_lines(input: impl Read, mut emit: impl FnMut(&[u8])) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(MAX_LINE, input);
-    let mut buf = Vec::new();
-    loop {
-        // One byte more than a line may hold tells a full line from an overlong one.
-        let limit = (MAX_LINE + 1 - buf.len()) as u64;
-        let n = (&mut reader).take(limit).read_until(b'\n', &mut buf)?;
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-            emit(&buf);
-            buf.clear();
-        } else if buf.len() > MAX_LINE {
-            let rest = buf.split_off(MAX_LINE);
-            emit(&buf);
-            buf = rest;
-        } else if n == 0 {
-            if !buf.is_empty() {
-                emit(&buf);
+/// Splits a byte stream, fed in pieces of any size, into lines of at most
+/// [`MAX_LINE`] bytes (without the newline); a longer line is cut into pieces of that
+/// size.
+#[derive(Default)]
+pub(crate) struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Hands each line that `bytes` completes to `emit` and keeps the rest.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8])) {
+        while !bytes.is_empty() {
+            let room = MAX_LINE - self.partial.len();
+            let newline = bytes.iter().take(room + 1).position(|&b| b == b'\n');
+            let (line, rest) = match newline {
+                Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                None if bytes.len() > room => bytes.split_at(room),
+                None => {
+                    self.partial.extend_from_slice(bytes);
+                    return;
+                }
+            };
+            if self.partial.is_empty() {
+                emit(line);
+            } else {
+                self.partial.extend_from_slice(line);
+                emit(&self.partial);
+                self.partial.clear();
             }
-            return Ok(());
+            bytes = rest;
+        }
+    }
+
+    /// At end of file: hands over the unfinished last line, if any.
+    pub(crate) fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+        if !self.partial.is_empty() {
+            emit(&self.partial);
+            self.partial.clear();
         }
     }
 }
@@ -476,16 +492,28 @@ mod tests {
         input.push(b'\n');
         input.extend(vec![b'b'; MAX_LINE * 2 + 5]);
         input.extend(b"\nbad \xff\n\nlast");
-        let mut got = Vec::new();
-        split_lines(&input[..], |l| got.push(l.to_vec())).unwrap();
-        let lens: Vec<usize> = got.iter().map(Vec::len).collect();
-        assert_eq!(lens, vec![MAX_LINE, MAX_LINE, MAX_LINE, 5, 5, 0, 4]);
-        assert_eq!(got[4], b"bad \xff");
+        // Fed whole, byte by byte, and in pieces that end anywhere: the same lines.
+        for piece in [input.len(), 1, 7, MAX_LINE - 1, MAX_LINE, MAX_LINE + 1] {
+            let mut got = Vec::new();
+            let mut splitter = LineSplitter::default();
+            for chunk in input.chunks(piece) {
+                splitter.feed(chunk, |l| got.push(l.to_vec()));
+            }
+            splitter.finish(|l| got.push(l.to_vec()));
+            let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+            assert_eq!(
+                lens,
+                vec![MAX_LINE, MAX_LINE, MAX_LINE, 5, 5, 0, 4],
+                "{piece}"
+            );
+            assert_eq!(got[4], b"bad \xff");
+            assert!(got[..3].iter().all(|l| l.iter().all(|&b| b == l[0])));
+        }
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
         let mut w = LogWriter::open(&path, u64::MAX, 3).unwrap();
-        w.write("stdout", &got[4]).unwrap();
+        w.write("stdout", b"bad \xff").unwrap();
         assert_eq!(tail(&path, 1).unwrap()[0].line, "bad \u{fffd}");
     }
 }

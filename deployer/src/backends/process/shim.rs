@@ -1,19 +1,19 @@
 //! The shim: the service's parent, log writer and exit recorder.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use super::{procfs, write_json, ExitFile, ExitStatus, ProcessRecord, ProcessSpec, Ready};
 use super::{EXIT_FILE, INSTANCE_VAR, SHIM_FILE};
-use crate::logs::{split_lines, LogWriter};
+use crate::logs::{LineSplitter, LogWriter, MAX_LINE};
 use crate::DeployError;
 
 /// How long the shim keeps copying output after the service exited: processes that
@@ -28,7 +28,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// 2. Starts the service (environment cleared, then the spec's `env` and
 ///    `HARNESS_INSTANCE`; own process group; stdin /dev/null; stdout and stderr piped).
 /// 3. Writes shim.json, reports one line on `channel` to the spawner and closes it.
-/// 4. Copies both pipes into the log, one thread per pipe.
+/// 4. Copies both pipes into the log.
 /// 5. When the service exits, kills what is left of its process group, drains the
 ///    pipes (at most 2 s) and writes exit.json.
 ///
@@ -132,30 +132,56 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
 }
 
 /// Steps 4–5: copies the output until the service exits, returns how it exited.
-fn supervise(mut child: Child, log: LogWriter) -> ExitStatus {
-    let log = Arc::new(Mutex::new(log));
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut readers = 0;
-    if let Some(pipe) = child.stdout.take() {
-        copy_to_log("stdout", pipe, log.clone(), done_tx.clone());
-        readers += 1;
-    }
-    if let Some(pipe) = child.stderr.take() {
-        copy_to_log("stderr", pipe, log, done_tx);
-        readers += 1;
-    }
+///
+/// One thread does it all (a poll over both pipes and a pidfd of the service): a
+/// thread per pipe cost more to start than the rest of the shim.
+fn supervise(mut child: Child, mut log: LogWriter) -> ExitStatus {
+    let mut pipes: Vec<Pipe> = [
+        child.stdout.take().map(|p| Pipe::new("stdout", p.into())),
+        child.stderr.take().map(|p| Pipe::new("stderr", p.into())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let pid = child.id();
-    if let Some(leader) = Pid::from_raw(pid as i32) {
-        // Wait without reaping: while the leader is a zombie its pid, and so the
-        // group id, cannot be reused, so killing the rest of the group (processes
-        // the service left behind) cannot hit a stranger.
-        let exited = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
-        while let Err(rustix::io::Errno::INTR) =
-            rustix::process::waitid(WaitId::Pid(leader), exited)
-        {}
-        let _ = rustix::process::kill_process_group(leader, Signal::KILL);
+    let leader = Pid::from_raw(pid as i32);
+    // Our unreaped child: the pidfd is the service's even if it exited already.
+    let pidfd = leader.and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok());
+    let mut buf = vec![0u8; MAX_LINE];
+    // Set once the service has exited: how long its pipes are still read.
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        let left = drain_until.map(|d| d.saturating_duration_since(Instant::now()));
+        if pipes.is_empty() || left == Some(Duration::ZERO) {
+            if drain_until.is_some() {
+                break;
+            }
+            // No pipe is left to watch: only the exit.
+            drain_until = Some(service_exited(leader, None));
+            continue;
+        }
+        let timeout = left.and_then(|d| Timespec::try_from(d).ok());
+        let mut fds: Vec<PollFd<'_>> = pipes
+            .iter()
+            .map(|p| PollFd::new(&p.fd, PollFlags::IN))
+            .collect();
+        let watch_exit = drain_until.is_none() && pidfd.is_some();
+        if let (true, Some(fd)) = (watch_exit, &pidfd) {
+            fds.push(PollFd::new(fd, PollFlags::IN));
+        }
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        if watch_exit && ready[pipes.len()] {
+            drain_until = Some(service_exited(leader, pidfd.as_ref()));
+        }
+        let mut ready = ready.into_iter();
+        pipes.retain_mut(|pipe| !ready.next().unwrap_or(false) || pipe.copy(&mut buf, &mut log));
     }
-    let status = match child.wait() {
+    match child.wait() {
         Ok(s) => ExitStatus {
             code: s.code(),
             signal: s.signal(),
@@ -165,38 +191,64 @@ fn supervise(mut child: Child, log: LogWriter) -> ExitStatus {
             error: Some(format!("cannot wait for pid {pid}: {e}")),
             ..ExitStatus::default()
         },
-    };
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    for _ in 0..readers {
-        if done_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
-            break;
-        }
     }
-    status
 }
 
-/// Starts the thread that copies one pipe into the log and reports on `done` at
-/// end of file.
-fn copy_to_log(
+/// Once the service (`leader`) has exited, without reaping it: while the leader is a
+/// zombie its pid, and so the group id, cannot be reused, so killing the rest of the
+/// group (processes the service left behind) cannot hit a stranger. Returns until when
+/// its pipes are still drained.
+fn service_exited(leader: Option<Pid>, pidfd: Option<&OwnedFd>) -> Instant {
+    if let Some(leader) = leader {
+        let id = || match pidfd {
+            Some(fd) => WaitId::PidFd(fd.as_fd()),
+            None => WaitId::Pid(leader),
+        };
+        let exited = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT;
+        while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(id(), exited) {}
+        let _ = rustix::process::kill_process_group(leader, Signal::KILL);
+    }
+    Instant::now() + DRAIN_TIMEOUT
+}
+
+/// One of the service's output pipes, split into lines for the log.
+struct Pipe {
     stream: &'static str,
-    pipe: impl Read + Send + 'static,
-    log: Arc<Mutex<LogWriter>>,
-    done: mpsc::Sender<()>,
-) {
-    thread::spawn(move || {
-        // A failing log write (disk full) drops the line but keeps draining, so the
-        // service never blocks on a full pipe.
-        let _ = split_lines(pipe, |line| {
-            let _ = log
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write(stream, line);
-        });
-        let _ = done.send(());
-    });
+    fd: OwnedFd,
+    lines: LineSplitter,
+}
+
+impl Pipe {
+    fn new(stream: &'static str, fd: OwnedFd) -> Pipe {
+        Pipe {
+            stream,
+            fd,
+            lines: LineSplitter::default(),
+        }
+    }
+
+    /// Copies what one read brings into the log; false at end of file. A failing log
+    /// write (disk full) drops the line but keeps draining, so the service never
+    /// blocks on a full pipe.
+    fn copy(&mut self, buf: &mut [u8], log: &mut LogWriter) -> bool {
+        let stream = self.stream;
+        let mut emit = |line: &[u8]| {
+            let _ = log.write(stream, line);
+        };
+        loop {
+            match rustix::io::read(&self.fd, &mut *buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.lines.feed(&buf[..n], &mut emit);
+                    return true;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
+        }
+        self.lines.finish(&mut emit);
+        false
+    }
 }
 
 fn write_exit(run_dir: &Path, status: ExitStatus) -> Result<(), DeployError> {
