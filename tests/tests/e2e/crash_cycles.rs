@@ -14,7 +14,7 @@ use protocol::methods::{Health, ServiceState};
 use tests::testbed::TestBed;
 use tests::TestDaemon;
 
-use crate::support::{assert_ok, replay, wait_service, write_config};
+use crate::support::{assert_ok, replay, wait_service, write_config, TestImage};
 
 /// The demo-service processes on this machine whose command line has `needle`
 /// (NUL-separated args); not the shells that wrap them (their arguments name it too).
@@ -88,13 +88,14 @@ fn mesh_crash_cycles_across_every_backend_lose_and_duplicate_nothing() {
     eprintln!("crash cycles: {cycles}, seed {seed} (CRASH_SEED reproduces the moments)");
     let mut rng = Rng(seed);
     let bed = TestBed::new(2);
+    // Before the daemon: dropped after it, also when the test fails.
+    let image = TestImage::new();
     let mut d = TestDaemon::start();
     let third = bed.third_octet();
     let tag = format!("cc{}", std::process::id());
     let dir = d.workdir("crash");
     let rootfs = dir.join("rootfs.tar");
     tests::busybox_rootfs(&rootfs);
-    let image = format!("harness-test/crash-busybox:{}", std::process::id());
     write_config(
         &dir,
         &format!(
@@ -127,7 +128,7 @@ services:
             port = 43000 + u16::from(third),
             lan0 = bed.host_yaml(0, ""),
             node1 = bed.host_yaml(1, ""),
-            image = image,
+            image = image.0,
             rootfs = rootfs.display(),
         ),
     );
@@ -242,7 +243,6 @@ services:
         !routes.contains(&subnet),
         "a route of the mesh is left: {routes}"
     );
-    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
     println!(
         "crash cycles: {cycles} cycles, seed {seed}: harnessd SIGKILLed {cycles} times (during up {}, down {}, restart {}), restarted and reconciled each time; {adopted} times a service ran through a crash and was the same process after it, none ran twice, the registry whole every time; nothing left after down",
         kills[0], kills[1], kills[2]

@@ -50,30 +50,6 @@ fn require_engine() {
 /// The image tag `IMAGE` in a test's YAML becomes, made from a busybox-static rootfs.
 const IMAGE: &str = "harness-test/busybox:e2e";
 
-/// An image tag of one test (`IMAGE-<pid>-<n>`), so that concurrent tests never import
-/// over each other's tag; removed when the test ends, also when it fails. Make it before
-/// the test's daemon, so that it is dropped after the daemon removed its containers
-/// (removing a tag still in use would leave the image behind, untagged).
-struct TestImage(String);
-
-impl TestImage {
-    fn new() -> TestImage {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        TestImage(format!("{IMAGE}-{}-{n}", std::process::id()))
-    }
-}
-
-impl Drop for TestImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.0])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// Writes a stack under a unique stack name, with `image` for `IMAGE`; returns (dir,
 /// stack).
 fn mixed_stack(d: &TestDaemon, yaml: &str, image: &TestImage) -> (std::path::PathBuf, String) {

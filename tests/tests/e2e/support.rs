@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use harness_client::Client;
@@ -137,4 +138,28 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// An image tag of one test (`harness-test/busybox:e2e-<pid>-<n>`), so that concurrent tests never import
+/// over each other's tag; removed when the test ends, also when it fails. Make it before
+/// the test's daemon, so that it is dropped after the daemon removed its containers
+/// (removing a tag still in use would leave the image behind, untagged).
+pub struct TestImage(pub String);
+
+impl TestImage {
+    pub fn new() -> TestImage {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TestImage(format!("harness-test/busybox:e2e-{}-{n}", std::process::id()))
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
