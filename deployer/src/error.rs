@@ -25,10 +25,10 @@ pub enum DeployError {
         /// The cause (parse errors are wrapped as `InvalidData`).
         source: io::Error,
     },
-    /// The shim executable could not be started.
-    #[error("cannot start the shim {exe}: {source}")]
+    /// The shim server could not be started.
+    #[error("cannot start the shim server {exe}: {source}")]
     StartShim {
-        /// The executable passed as `shim_exe`.
+        /// Its executable.
         exe: PathBuf,
         /// The cause.
         source: io::Error,
@@ -44,6 +44,9 @@ pub enum DeployError {
     /// The shim server could not fork a shim.
     #[error("cannot fork a shim: {0}")]
     Fork(io::Error),
+    /// The socket between the daemon and a new shim could not be made.
+    #[error("cannot make the socket to a new shim: {0}")]
+    Channel(io::Error),
     /// The shim could not start the service; the reason is the shim's own words,
     /// e.g. "cannot run /x/y: No such file or directory (os error 2)".
     #[error("{reason}")]

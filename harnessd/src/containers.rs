@@ -159,7 +159,7 @@ impl Core {
                 ssh.target().user
             ));
         }
-        let dir = self.state_dir.join("run").join("engines");
+        let dir = self.state_dir.join("engines");
         smol::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -605,9 +605,15 @@ async fn remove(
             tracing::info!("{stack}: {note}");
         }
     }
-    let removed = core.update(|st, ch| {
+    if names.is_empty() {
+        // Before the stack goes, so that an `up` of it right after keeps its new files.
+        core.retire_run_dirs(stack).await;
+    }
+    core.update(|st, ch| {
         if names.is_empty() {
-            let rec = st.snap.stacks.remove(stack)?;
+            let Some(rec) = st.snap.stacks.remove(stack) else {
+                return;
+            };
             st.runtime.retain(|(s, _), _| s != stack);
             for name in rec.services.keys() {
                 ch.push(EventKind::ServiceRemoved(ServiceRef {
@@ -615,7 +621,6 @@ async fn remove(
                     name: name.clone(),
                 }));
             }
-            Some(true)
         } else {
             for name in names {
                 if let Some(rec) = st.service_mut(stack, name) {
@@ -623,12 +628,8 @@ async fn remove(
                     *rec = registry::ServiceRecord::new(crate::core::now());
                 }
             }
-            Some(false)
         }
     });
-    if removed == Some(true) {
-        core.retire_run_dirs(stack).await;
-    }
     core.commit()
         .await
         .map_err(|e| op_error(OpError::Storage(e)))?;

@@ -47,7 +47,8 @@ pub struct DaemonOpts {
     pub listen: Option<std::net::SocketAddr>,
     /// Whether `state_dir` is the default one (decides the default port).
     pub default_state_dir: bool,
-    /// Program that runs the supervisor shim (`<exe> shim <spec>`): harnessd itself.
+    /// Program that runs the shim server (`<exe> shim-server`), which forks each
+    /// local service's supervisor: `harness-shim`, or harnessd itself.
     pub shim_exe: PathBuf,
     /// CA (PEM) whose certificates clients on other machines must present (mutual
     /// TLS); without it only loopback is served.

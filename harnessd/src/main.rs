@@ -1,5 +1,6 @@
 //! `harnessd`: the harness daemon binary. `harnessd` runs the daemon in the foreground;
-//! `harnessd shim SPEC` is the supervisor of one service (started by the daemon itself).
+//! `harnessd shim-server` forks the supervisor of each local service (started by the
+//! daemon itself when `harness-shim` is not installed beside it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1054,7 +1054,7 @@ impl Core {
         Ok((spec, harness_env))
     }
 
-    /// Run directory of a service (spec, pid and exit files, env file).
+    /// Run directory of a service (its shim's pid and exit files, env file).
     pub fn run_dir(&self, stack: &str, name: &str) -> PathBuf {
         self.state_dir.join("run").join(stack).join(name)
     }
@@ -1297,7 +1297,7 @@ pub async fn reconcile(core: &Arc<Core>) -> Vec<String> {
             .collect()
     });
     // Instances (`<daemon>/<stack>/<service>`) owned by a live run; a process carrying
-    // one of them (the service, its shim, its children) is not a stray.
+    // one of them (the service, its children) is not a stray.
     let mut owned = std::collections::HashSet::new();
     let mut adopted = Vec::new();
     for (stack, name, state, recorded) in active {

@@ -690,7 +690,7 @@ fn a_container_on_a_host_without_an_engine_fails_saying_how_to_get_one() {
     );
     assert!(!d
         .state_dir
-        .join("run/engines")
+        .join("engines")
         .read_dir()
         .is_ok_and(|mut e| e.next().is_some()));
 }

@@ -150,7 +150,10 @@ impl TestImage {
     pub fn new() -> TestImage {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        TestImage(format!("harness-test/busybox:e2e-{}-{n}", std::process::id()))
+        TestImage(format!(
+            "harness-test/busybox:e2e-{}-{n}",
+            std::process::id()
+        ))
     }
 }
 

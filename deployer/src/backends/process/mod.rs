@@ -14,13 +14,14 @@ pub use server::{serve as serve_shims, server_instance, ShimServer};
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
 use futures_lite::{future, AsyncBufReadExt, AsyncWriteExt};
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::DeployError;
@@ -47,8 +48,8 @@ const EXIT_FILE: &str = "exit.json";
 /// environment may hold secrets).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ProcessSpec {
-    /// `<daemon id>/<stack>/<service>`, set as `HARNESS_INSTANCE` for the shim and
-    /// the service.
+    /// `<daemon id>/<stack>/<service>`, set as `HARNESS_INSTANCE` for the service
+    /// (the shim, a fork of the shim server, carries the server's).
     pub instance: String,
     /// The program; looked up in the `PATH` of `env` when it has no '/', taken
     /// relative to `working_dir` when it is a relative path.
@@ -150,17 +151,11 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
         move || prepare(spec)
     })
     .await?;
-    let channel_err = |source| DeployError::StartShim {
-        exe: shims.exe().to_owned(),
-        source,
-    };
-    let (ours, theirs) = UnixStream::pair().map_err(channel_err)?;
-    let shim_pid = shims.fork_shim(&theirs).await?;
-    drop(theirs);
-    // Taken while the shim surely exists: its parent, the server, reaps it only
-    // after it exited, and it exits only once it read the spec.
+    let (ours, shim_pid) = shims.fork_shim().await?;
+    // Taken while the shim surely exists: it exits only once it read the spec (or its
+    // end of file), which is not sent yet.
     let shim_start = procfs::start_time(shim_pid);
-    let mut ours = Async::new(ours).map_err(channel_err)?;
+    let mut ours = Async::new(ours).map_err(DeployError::Channel)?;
     let report = future::or(
         async {
             // A shim that died early makes the write fail; the report then says so.
@@ -209,9 +204,19 @@ fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
     for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path] {
         *path = std::path::absolute(&*path).map_err(write_err(path))?;
     }
-    // Files of the previous run stay: exit.json names its shim, so it is never read
-    // as this run's, and the shim overwrites shim.json in place.
+    // Files of the previous run stay (a file made soon after many were deleted is
+    // slow on ext4): exit.json names its shim, so it is never read as this run's, and
+    // shim.json is emptied in place, so that a daemon that dies before this run's shim
+    // writes it never recovers the previous run from it.
     std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
+    let shim_file = spec.run_dir.join(SHIM_FILE);
+    match std::fs::OpenOptions::new().write(true).open(&shim_file) {
+        Ok(file) => file.set_len(0).map_err(write_err(&shim_file))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(write_err(&shim_file)(e)),
+    }
+    // Written by harness before the shim server, with the service's environment.
+    let _ = std::fs::remove_file(spec.run_dir.join("spec.json"));
     serde_json::to_vec(&spec).map_err(|e| write_err(&spec.run_dir)(e.into()))
 }
 
@@ -287,6 +292,13 @@ pub async fn wait_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError
         Ok(fd) if procfs::start_time(shim_pid) == Some(record.shim_start) => {
             let fd = Async::new_nonblocking(fd).map_err(watch_err)?;
             fd.readable().await.map_err(watch_err)?;
+            // Its parent reaps it, unless that is us: a harnessd that is PID 1 (in a
+            // container) inherits the shims of a shim server that died. Elsewhere
+            // this fails with ECHILD.
+            let _ = rustix::process::waitid(
+                WaitId::PidFd(fd.get_ref().as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            );
         }
         Ok(_) => {}
         Err(e) if e == rustix::io::Errno::SRCH => {}

@@ -22,9 +22,10 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use async_io::Async;
-use futures_lite::AsyncReadExt;
+use async_io::{Async, Timer};
+use futures_lite::{future, AsyncReadExt};
 use rustix::event::epoll;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -48,6 +49,45 @@ struct Running {
     control: Async<UnixStream>,
 }
 
+impl Running {
+    /// Kills and reaps the server: our own child, so the pid cannot be another's.
+    fn end(mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// How long the server may take to answer before it counts as dead.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request on the control socket. Dropped unanswered (the spawn was cancelled, or
+/// the server failed), its answer may still come and would be read as the next
+/// request's, so the server is ended instead; the next request starts another.
+struct Pending<'a> {
+    slot: &'a mut Option<Running>,
+    answered: bool,
+}
+
+impl Pending<'_> {
+    fn control(&self) -> &Async<UnixStream> {
+        &self
+            .slot
+            .as_ref()
+            .expect("a server is started before each request")
+            .control
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            if let Some(server) = self.slot.take() {
+                server.end();
+            }
+        }
+    }
+}
+
 impl ShimServer {
     /// A server run as `<exe> shim-server` for the daemon `daemon_instance`; nothing
     /// starts until the first [`ShimServer::fork_shim`].
@@ -59,36 +99,52 @@ impl ShimServer {
         }
     }
 
-    /// The server's executable.
-    pub fn exe(&self) -> &Path {
-        &self.exe
-    }
-
-    /// Has a shim forked that talks on `channel`; returns its pid.
-    pub(crate) async fn fork_shim(&self, channel: &UnixStream) -> Result<u32, DeployError> {
+    /// Has a shim forked; returns our end of its channel and its pid.
+    pub(crate) async fn fork_shim(&self) -> Result<(UnixStream, u32), DeployError> {
         let mut running = self.running.lock().await;
-        // A server that died (or was killed) is replaced once, then it is an error.
+        // A server that died (or hangs) is replaced once, then it is an error.
         for retry in [true, false] {
-            let server = match running.as_mut() {
-                Some(server) => server,
-                None => running.insert(self.start()?),
+            if running.is_none() {
+                *running = Some(self.start()?);
+            }
+            // A fresh pair each round: a server that forked and died before it
+            // answered leaves a shim on the old pair, which reads end of file and exits.
+            let (ours, theirs) = UnixStream::pair().map_err(DeployError::Channel)?;
+            let mut pending = Pending {
+                slot: &mut running,
+                answered: false,
             };
-            match request(&server.control, channel).await {
-                Ok(pid) if pid > 0 => return Ok(pid as u32),
-                Ok(errno) => return Err(DeployError::Fork(io::Error::from_raw_os_error(-errno))),
-                Err(source) => {
-                    if let Some(mut dead) = running.take() {
-                        // Our own child: killing and reaping it cannot hit another.
-                        let _ = dead.process.kill();
-                        let _ = dead.process.wait();
-                    }
-                    if !retry {
-                        return Err(DeployError::ShimServer {
-                            exe: self.exe.clone(),
-                            source,
-                        });
-                    }
+            let answer = future::or(
+                async { Some(request(pending.control(), &theirs).await) },
+                async {
+                    Timer::after(ANSWER_TIMEOUT).await;
+                    None
+                },
+            )
+            .await;
+            let source = match answer {
+                Some(Ok(answer)) => {
+                    pending.answered = true;
+                    return match u32::try_from(answer) {
+                        Ok(pid) if pid > 0 => Ok((ours, pid)),
+                        _ => Err(DeployError::Fork(io::Error::from_raw_os_error(
+                            answer.saturating_neg(),
+                        ))),
+                    };
                 }
+                Some(Err(e)) => e,
+                None => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {ANSWER_TIMEOUT:?}"),
+                ),
+            };
+            // `pending` ends the server here.
+            drop(pending);
+            if !retry {
+                return Err(DeployError::ShimServer {
+                    exe: self.exe.clone(),
+                    source,
+                });
             }
         }
         unreachable!("the loop returns on its last round")
@@ -156,7 +212,17 @@ pub fn serve() -> i32 {
     };
     loop {
         let channel = match server.next_request() {
-            Ok(Some(channel)) => channel,
+            Ok(Some(Some(channel))) => channel,
+            // A request whose socket did not come through (out of file descriptors).
+            Ok(Some(None)) => {
+                if server
+                    .answer(-rustix::io::Errno::MFILE.raw_os_error())
+                    .is_err()
+                {
+                    return 0;
+                }
+                continue;
+            }
             Ok(None) => continue,
             // The daemon is gone: the shims keep running without us.
             Err(_) => return 0,
@@ -217,9 +283,10 @@ impl Server {
         })
     }
 
-    /// Waits for a request (reaping shims that exited meanwhile); `Ok(None)` when
-    /// only shims exited, an error when the daemon's end is closed.
-    fn next_request(&mut self) -> io::Result<Option<OwnedFd>> {
+    /// Waits for a request (reaping shims that exited meanwhile): its socket, if it
+    /// came through; `Ok(None)` when only shims exited; an error when the daemon's end
+    /// is closed.
+    fn next_request(&mut self) -> io::Result<Option<Option<OwnedFd>>> {
         let mut events = Vec::with_capacity(16);
         match epoll::wait(
             &self.epoll,
@@ -234,8 +301,13 @@ impl Server {
         for event in events {
             match event.data.u64() {
                 CONTROL => request = true,
-                pid => self.reap(pid),
+                pid => self.forget(pid),
             }
+        }
+        // Every exited shim, also one whose pidfd could not be watched.
+        while let Ok(Some(_)) =
+            rustix::process::waitid(WaitId::All, WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+        {
         }
         if request {
             return self.receive().map(Some);
@@ -243,8 +315,9 @@ impl Server {
         Ok(None)
     }
 
-    /// Reads one request: a byte carrying a socket.
-    fn receive(&self) -> io::Result<OwnedFd> {
+    /// Reads one request: a byte carrying a socket (`None` when the socket did not
+    /// come through).
+    fn receive(&self) -> io::Result<Option<OwnedFd>> {
         let mut byte = [0u8; 1];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut ancillary = RecvAncillaryBuffer::new(&mut space);
@@ -257,13 +330,10 @@ impl Server {
         if msg.bytes == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        ancillary
-            .drain()
-            .find_map(|m| match m {
-                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-                _ => None,
-            })
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a request without a socket"))
+        Ok(ancillary.drain().find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        }))
     }
 
     fn answer(&self, value: i32) -> io::Result<()> {
@@ -271,7 +341,7 @@ impl Server {
         Ok(())
     }
 
-    /// Watches a new shim's pidfd, to reap it when it exits.
+    /// Watches a new shim's pidfd, to be woken (and reap it) when it exits.
     fn watch(&mut self, pid: u32) {
         let Some(p) = Pid::from_raw(pid as i32) else {
             return;
@@ -293,13 +363,10 @@ impl Server {
         }
     }
 
-    fn reap(&mut self, key: u64) {
+    /// Stops watching a shim that exited (the sweep in `next_request` reaps it).
+    fn forget(&mut self, key: u64) {
         if let Some(fd) = self.shims.remove(&key) {
             let _ = epoll::delete(&self.epoll, &fd);
-            let _ = rustix::process::waitid(
-                WaitId::PidFd(fd.as_fd()),
-                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-            );
         }
     }
 }
@@ -319,4 +386,42 @@ fn fork() -> nix::Result<Forked> {
         nix::unistd::ForkResult::Parent { child } => Forked::Parent(child.as_raw() as u32),
         nix::unistd::ForkResult::Child => Forked::Child,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the server that answers each request with pid 42, 300 ms late.
+    fn slow_server(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("slow-server");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nwhile [ \"$(head -c 1 | wc -c)\" = 1 ]; do sleep 0.3; printf '\\052\\000\\000\\000' >&0; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_answer_ends_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let shims = ShimServer::new(&slow_server(dir.path()), "test");
+        smol::block_on(async {
+            // Sent, then dropped while the answer is on its way.
+            assert!(future::poll_once(shims.fork_shim()).await.is_none());
+            assert!(
+                shims.running.lock().await.is_none(),
+                "the server was kept with an answer in flight"
+            );
+            // The next request has a server of its own, and its own answer.
+            let (_, pid) = shims.fork_shim().await.unwrap();
+            assert_eq!(pid, 42);
+            if let Some(server) = shims.running.lock().await.take() {
+                server.end();
+            }
+        });
+    }
 }

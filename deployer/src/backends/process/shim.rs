@@ -118,7 +118,7 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
         start: procfs::start_time(child.id()).unwrap_or_default(),
         run_dir: spec.run_dir.clone(),
     };
-    // In place (see `start_shim`): informational, never read back by harness.
+    // In place (see `super::prepare`): read back only by `super::recover`.
     let shim_file = spec.run_dir.join(SHIM_FILE);
     let json = serde_json::to_vec(&record).unwrap_or_default();
     if let Err(e) = std::fs::write(&shim_file, json) {
@@ -157,15 +157,20 @@ fn supervise(mut child: Child, mut log: LogWriter) -> ExitStatus {
                 break;
             }
             // No pipe is left to watch: only the exit.
-            drain_until = Some(service_exited(leader, None));
+            drain_until = Some(service_exited(leader, pidfd.as_ref()));
             continue;
         }
-        let timeout = left.and_then(|d| Timespec::try_from(d).ok());
+        let watch_exit = drain_until.is_none();
+        // Without a pidfd (a kernel before 5.3), the exit is looked for every 100 ms.
+        let timeout = match (watch_exit, &pidfd) {
+            (true, None) => Some(NO_PIDFD_CHECK),
+            _ => left,
+        };
+        let timeout = timeout.and_then(|d| Timespec::try_from(d).ok());
         let mut fds: Vec<PollFd<'_>> = pipes
             .iter()
             .map(|p| PollFd::new(&p.fd, PollFlags::IN))
             .collect();
-        let watch_exit = drain_until.is_none() && pidfd.is_some();
         if let (true, Some(fd)) = (watch_exit, &pidfd) {
             fds.push(PollFd::new(fd, PollFlags::IN));
         }
@@ -175,11 +180,23 @@ fn supervise(mut child: Child, mut log: LogWriter) -> ExitStatus {
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        if watch_exit && ready[pipes.len()] {
+        let exited = match &pidfd {
+            Some(_) => watch_exit && ready[pipes.len()],
+            None => watch_exit && has_exited(leader),
+        };
+        if exited {
             drain_until = Some(service_exited(leader, pidfd.as_ref()));
         }
         let mut ready = ready.into_iter();
         pipes.retain_mut(|pipe| !ready.next().unwrap_or(false) || pipe.copy(&mut buf, &mut log));
+    }
+    // Pipes still open when the drain ended (a child of the service that left its
+    // group holds them): their unfinished last lines.
+    for pipe in &mut pipes {
+        let stream = pipe.stream;
+        pipe.lines.finish(|line| {
+            let _ = log.write(stream, line);
+        });
     }
     match child.wait() {
         Ok(s) => ExitStatus {
@@ -192,6 +209,17 @@ fn supervise(mut child: Child, mut log: LogWriter) -> ExitStatus {
             ..ExitStatus::default()
         },
     }
+}
+
+/// How often the exit is looked for when no pidfd could be opened.
+const NO_PIDFD_CHECK: Duration = Duration::from_millis(100);
+
+/// Whether the service (`leader`) has exited, without waiting or reaping it.
+fn has_exited(leader: Option<Pid>) -> bool {
+    leader.is_none_or(|p| {
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        !matches!(rustix::process::waitid(WaitId::Pid(p), options), Ok(None))
+    })
 }
 
 /// Once the service (`leader`) has exited, without reaping it: while the leader is a
@@ -259,4 +287,23 @@ fn write_exit(run_dir: &Path, status: ExitStatus) -> Result<(), DeployError> {
         status,
     };
     write_json(&run_dir.join(EXIT_FILE), &file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_is_seen_without_a_pidfd_and_the_leader_is_not_reaped() {
+        let mut child = Command::new("sleep").arg("0.2").spawn().unwrap();
+        let leader = Pid::from_raw(child.id() as i32);
+        assert!(!has_exited(leader));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_exited(leader) {
+            assert!(Instant::now() < deadline, "sleep 0.2 never exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Still ours to reap, with its status.
+        assert!(child.wait().unwrap().success());
+    }
 }
