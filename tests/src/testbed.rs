@@ -579,6 +579,17 @@ impl Drop for BedDocker {
             }
         }
         self.stop();
+        // dockerd bind-mounts its data root onto itself (in our mount namespace: it was
+        // entered into the host's network namespace only) and leaves that mount behind
+        // when it stops with live restore; the directory cannot go while it is mounted.
+        run_quiet(
+            "umount",
+            &[
+                "--recursive",
+                "--lazy",
+                &self.dir.join("data").display().to_string(),
+            ],
+        );
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

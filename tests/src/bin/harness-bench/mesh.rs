@@ -26,6 +26,23 @@ impl Drop for Proc {
     }
 }
 
+/// A boringtun-cli device: the process, and its UAPI socket, which a killed
+/// boringtun-cli leaves behind in /var/run/wireguard.
+struct Boringtun {
+    process: Proc,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for Boringtun {
+    fn drop(&mut self) {
+        // The process first: fields drop only after this body.
+        let Proc(child) = &mut self.process;
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 fn in_ns(ns: &str, argv: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).args(argv);
@@ -177,7 +194,7 @@ fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
 }
 
 /// Two boringtun-cli devices with `threads` threads, configured with wg(8).
-fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Proc, Proc) {
+fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Boringtun, Boringtun) {
     let keys = [
         PrivateKey::generate().unwrap(),
         PrivateKey::generate().unwrap(),
@@ -188,23 +205,26 @@ fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Proc, Proc) 
     let mut procs = Vec::new();
     for i in 0..2 {
         let ns = &bed.hosts[i].netns;
-        procs.push(Proc(
-            in_ns(
-                ns,
-                &[
-                    "boringtun-cli",
-                    "--foreground",
-                    "--disable-drop-privileges",
-                    "--threads",
-                    &threads.to_string(),
-                    &name(i),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("boringtun-cli (cargo install boringtun-cli)"),
-        ));
+        procs.push(Boringtun {
+            socket: format!("/var/run/wireguard/{}.sock", name(i)).into(),
+            process: Proc(
+                in_ns(
+                    ns,
+                    &[
+                        "boringtun-cli",
+                        "--foreground",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        &threads.to_string(),
+                        &name(i),
+                    ],
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("boringtun-cli (cargo install boringtun-cli)"),
+            ),
+        });
     }
     std::thread::sleep(Duration::from_millis(500));
     for i in 0..2 {
