@@ -507,6 +507,45 @@ fn orders() {
 }
 
 #[test]
+fn a_large_dag_starts_every_dependency_first() {
+    // 300 services, each on up to three earlier ones (a fixed pseudo-random pick).
+    let mut yaml = String::from("services:\n");
+    let mut seed: u64 = 7;
+    let mut edges = Vec::new();
+    for i in 0..300u64 {
+        let mut deps = Vec::new();
+        for _ in 0..3 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let d = format!("s{}", (seed >> 33) % i.max(1));
+            if i > 0 && seed % 2 == 0 && !deps.contains(&d) {
+                edges.push((d.clone(), format!("s{i}")));
+                deps.push(d);
+            }
+        }
+        yaml.push_str(&format!(
+            "  s{i}: {{ target: {{ process: {{ binary: /x }} }}, dependencies: [{}] }}\n",
+            deps.join(", ")
+        ));
+    }
+    let c = load(&yaml);
+    let order = start_order(&c);
+    let position: std::collections::HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    assert_eq!(position.len(), 300, "every service once");
+    for (dep, svc) in &edges {
+        assert!(
+            position[dep.as_str()] < position[svc.as_str()],
+            "{dep} before {svc}"
+        );
+    }
+}
+
+#[test]
 fn resolve_environment_keeps_service_refs() {
     let mut c = load(
         "services:

@@ -558,12 +558,18 @@ fn cycles(config: &StackConfig) -> Vec<Vec<String>> {
 /// those ready at the same time. Services caught in a cycle (which `validate` rejects)
 /// come last, alphabetically, so none is ever lost.
 pub fn start_order(config: &StackConfig) -> Vec<String> {
-    // Kahn's algorithm with the ready set kept sorted.
-    let mut waiting: BTreeMap<&str, usize> = config
-        .services
-        .keys()
-        .map(|n| (n.as_str(), deps(config, n).count()))
-        .collect();
+    // Kahn's algorithm with the ready set kept sorted; each service's dependents are
+    // found once, so the daemon's every `up` of a large stack stays cheap.
+    let mut waiting: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for name in config.services.keys() {
+        let mut count = 0;
+        for dep in deps(config, name) {
+            count += 1;
+            dependents.entry(dep).or_default().push(name);
+        }
+        waiting.insert(name, count);
+    }
     let mut ready: BTreeSet<&str> = waiting
         .iter()
         .filter(|(_, n)| **n == 0)
@@ -573,11 +579,11 @@ pub fn start_order(config: &StackConfig) -> Vec<String> {
     while let Some(next) = ready.pop_first() {
         waiting.remove(next);
         order.push(next.to_owned());
-        for (name, count) in waiting.iter_mut() {
-            if deps(config, name).any(|d| d == next) {
+        for dependent in dependents.get(next).into_iter().flatten() {
+            if let Some(count) = waiting.get_mut(dependent) {
                 *count -= 1;
                 if *count == 0 {
-                    ready.insert(name);
+                    ready.insert(dependent);
                 }
             }
         }
