@@ -519,7 +519,7 @@ fn a_large_dag_starts_every_dependency_first() {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let d = format!("s{}", (seed >> 33) % i.max(1));
-            if i > 0 && seed % 2 == 0 && !deps.contains(&d) {
+            if i > 0 && seed.is_multiple_of(2) && !deps.contains(&d) {
                 edges.push((d.clone(), format!("s{i}")));
                 deps.push(d);
             }
