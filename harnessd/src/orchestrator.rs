@@ -1207,7 +1207,12 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
     if !is_container {
         let record = match recorded {
             Some(Run::Process(r)) => Some(r),
-            _ => process::recover(&core.run_dir(stack, name)),
+            // No record: the daemon died between a spawn and saving it, and the shim's
+            // own shim.json names the run. Only a live one counts: a shim.json whose
+            // shim is gone may be an earlier run's (a start that was still waiting for
+            // its dependencies had spawned nothing yet), whose exit was counted then.
+            _ => process::recover(&core.run_dir(stack, name))
+                .filter(|r| process::adopt(r) == process::Adoption::Alive),
         };
         return match record.as_ref().map(process::adopt) {
             Some(process::Adoption::Alive) => {

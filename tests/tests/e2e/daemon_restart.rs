@@ -87,6 +87,57 @@ services:
     assert_eq!(get(&c, "keep", "chatty").state, ServiceState::Stopped);
 }
 
+/// The daemon dies while a start waits (no process yet, `starting` in the registry),
+/// and the run directory still holds the previous run's shim.json and exit.json (run
+/// directories stay across runs): that exit, counted when it happened, is not taken for
+/// this start's.
+#[test]
+fn an_earlier_run_s_files_are_not_taken_for_an_interrupted_start() {
+    let mut d = TestDaemon::start();
+    let dir = d.workdir("again");
+    write_config(
+        &dir,
+        r#"
+name: again
+services:
+  svc:
+    target: { process: { binary: DEMO, args: [--name, svc, --port, "${self.port}"] } }
+    port: auto
+    health_check: { type: tcp }
+"#,
+    );
+    assert!(d.cli(&dir, &["up"]).status.success());
+    assert!(d.cli(&dir, &["stop", "svc"]).status.success());
+    assert!(d.state_dir.join("run/again/svc/exit.json").exists());
+    d.kill9();
+
+    // As a start of it that was still waiting left the registry.
+    let path = d.state_dir.join("registry.json");
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rec = &mut reg["stacks"]["again"]["services"]["svc"];
+    assert!(rec["process"].is_null(), "{rec}");
+    rec["state"] = "starting".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+
+    d.restart();
+    let c = d.client();
+    let fixes: Vec<String> = replay(&c, &["daemon"])
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            protocol::events::EventKind::DaemonReconciled(r) => Some(r.fixes),
+            _ => None,
+        })
+        .flatten()
+        .filter(|f| f.contains("again/svc"))
+        .collect();
+    assert_eq!(
+        fixes,
+        ["again/svc: its start was interrupted by the daemon's exit"],
+        "the earlier run's exit was taken for this start's"
+    );
+}
+
 /// The daemon dies after spawning a service but before its record is saved: the
 /// registry says `starting` with no process. The next daemon finds the running service
 /// through the record its shim left in the run directory and adopts it.

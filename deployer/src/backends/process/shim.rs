@@ -176,7 +176,16 @@ fn supervise(mut child: Child, mut log: LogWriter) -> ExitStatus {
         }
         match rustix::event::poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(_) => break,
+            Err(_) => {
+                // The pipes cannot be watched (ENOMEM): let them go, so that the
+                // service never blocks on a full one, and wait for its exit.
+                drop(fds);
+                pipes.clear();
+                if drain_until.is_none() {
+                    service_exited(leader, pidfd.as_ref());
+                }
+                break;
+            }
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
