@@ -9,10 +9,11 @@
 //!
 //! Protocol, on a Unix stream socket that is the server's stdin: the daemon sends one
 //! byte with a socket of a fresh pair attached (`SCM_RIGHTS`); the server forks, and
-//! answers with the shim's pid as an `i32` (negative: the fork's errno). The forked
-//! shim reads its [`ProcessSpec`](super::ProcessSpec) from that socket and reports on
-//! it ([`super::shim::run_shim`]). The server reaps its shims (a pidfd each) and exits
-//! when the daemon's end of the control socket closes.
+//! answers with the shim's pid as an `i32` (negative: an errno, the fork's, or EMFILE
+//! when the socket did not come through). The forked shim reads its
+//! [`ProcessSpec`](super::ProcessSpec) from that socket and reports on it
+//! ([`super::shim::run_shim`]). The server reaps its shims (woken by a pidfd each) and
+//! exits when the daemon's end of the control socket closes.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
