@@ -234,6 +234,17 @@ mod tests {
         (sink, rx)
     }
 
+    /// An event of no consequence.
+    fn reconciled() -> EventKind {
+        EventKind::DaemonReconciled(Reconciled { fixes: Vec::new() })
+    }
+
+    fn publish_many(bus: &EventBus, n: u64) {
+        for _ in 0..n {
+            bus.publish(reconciled());
+        }
+    }
+
     fn seqs(rx: &async_channel::Receiver<Arc<str>>) -> Vec<u64> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .map(|t| serde_json::from_str::<Event>(&t).unwrap().seq)
@@ -245,11 +256,7 @@ mod tests {
     #[test]
     fn a_long_replay_resumes_where_the_queue_filled() {
         let bus = EventBus::new(0);
-        for _ in 0..250 {
-            bus.publish(EventKind::DaemonReconciled(Reconciled {
-                fixes: Vec::new(),
-            }));
-        }
+        publish_many(&bus, 250);
         let mut got = Vec::new();
         let mut since = 1;
         for conn in 1.. {
@@ -281,16 +288,12 @@ mod tests {
     fn a_replay_from_the_journal_reads_only_what_the_queue_takes() {
         let bus = EventBus::new(0);
         let total = RECENT_EVENTS as u64 + 5000;
-        for _ in 0..total {
-            bus.publish(EventKind::DaemonReconciled(Reconciled {
-                fixes: Vec::new(),
-            }));
-        }
+        publish_many(&bus, total);
         let journal: Vec<Event> = (1..=total)
             .map(|seq| Event {
                 seq,
                 time: now(),
-                kind: EventKind::DaemonReconciled(Reconciled { fixes: Vec::new() }),
+                kind: reconciled(),
             })
             .collect();
         let (queue, rx) = sink(100);
@@ -322,11 +325,7 @@ mod tests {
     #[test]
     fn a_replay_from_before_the_first_event_is_not_a_lag() {
         let bus = EventBus::new(0);
-        for _ in 0..5 {
-            bus.publish(EventKind::DaemonReconciled(Reconciled {
-                fixes: Vec::new(),
-            }));
-        }
+        publish_many(&bus, 5);
         let (queue, rx) = sink(100);
         let params = SubscribeParams {
             since: Some(0),
@@ -354,11 +353,7 @@ mod tests {
             Ok(Vec::new())
         })
         .unwrap();
-        for _ in 0..50 {
-            bus.publish(EventKind::DaemonReconciled(Reconciled {
-                fixes: Vec::new(),
-            }));
-        }
+        publish_many(&bus, 50);
         assert_eq!(seqs(&slow_rx), (1..=10).collect::<Vec<_>>());
         assert_eq!(slow.lagged_from.load(Ordering::Acquire), 11);
         assert_eq!(seqs(&fast_rx), (1..=50).collect::<Vec<_>>());

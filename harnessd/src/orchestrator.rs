@@ -1096,8 +1096,9 @@ impl Core {
 /// A service's env file, in its run directory.
 const ENV_FILE: &str = "service.env";
 
-/// Removes the run directories of stacks and services the registry no longer has (at
-/// start, before anything runs): housekeeping, logged, not a fix.
+/// Removes the run directories of stacks and services the registry no longer has, and
+/// what older versions left in the others (at start, before anything runs):
+/// housekeeping, logged, not a fix.
 async fn prune_run_dirs(core: &Core) {
     let known: HashMap<String, Vec<String>> = core.read(|st| {
         st.snap
@@ -1117,14 +1118,19 @@ async fn prune_run_dirs(core: &Core) {
                 .collect()
         };
         for (stack, path) in entries(&run) {
-            let stale: Vec<PathBuf> = match known.get(&stack) {
-                None => vec![path],
-                Some(services) => entries(&path)
-                    .into_iter()
-                    .filter(|(name, _)| !services.contains(name))
-                    .map(|(_, p)| p)
-                    .collect(),
-            };
+            let mut stale = Vec::new();
+            match known.get(&stack) {
+                None => stale.push(path),
+                Some(services) => {
+                    for (name, dir) in entries(&path) {
+                        if services.contains(&name) {
+                            process::remove_legacy_files(&dir);
+                        } else {
+                            stale.push(dir);
+                        }
+                    }
+                }
+            }
             for dir in stale {
                 if std::fs::remove_dir_all(&dir).is_ok() {
                     tracing::debug!("removed the unused run directory {}", dir.display());
@@ -1205,20 +1211,19 @@ async fn find_run(core: &Arc<Core>, stack: &str, name: &str, recorded: Option<Ru
             .is_some_and(|s| matches!(s.target, Target::Docker(_)))
     });
     if !is_container {
-        let record = match recorded {
-            Some(Run::Process(r)) => Some(r),
+        let found = match recorded {
+            Some(Run::Process(r)) => Some((process::adopt(&r), r)),
             // No record: the daemon died between a spawn and saving it, and the shim's
             // own shim.json names the run. Only a live one counts: a shim.json whose
             // shim is gone may be an earlier run's (a start that was still waiting for
             // its dependencies had spawned nothing yet), whose exit was counted then.
             _ => process::recover(&core.run_dir(stack, name))
-                .filter(|r| process::adopt(r) == process::Adoption::Alive),
+                .map(|r| (process::adopt(&r), r))
+                .filter(|(adoption, _)| *adoption == process::Adoption::Alive),
         };
-        return match record.as_ref().map(process::adopt) {
-            Some(process::Adoption::Alive) => {
-                Found::Alive(Box::new(Run::Process(record.expect("adopted"))))
-            }
-            Some(process::Adoption::Exited(status)) => Found::Exited(status),
+        return match found {
+            Some((process::Adoption::Alive, r)) => Found::Alive(Box::new(Run::Process(r))),
+            Some((process::Adoption::Exited(status), _)) => Found::Exited(status),
             _ => Found::Gone("its process disappeared while the daemon was down".to_owned()),
         };
     }

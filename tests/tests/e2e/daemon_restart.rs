@@ -87,6 +87,34 @@ services:
     assert_eq!(get(&c, "keep", "chatty").state, ServiceState::Stopped);
 }
 
+/// A stack `stack` of one demo service `svc` with a tcp check; its directory.
+fn one_service_stack(d: &TestDaemon, stack: &str) -> std::path::PathBuf {
+    let dir = d.workdir(stack);
+    write_config(
+        &dir,
+        &format!(
+            r#"
+name: {stack}
+services:
+  svc:
+    target: {{ process: {{ binary: DEMO, args: [--name, svc, --port, "${{self.port}}"] }} }}
+    port: auto
+    health_check: {{ type: tcp }}
+"#
+        ),
+    );
+    dir
+}
+
+/// Edits the registry record of `stack`'s `svc` while the daemon is down.
+fn edit_record(d: &TestDaemon, stack: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = d.state_dir.join("registry.json");
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut reg["stacks"][stack]["services"]["svc"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+}
+
 /// The daemon dies while a start waits (no process yet, `starting` in the registry),
 /// and the run directory still holds the previous run's shim.json and exit.json (run
 /// directories stay across runs): that exit, counted when it happened, is not taken for
@@ -94,31 +122,17 @@ services:
 #[test]
 fn an_earlier_run_s_files_are_not_taken_for_an_interrupted_start() {
     let mut d = TestDaemon::start();
-    let dir = d.workdir("again");
-    write_config(
-        &dir,
-        r#"
-name: again
-services:
-  svc:
-    target: { process: { binary: DEMO, args: [--name, svc, --port, "${self.port}"] } }
-    port: auto
-    health_check: { type: tcp }
-"#,
-    );
+    let dir = one_service_stack(&d, "again");
     assert!(d.cli(&dir, &["up"]).status.success());
     assert!(d.cli(&dir, &["stop", "svc"]).status.success());
     assert!(d.state_dir.join("run/again/svc/exit.json").exists());
     d.kill9();
 
     // As a start of it that was still waiting left the registry.
-    let path = d.state_dir.join("registry.json");
-    let mut reg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let rec = &mut reg["stacks"]["again"]["services"]["svc"];
-    assert!(rec["process"].is_null(), "{rec}");
-    rec["state"] = "starting".into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    edit_record(&d, "again", |rec| {
+        assert!(rec["process"].is_null(), "{rec}");
+        rec["state"] = "starting".into();
+    });
 
     d.restart();
     let c = d.client();
@@ -144,18 +158,7 @@ services:
 #[test]
 fn a_crash_between_spawn_and_record_adopts_the_running_service() {
     let mut d = TestDaemon::start();
-    let dir = d.workdir("gap");
-    write_config(
-        &dir,
-        r#"
-name: gap
-services:
-  svc:
-    target: { process: { binary: DEMO, args: [--name, svc, --port, "${self.port}"] } }
-    port: auto
-    health_check: { type: tcp }
-"#,
-    );
+    let dir = one_service_stack(&d, "gap");
     assert!(d.cli(&dir, &["up"]).status.success());
     let c = d.client();
     let pid = get(&c, "gap", "svc").pid.expect("pid");
@@ -163,14 +166,11 @@ services:
     d.kill9();
 
     // Rewrite the registry as it was between intent and record.
-    let path = d.state_dir.join("registry.json");
-    let mut reg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let rec = &mut reg["stacks"]["gap"]["services"]["svc"];
-    assert!(rec["process"].is_object(), "{rec}");
-    rec["process"] = serde_json::Value::Null;
-    rec["state"] = "starting".into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
+    edit_record(&d, "gap", |rec| {
+        assert!(rec["process"].is_object(), "{rec}");
+        rec["process"] = serde_json::Value::Null;
+        rec["state"] = "starting".into();
+    });
 
     d.restart();
     let c = d.client();

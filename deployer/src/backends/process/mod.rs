@@ -152,8 +152,8 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
     })
     .await?;
     let (ours, shim_pid) = shims.fork_shim().await?;
-    // Taken while the shim surely exists: it exits only once it read the spec (or its
-    // end of file), which is not sent yet.
+    // Taken before the spec is sent, which the shim waits for (it ends sooner only
+    // when it cannot get a process group, and then reports nothing).
     let shim_start = procfs::start_time(shim_pid);
     let mut ours = Async::new(ours).map_err(DeployError::Channel)?;
     let report = future::or(
@@ -206,17 +206,8 @@ fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
     }
     // Files of the previous run stay (a file made soon after many were deleted is
     // slow on ext4): exit.json names its shim, so it is never read as this run's, and
-    // shim.json is emptied in place, so that a daemon that dies before this run's shim
-    // writes it never recovers the previous run from it.
+    // the shim overwrites shim.json in place.
     std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
-    let shim_file = spec.run_dir.join(SHIM_FILE);
-    match std::fs::OpenOptions::new().write(true).open(&shim_file) {
-        Ok(file) => file.set_len(0).map_err(write_err(&shim_file))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(write_err(&shim_file)(e)),
-    }
-    // Written by harness before the shim server, with the service's environment.
-    let _ = std::fs::remove_file(spec.run_dir.join("spec.json"));
     serde_json::to_vec(&spec).map_err(|e| write_err(&spec.run_dir)(e.into()))
 }
 
@@ -251,9 +242,15 @@ fn read_exit(record: &ProcessRecord) -> Result<ExitStatus, DeployError> {
     Ok(file.status)
 }
 
+/// Removes what harness before the shim server left in a run directory: spec.json,
+/// which held the service's environment.
+pub fn remove_legacy_files(run_dir: &Path) {
+    let _ = std::fs::remove_file(run_dir.join("spec.json"));
+}
+
 /// The record the shim of `run_dir` wrote when it started its service (shim.json), for
 /// a daemon that died between the spawn and saving the record. Check it with
-/// [`adopt`] before trusting it.
+/// [`adopt`] before trusting it: it may be an earlier run's.
 pub fn recover(run_dir: &Path) -> Option<ProcessRecord> {
     let text = std::fs::read(run_dir.join(SHIM_FILE)).ok()?;
     serde_json::from_slice(&text).ok()

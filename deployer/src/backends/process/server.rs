@@ -1,9 +1,9 @@
 //! The shim server: one small, single-threaded process per daemon that forks a shim
 //! for each service start.
 //!
-//! Exec'ing the shim binary for every service cost several times the CPU of the
-//! service's own start (dynamic loading, the Rust runtime's start-up), and most of a
-//! stack's `up`. A fork of this small process costs a fraction of that, and the forked
+//! Exec'ing the shim binary for every service cost more CPU than the service's own
+//! start (dynamic loading, the Rust runtime's start-up: about 2.2 ms against busybox's
+//! 1.4 ms here). A fork of this small process costs a fraction of that, and the forked
 //! shim is the same supervisor: the service's parent, in a process group of its own,
 //! outliving the daemon (and the server).
 //!
