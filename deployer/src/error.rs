@@ -33,7 +33,7 @@ pub enum DeployError {
         /// The cause.
         source: io::Error,
     },
-    /// The shim server failed to answer, also after it was started again.
+    /// The shim server forked no shim, also after it was started again.
     #[error("the shim server {exe} failed: {source}")]
     ShimServer {
         /// Its executable.

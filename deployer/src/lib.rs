@@ -5,7 +5,7 @@
 //! parent, writes its output to timestamped, rotated log files ([`logs`]), records
 //! its exit status, and keeps running when harnessd dies, so a restarted harnessd
 //! adopts it again ([`process::adopt`]). Shims are forked by the daemon's shim server
-//! ([`process::ShimServer`], `harness-shim shim-server`), not exec'd one by one.
+//! ([`process::ShimServer`], `harness-shim shim-server-2`), not exec'd one by one.
 //!
 //! # Implementation
 //!

@@ -463,6 +463,55 @@ fn many_services_start_at_once() {
     );
 }
 
+#[test]
+fn concurrent_starts_each_get_their_own_shim() {
+    let mut t = Test::new();
+    let specs: Vec<ProcessSpec> = (0..20)
+        .map(|i| t.spec(&format!("svc{i}"), "sleep", &["100"]))
+        .collect();
+    // All requests are in flight at once: the server answers none of them on the
+    // control socket, so each shim says its pid on the start's own channel.
+    let results: Vec<_> = smol::block_on(futures_util::future::join_all(
+        specs.iter().map(|s| process::spawn(s, &t.shims)),
+    ));
+    let records: Vec<ProcessRecord> = results.into_iter().map(|r| r.expect("spawn")).collect();
+    t.runs.extend(records.iter().cloned());
+    let server = parent(records[0].shim_pid).expect("the server");
+    for (spec, record) in specs.iter().zip(&records) {
+        assert_eq!(
+            parent(record.pid),
+            Some(record.shim_pid),
+            "{}",
+            spec.instance
+        );
+        assert_eq!(parent(record.shim_pid), Some(server));
+        let environ = std::fs::read(format!("/proc/{}/environ", record.pid)).unwrap();
+        let wanted = format!("HARNESS_INSTANCE={}", spec.instance);
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes()),
+            "{} runs another start's spec",
+            record.pid
+        );
+    }
+    for r in &records {
+        let status = smol::block_on(process::stop(r, "TERM", Duration::from_secs(10))).unwrap();
+        assert_eq!(status.signal, Some(15));
+    }
+}
+
+#[test]
+fn a_daemon_of_another_version_gets_a_usage_error_from_the_shim_binary() {
+    // What a daemon that speaks the protocol before version 2 runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_harness-shim"))
+        .arg("shim-server")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(process::SHIM_SERVER_COMMAND), "{stderr}");
+}
+
 /// The parent pid, from /proc/<pid>/stat.
 fn parent(pid: u32) -> Option<u32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -47,7 +47,7 @@ pub struct DaemonOpts {
     pub listen: Option<std::net::SocketAddr>,
     /// Whether `state_dir` is the default one (decides the default port).
     pub default_state_dir: bool,
-    /// Program that runs the shim server (`<exe> shim-server`), which forks each
+    /// Program that runs the shim server (`<exe> shim-server-2`), which forks each
     /// local service's supervisor: `harness-shim`, or harnessd itself.
     pub shim_exe: PathBuf,
     /// CA (PEM) whose certificates clients on other machines must present (mutual

@@ -1,5 +1,5 @@
 //! `harnessd`: the harness daemon binary. `harnessd` runs the daemon in the foreground;
-//! `harnessd shim-server` forks the supervisor of each local service (started by the
+//! `harnessd shim-server-2` forks the supervisor of each local service (started by the
 //! daemon itself when `harness-shim` is not installed beside it).
 
 use std::path::PathBuf;
@@ -36,7 +36,7 @@ struct Opts {
 #[derive(Subcommand)]
 enum Cmd {
     /// Fork the supervisor of each local service (internal: harnessd starts it).
-    #[command(hide = true)]
+    #[command(name = deployer::process::SHIM_SERVER_COMMAND, hide = true)]
     ShimServer,
 }
 
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| default_dir.clone());
     // The shim server: the small `harness-shim` installed beside harnessd (each shim
-    // is a fork of it), else harnessd itself (`harnessd shim-server`) through
+    // is a fork of it), else harnessd itself (`harnessd shim-server-2`) through
     // /proc/self/exe, which keeps working when the file on disk was replaced by a
     // rebuild or an upgrade.
     let shim_exe = std::env::current_exe()

@@ -1,6 +1,6 @@
 //! Test helper for deployer's integration tests, standing in for harnessd.
 //!
-//! `deployer-test-shim shim-server` is the shim server, as `harness-shim shim-server`.
+//! `deployer-test-shim shim-server-2` is the shim server, as in `harness-shim`.
 //! `deployer-test-shim spawn SPEC` spawns the service of SPEC (a JSON file) with this
 //! executable as the shim server, prints the record as JSON and exits: a daemon that
 //! dies right after starting a service.
@@ -13,7 +13,7 @@ use deployer::process::{self, ProcessSpec, ShimServer};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [cmd] if cmd == "shim-server" => {
+        [cmd] if cmd == process::SHIM_SERVER_COMMAND => {
             ExitCode::from(u8::try_from(process::serve_shims()).unwrap_or(1))
         }
         [cmd, spec] if cmd == "spawn" => match spawn(spec.into()) {
@@ -27,7 +27,10 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: deployer-test-shim shim-server | spawn SPEC");
+            eprintln!(
+                "usage: deployer-test-shim {} | spawn SPEC",
+                process::SHIM_SERVER_COMMAND
+            );
             ExitCode::from(2)
         }
     }

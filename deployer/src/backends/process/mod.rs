@@ -10,7 +10,7 @@ mod server;
 mod shim;
 
 pub use procfs::tcp_listeners;
-pub use server::{serve as serve_shims, server_instance, ShimServer};
+pub use server::{serve as serve_shims, server_instance, ShimServer, SHIM_SERVER_COMMAND};
 
 use std::collections::BTreeMap;
 use std::io;
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
-use futures_lite::{future, AsyncBufReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncBufReadExt};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 use serde::{Deserialize, Serialize};
 
@@ -146,45 +146,36 @@ struct ExitFile {
 /// on it one line once shim.json is written; that line is all this function waits for
 /// (no polling).
 pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessRecord, DeployError> {
-    let json = smol::unblock({
-        let spec = spec.clone();
-        move || prepare(spec)
-    })
-    .await?;
-    let (ours, shim_pid) = shims.fork_shim().await?;
-    // Taken before the spec is sent, which the shim waits for (it ends sooner only
-    // when it cannot get a process group, and then reports nothing).
-    let shim_start = procfs::start_time(shim_pid);
-    let mut ours = Async::new(ours).map_err(DeployError::Channel)?;
-    let report = future::or(
-        async {
-            // A shim that died early makes the write fail; the report then says so.
-            let _ = ours.write_all(&json).await;
-            let _ = ours.get_ref().shutdown(std::net::Shutdown::Write);
-            Ok(read_report(&mut ours).await)
-        },
-        async {
-            Timer::after(START_TIMEOUT).await;
-            Err(())
-        },
-    );
-    let err = match report.await {
-        Ok(Some(Ready::Running(record))) => return Ok(record),
-        Ok(Some(Ready::Failed(reason))) => return Err(DeployError::Spawn { reason }),
-        Ok(None) => DeployError::ShimDied { shim_pid },
-        Err(()) => DeployError::ShimTimeout {
-            shim_pid,
-            timeout: START_TIMEOUT,
-        },
-    };
-    // Only the shim that was forked for us: a pid taken since by another process
-    // has another start time.
-    if shim_start.is_some_and(|start| procfs::is_running(shim_pid, start)) {
-        if let Some(pid) = Pid::from_raw(shim_pid as i32) {
-            let _ = rustix::process::kill_process(pid, Signal::KILL);
+    // No file is touched here (the shim makes the run directory), so nothing waits
+    // for a blocking thread: each hop to one was scheduling delay in a busy `up`.
+    let json = prepare(spec.clone())?;
+    let (mut ours, shim_pid) = shims.fork_shim(&json).await?;
+    // For the kill on a timeout below, taken while the shim is still its pid's owner:
+    // a shim that times out kept its channel open, so it was alive all along. One
+    // syscall, where reading its start time from /proc cost 6% of the daemon's CPU in
+    // an `up`.
+    let shim = Pid::from_raw(shim_pid as i32)
+        .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok());
+    let report = future::or(async { Ok(read_report(&mut ours).await) }, async {
+        Timer::after(START_TIMEOUT).await;
+        Err(())
+    });
+    match report.await {
+        Ok(Some(Ready::Running(record))) => Ok(record),
+        Ok(Some(Ready::Failed(reason))) => Err(DeployError::Spawn { reason }),
+        Ok(None) => Err(DeployError::ShimDied { shim_pid }),
+        Err(()) => {
+            // Only the shim that was forked for us: its pidfd never stands for a
+            // process that took the pid since.
+            if let Some(shim) = shim {
+                let _ = rustix::process::pidfd_send_signal(shim, Signal::KILL);
+            }
+            Err(DeployError::ShimTimeout {
+                shim_pid,
+                timeout: START_TIMEOUT,
+            })
         }
     }
-    Err(err)
 }
 
 /// The shim's report line; `None` when it closed its channel without one.
@@ -195,7 +186,7 @@ async fn read_report(channel: &mut Async<UnixStream>) -> Option<Ready> {
     serde_json::from_str(&line).ok()
 }
 
-/// Makes the spec's paths absolute, creates its run directory, and serializes it.
+/// Makes the spec's paths absolute and serializes it.
 fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
@@ -204,10 +195,6 @@ fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
     for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path] {
         *path = std::path::absolute(&*path).map_err(write_err(path))?;
     }
-    // Files of the previous run stay (a file made soon after many were deleted is
-    // slow on ext4): exit.json names its shim, so it is never read as this run's, and
-    // the shim overwrites shim.json in place.
-    std::fs::create_dir_all(&spec.run_dir).map_err(write_err(&spec.run_dir))?;
     serde_json::to_vec(&spec).map_err(|e| write_err(&spec.run_dir)(e.into()))
 }
 

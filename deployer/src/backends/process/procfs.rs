@@ -2,6 +2,7 @@
 //! about listening sockets.
 
 use std::fs;
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The two fields of `/proc/<pid>/stat` that identify a process run.
@@ -16,8 +17,13 @@ pub(crate) struct Stat {
 
 /// Reads `/proc/<pid>/stat`; `None` when the pid does not exist.
 pub(crate) fn stat(pid: u32) -> Option<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+    // One read into a buffer that holds any stat line (52 numbers and a command name
+    // of at most 64 bytes), where `read_to_string` made six.
+    let mut buf = [0u8; 4096];
+    let len = fs::File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut file| file.read(&mut buf))
+        .ok()?;
+    parse_stat(std::str::from_utf8(&buf[..len]).ok()?)
 }
 
 fn parse_stat(text: &str) -> Option<Stat> {

@@ -8,15 +8,17 @@
 //! outliving the daemon (and the server).
 //!
 //! Protocol, on a Unix stream socket that is the server's stdin: the daemon sends one
-//! byte with a socket of a fresh pair attached (`SCM_RIGHTS`); the server forks, and
-//! answers with the shim's pid as an `i32` (negative: an errno, the fork's, or EMFILE
-//! when the socket did not come through). The forked shim reads its
-//! [`ProcessSpec`](super::ProcessSpec) from that socket and reports on it
-//! ([`super::shim::run_shim`]). The server reaps its shims (woken by a pidfd each) and
-//! exits when the daemon's end of the control socket closes.
+//! byte with a socket of a fresh pair attached (`SCM_RIGHTS`), and nothing comes back
+//! on the control socket, so requests never wait for each other's answers. The server
+//! forks, and the forked shim writes its pid (an `i32`) on that socket first, then
+//! reads its [`ProcessSpec`](super::ProcessSpec) from it and reports on it
+//! ([`super::shim::run_shim`]). When the fork fails, the server writes `-errno` there
+//! instead; when the socket did not come through (out of file descriptors), or the
+//! server died before forking, the daemon reads end of file. The server reaps its
+//! shims (woken by `SIGCHLD` through a signalfd) and exits when the daemon's end of the
+//! control socket closes.
 
-use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -26,13 +28,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
-use futures_lite::{future, AsyncReadExt};
-use rustix::event::epoll;
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use rustix::event::{PollFd, PollFlags};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
-use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
+use rustix::process::{WaitId, WaitIdOptions};
 
 use super::INSTANCE_VAR;
 use crate::DeployError;
@@ -58,39 +62,17 @@ impl Running {
     }
 }
 
-/// How long the server may take to answer before it counts as dead.
+/// The argument that runs the shim server (`<exe> shim-server-2`). It names the
+/// protocol's version, so that a daemon of another version (a binary replaced by an
+/// upgrade while the daemon runs) gets a usage error and an exit from it at once,
+/// never a server that speaks another protocol.
+pub const SHIM_SERVER_COMMAND: &str = "shim-server-2";
+
+/// How long a shim may take to say its pid before its server counts as dead.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A request on the control socket. Dropped unanswered (the spawn was cancelled, or
-/// the server failed), its answer may still come and would be read as the next
-/// request's, so the server is ended instead; the next request starts another.
-struct Pending<'a> {
-    slot: &'a mut Option<Running>,
-    answered: bool,
-}
-
-impl Pending<'_> {
-    fn control(&self) -> &Async<UnixStream> {
-        &self
-            .slot
-            .as_ref()
-            .expect("a server is started before each request")
-            .control
-    }
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if !self.answered {
-            if let Some(server) = self.slot.take() {
-                server.end();
-            }
-        }
-    }
-}
-
 impl ShimServer {
-    /// A server run as `<exe> shim-server` for the daemon `daemon_instance`; nothing
+    /// A server run as `<exe> shim-server-2` for the daemon `daemon_instance`; nothing
     /// starts until the first [`ShimServer::fork_shim`].
     pub fn new(exe: &Path, daemon_instance: &str) -> ShimServer {
         ShimServer {
@@ -100,47 +82,57 @@ impl ShimServer {
         }
     }
 
-    /// Has a shim forked; returns our end of its channel and its pid.
-    pub(crate) async fn fork_shim(&self) -> Result<(UnixStream, u32), DeployError> {
-        let mut running = self.running.lock().await;
+    /// Has a shim forked and sends it `spec` (the serialized
+    /// [`ProcessSpec`](super::ProcessSpec)); returns our end of its channel, where its
+    /// report comes next, and its pid.
+    ///
+    /// Nothing is held while the shim is forked: many starts wait for their shims at
+    /// once, where one answer at a time over the control socket made a wave of 20
+    /// starts wait about 1 ms for each fork before it.
+    pub(crate) async fn fork_shim(
+        &self,
+        spec: &[u8],
+    ) -> Result<(Async<UnixStream>, u32), DeployError> {
         // A server that died (or hangs) is replaced once, then it is an error.
         for retry in [true, false] {
-            if running.is_none() {
-                *running = Some(self.start()?);
-            }
-            // A fresh pair each round: a server that forked and died before it
-            // answered leaves a shim on the old pair, which reads end of file and exits.
+            // A fresh pair each round: a server that forked and died before its shim
+            // said its pid leaves that shim on the old pair, reading end of file.
             let (ours, theirs) = UnixStream::pair().map_err(DeployError::Channel)?;
-            let mut pending = Pending {
-                slot: &mut running,
-                answered: false,
-            };
-            let answer = future::or(
-                async { Some(request(pending.control(), &theirs).await) },
-                async {
-                    Timer::after(ANSWER_TIMEOUT).await;
-                    None
-                },
-            )
-            .await;
-            let source = match answer {
-                Some(Ok(answer)) => {
-                    pending.answered = true;
-                    return match u32::try_from(answer) {
-                        Ok(pid) if pid > 0 => Ok((ours, pid)),
-                        _ => Err(DeployError::Fork(io::Error::from_raw_os_error(
-                            answer.saturating_neg(),
-                        ))),
-                    };
+            let (server, sent) = self.send(theirs).await?;
+            let source = match sent {
+                Ok(()) => {
+                    let mut ours = Async::new(ours).map_err(DeployError::Channel)?;
+                    let answer =
+                        future::or(async { Some(first_answer(&mut ours, spec).await) }, async {
+                            Timer::after(ANSWER_TIMEOUT).await;
+                            None
+                        })
+                        .await;
+                    match answer {
+                        Some(Ok(answer)) => {
+                            return match u32::try_from(answer) {
+                                Ok(pid) if pid > 0 => Ok((ours, pid)),
+                                _ => Err(DeployError::Fork(io::Error::from_raw_os_error(
+                                    answer.saturating_neg(),
+                                ))),
+                            };
+                        }
+                        // End of file, or a reset when the spec was still unread: the
+                        // server died, or could not take the socket (out of file
+                        // descriptors).
+                        Some(Err(e)) => io::Error::new(
+                            e.kind(),
+                            format!("it closed the request before a shim said its pid ({e})"),
+                        ),
+                        None => io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no shim said its pid within {ANSWER_TIMEOUT:?}"),
+                        ),
+                    }
                 }
-                Some(Err(e)) => e,
-                None => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {ANSWER_TIMEOUT:?}"),
-                ),
+                Err(e) => io::Error::new(e.kind(), format!("it took no request ({e})")),
             };
-            // `pending` ends the server here.
-            drop(pending);
+            self.end(server).await;
             if !retry {
                 return Err(DeployError::ShimServer {
                     exe: self.exe.clone(),
@@ -151,6 +143,30 @@ impl ShimServer {
         unreachable!("the loop returns on its last round")
     }
 
+    /// Sends one request (the shim's end of its channel) to the server, started
+    /// first if none runs; returns the pid of that server and whether it took the
+    /// request.
+    async fn send(&self, theirs: UnixStream) -> Result<(u32, io::Result<()>), DeployError> {
+        let mut running = self.running.lock().await;
+        if running.is_none() {
+            *running = Some(self.start()?);
+        }
+        let server = running.as_ref().expect("started above");
+        let sent = request(&server.control, &theirs).await;
+        Ok((server.process.id(), sent))
+    }
+
+    /// Ends the server `pid`, unless it was replaced meanwhile (by a start that
+    /// failed on it too).
+    async fn end(&self, pid: u32) {
+        let mut running = self.running.lock().await;
+        if running.as_ref().is_some_and(|r| r.process.id() == pid) {
+            if let Some(server) = running.take() {
+                server.end();
+            }
+        }
+    }
+
     fn start(&self) -> Result<Running, DeployError> {
         let start_err = |source| DeployError::StartShim {
             exe: self.exe.clone(),
@@ -158,7 +174,7 @@ impl ShimServer {
         };
         let (ours, theirs) = UnixStream::pair().map_err(start_err)?;
         let process = Command::new(&self.exe)
-            .arg("shim-server")
+            .arg(SHIM_SERVER_COMMAND)
             .env_clear()
             .env(INSTANCE_VAR, &self.instance)
             .current_dir("/")
@@ -179,8 +195,8 @@ pub fn server_instance(daemon_instance: &str) -> String {
     format!("{daemon_instance}/-/shims")
 }
 
-/// One request: `channel` to the server, the pid (or -errno) back.
-async fn request(control: &Async<UnixStream>, channel: &UnixStream) -> io::Result<i32> {
+/// One request: `channel` to the server.
+async fn request(control: &Async<UnixStream>, channel: &UnixStream) -> io::Result<()> {
     control
         .write_with(|socket| {
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -193,18 +209,27 @@ async fn request(control: &Async<UnixStream>, channel: &UnixStream) -> io::Resul
                 &mut ancillary,
                 SendFlags::NOSIGNAL,
             )
+            .map(drop)
             .map_err(io::Error::from)
         })
-        .await?;
+        .await
+}
+
+/// Sends the spec on a new channel (the shim reads it once forked; the socket holds
+/// it meanwhile) and reads the first answer there: the shim's pid, or `-errno` from
+/// the server when the fork failed.
+async fn first_answer(channel: &mut Async<UnixStream>, spec: &[u8]) -> io::Result<i32> {
+    channel.write_all(spec).await?;
+    channel.get_ref().shutdown(std::net::Shutdown::Write)?;
     let mut answer = [0u8; 4];
-    (&*control).read_exact(&mut answer).await?;
+    channel.read_exact(&mut answer).await?;
     Ok(i32::from_le_bytes(answer))
 }
 
-/// The server's main, run as `<exe> shim-server` by [`ShimServer`], with the control
+/// The server's main, run as `<exe> shim-server-2` by [`ShimServer`], with the control
 /// socket as stdin. Returns the exit code; in a forked shim it returns the shim's.
 pub fn serve() -> i32 {
-    let mut server = match Server::new() {
+    let server = match Server::new() {
         Ok(server) => server,
         Err(e) => {
             eprintln!("shim server: {e}");
@@ -213,56 +238,53 @@ pub fn serve() -> i32 {
     };
     loop {
         let channel = match server.next_request() {
-            Ok(Some(Some(channel))) => channel,
-            // A request whose socket did not come through (out of file descriptors).
-            Ok(Some(None)) => {
-                if server
-                    .answer(-rustix::io::Errno::MFILE.raw_os_error())
-                    .is_err()
-                {
-                    return 0;
-                }
-                continue;
-            }
+            Ok(Some(channel)) => channel,
+            // Only shims exited, or the socket did not come through (out of file
+            // descriptors): its sender reads end of file.
             Ok(None) => continue,
             // The daemon is gone: the shims keep running without us.
             Err(_) => return 0,
         };
         match fork() {
             Ok(Forked::Child) => {
-                // Nothing of the server stays open in the shim.
+                // Nothing of the server stays open in the shim, and its signal
+                // mask is the usual one again.
                 drop(server);
-                if rustix::process::setpgid(None, None).is_err() {
+                let mut channel = UnixStream::from(channel);
+                let pid = std::process::id() as i32;
+                if channel.write_all(&pid.to_le_bytes()).is_err()
+                    || child_signals().thread_unblock().is_err()
+                    || rustix::process::setpgid(None, None).is_err()
+                {
                     return 1;
                 }
-                return super::shim::run_shim(UnixStream::from(channel));
+                return super::shim::run_shim(channel);
             }
-            Ok(Forked::Parent(pid)) => {
-                drop(channel);
-                if server.answer(pid as i32).is_err() {
-                    return 0;
-                }
-                server.watch(pid);
-            }
+            Ok(Forked::Parent) => drop(channel),
             Err(errno) => {
-                drop(channel);
-                if server.answer(-(errno as i32)).is_err() {
-                    return 0;
-                }
+                // Best effort: its sender reads end of file otherwise.
+                let _ = UnixStream::from(channel).write_all(&(-(errno as i32)).to_le_bytes());
             }
         }
     }
 }
 
-/// The server's side: the control socket, and a pidfd per live shim to reap it.
+/// The server's side: the control socket, and `SIGCHLD` as a file to reap shims by.
+///
+/// A signalfd rather than a pidfd per shim: a forked shim would inherit every live
+/// shim's pidfd and have to close each, which made a fork cost more with each service
+/// of the daemon.
 struct Server {
     control: OwnedFd,
-    epoll: OwnedFd,
-    shims: HashMap<u64, OwnedFd>,
+    exits: SignalFd,
 }
 
-/// The epoll key of the control socket (the shims' are their pids, never 0).
-const CONTROL: u64 = 0;
+/// `SIGCHLD`, blocked in the server so that it arrives only through its signalfd.
+fn child_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    set
+}
 
 impl Server {
     fn new() -> io::Result<Server> {
@@ -270,48 +292,39 @@ impl Server {
         // shim (and its service) never holds it.
         let control = io::stdin().as_fd().try_clone_to_owned()?;
         rustix::stdio::dup2_stdin(std::fs::File::open("/dev/null")?)?;
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        epoll::add(
-            &epoll,
-            &control,
-            epoll::EventData::new_u64(CONTROL),
-            epoll::EventFlags::IN,
+        child_signals().thread_block()?;
+        let exits = SignalFd::with_flags(
+            &child_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
         )?;
-        Ok(Server {
-            control,
-            epoll,
-            shims: HashMap::new(),
-        })
+        Ok(Server { control, exits })
     }
 
-    /// Waits for a request (reaping shims that exited meanwhile): its socket, if it
-    /// came through; `Ok(None)` when only shims exited; an error when the daemon's end
-    /// is closed.
-    fn next_request(&mut self) -> io::Result<Option<Option<OwnedFd>>> {
-        let mut events = Vec::with_capacity(16);
-        match epoll::wait(
-            &self.epoll,
-            rustix::buffer::spare_capacity(&mut events),
-            None,
-        ) {
+    /// Waits for a request (reaping shims that exited meanwhile): its socket;
+    /// `Ok(None)` when only shims exited or the socket did not come through; an error
+    /// when the daemon's end is closed.
+    fn next_request(&self) -> io::Result<Option<OwnedFd>> {
+        let mut fds = [
+            PollFd::new(&self.control, PollFlags::IN),
+            PollFd::new(&self.exits, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let mut request = false;
-        for event in events {
-            match event.data.u64() {
-                CONTROL => request = true,
-                pid => self.forget(pid),
+        let request = !fds[0].revents().is_empty();
+        if !fds[1].revents().is_empty() {
+            // Signals of one kind merge while pending, so one read may stand for
+            // many exits: the sweep below reaps them all.
+            while let Ok(Some(_)) = self.exits.read_signal() {}
+            while let Ok(Some(_)) =
+                rustix::process::waitid(WaitId::All, WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+            {
             }
         }
-        // Every exited shim, also one whose pidfd could not be watched.
-        while let Ok(Some(_)) =
-            rustix::process::waitid(WaitId::All, WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
-        {
-        }
         if request {
-            return self.receive().map(Some);
+            return self.receive();
         }
         Ok(None)
     }
@@ -336,44 +349,10 @@ impl Server {
             _ => None,
         }))
     }
-
-    fn answer(&self, value: i32) -> io::Result<()> {
-        rustix::net::send(&self.control, &value.to_le_bytes(), SendFlags::NOSIGNAL)?;
-        Ok(())
-    }
-
-    /// Watches a new shim's pidfd, to be woken (and reap it) when it exits.
-    fn watch(&mut self, pid: u32) {
-        let Some(p) = Pid::from_raw(pid as i32) else {
-            return;
-        };
-        // Our unreaped child: the pid is still ours even if it exited already.
-        let Ok(fd) = rustix::process::pidfd_open(p, PidfdFlags::empty()) else {
-            return;
-        };
-        let key = u64::from(pid);
-        if epoll::add(
-            &self.epoll,
-            &fd,
-            epoll::EventData::new_u64(key),
-            epoll::EventFlags::IN,
-        )
-        .is_ok()
-        {
-            self.shims.insert(key, fd);
-        }
-    }
-
-    /// Stops watching a shim that exited (the sweep in `next_request` reaps it).
-    fn forget(&mut self, key: u64) {
-        if let Some(fd) = self.shims.remove(&key) {
-            let _ = epoll::delete(&self.epoll, &fd);
-        }
-    }
 }
 
 enum Forked {
-    Parent(u32),
+    Parent,
     Child,
 }
 
@@ -384,7 +363,7 @@ fn fork() -> nix::Result<Forked> {
     // async runtime), so no other thread can hold a lock (of the allocator, of stdio)
     // at the moment of the fork, and the child may do anything the server could.
     Ok(match unsafe { nix::unistd::fork() }? {
-        nix::unistd::ForkResult::Parent { child } => Forked::Parent(child.as_raw() as u32),
+        nix::unistd::ForkResult::Parent { .. } => Forked::Parent,
         nix::unistd::ForkResult::Child => Forked::Child,
     })
 }
@@ -393,13 +372,17 @@ fn fork() -> nix::Result<Forked> {
 mod tests {
     use super::*;
 
-    /// A stand-in for the server that answers each request with pid 42, 300 ms late.
-    fn slow_server(dir: &Path) -> PathBuf {
+    /// A stand-in for a server that takes each request and forks nothing (a read
+    /// drops the socket that came with the byte); it counts its starts in `starts`.
+    fn dropping_server(dir: &Path) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
-        let path = dir.join("slow-server");
+        let path = dir.join("dropping-server");
         std::fs::write(
             &path,
-            "#!/bin/sh\nwhile [ \"$(head -c 1 | wc -c)\" = 1 ]; do sleep 0.3; printf '\\052\\000\\000\\000' >&0; done\n",
+            format!(
+                "#!/bin/sh\necho started >> {}\nexec cat >/dev/null\n",
+                dir.join("starts").display()
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -407,22 +390,37 @@ mod tests {
     }
 
     #[test]
-    fn a_request_dropped_before_its_answer_ends_the_server() {
+    fn a_request_that_forks_nothing_is_retried_on_a_new_server_then_named() {
         let dir = tempfile::tempdir().unwrap();
-        let shims = ShimServer::new(&slow_server(dir.path()), "test");
-        smol::block_on(async {
-            // Sent, then dropped while the answer is on its way.
-            assert!(future::poll_once(shims.fork_shim()).await.is_none());
-            assert!(
-                shims.running.lock().await.is_none(),
-                "the server was kept with an answer in flight"
-            );
-            // The next request has a server of its own, and its own answer.
-            let (_, pid) = shims.fork_shim().await.unwrap();
-            assert_eq!(pid, 42);
-            if let Some(server) = shims.running.lock().await.take() {
-                server.end();
+        let exe = dropping_server(dir.path());
+        let shims = ShimServer::new(&exe, "test");
+        let started = std::time::Instant::now();
+        let err = smol::block_on(shims.fork_shim(b"{}")).unwrap_err();
+        // End of file on the channel, not the answer timeout.
+        assert!(
+            started.elapsed() < ANSWER_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        match &err {
+            DeployError::ShimServer { exe: named, source } => {
+                assert_eq!(named, &exe);
+                assert!(
+                    source.to_string().contains("before a shim said its pid"),
+                    "{source}"
+                );
             }
-        });
+            other => panic!("unexpected error: {other}"),
+        }
+        let starts = std::fs::read_to_string(dir.path().join("starts")).unwrap();
+        assert_eq!(
+            starts.lines().count(),
+            2,
+            "one server, then one replacement"
+        );
+        assert!(
+            smol::block_on(shims.running.lock()).is_none(),
+            "the failed one ended"
+        );
     }
 }

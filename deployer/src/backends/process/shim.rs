@@ -23,8 +23,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// The shim's main, in a process forked by the shim server for [`super::spawn`],
 /// which holds the other end of `channel`.
 ///
-/// 1. Reads the spec from `channel` (until the spawner shuts down its writing half)
-///    and opens the log.
+/// 1. Reads the spec from `channel` (until the spawner shuts down its writing half),
+///    makes the run directory and opens the log.
 /// 2. Starts the service (environment cleared, then the spec's `env` and
 ///    `HARNESS_INSTANCE`; own process group; stdin /dev/null; stdout and stderr piped).
 /// 3. Writes shim.json, reports one line on `channel` to the spawner and closes it.
@@ -78,11 +78,22 @@ struct Started {
 /// Steps 1–3 but the report. On failure: the reason, and the run directory once it
 /// is known.
 fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, Option<PathBuf>)> {
-    let mut text = Vec::new();
+    // Room for a usual spec at once (read_to_end would start at 32 bytes).
+    let mut text = Vec::with_capacity(64 * 1024);
     let spec: ProcessSpec = channel
         .read_to_end(&mut text)
         .and_then(|_| Ok(serde_json::from_slice(&text)?))
         .map_err(|e| (format!("cannot read the service's spec: {e}"), None))?;
+    // Files of the previous run stay (a file made soon after many were deleted is
+    // slow on ext4): exit.json names its shim, so it is never read as this run's, and
+    // shim.json is overwritten in place.
+    std::fs::create_dir_all(&spec.run_dir).map_err(|e| {
+        let e = DeployError::WriteFile {
+            path: spec.run_dir.clone(),
+            source: e,
+        };
+        (e.to_string(), None)
+    })?;
     let fail = |reason: String| (reason, Some(spec.run_dir.clone()));
     let log = LogWriter::open(&spec.log_path, spec.log_max_bytes, spec.log_keep)
         .map_err(|e| fail(e.to_string()))?;
