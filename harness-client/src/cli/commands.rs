@@ -477,8 +477,19 @@ async fn deploy_dry_run(
 /// `up` (and `deploy`): apply the config, start, show progress, wait for health; on
 /// failure print the reason and the last log lines of each failed service.
 async fn up(g: &GlobalOpts, bring: Bring) -> anyhow::Result<ExitCode> {
+    // The daemon is dialled (TLS, hello) on the executor's thread while this one
+    // parses the config: each takes milliseconds. None is started before the config
+    // is known to be good.
+    let state = state_dir(g);
+    let dialling = smol::spawn({
+        let state = state.clone();
+        async move { connect(&state, CLIENT).await }
+    });
     let loaded = config_file::load(g)?;
-    let c = ensure_daemon(&state_dir(g), CLIENT, |m| eprintln!("{m}")).await?;
+    let c = match dialling.await {
+        Ok(c) => c,
+        Err(_) => ensure_daemon(&state, CLIENT, |m| eprintln!("{m}")).await?,
+    };
     let stack = loaded.stack.clone();
     let _: m::SubscribeResult = c
         .call(
@@ -509,30 +520,34 @@ async fn up(g: &GlobalOpts, bring: Bring) -> anyhow::Result<ExitCode> {
     let events = c.events();
     let progress = smol::spawn(async move {
         while let Ok(e) = events.recv().await {
-            match e.kind {
+            let line = match e.kind {
                 EventKind::ServiceState(s) => {
                     let reason = s.reason.map(|r| format!(" ({r})")).unwrap_or_default();
-                    eprintln!("  {:<20} {:?} -> {:?}{reason}", s.name, s.from, s.to);
+                    format!("  {:<20} {:?} -> {:?}{reason}\n", s.name, s.from, s.to)
                 }
                 EventKind::ServiceHealth(h) => {
-                    eprintln!("  {:<20} {:?} ({})", h.name, h.status, h.check)
+                    format!("  {:<20} {:?} ({})\n", h.name, h.status, h.check)
                 }
-                EventKind::ServiceRestarting(r) => eprintln!(
-                    "  {:<20} restarting in {} ms (attempt {})",
+                EventKind::ServiceRestarting(r) => format!(
+                    "  {:<20} restarting in {} ms (attempt {})\n",
                     r.name, r.backoff_ms, r.attempt
                 ),
-                EventKind::ServiceProgress(p) => eprintln!("  {:<20} {}", p.name, p.message),
+                EventKind::ServiceProgress(p) => format!("  {:<20} {}\n", p.name, p.message),
                 EventKind::DeployStep(d) => {
                     let detail = d.detail.map(|x| format!(": {x}")).unwrap_or_default();
-                    eprintln!(
-                        "  {:<20} {} {} {}{detail}",
+                    format!(
+                        "  {:<20} {} {} {}{detail}\n",
                         d.name, d.host, d.step, d.status
                     )
                 }
-                EventKind::DeployRollback(r) => eprintln!("  {:<20} ROLLBACK {}", r.name, r.reason),
-                _ => {}
-            }
-            let _ = std::io::stderr().flush();
+                EventKind::DeployRollback(r) => {
+                    format!("  {:<20} ROLLBACK {}\n", r.name, r.reason)
+                }
+                _ => continue,
+            };
+            // One write per line: stderr is unbuffered, and `eprintln!` with padding
+            // made a write for every piece of it (about 25 per line).
+            let _ = std::io::stderr().write_all(line.as_bytes());
         }
     });
     let result: Result<Vec<String>, ClientError> = match bring {
