@@ -33,6 +33,43 @@ fn startup_delay(since_start: Duration, interval: Duration) -> Duration {
     delay.min(FAST_MAX).min(interval)
 }
 
+/// Connects to `addr` (an IP address and port, or a name and port) and lets go.
+///
+/// A connect to a local port is over (accepted or refused) by the time the system call
+/// returns, though it says "in progress": one look at the socket then spares the
+/// reactor's round trip (registration, a wake-up, another thread), which was most of a
+/// check's cost while a stack starts and is on the path of every dependent's start.
+async fn tcp_connect(addr: &str) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let Ok(target) = addr.parse::<std::net::SocketAddr>() else {
+        return async_net::TcpStream::connect(addr).await.map(drop);
+    };
+    let socket = rustix::net::socket_with(
+        match target {
+            std::net::SocketAddr::V4(_) => AddressFamily::INET,
+            std::net::SocketAddr::V6(_) => AddressFamily::INET6,
+        },
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match rustix::net::connect(&socket, &target) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut fds = [PollFd::new(&socket, PollFlags::OUT)];
+    let zero = rustix::time::Timespec::default();
+    if rustix::event::poll(&mut fds, Some(&zero))? == 0 {
+        // Not over yet (a remote address): wait for it with the reactor.
+        let socket = smol::Async::new(std::net::TcpStream::from(socket))?;
+        socket.writable().await?;
+        return rustix::net::sockopt::socket_error(&socket)?.map_err(Into::into);
+    }
+    rustix::net::sockopt::socket_error(&socket)?.map_err(Into::into)
+}
+
 /// A check ready to run: what it is and how to run it, references resolved.
 #[derive(Debug, Clone)]
 pub enum Probe {
@@ -91,9 +128,9 @@ impl Probe {
     pub async fn run(&self, core: &Core, timeout: Duration) -> Result<String, String> {
         let attempt = async {
             match self {
-                Probe::Tcp(addr) => async_net::TcpStream::connect(addr.as_str())
+                Probe::Tcp(addr) => tcp_connect(addr)
                     .await
-                    .map(|_| format!("connected to {addr}"))
+                    .map(|()| format!("connected to {addr}"))
                     .map_err(|e| format!("cannot connect to {addr}: {e}")),
                 Probe::Http { url, expected } => http_get(url, *expected).await,
                 Probe::Kind { addr, kind } => crate::discovery::is_kind(*addr, kind, timeout).await,
@@ -501,6 +538,20 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_checks_tell_a_listening_port_from_a_closed_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        smol::block_on(async {
+            tcp_connect(&format!("127.0.0.1:{port}")).await.unwrap();
+            // A name goes through the resolver, then the same connect.
+            tcp_connect(&format!("localhost:{port}")).await.unwrap();
+            drop(listener);
+            let refused = tcp_connect(&format!("127.0.0.1:{port}")).await.unwrap_err();
+            assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        });
+    }
 
     #[test]
     fn startup_checks_are_fast_then_back_off() {
