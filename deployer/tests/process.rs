@@ -59,6 +59,7 @@ impl Test {
             log_path: self.dir.path().join("logs").join(format!("{name}.log")),
             log_max_bytes: process::DEFAULT_LOG_MAX_BYTES,
             log_keep: process::DEFAULT_LOG_KEEP,
+            private_files: Vec::new(),
         }
     }
 
@@ -232,6 +233,33 @@ fn child_gets_exactly_its_env_and_working_dir() {
         logs::tail(&spec.log_path, 1).unwrap()[0].line,
         workdir.to_str().unwrap()
     );
+}
+
+#[test]
+fn private_files_are_written_owner_only_before_the_service_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut t = Test::new();
+    let mut spec = t.spec("files", "cat", &["service.env"]);
+    spec.working_dir = spec.run_dir.clone();
+    let path = spec.run_dir.join("service.env");
+    // There already, longer and readable by all: overwritten whole, made 0600.
+    std::fs::create_dir_all(&spec.run_dir).unwrap();
+    std::fs::write(&path, "OLD='a much longer line than the new one'\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    spec.private_files.push(process::PrivateFile {
+        path: path.clone(),
+        text: "TOKEN='s3cret'\n".into(),
+    });
+    let record = t.spawn(&spec);
+    assert_eq!(wait(&record).code, Some(0));
+    // The service read it: it was written before the service started.
+    assert_eq!(
+        logs::tail(&spec.log_path, 1).unwrap()[0].line,
+        "TOKEN='s3cret'"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "TOKEN='s3cret'\n");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
 }
 
 #[test]

@@ -401,22 +401,9 @@ pub async fn save_env_file(path: PathBuf, env: BTreeMap<String, String>) -> Resu
 /// the executor.
 pub async fn write_private(path: PathBuf, text: String) -> Result<(), String> {
     let shown = path.display().to_string();
-    smol::unblock(move || {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?
-            .write_all(text.as_bytes())
-    })
-    .await
-    .map_err(|e| format!("cannot write {shown}: {e}"))
+    smol::unblock(move || deployer::process::write_private(&path, &text))
+        .await
+        .map_err(|e| format!("cannot write {shown}: {e}"))
 }
 
 #[cfg(test)]

@@ -602,8 +602,14 @@ impl Core {
         stack: &str,
         name: &str,
     ) -> Result<process::ProcessRecord, String> {
-        let (spec, harness_env) = self.read(|st| self.process_spec(st, stack, name))?;
-        env::save_env_file(self.env_file(stack, name), harness_env).await?;
+        let (mut spec, harness_env) = self.read(|st| self.process_spec(st, stack, name))?;
+        // Written by the shim, which writes its run's other files: here it cost a hop
+        // to a blocking thread on the path of every start, a millisecond or more of
+        // waiting while a stack comes up.
+        spec.private_files.push(process::PrivateFile {
+            path: self.env_file(stack, name),
+            text: env::render_env_file(&harness_env),
+        });
         process::spawn(&spec, &self.shims)
             .await
             .map_err(|e| e.to_string())
@@ -1050,6 +1056,7 @@ impl Core {
             log_path: self.log_path(stack, name),
             log_max_bytes: LOG_MAX_BYTES,
             log_keep: LOG_KEEP,
+            private_files: Vec::new(),
         };
         Ok((spec, harness_env))
     }

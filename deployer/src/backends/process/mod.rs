@@ -72,6 +72,19 @@ pub struct ProcessSpec {
     /// Rotated files kept, `.1` (newest) to `.N` (default 3; 0 keeps none).
     #[serde(default = "default_log_keep")]
     pub log_keep: usize,
+    /// Files the shim writes (in place, 0600) before it starts the service, such as
+    /// the daemon's env file of the service; their directories are made if missing.
+    #[serde(default)]
+    pub private_files: Vec<PrivateFile>,
+}
+
+/// A file only its owner may read, with what it holds.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PrivateFile {
+    /// Where it goes.
+    pub path: PathBuf,
+    /// What it holds (values may be secrets).
+    pub text: String,
 }
 
 fn default_log_max_bytes() -> u64 {
@@ -192,10 +205,33 @@ fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
         let path = path.to_owned();
         move |source| DeployError::WriteFile { path, source }
     };
-    for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path] {
+    let files = spec.private_files.iter_mut().map(|f| &mut f.path);
+    for path in [&mut spec.working_dir, &mut spec.run_dir, &mut spec.log_path]
+        .into_iter()
+        .chain(files)
+    {
         *path = std::path::absolute(&*path).map_err(write_err(path))?;
     }
     serde_json::to_vec(&spec).map_err(|e| write_err(&spec.run_dir)(e.into()))
+}
+
+/// Writes `text` to `path` in place, its directory made if missing, readable by its
+/// owner only (0600, also when the file was there with another mode). In place: the
+/// daemon's env files are mounted into containers.
+pub fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    out.write_all(text.as_bytes())
 }
 
 /// Writes `value` as JSON to `path` atomically (temporary file, then rename).

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
-use super::{procfs, write_json, ExitFile, ExitStatus, ProcessRecord, ProcessSpec, Ready};
+use super::{
+    procfs, write_json, write_private, ExitFile, ExitStatus, ProcessRecord, ProcessSpec, Ready,
+};
 use super::{EXIT_FILE, INSTANCE_VAR, SHIM_FILE};
 use crate::logs::{LineSplitter, LogWriter, MAX_LINE};
 use crate::DeployError;
@@ -24,7 +26,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// which holds the other end of `channel`.
 ///
 /// 1. Reads the spec from `channel` (until the spawner shuts down its writing half),
-///    makes the run directory and opens the log.
+///    makes the run directory, writes the spec's private files and opens the log.
 /// 2. Starts the service (environment cleared, then the spec's `env` and
 ///    `HARNESS_INSTANCE`; own process group; stdin /dev/null; stdout and stderr piped).
 /// 3. Writes shim.json, reports one line on `channel` to the spawner and closes it.
@@ -95,6 +97,15 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
         (e.to_string(), None)
     })?;
     let fail = |reason: String| (reason, Some(spec.run_dir.clone()));
+    for file in &spec.private_files {
+        write_private(&file.path, &file.text).map_err(|e| {
+            let e = DeployError::WriteFile {
+                path: file.path.clone(),
+                source: e,
+            };
+            fail(e.to_string())
+        })?;
+    }
     let log = LogWriter::open(&spec.log_path, spec.log_max_bytes, spec.log_keep)
         .map_err(|e| fail(e.to_string()))?;
     if !spec.working_dir.is_dir() {
