@@ -25,6 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
@@ -47,11 +48,15 @@ pub struct ShimServer {
     exe: PathBuf,
     instance: String,
     running: async_lock::Mutex<Option<Running>>,
+    /// Servers started so far: each one's number tells it from its successors (a
+    /// pid, once reaped, may be taken by one of them).
+    started: AtomicU64,
 }
 
 struct Running {
     process: Child,
     control: Async<UnixStream>,
+    number: u64,
 }
 
 impl Running {
@@ -79,6 +84,7 @@ impl ShimServer {
             exe: exe.to_owned(),
             instance: server_instance(daemon_instance),
             running: async_lock::Mutex::new(None),
+            started: AtomicU64::new(0),
         }
     }
 
@@ -132,7 +138,12 @@ impl ShimServer {
                 }
                 Err(e) => io::Error::new(e.kind(), format!("it took no request ({e})")),
             };
-            self.end(server).await;
+            let source = match self.end(server).await {
+                Some(status) => {
+                    io::Error::new(source.kind(), format!("{source}; it had exited ({status})"))
+                }
+                None => source,
+            };
             if !retry {
                 return Err(DeployError::ShimServer {
                     exe: self.exe.clone(),
@@ -144,27 +155,30 @@ impl ShimServer {
     }
 
     /// Sends one request (the shim's end of its channel) to the server, started
-    /// first if none runs; returns the pid of that server and whether it took the
+    /// first if none runs; returns the number of that server and whether it took the
     /// request.
-    async fn send(&self, theirs: UnixStream) -> Result<(u32, io::Result<()>), DeployError> {
+    async fn send(&self, theirs: UnixStream) -> Result<(u64, io::Result<()>), DeployError> {
         let mut running = self.running.lock().await;
         if running.is_none() {
             *running = Some(self.start()?);
         }
         let server = running.as_ref().expect("started above");
         let sent = request(&server.control, &theirs).await;
-        Ok((server.process.id(), sent))
+        Ok((server.number, sent))
     }
 
-    /// Ends the server `pid`, unless it was replaced meanwhile (by a start that
-    /// failed on it too).
-    async fn end(&self, pid: u32) {
+    /// Ends the server `number`, unless it was replaced meanwhile (by a start that
+    /// failed on it too); returns how it had exited if it had (a usage error from a
+    /// binary of another version, say).
+    async fn end(&self, number: u64) -> Option<std::process::ExitStatus> {
         let mut running = self.running.lock().await;
-        if running.as_ref().is_some_and(|r| r.process.id() == pid) {
-            if let Some(server) = running.take() {
-                server.end();
-            }
+        if running.as_ref().is_none_or(|r| r.number != number) {
+            return None;
         }
+        let mut server = running.take()?;
+        let exited = server.process.try_wait().ok().flatten();
+        server.end();
+        exited
     }
 
     fn start(&self) -> Result<Running, DeployError> {
@@ -185,7 +199,12 @@ impl ShimServer {
             .spawn()
             .map_err(start_err)?;
         let control = Async::new(ours).map_err(start_err)?;
-        Ok(Running { process, control })
+        let number = self.started.fetch_add(1, Ordering::Relaxed);
+        Ok(Running {
+            process,
+            control,
+            number,
+        })
     }
 }
 
@@ -219,8 +238,11 @@ async fn request(control: &Async<UnixStream>, channel: &UnixStream) -> io::Resul
 /// it meanwhile) and reads the first answer there: the shim's pid, or `-errno` from
 /// the server when the fork failed.
 async fn first_answer(channel: &mut Async<UnixStream>, spec: &[u8]) -> io::Result<i32> {
-    channel.write_all(spec).await?;
-    channel.get_ref().shutdown(std::net::Shutdown::Write)?;
+    // A failed write is not the answer: a server whose fork failed has written
+    // `-errno` and closed its end, and that is still there to read (a shim that died
+    // early leaves end of file, read as before).
+    let _ = channel.write_all(spec).await;
+    let _ = channel.get_ref().shutdown(std::net::Shutdown::Write);
     let mut answer = [0u8; 4];
     channel.read_exact(&mut answer).await?;
     Ok(i32::from_le_bytes(answer))
