@@ -110,15 +110,24 @@ pub async fn run(core: Arc<Core>, store: Store) {
         let snapshot = core.snapshot();
         let events = core.events.take_unjournaled();
         let (store, journal) = (store.clone(), p.journal.clone());
-        let result = smol::unblock(move || -> Result<(), String> {
-            if !events.is_empty() {
-                let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
-                j.append(&events).map_err(|e| e.to_string())?;
+        // The journal's append and the snapshot's write go at once, each with its own
+        // fsync: a commit waits for the slower, not for both in turn. A crash between
+        // the two may now leave the journal behind the snapshot too (before, only the
+        // other way round); either way a commit is answered only once both are on
+        // disk, and subscribers had these events live before either.
+        let appended = smol::unblock(move || -> Result<(), String> {
+            if events.is_empty() {
+                return Ok(());
             }
+            let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
+            j.append(&events).map_err(|e| e.to_string())
+        });
+        let saved = smol::unblock(move || -> Result<(), String> {
             let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
             s.save(&snapshot).map_err(|e| e.to_string())
-        })
-        .await;
+        });
+        let (appended, saved) = smol::future::zip(appended, saved).await;
+        let result = appended.and(saved);
         if let Err(e) = &result {
             tracing::error!("cannot save the registry: {e}");
         }
