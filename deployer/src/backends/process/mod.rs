@@ -61,7 +61,7 @@ pub struct ProcessSpec {
     pub env: BTreeMap<String, String>,
     /// The service's working directory.
     pub working_dir: PathBuf,
-    /// The service's own directory for shim.json and exit.json; created by [`spawn`].
+    /// The service's own directory for shim.json and exit.json; made by the shim.
     pub run_dir: PathBuf,
     /// The log file, e.g. `<state>/logs/<stack>/<service>.log`; its directory is
     /// created by the shim.

@@ -101,8 +101,8 @@ impl ShimServer {
     ) -> Result<(Async<UnixStream>, u32), DeployError> {
         // A server that died (or hangs) is replaced once, then it is an error.
         for retry in [true, false] {
-            // A fresh pair each round: a server that forked and died before its shim
-            // said its pid leaves that shim on the old pair, reading end of file.
+            // A fresh pair each round: the old one may still reach a shim that the
+            // failed server forked as it was ended; that shim finds our end closed.
             let (ours, theirs) = UnixStream::pair().map_err(DeployError::Channel)?;
             let (server, sent) = self.send(theirs).await?;
             let source = match sent {
