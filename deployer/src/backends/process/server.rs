@@ -99,12 +99,28 @@ impl ShimServer {
         &self,
         spec: &[u8],
     ) -> Result<(Async<UnixStream>, u32), DeployError> {
-        // A server that died (or hangs) is replaced once, then it is an error.
-        for retry in [true, false] {
+        // A server that died (or hangs) is replaced once, then it is an error that
+        // tells both failures.
+        let mut first: Option<io::Error> = None;
+        loop {
             // A fresh pair each round: the old one may still reach a shim that the
             // failed server forked as it was ended; that shim finds our end closed.
             let (ours, theirs) = UnixStream::pair().map_err(DeployError::Channel)?;
-            let (server, sent) = self.send(theirs).await?;
+            let (server, sent) = match self.send(theirs).await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    return Err(match first {
+                        Some(first) => DeployError::ShimServer {
+                            exe: self.exe.clone(),
+                            source: io::Error::new(
+                                first.kind(),
+                                format!("{first}; then a new one could not be started: {e}"),
+                            ),
+                        },
+                        None => e,
+                    })
+                }
+            };
             let source = match sent {
                 Ok(()) => {
                     let mut ours = Async::new(ours).map_err(DeployError::Channel)?;
@@ -144,14 +160,19 @@ impl ShimServer {
                 }
                 None => source,
             };
-            if !retry {
-                return Err(DeployError::ShimServer {
-                    exe: self.exe.clone(),
-                    source,
-                });
+            match first {
+                None => first = Some(source),
+                Some(first) => {
+                    return Err(DeployError::ShimServer {
+                        exe: self.exe.clone(),
+                        source: io::Error::new(
+                            source.kind(),
+                            format!("{first}; then, on a new one: {source}"),
+                        ),
+                    })
+                }
             }
         }
-        unreachable!("the loop returns on its last round")
     }
 
     /// Sends one request (the shim's end of its channel) to the server, started
@@ -412,6 +433,28 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_cannot_be_started_again_is_named_with_the_first_failure() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("once-server");
+        // Takes one request (forking nothing) and removes itself first.
+        std::fs::write(&exe, "#!/bin/sh\nrm -f \"$0\"\nexec cat >/dev/null\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let shims = ShimServer::new(&exe, "test");
+        match smol::block_on(shims.fork_shim(b"{}")).unwrap_err() {
+            DeployError::ShimServer { source, .. } => {
+                let text = source.to_string();
+                assert!(text.contains("before a shim said its pid"), "{text}");
+                assert!(
+                    text.contains("then a new one could not be started"),
+                    "{text}"
+                );
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+    }
+
+    #[test]
     fn a_request_that_forks_nothing_is_retried_on_a_new_server_then_named() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dropping_server(dir.path());
@@ -427,10 +470,14 @@ mod tests {
         match &err {
             DeployError::ShimServer { exe: named, source } => {
                 assert_eq!(named, &exe);
-                assert!(
-                    source.to_string().contains("before a shim said its pid"),
-                    "{source}"
+                // Both attempts are told.
+                let text = source.to_string();
+                assert_eq!(
+                    text.matches("before a shim said its pid").count(),
+                    2,
+                    "{text}"
                 );
+                assert!(text.contains("then, on a new one"), "{text}");
             }
             other => panic!("unexpected error: {other}"),
         }
