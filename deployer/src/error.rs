@@ -9,7 +9,8 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeployError {
-    /// Writing a file of the run directory (shim.json, exit.json) failed.
+    /// Writing a file of a start (shim.json, exit.json, a private file such as the
+    /// env file) failed.
     #[error("cannot write {path}: {source}")]
     WriteFile {
         /// The file.

@@ -155,6 +155,14 @@ impl ShimServer {
                 Err(e) => io::Error::new(e.kind(), format!("it took no request ({e})")),
             };
             let source = match self.end(server).await {
+                // 2: the usage error of a binary replaced by another version.
+                Some(status) if status.code() == Some(2) => io::Error::new(
+                    source.kind(),
+                    format!(
+                        "{source}; it had exited ({status}): a harness-shim of another \
+                         version? restart harnessd after an upgrade"
+                    ),
+                ),
                 Some(status) => {
                     io::Error::new(source.kind(), format!("{source}; it had exited ({status})"))
                 }

@@ -89,22 +89,10 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
     // Files of the previous run stay (a file made soon after many were deleted is
     // slow on ext4): exit.json names its shim, so it is never read as this run's, and
     // shim.json is overwritten in place.
-    std::fs::create_dir_all(&spec.run_dir).map_err(|e| {
-        let e = DeployError::WriteFile {
-            path: spec.run_dir.clone(),
-            source: e,
-        };
-        (e.to_string(), None)
-    })?;
+    std::fs::create_dir_all(&spec.run_dir).map_err(|e| (write_failed(&spec.run_dir, e), None))?;
     let fail = |reason: String| (reason, Some(spec.run_dir.clone()));
     for file in &spec.private_files {
-        write_private(&file.path, &file.text).map_err(|e| {
-            let e = DeployError::WriteFile {
-                path: file.path.clone(),
-                source: e,
-            };
-            fail(e.to_string())
-        })?;
+        write_private(&file.path, &file.text).map_err(|e| fail(write_failed(&file.path, e)))?;
     }
     let log = LogWriter::open(&spec.log_path, spec.log_max_bytes, spec.log_keep)
         .map_err(|e| fail(e.to_string()))?;
@@ -140,18 +128,21 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
         start: procfs::start_time(child.id()).unwrap_or_default(),
         run_dir: spec.run_dir.clone(),
     };
-    // In place (see `super::prepare`): read back only by `super::recover`, which
-    // trusts it only while this shim runs.
+    // In place (see the run directory above): read back only by `super::recover`,
+    // which trusts it only while this shim runs.
     let shim_file = spec.run_dir.join(SHIM_FILE);
     let json = serde_json::to_vec(&record).unwrap_or_default();
-    if let Err(e) = std::fs::write(&shim_file, json) {
-        let e = DeployError::WriteFile {
-            path: shim_file,
-            source: e,
-        };
-        return Err(fail(e.to_string()));
-    }
+    std::fs::write(&shim_file, json).map_err(|e| fail(write_failed(&shim_file, e)))?;
     Ok((Started { spec, child, log }, record))
+}
+
+/// The reason a start failed on writing `path`, as the spawner reports it.
+fn write_failed(path: &Path, source: std::io::Error) -> String {
+    DeployError::WriteFile {
+        path: path.to_owned(),
+        source,
+    }
+    .to_string()
 }
 
 /// Steps 4–5: copies the output until the service exits, returns how it exited.
