@@ -345,15 +345,28 @@ impl TestBed {
         })
     }
 
+    /// Stops (SIGSTOP) host `i`'s SSH sessions, not its sshd: they read nothing more
+    /// from their connections, which stay open; returns how many.
+    pub fn pause_ssh_sessions(&self, i: usize) -> usize {
+        let listener = self.hosts[i].sshd.as_ref().map(Child::id);
+        self.signal_where(i, "-STOP", |pid, cmdline| {
+            Some(pid) != listener && is_sshd(cmdline)
+        })
+    }
+
     fn kill_where(&self, i: usize, matches: impl Fn(&str) -> bool) -> usize {
-        let mut killed = 0;
+        self.signal_where(i, "-KILL", |_, cmdline| matches(cmdline))
+    }
+
+    fn signal_where(&self, i: usize, signal: &str, matches: impl Fn(u32, &str) -> bool) -> usize {
+        let mut signalled = 0;
         for (pid, cmdline) in self.command_lines(i) {
-            if matches(&cmdline) {
-                run_quiet("kill", &["-KILL", &pid.to_string()]);
-                killed += 1;
+            if matches(pid, &cmdline) {
+                run_quiet("kill", &[signal, &pid.to_string()]);
+                signalled += 1;
             }
         }
-        killed
+        signalled
     }
 
     /// The pid and command line (arguments joined by spaces) of every process on host `i`.

@@ -106,6 +106,74 @@ fn ssh_runs_commands_and_streams_input_over_one_session() {
     });
 }
 
+/// A connection that dies while a command's input is half sent fails that command at
+/// once (libssh2, left with part of a packet to send, used to spin until the
+/// command's timeout), and the next command connects again.
+#[test]
+fn a_connection_lost_in_the_middle_of_a_packet_fails_at_once_and_the_next_command_reconnects() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut bed = TestBed::new(1);
+    // Small receive buffers on the host, so the connection's buffers fill before the
+    // channel's window (2 MB) runs out, and a write stops in the middle of a packet.
+    bed.sh(0, "sysctl -q -w net.ipv4.tcp_rmem='4096 16384 65536'");
+    let host = SshHost::new(target(
+        &bed,
+        0,
+        vec![bed.known_hosts.clone()],
+        HostKeyPolicy::Strict,
+    ));
+    smol::block_on(host.connect()).expect("connect");
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let feeding = {
+        let (host, written) = (host.clone(), written.clone());
+        std::thread::spawn(move || {
+            smol::block_on(host.exec_with_input(
+                "cat > /dev/null",
+                move |w| {
+                    let chunk = vec![7u8; 10_000];
+                    for _ in 0..100_000 {
+                        w.write_all(&chunk)
+                            .map_err(|source| deployer::DeployError::WriteFile {
+                                path: "input".into(),
+                                source,
+                            })?;
+                        written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok(written.load(Ordering::Relaxed))
+                },
+                Duration::from_secs(60),
+            ))
+        })
+    };
+    tests::wait_for("input to flow", Duration::from_secs(10), || {
+        (written.load(Ordering::Relaxed) > 0).then_some(())
+    });
+    assert!(bed.pause_ssh_sessions(0) > 0, "no session to pause");
+    // Wait until the writes stall on the full buffers.
+    let mut last = written.load(Ordering::Relaxed);
+    tests::wait_for("the input to stall", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = written.load(Ordering::Relaxed);
+        std::mem::replace(&mut last, now).eq(&now).then_some(())
+    });
+    bed.kill_ssh(0);
+    let killed = std::time::Instant::now();
+    let err = feeding
+        .join()
+        .unwrap()
+        .expect_err("the connection was lost");
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "the failure took {:?}: {err}",
+        killed.elapsed()
+    );
+    assert!(matches!(err, deployer::DeployError::Ssh { .. }), "{err:?}");
+    bed.start_sshd(0);
+    let out = smol::block_on(host.exec("echo back", b"", Duration::from_secs(10)))
+        .expect("a new session");
+    assert_eq!(out.stdout, b"back\n");
+}
+
 #[test]
 fn ssh_refuses_unknown_and_mismatched_host_keys_and_accepts_new_only_when_told() {
     let bed = TestBed::new(1);

@@ -476,7 +476,10 @@ fn deploy_through(fault: Fault) {
     }
     std::fs::write(src.join("lib/blob"), &data).unwrap();
     let v1 = build(&d, &dir, &src);
-    let yaml = stack_yaml(&bed, &v1).replace("[host0, host1, host2]", "[host0]");
+    // A retried 40 MB upload on a busy machine may take longer than the usual 10 s.
+    let yaml = stack_yaml(&bed, &v1)
+        .replace("[host0, host1, host2]", "[host0]")
+        .replace("default_timeout: 10", "default_timeout: 30");
     write_config(&dir, &yaml);
     let up = std::process::Command::new(bin("harness"))
         .arg("up")
@@ -518,6 +521,12 @@ fn deploy_through(fault: Fault) {
         Fault::CutLink => bed.set_link(0, true),
     }
     let out = up.wait_with_output().unwrap();
+    if !out.status.success() {
+        // When each deploy step happened tells a slow host from a stuck step.
+        for e in replay(&d.client(), &["deploy"]) {
+            eprintln!("{} {:?}", e.time, e.kind);
+        }
+    }
     assert_ok(&d, &out, "harness up across the fault");
     let c = d.client();
     assert_eq!(get(&c, "pkg", "web@host0").health, Health::Healthy);

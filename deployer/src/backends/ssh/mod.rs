@@ -287,6 +287,30 @@ fn is_timeout(e: &ssh2::Error) -> bool {
     e.code() == ErrorCode::Session(-9) // LIBSSH2_ERROR_TIMEOUT
 }
 
+/// `command` did not end within `timeout`.
+fn timed_out(target: &SshTarget, command: &str, timeout: Duration) -> DeployError {
+    DeployError::SshTimeout {
+        host: target.describe(),
+        what: short(command),
+        timeout,
+    }
+}
+
+/// A libssh2 failure while running `command`: its timeout or a transport error.
+fn failure(
+    target: &SshTarget,
+    command: &str,
+    timeout: Duration,
+    action: &str,
+    e: ssh2::Error,
+) -> DeployError {
+    if is_timeout(&e) {
+        timed_out(target, command, timeout)
+    } else {
+        ssh_error(target, action, e)
+    }
+}
+
 impl Live {
     fn exec(
         &self,
@@ -315,28 +339,44 @@ impl Live {
         feed: impl FnOnce(&mut dyn Write) -> Result<(), DeployError>,
     ) -> Result<CommandOutput, DeployError> {
         let deadline = Instant::now() + timeout;
-        let timed_out = || DeployError::SshTimeout {
-            host: target.describe(),
-            what: short(command),
-            timeout,
-        };
-        let fail = |action: &str, e: ssh2::Error| {
-            if is_timeout(&e) {
-                timed_out()
-            } else {
-                ssh_error(target, action, e)
-            }
-        };
         let session = &self.session;
         session.set_blocking(true);
         session.set_timeout(timeout.as_millis().min(u32::MAX as u128) as u32);
         let mut channel = session
             .channel_session()
-            .map_err(|e| fail("open a channel", e))?;
+            .map_err(|e| failure(target, command, timeout, "open a channel", e))?;
+        let result = self.run_on(&mut channel, target, command, (deadline, timeout), feed);
+        if matches!(
+            result,
+            Err(DeployError::Ssh { .. } | DeployError::SshTimeout { .. })
+        ) {
+            // A connection that broke in the middle of a packet leaves libssh2 with
+            // the rest of that packet to send, and it sends nothing else first: in
+            // blocking mode, closing the channel (on drop) and then freeing the
+            // session would each spin at full CPU until the session's timeout.
+            // Non-blocking, the drops return at once (libssh2 then keeps that one
+            // session's memory); the caller discards the session.
+            session.set_blocking(false);
+        }
+        result
+    }
+
+    /// [`Live::exec_feeding`] on its open channel.
+    fn run_on(
+        &self,
+        channel: &mut ssh2::Channel,
+        target: &SshTarget,
+        command: &str,
+        (deadline, timeout): (Instant, Duration),
+        feed: impl FnOnce(&mut dyn Write) -> Result<(), DeployError>,
+    ) -> Result<CommandOutput, DeployError> {
+        let timed_out = || timed_out(target, command, timeout);
+        let fail = |action: &str, e| failure(target, command, timeout, action, e);
+        let session = &self.session;
         channel
             .exec(command)
             .map_err(|e| fail("run a command", e))?;
-        feed(&mut channel).map_err(|e| match e {
+        feed(channel).map_err(|e| match e {
             // The input's writer reports the channel's failure as a write error.
             DeployError::WriteFile { source, .. } => {
                 ssh_error(target, "write a command's input", source)
