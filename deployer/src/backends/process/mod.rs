@@ -219,19 +219,36 @@ fn prepare(mut spec: ProcessSpec) -> Result<Vec<u8>, DeployError> {
 /// owner only (0600, also when the file was there with another mode). In place: the
 /// daemon's env files are mounted into containers.
 pub fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    write_in_place(path, text.as_bytes(), Some(0o600))
+}
+
+/// Replaces the content of `path` (made when missing) with `bytes`, in place: the
+/// same inode. With `mode`, the file has exactly that mode, also when it was there
+/// with another. Not truncated first: on ext4, truncating a file frees its blocks in
+/// a journal transaction that costs more than the write, and a file whose length
+/// stays the same (a service's env file on its next start) needs none.
+pub(crate) fn write_in_place(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
-        .mode(0o600)
+        .mode(mode.unwrap_or(0o666))
         .open(path)?;
-    out.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    out.write_all(text.as_bytes())
+    let was = out.metadata()?;
+    if let Some(mode) = mode {
+        if was.permissions().mode() & 0o7777 != mode {
+            out.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    out.write_all(bytes)?;
+    if was.len() > bytes.len() as u64 {
+        out.set_len(bytes.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// Writes `value` as JSON to `path` atomically (temporary file, then rename).
@@ -441,5 +458,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!((spec.log_max_bytes, spec.log_keep), (10 << 20, 3));
+    }
+
+    #[test]
+    fn files_rewritten_in_place_keep_their_inode_and_lose_their_old_tail() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/service.env");
+        write_private(&path, "A=a much longer first value\nB=2\n").unwrap();
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for text in [
+            "A=short\n",
+            "A=short\n",
+            "A=a value that is longer again\n",
+            "",
+        ] {
+            write_private(&path, text).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+            assert_eq!(
+                (meta.ino(), meta.mode() & 0o7777),
+                (inode, 0o600),
+                "{text:?}"
+            );
+        }
+        // Without a mode, the file keeps the one it has.
+        let plain = dir.path().join("shim.json");
+        write_in_place(&plain, b"{\"pid\":12345}", None).unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_in_place(&plain, b"{\"pid\":1}", None).unwrap();
+        let meta = std::fs::metadata(&plain).unwrap();
+        assert_eq!(std::fs::read(&plain).unwrap(), b"{\"pid\":1}");
+        assert_eq!(meta.mode() & 0o7777, 0o640);
     }
 }

@@ -12,7 +12,8 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use super::{
-    procfs, write_json, write_private, ExitFile, ExitStatus, ProcessRecord, ProcessSpec, Ready,
+    procfs, write_in_place, write_json, write_private, ExitFile, ExitStatus, ProcessRecord,
+    ProcessSpec, Ready,
 };
 use super::{EXIT_FILE, INSTANCE_VAR, SHIM_FILE};
 use crate::logs::{LineSplitter, LogWriter, MAX_LINE};
@@ -132,7 +133,7 @@ fn start(channel: &mut UnixStream) -> Result<(Started, ProcessRecord), (String, 
     // which trusts it only while this shim runs.
     let shim_file = spec.run_dir.join(SHIM_FILE);
     let json = serde_json::to_vec(&record).unwrap_or_default();
-    std::fs::write(&shim_file, json).map_err(|e| fail(write_failed(&shim_file, e)))?;
+    write_in_place(&shim_file, &json, None).map_err(|e| fail(write_failed(&shim_file, e)))?;
     Ok((Started { spec, child, log }, record))
 }
 
