@@ -210,3 +210,15 @@ pub enum DeployError {
         detail: String,
     },
 }
+
+impl DeployError {
+    /// Whether this failed on the SSH connection (broken, or a command's time ran out)
+    /// rather than on what was asked: the session is not used again, and the step may
+    /// be tried again on a new one.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            DeployError::Ssh { .. } | DeployError::SshTimeout { .. }
+        )
+    }
+}

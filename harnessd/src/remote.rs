@@ -882,10 +882,7 @@ impl Deploy {
 /// Whether a deploy step failed on the connection (worth another attempt) rather than
 /// on the package or the host's answer.
 fn transient(e: &deployer::DeployError) -> bool {
-    matches!(
-        e,
-        deployer::DeployError::Ssh { .. } | deployer::DeployError::SshTimeout { .. }
-    )
+    e.is_transport()
 }
 
 /// Attempts at installing a package before the deploy fails.

@@ -157,12 +157,11 @@ impl SshHost {
         let job: Job = Box::new(move |conn: &mut Connection| {
             let target = conn.target.clone();
             let result = conn.live().and_then(|live| f(live, &target));
-            if matches!(
-                result,
-                Err(DeployError::Ssh { .. } | DeployError::SshTimeout { .. })
-            ) {
+            if result.as_ref().is_err_and(DeployError::is_transport) {
                 // The session may be broken: make a new one for the next job.
-                conn.live = None;
+                if let Some(live) = conn.live.take() {
+                    live.ready_to_drop();
+                }
             }
             let _ = tx.send_blocking(result);
         });
@@ -287,6 +286,57 @@ fn is_timeout(e: &ssh2::Error) -> bool {
     e.code() == ErrorCode::Session(-9) // LIBSSH2_ERROR_TIMEOUT
 }
 
+/// A command's input: once a write fails, every later write and flush fails at once.
+/// libssh2 keeps a packet it could not send and tries it again on each call, each
+/// waiting up to the session's timeout, and a writer's drop (tar's trailer, a
+/// `BufWriter`'s flush) would write again.
+struct Input<'a> {
+    channel: &'a mut ssh2::Channel,
+    failed: Option<std::io::ErrorKind>,
+}
+
+impl Input<'_> {
+    fn check(&self) -> std::io::Result<()> {
+        match self.failed {
+            Some(kind) => Err(std::io::Error::new(
+                kind,
+                "an earlier write to the channel failed",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Write for Input<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.channel
+            .write(buf)
+            .inspect_err(|e| self.failed = Some(e.kind()))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.check()?;
+        self.channel
+            .flush()
+            .inspect_err(|e| self.failed = Some(e.kind()))
+    }
+}
+
+/// A failed write of `command`'s input: its timeout, or a transport error.
+fn input_error(
+    target: &SshTarget,
+    command: &str,
+    timeout: Duration,
+    e: std::io::Error,
+) -> DeployError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        timed_out(target, command, timeout)
+    } else {
+        ssh_error(target, "write a command's input", e)
+    }
+}
+
 /// `command` did not end within `timeout`.
 fn timed_out(target: &SshTarget, command: &str, timeout: Duration) -> DeployError {
     DeployError::SshTimeout {
@@ -323,7 +373,7 @@ impl Live {
             if !stdin.is_empty() {
                 channel
                     .write_all(stdin)
-                    .map_err(|e| ssh_error(target, "write a command's input", e))?;
+                    .map_err(|e| input_error(target, command, timeout, e))?;
             }
             Ok(())
         })
@@ -346,19 +396,40 @@ impl Live {
             .channel_session()
             .map_err(|e| failure(target, command, timeout, "open a channel", e))?;
         let result = self.run_on(&mut channel, target, command, (deadline, timeout), feed);
-        if matches!(
-            result,
-            Err(DeployError::Ssh { .. } | DeployError::SshTimeout { .. })
-        ) {
-            // A connection that broke in the middle of a packet leaves libssh2 with
-            // the rest of that packet to send, and it sends nothing else first: in
-            // blocking mode, closing the channel (on drop) and then freeing the
-            // session would each spin at full CPU until the session's timeout.
-            // Non-blocking, the drops return at once (libssh2 then keeps that one
-            // session's memory); the caller discards the session.
-            session.set_blocking(false);
+        if result.as_ref().is_err_and(DeployError::is_transport) {
+            // Before the channel's drop closes it; the caller discards the session.
+            self.ready_to_drop();
         }
         result
+    }
+
+    /// Readies the session for its drop after a transport failure. A connection that
+    /// broke in the middle of a packet leaves libssh2 with the rest of that packet to
+    /// send, and it sends nothing else first: closing a channel in blocking mode (on
+    /// its drop, and again when the session is freed) would spin at full CPU until
+    /// the session's timeout. So a dead connection is left non-blocking, where those
+    /// drops give up at once (libssh2 then keeps that session's memory). A live one
+    /// (a command that ran out of time) stays blocking: its channel closes properly
+    /// once the command ends, within the session's timeout.
+    fn ready_to_drop(&self) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::from_borrowed_fd(
+            self.socket.as_fd(),
+            PollFlags::RDHUP,
+        )];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let dead = poll(&mut fds, Some(&now)).is_ok_and(|ready| {
+            ready > 0
+                && fds[0]
+                    .revents()
+                    .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::RDHUP)
+        });
+        if dead {
+            self.session.set_blocking(false);
+        }
     }
 
     /// [`Live::exec_feeding`] on its open channel.
@@ -376,11 +447,13 @@ impl Live {
         channel
             .exec(command)
             .map_err(|e| fail("run a command", e))?;
-        feed(channel).map_err(|e| match e {
+        let mut input = Input {
+            channel,
+            failed: None,
+        };
+        feed(&mut input).map_err(|e| match e {
             // The input's writer reports the channel's failure as a write error.
-            DeployError::WriteFile { source, .. } => {
-                ssh_error(target, "write a command's input", source)
-            }
+            DeployError::WriteFile { source, .. } => input_error(target, command, timeout, source),
             other => other,
         })?;
         channel
