@@ -412,22 +412,9 @@ impl Live {
     /// (a command that ran out of time) stays blocking: its channel closes properly
     /// once the command ends, within the session's timeout.
     fn ready_to_drop(&self) {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::from_borrowed_fd(
-            self.socket.as_fd(),
-            PollFlags::RDHUP,
-        )];
-        let now = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        let dead = poll(&mut fds, Some(&now)).is_ok_and(|ready| {
-            ready > 0
-                && fds[0]
-                    .revents()
-                    .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::RDHUP)
-        });
-        if dead {
+        use rustix::event::PollFlags;
+        let seen = self.poll_socket(PollFlags::RDHUP, Duration::ZERO);
+        if seen.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::RDHUP) {
             self.session.set_blocking(false);
         }
     }
@@ -441,7 +428,7 @@ impl Live {
         (deadline, timeout): (Instant, Duration),
         feed: impl FnOnce(&mut dyn Write) -> Result<(), DeployError>,
     ) -> Result<CommandOutput, DeployError> {
-        let timed_out = || timed_out(target, command, timeout);
+        let out_of_time = || timed_out(target, command, timeout);
         let fail = |action: &str, e| failure(target, command, timeout, action, e);
         let session = &self.session;
         channel
@@ -485,7 +472,7 @@ impl Live {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(timed_out());
+                break Err(out_of_time());
             }
             self.wait_ready(left);
         };
@@ -505,20 +492,33 @@ impl Live {
     /// Waits until the socket is ready in the direction libssh2 is blocked on, at
     /// most `left`.
     fn wait_ready(&self, left: Duration) {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        use rustix::event::PollFlags;
         use ssh2::BlockDirections;
         let flags = match self.session.block_directions() {
             BlockDirections::Inbound => PollFlags::IN,
             BlockDirections::Outbound => PollFlags::OUT,
             BlockDirections::Both | BlockDirections::None => PollFlags::IN | PollFlags::OUT,
         };
+        self.poll_socket(flags, left.min(Duration::from_millis(500)));
+    }
+
+    /// Waits at most `wait` for `flags` on the session's socket; what it saw (empty
+    /// when nothing or the poll failed; HUP and ERR are always reported).
+    fn poll_socket(
+        &self,
+        flags: rustix::event::PollFlags,
+        wait: Duration,
+    ) -> rustix::event::PollFlags {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let mut fds = [PollFd::from_borrowed_fd(self.socket.as_fd(), flags)];
-        let wait = left.min(Duration::from_millis(500));
         let timeout = Timespec {
             tv_sec: wait.as_secs() as i64,
             tv_nsec: i64::from(wait.subsec_nanos()),
         };
-        let _ = poll(&mut fds, Some(&timeout));
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(ready) if ready > 0 => fds[0].revents(),
+            _ => PollFlags::empty(),
+        }
     }
 }
 
