@@ -1,7 +1,8 @@
 //! The data plane: one TUN device and one UDP socket, with a boringtun `noise::Tunn`
-//! per peer, driven by one thread: it waits on both (epoll, level-triggered),
-//! drains each in batches and runs the timers; one thread, so the two directions of a
-//! peer never contend for its `Tunn`. The thread ends with the process.
+//! per peer, driven by one thread: it waits on both and on a timerfd (epoll,
+//! level-triggered), drains each in batches and runs the timers at each tick; one
+//! thread, so the two directions of a peer never contend for its `Tunn`. The thread
+//! ends with the process.
 //!
 //! Packets cross the kernel in bulk, with the offloads the kernel has for TUN devices
 //! and UDP sockets: the TUN device hands over TCP superpackets (split here) and takes
@@ -29,7 +30,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -47,6 +48,9 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// How often `Tunn` timers run (what boringtun's own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Timer ticks between resets of the handshake rate limiter's count (once a second).
+const TICKS_PER_LIMITER_RESET: u64 = 4;
 
 /// Largest packet read from either side, plus WireGuard's overhead.
 const BUFFER: usize = 65536 + 32;
@@ -348,32 +352,41 @@ impl Buffers {
 /// The data plane's one thread.
 fn pump(shared: &Shared) {
     use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
     const TUN: u64 = 0;
     const UDP: u64 = 1;
+    const TICK: u64 = 2;
     let mut bufs = Buffers::new(&shared.udp);
     let mut timer_buf = vec![0u8; BUFFER];
-    let (mut next_tick, mut last_reset) = (Instant::now() + TIMER_TICK, Instant::now());
-    // epoll rather than poll: the two are registered once (level-triggered), and a
-    // wake-up costs less, which is most of a lone packet's latency.
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|epoll| {
+    // epoll rather than poll: the three are registered once (level-triggered), and a
+    // wake-up costs less, which is most of a lone packet's latency. The timers tick
+    // through a timerfd, so a wait arms no timeout and a turn reads no clock.
+    let setup = || -> nix::Result<(Epoll, TimerFd)> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let tick = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        tick.set(
+            Expiration::Interval(TIMER_TICK.into()),
+            TimerSetTimeFlags::empty(),
+        )?;
         epoll.add(&shared.tun, EpollEvent::new(EpollFlags::EPOLLIN, TUN))?;
         epoll.add(&shared.udp, EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
-        Ok(epoll)
-    });
-    let epoll = match epoll {
+        epoll.add(&tick, EpollEvent::new(EpollFlags::EPOLLIN, TICK))?;
+        Ok((epoll, tick))
+    };
+    let (epoll, tick) = match setup() {
         Ok(e) => e,
         Err(e) => {
             tracing::error!("the data plane cannot wait for packets: {e}");
             return;
         }
     };
-    let mut events = [EpollEvent::empty(); 2];
+    let mut events = [EpollEvent::empty(); 3];
+    let mut ticks: u64 = 0;
     loop {
-        let left = next_tick.saturating_duration_since(Instant::now());
-        // Rounded up: a timeout cut to 0 ms would spin until the tick.
-        let timeout =
-            EpollTimeout::try_from(left + Duration::from_millis(1)).unwrap_or(EpollTimeout::MAX);
-        let ready = epoll.wait(&mut events, timeout).unwrap_or(0);
+        let ready = epoll.wait(&mut events, EpollTimeout::NONE).unwrap_or(0);
         let is_ready = |which: u64| events[..ready].iter().any(|e| e.data() == which);
         if is_ready(TUN) {
             drain_tun(shared, &mut bufs);
@@ -381,11 +394,13 @@ fn pump(shared: &Shared) {
         if is_ready(UDP) {
             drain_udp(shared, &mut bufs);
         }
-        if Instant::now() >= next_tick {
-            next_tick = Instant::now() + TIMER_TICK;
-            if last_reset.elapsed() >= Duration::from_secs(1) {
+        if is_ready(TICK) {
+            // Reading clears the timerfd's readiness; what it says (how many ticks
+            // passed) does not matter, the timers look at the clock themselves.
+            let _ = tick.wait();
+            ticks += 1;
+            if ticks % TICKS_PER_LIMITER_RESET == 0 {
                 shared.limiter.reset_count();
-                last_reset = Instant::now();
             }
             run_timers(shared, &mut timer_buf);
         }

@@ -1,7 +1,7 @@
 //! Benchmarks of harness against the targets of the foundation issue. Each result is
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover|mesh]...`
+//! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover|mesh|mesh-rtt]...`
 //! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
 //! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
 
@@ -71,6 +71,8 @@ fn main() {
     }
     if want("mesh") {
         mesh::bench();
+    } else if which.iter().any(|w| w == "mesh-rtt") {
+        mesh::rtt_bench();
     }
 }
 

@@ -295,8 +295,7 @@ pub fn bench() {
     let third = bed.third_octet().to_string();
     let (na, nb) = (bed.hosts[0].netns.clone(), bed.hosts[1].netns.clone());
     let (mut raw, mut ours, mut bt1, mut bt4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut rtt_raw, mut rtt_ours, mut rtt_bt, mut up) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut up = Vec::new();
     let mut relayed = Vec::new();
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
@@ -315,34 +314,57 @@ pub fn bench() {
             out.push(iperf(&na, &nb, &to));
         }
     }
-    // RTT: both tunnels up at once and their pings alternated in batches, so the
-    // machine's moods (it is shared) fall on both alike.
-    {
-        let (_a, _b, _) = harness_tunnel(&bed, &third);
-        let (_c, _d) = boringtun_tunnel(&bed, &third, 1);
-        let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
-        for batch in 0..RTT_BATCHES {
-            rtt_raw.extend(rtt(&na, &bed.hosts[1].address, RTT_BATCH));
-            // Which goes first alternates too.
-            if batch % 2 == 0 {
-                rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
-                rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
-            } else {
-                rtt_bt.extend(rtt(&na, &bt_to, RTT_BATCH));
-                rtt_ours.extend(rtt(&na, &ours_to, RTT_BATCH));
-            }
-        }
-    }
+    let (rtt_raw, rtt_ours, rtt_bt) = rtt_phase(&bed, &third);
+    let pings = rtt_ours.len();
+    let (rtt_raw, rtt_ours, rtt_bt) = (median(rtt_raw), median(rtt_ours), median(rtt_bt));
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
     let best = bt1.max(bt4);
     println!(
-        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); median ping RTT ({} pings each) raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
+        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); median ping RTT ({} pings each) raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms, harness-node / boringtun-cli = {:.3} (target <= 1); tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
         ours / best,
-        rtt_ours.len(),
-        median(rtt_raw),
-        median(rtt_ours),
-        median(rtt_bt),
+        pings,
+        rtt_raw,
+        rtt_ours,
+        rtt_bt,
+        rtt_ours / rtt_bt,
         median(up),
         median(relayed),
     );
+}
+
+/// The RTT phase alone (`harness-bench mesh-rtt`): quicker to repeat than the whole
+/// bench, for changes that only touch latency.
+pub fn rtt_bench() {
+    let bed = TestBed::new(2);
+    let third = bed.third_octet().to_string();
+    let (raw, ours, bt) = rtt_phase(&bed, &third);
+    let count = ours.len();
+    let (raw, ours, bt) = (median(raw), median(ours), median(bt));
+    println!(
+        "mesh RTT, median of {count} pings each: raw veth {raw:.3} ms, harness-node {ours:.3} ms, boringtun-cli -t 1 {bt:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1)",
+        ours / bt
+    );
+}
+
+/// Ping RTTs in ms over raw veth, the harness tunnel and boringtun-cli `-t 1`: both
+/// tunnels up at once and their pings alternated in batches, so the machine's moods
+/// (it is shared) fall on both alike.
+fn rtt_phase(bed: &TestBed, third: &str) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut rtt_raw, mut rtt_ours, mut rtt_bt) = (Vec::new(), Vec::new(), Vec::new());
+    let na = &bed.hosts[0].netns;
+    let (_a, _b, _) = harness_tunnel(bed, third);
+    let (_c, _d) = boringtun_tunnel(bed, third, 1);
+    let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
+    for batch in 0..RTT_BATCHES {
+        rtt_raw.extend(rtt(na, &bed.hosts[1].address, RTT_BATCH));
+        // Which goes first alternates too.
+        if batch % 2 == 0 {
+            rtt_ours.extend(rtt(na, &ours_to, RTT_BATCH));
+            rtt_bt.extend(rtt(na, &bt_to, RTT_BATCH));
+        } else {
+            rtt_bt.extend(rtt(na, &bt_to, RTT_BATCH));
+            rtt_ours.extend(rtt(na, &ours_to, RTT_BATCH));
+        }
+    }
+    (rtt_raw, rtt_ours, rtt_bt)
 }
