@@ -399,7 +399,7 @@ fn pump(shared: &Shared) {
             // passed) does not matter, the timers look at the clock themselves.
             let _ = tick.wait();
             ticks += 1;
-            if ticks % TICKS_PER_LIMITER_RESET == 0 {
+            if ticks.is_multiple_of(TICKS_PER_LIMITER_RESET) {
                 shared.limiter.reset_count();
             }
             run_timers(shared, &mut timer_buf);
