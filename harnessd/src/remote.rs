@@ -666,7 +666,8 @@ impl Deploy {
         for attempt in 1.. {
             match self.install_once(ssh, &pkg, install_root).await {
                 Ok(installed) => return Ok((pkg, installed)),
-                Err(e) if transient(&e) && attempt < INSTALL_ATTEMPTS => {
+                // Failed on the connection, not on the package or the host's answer.
+                Err(e) if e.is_transport() && attempt < INSTALL_ATTEMPTS => {
                     self.step(
                         "retry",
                         "started",
@@ -877,12 +878,6 @@ impl Deploy {
             }
         }
     }
-}
-
-/// Whether a deploy step failed on the connection (worth another attempt) rather than
-/// on the package or the host's answer.
-fn transient(e: &deployer::DeployError) -> bool {
-    e.is_transport()
 }
 
 /// Attempts at installing a package before the deploy fails.
