@@ -43,17 +43,23 @@ pub struct State {
 impl State {
     /// A registered stack.
     pub fn stack(&self, stack: &str) -> Option<&StackRecord> {
-        self.snap.stacks.get(stack)
+        self.snap.stacks.get(stack).map(|r| &**r)
+    }
+
+    /// A registered stack, mutable. Only this stack's file is written by the next save
+    /// (see [`registry::Snapshot::stacks`]); a save in flight keeps the copy it has.
+    pub fn stack_mut(&mut self, stack: &str) -> Option<&mut StackRecord> {
+        self.snap.stacks.get_mut(stack).map(Arc::make_mut)
     }
 
     /// A registered service's record.
     pub fn service(&self, stack: &str, name: &str) -> Option<&ServiceRecord> {
-        self.snap.stacks.get(stack)?.services.get(name)
+        self.stack(stack)?.services.get(name)
     }
 
     /// A registered service's record, mutable.
     pub fn service_mut(&mut self, stack: &str, name: &str) -> Option<&mut ServiceRecord> {
-        self.snap.stacks.get_mut(stack)?.services.get_mut(name)
+        self.stack_mut(stack)?.services.get_mut(name)
     }
 
     /// Runtime data of a service (created on first use).
@@ -239,7 +245,8 @@ impl Core {
         self.persister.commit().await
     }
 
-    /// A clone of the snapshot for the persister.
+    /// A copy of the snapshot for the persister: its stacks are shared, so it costs a
+    /// reference count per stack, not a copy of each.
     pub fn snapshot(&self) -> Snapshot {
         self.lock().snap.clone()
     }

@@ -1,7 +1,7 @@
 //! Requests to methods: parameter parsing, the methods themselves, and the one place
 //! where daemon errors become wire error codes ([`op_error`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -470,8 +470,8 @@ fn config_error(e: config::ConfigErrors) -> ErrorObject {
 async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, ErrorObject> {
     let file = p.source.clone().unwrap_or_else(|| "config".to_owned());
     config::validate(&p.config, &file).map_err(config_error)?;
-    if p.stack.is_empty() {
-        return Err(error(ErrorCode::InvalidParams, "stack name is empty"));
+    if let Some(problem) = config::stack_name_problem(&p.stack) {
+        return Err(error(ErrorCode::InvalidParams, problem));
     }
     // Services on several hosts are stored as their instances (`svc@host`).
     let p = m::ApplyParams {
@@ -520,16 +520,12 @@ async fn apply(core: &Arc<Core>, p: m::ApplyParams) -> Result<m::ApplyResult, Er
         }
     }
     core.update(|st, ch| {
-        let stack =
+        let stack = Arc::make_mut(
             st.snap
                 .stacks
                 .entry(p.stack.clone())
-                .or_insert_with(|| registry::StackRecord {
-                    name: p.stack.clone(),
-                    source: None,
-                    config: StackConfig::default(),
-                    services: BTreeMap::new(),
-                });
+                .or_insert_with(|| Arc::new(registry::StackRecord::new(&p.stack))),
+        );
         stack.source = p.source.clone();
         stack.config = p.config.clone();
         stack.config.name = Some(p.stack.clone());
@@ -644,15 +640,11 @@ async fn deploy(core: &Arc<Core>, d: m::DeployParams) -> Result<m::DeployResult,
         if let Some(c) = &d.config {
             config::validate(c, "config").map_err(config_error)?;
             let c = config::expand_instances(c);
-            let stack =
+            let stack = Arc::make_mut(
                 snap.stacks
                     .entry(d.stack.clone())
-                    .or_insert_with(|| registry::StackRecord {
-                        name: d.stack.clone(),
-                        source: None,
-                        config: StackConfig::default(),
-                        services: BTreeMap::new(),
-                    });
+                    .or_insert_with(|| Arc::new(registry::StackRecord::new(&d.stack))),
+            );
             for name in c.services.keys() {
                 stack
                     .services

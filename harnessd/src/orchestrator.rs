@@ -330,9 +330,7 @@ impl Core {
             for n in &to_launch {
                 // A start from a client tries the placement list from its first target.
                 if let Some(cfg) = st
-                    .snap
-                    .stacks
-                    .get_mut(stack)
+                    .stack_mut(stack)
                     .and_then(|r| r.config.services.get_mut(n))
                 {
                     if let Some(first) = cfg.placement.first() {
@@ -734,13 +732,7 @@ impl Core {
             if !current(st, stack, name, generation) || st.runtime(stack, name).healthy_once {
                 return None;
             }
-            let cfg = st
-                .snap
-                .stacks
-                .get_mut(stack)?
-                .config
-                .services
-                .get_mut(name)?;
+            let cfg = st.stack_mut(stack)?.config.services.get_mut(name)?;
             let position = cfg.placement_position()? + 1;
             let next = cfg.placement.get(position)?.clone();
             let from = cfg.target.backend();

@@ -84,7 +84,11 @@ pub(crate) fn rename_synced(from: &Path, to: &Path) -> Result<(), RegistryError>
 
 /// Fsyncs the directory holding `path`, making creations and renames in it durable.
 pub(crate) fn sync_dir(path: &Path) -> Result<(), RegistryError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    sync_directory(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Fsyncs `dir`, making creations, renames and removals in it durable.
+pub(crate) fn sync_directory(dir: &Path) -> Result<(), RegistryError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))

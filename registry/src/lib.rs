@@ -1,4 +1,4 @@
-//! Persistent state of harnessd: the registry snapshot, the event journal and the lock
+//! Persistent state of harnessd: the registry, the event journal and the lock
 //! that keeps one daemon per state directory.
 //!
 //! harnessd keeps its whole registry (stacks, their config, every service's state, port
@@ -18,46 +18,54 @@
 //! |---|---|
 //! | `harnessd.lock` | flock'ed by the running daemon ([`StateLock`]); holds its pid |
 //! | `instance` | the daemon instance id (16 hex chars), written once on first start |
-//! | `registry.json` | the [`Snapshot`], replaced atomically by every [`Store::save`] |
-//! | `registry.json.tmp` | a save in progress; a leftover is a crashed save and is removed |
-//! | `registry.json.corrupt-<unix time>` | an unreadable registry, moved aside for a human |
+//! | `registry.json` | the header: schema version and instance id |
+//! | `stacks/<name>.json` | one stack ([`StackRecord`]), replaced atomically by each [`Store::save`] that finds it changed; `<name>` is the stack's name with every byte but `A-Za-z0-9-_` percent-encoded |
+//! | `*.json.tmp` | a save in progress; a leftover is a crashed save and is removed |
+//! | `*.json.corrupt-<unix time>` | an unreadable file, moved aside for a human |
 //! | `events.jsonl` | the [`Journal`]: one [`protocol::Event`] JSON per line, oldest first |
 //! | `events.jsonl.tmp` | a journal compaction in progress |
 //! | `events.jsonl.corrupt-<unix time>` | the journal as it was before bad lines were dropped |
 //!
 //! # Implementation
 //! No threads, no background work: every call does its I/O before it returns.
-//! - Crash safety: the snapshot is written to `registry.json.tmp`, fsynced, renamed over
-//!   `registry.json`, then the directory is fsynced, so after a crash at any moment
-//!   `registry.json` is either the old or the new snapshot, never a mix.
+//! - Crash safety: a stack is written to `stacks/<name>.json.tmp`, fsynced, renamed over
+//!   `stacks/<name>.json`, and the directory is fsynced once per save, so after a crash at
+//!   any moment each stack file is either the old or the new one, never a mix.
+//! - Cost in proportion to the change: the daemon's [`Snapshot`] shares its stacks
+//!   ([`std::sync::Arc`]), and a save writes only those changed since the last one, so
+//!   a change to a small stack costs the same beside one of 1000 services as alone.
 //! - Group commit: the daemon coalesces changes, so one [`Store::save`] and one
 //!   [`Journal::append`] (one write and one fdatasync for the whole batch) cover many
 //!   changes.
-//! - Nothing is reset silently: a registry that cannot be read is moved aside and reported
-//!   as a [`Recovery`], and so are journal lines that cannot be read. The daemon logs them
+//! - Nothing is reset silently: a registry file that cannot be read is moved aside and
+//!   reported as a [`Recovery`] (a bad stack file costs that stack only), and so are
+//!   journal lines that cannot be read. The daemon logs them
 //!   and publishes them in its `daemon.reconciled` event.
 //! - The journal is bounded: past [`DEFAULT_JOURNAL_MAX_BYTES`] (8 MiB) it is compacted
 //!   to its newest half; `seq` numbers keep growing, and [`Journal::first_seq`] says how
 //!   far back a replay can go.
-//! - The format is versioned ([`SCHEMA_VERSION`]); [`Store::open`] has the one place
-//!   where older schemas would be migrated.
+//! - The format is versioned ([`SCHEMA_VERSION`]); [`Store::open`] migrates older
+//!   schemas (schema 1 kept every stack in `registry.json`).
 //!
 //! # Examples
 //! ```
+//! use std::sync::Arc;
 //! use registry::{Journal, ServiceRecord, StackRecord, StateLock, Store};
 //!
 //! let dir = tempfile::tempdir()?;
 //! let _lock = StateLock::acquire(dir.path())?;
 //! let (mut store, mut snapshot, recoveries) = Store::open(dir.path())?;
 //! assert!(recoveries.is_empty());
-//! let stack = snapshot.stacks.entry("demo".into()).or_insert_with(|| StackRecord {
-//!     name: "demo".into(),
-//!     source: None,
-//!     config: Default::default(),
-//!     services: Default::default(),
-//! });
-//! stack.services.insert("api".into(), ServiceRecord::new("2026-01-01T00:00:00.000Z".into()));
+//! let stack = snapshot
+//!     .stacks
+//!     .entry("demo".into())
+//!     .or_insert_with(|| Arc::new(StackRecord::new("demo")));
+//! // A change through make_mut is what the next save writes.
+//! Arc::make_mut(stack)
+//!     .services
+//!     .insert("api".into(), ServiceRecord::new("2026-01-01T00:00:00.000Z".into()));
 //! store.save(&snapshot)?;
+//! assert!(dir.path().join("stacks/demo.json").exists());
 //!
 //! let (journal, _) = Journal::open(dir.path())?;
 //! assert_eq!(journal.last_seq(), 0);

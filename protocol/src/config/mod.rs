@@ -31,4 +31,7 @@ pub use instances::{expand_instances, expand_names, instance_name, instances_of}
 pub use model::*;
 pub use parse::{parse_stack, parse_stack_with_hosts};
 pub use ranges::{scan_addresses, AddressRange, MAX_SCAN_ADDRESSES};
-pub use validate::{dependency_waves, dns_server_address, start_order, validate, DISCOVERY_KINDS};
+pub use validate::{
+    dependency_waves, dns_server_address, stack_name_problem, start_order, validate,
+    DISCOVERY_KINDS, MAX_STACK_NAME_BYTES,
+};

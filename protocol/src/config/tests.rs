@@ -349,6 +349,20 @@ fn names_and_targets() {
     check_errors("services:\n  Api_Server:\n    target: { process: { binary: /a } }\n", &[
         "t.yaml:2:3: services.Api_Server: bad service name \"Api_Server\": use lower-case letters, digits, `-` and `_`, starting with a letter or digit (names become environment variable and file names)",
     ]);
+    check_errors("name: ../etc\nservices: {}\n", &[
+        "t.yaml:1:1: name: bad stack name \"../etc\": it has a `/` (a stack name becomes a directory name in the state directory; pick another with `name:` or -p)",
+    ]);
+    for (name, why) in [
+        ("..", "it is a relative directory"),
+        ("", "it is empty"),
+        ("a\tb", "it has a control character"),
+        (&"x".repeat(65), "it is longer than 64 bytes"),
+    ] {
+        let problem = crate::config::stack_name_problem(name).unwrap();
+        assert!(problem.contains(why), "{problem}");
+    }
+    // A directory's name, as `harness up` takes it when the file names no stack.
+    assert_eq!(crate::config::stack_name_problem("My Project (v2)"), None);
     check_errors(&svc("    target: { process: { args: [x] } }\n"), &[
         "t.yaml:3:15: services.api.target.process.binary: a process target needs `binary` (the program to run)",
     ]);

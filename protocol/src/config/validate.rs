@@ -97,6 +97,9 @@ pub(crate) fn problems(config: &StackConfig, file: &str) -> Vec<ConfigError> {
         file,
         list: Vec::new(),
     };
+    if let Some(problem) = config.name.as_deref().and_then(stack_name_problem) {
+        p.add("name".into(), problem);
+    }
     if config.settings.max_parallel == Some(0) {
         p.add("settings.max_parallel".into(), "must be at least 1");
     }
@@ -456,6 +459,33 @@ fn check_health(p: &mut Problems<'_>, key: &str, check: &HealthCheck) {
 
 fn bad_port_message(shown: &str) -> String {
     format!("bad port {shown}: expected a port number from 1 to 65535")
+}
+
+/// Longest stack name, in bytes.
+pub const MAX_STACK_NAME_BYTES: usize = 64;
+
+/// Why `name` cannot name a stack, if it cannot. A stack name is a directory name in
+/// the state directory (its services' run files), so it must be one path component:
+/// not empty, `.` or `..`, without `/` or control characters, and at most
+/// [`MAX_STACK_NAME_BYTES`] bytes. Anything else goes, so that a stack can be named
+/// after the directory its config is in.
+pub fn stack_name_problem(name: &str) -> Option<String> {
+    let why = if name.is_empty() {
+        "it is empty".to_owned()
+    } else if name == "." || name == ".." {
+        "it is a relative directory".to_owned()
+    } else if name.contains('/') {
+        "it has a `/`".to_owned()
+    } else if name.chars().any(char::is_control) {
+        "it has a control character".to_owned()
+    } else if name.len() > MAX_STACK_NAME_BYTES {
+        format!("it is longer than {MAX_STACK_NAME_BYTES} bytes")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "bad stack name {name:?}: {why} (a stack name becomes a directory name in the state directory; pick another with `name:` or -p)"
+    ))
 }
 
 /// `[a-z0-9][a-z0-9_-]*`: service names become env var prefixes and file names.

@@ -29,10 +29,10 @@ services:
 "#,
     );
     assert!(d.cli(&dir, &["up"]).status.success());
-    let registry = d.state_dir.join("registry.json");
+    let registry = registry::Store::stack_file(&d.state_dir, "solid");
     // The save of `running` happens just after `up` returns: wait for it.
     let before = tests::wait_for(
-        "registry.json to say running",
+        "the stack's registry file to say running",
         std::time::Duration::from_secs(10),
         || {
             std::fs::read(&registry)
@@ -123,6 +123,34 @@ services:
             matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidConfig && o.message.contains("cycle")),
             "{e}"
         );
+        // A stack name that would lead out of the state directory (run files go in a
+        // directory named after the stack).
+        let config = protocol::config::parse_stack(
+            "services:\n  a:\n    target: {process: {binary: /bin/true}}\n",
+            "escape.yaml",
+        )
+        .unwrap();
+        let e = c
+            .call::<m::ApplyResult>(
+                names::CONFIG_APPLY,
+                m::ApplyParams {
+                    stack: "../escape".into(),
+                    config,
+                    source: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, harness_client::ClientError::Daemon(ref o) if o.code == ErrorCode::InvalidParams && o.message.contains("bad stack name \"../escape\"")),
+            "{e}"
+        );
+        let stacks: Vec<m::StackInfo> = c
+            .call(names::STACK_LIST, serde_json::json!({}))
+            .await
+            .unwrap();
+        let stacks: Vec<&str> = stacks.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(stacks, ["solid"]);
     });
 
     // Oversized message: a clear error, then that connection is closed.
@@ -172,7 +200,7 @@ services:
     assert_eq!(
         std::fs::read(&registry).unwrap(),
         before,
-        "registry.json changed"
+        "the stack's registry file changed"
     );
 }
 

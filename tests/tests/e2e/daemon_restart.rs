@@ -108,10 +108,10 @@ services:
 
 /// Edits the registry record of `stack`'s `svc` while the daemon is down.
 fn edit_record(d: &TestDaemon, stack: &str, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = d.state_dir.join("registry.json");
+    let path = registry::Store::stack_file(&d.state_dir, stack);
     let mut reg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut reg["stacks"][stack]["services"]["svc"]);
+    edit(&mut reg["stack"]["services"]["svc"]);
     std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
 }
 
@@ -188,6 +188,49 @@ fn a_crash_between_spawn_and_record_adopts_the_running_service() {
         1,
         "{log:?}"
     );
+}
+
+/// An upgrade from a harnessd that kept every stack in `registry.json` (schema 1),
+/// with services running: the new daemon moves the registry into stack files and
+/// adopts the services, restarting none.
+#[test]
+fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
+    let mut d = TestDaemon::start();
+    let dir = one_service_stack(&d, "old");
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let pid = get(&d.client(), "old", "svc").pid.expect("pid");
+    d.kill9();
+
+    // The state directory as the old daemon left it.
+    let stack_file = registry::Store::stack_file(&d.state_dir, "old");
+    let stack: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+    let header = d.state_dir.join("registry.json");
+    let instance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&header).unwrap()).unwrap();
+    let v1 = serde_json::json!({
+        "schema": 1,
+        "instance": instance["instance"],
+        "stacks": { "old": stack["stack"] },
+    });
+    std::fs::write(&header, serde_json::to_vec_pretty(&v1).unwrap()).unwrap();
+    std::fs::remove_dir_all(d.state_dir.join("stacks")).unwrap();
+
+    d.restart();
+    let c = d.client();
+    let svc = get(&c, "old", "svc");
+    assert_eq!(
+        (svc.pid, svc.state),
+        (Some(pid), ServiceState::Running),
+        "adopted, not restarted"
+    );
+    assert!(stack_file.exists(), "the stack has its own file again");
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&header).unwrap()).unwrap();
+    assert_eq!(header["schema"], registry::SCHEMA_VERSION);
+    assert!(header.get("stacks").is_none(), "{header}");
+    assert!(d.cli(&dir, &["down"]).status.success());
+    assert!(!alive(pid));
 }
 
 /// SIGTERM stops the daemon cleanly (as systemd does): it exits 0, removes daemon.json,
