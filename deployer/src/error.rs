@@ -62,7 +62,8 @@ pub enum DeployError {
         /// The shim's pid.
         shim_pid: u32,
     },
-    /// The shim did not report within the start timeout; it was killed.
+    /// The shim did not report within the start timeout; it was killed, and so was the
+    /// service if it had started one.
     #[error("the shim (pid {shim_pid}) did not start the service within {timeout:?}")]
     ShimTimeout {
         /// The shim's pid.

@@ -460,6 +460,62 @@ fn find_instances_sees_server_shim_and_service() {
     assert_eq!(wait(&record).signal, Some(9));
 }
 
+/// A shim that does not report in time is killed, and so is the service it started
+/// already: here the shim is stuck opening its shim.json, a FIFO no one reads, right
+/// after starting the service.
+#[test]
+fn a_shim_that_times_out_takes_the_service_it_started_with_it() {
+    let t = Test::new();
+    let shims = ShimServer::new(shim_exe(), &t.daemon).with_start_timeout(Duration::from_secs(1));
+    let spec = t.spec("stuck", "sleep", &["300"]);
+    std::fs::create_dir_all(&spec.run_dir).unwrap();
+    let fifo = Command::new("mkfifo")
+        .arg(spec.run_dir.join("shim.json"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+
+    let spawning = {
+        let spec = spec.clone();
+        std::thread::spawn(move || smol::block_on(process::spawn(&spec, &shims)))
+    };
+    // The service runs (the shim started it), unreported.
+    let service = eventually("the service to start", || {
+        process::find_instances(&spec.instance)
+            .into_iter()
+            .find(|(_, instance)| *instance == spec.instance)
+            .map(|(pid, _)| pid)
+    });
+    let start = start_time(service).unwrap();
+    // Killed on failure too, if it is still that process.
+    struct Guard(u32, u64);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if start_time(self.0) == Some(self.1) {
+                let _ = rustix::process::kill_process_group(pid(self.0), Signal::KILL);
+            }
+        }
+    }
+    let _guard = Guard(service, start);
+
+    let err = spawning.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, deployer::DeployError::ShimTimeout { .. }),
+        "{err}"
+    );
+    eventually("the service to be killed", || {
+        exited(service, start).then_some(())
+    });
+    let deployer::DeployError::ShimTimeout { shim_pid, .. } = err else {
+        unreachable!()
+    };
+    eventually("the shim to be killed", || {
+        stat(shim_pid)
+            .is_none_or(|(state, _)| state == 'Z')
+            .then_some(())
+    });
+}
+
 #[test]
 fn many_services_start_at_once() {
     let mut t = Test::new();

@@ -14,7 +14,7 @@ pub use server::{serve as serve_shims, server_instance, ShimServer, SHIM_SERVER_
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,9 +37,6 @@ pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
 
 /// Default [`ProcessSpec::log_keep`]: 3 rotated files.
 pub const DEFAULT_LOG_KEEP: usize = 3;
-
-/// How long [`spawn`] waits for the shim to report before killing it.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 const SHIM_FILE: &str = "shim.json";
 const EXIT_FILE: &str = "exit.json";
@@ -170,7 +167,7 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
     let shim = Pid::from_raw(shim_pid as i32)
         .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok());
     let report = future::or(async { Ok(read_report(&mut ours).await) }, async {
-        Timer::after(START_TIMEOUT).await;
+        Timer::after(shims.start_timeout()).await;
         Err(())
     });
     match report.await {
@@ -178,17 +175,30 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
         Ok(Some(Ready::Failed(reason))) => Err(DeployError::Spawn { reason }),
         Ok(None) => Err(DeployError::ShimDied { shim_pid }),
         Err(()) => {
-            // Only the shim that was forked for us: its pidfd never stands for a
-            // process that took the pid since.
             if let Some(shim) = shim {
-                let _ = rustix::process::pidfd_send_signal(shim, Signal::KILL);
+                end_late_shim(&shim, shim_pid);
             }
             Err(DeployError::ShimTimeout {
                 shim_pid,
-                timeout: START_TIMEOUT,
+                timeout: shims.start_timeout(),
             })
         }
     }
+}
+
+/// Ends a shim that did not report in time, with the service it may have started
+/// already (a shim stuck writing its run files has one, and nothing else would stop
+/// it). Only the shim that was forked for us: its pidfd never stands for a process
+/// that took the pid since. It is stopped first: from then on it makes no system call,
+/// so it reaps none of its children, and their pids stay theirs while they and their
+/// process groups are killed; then the shim is killed.
+fn end_late_shim(shim: &OwnedFd, shim_pid: u32) {
+    if rustix::process::pidfd_send_signal(shim, Signal::STOP).is_ok() {
+        for child in procfs::children(shim_pid) {
+            kill_stray(child);
+        }
+    }
+    let _ = rustix::process::pidfd_send_signal(shim, Signal::KILL);
 }
 
 /// The shim's report line; `None` when it closed its channel without one.

@@ -46,6 +46,21 @@ pub(crate) fn is_running(pid: u32, start: u64) -> bool {
     stat(pid).is_some_and(|s| s.start == start && s.state != 'Z' && s.state != 'X')
 }
 
+/// The children of `pid` (of each of its threads), from `/proc/<pid>/task/*/children`.
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// The `HARNESS_INSTANCE` value in the initial environment of `pid`, if readable.
 pub(crate) fn instance_of(pid: u32) -> Option<String> {
     let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;

@@ -48,6 +48,7 @@ pub struct ShimServer {
     exe: PathBuf,
     instance: String,
     running: async_lock::Mutex<Option<Running>>,
+    start_timeout: Duration,
     /// Servers started so far: each one's number tells it from its successors (a
     /// pid, once reaped, may be taken by one of them).
     started: AtomicU64,
@@ -73,6 +74,10 @@ impl Running {
 /// never a server that speaks another protocol.
 pub const SHIM_SERVER_COMMAND: &str = "shim-server-2";
 
+/// How long a shim may take, by default, from its fork until it reports the service
+/// running (see [`ShimServer::with_start_timeout`]).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a shim may take to say its pid before its server counts as dead.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,8 +89,23 @@ impl ShimServer {
             exe: exe.to_owned(),
             instance: server_instance(daemon_instance),
             running: async_lock::Mutex::new(None),
+            start_timeout: START_TIMEOUT,
             started: AtomicU64::new(0),
         }
+    }
+
+    /// The same server, with shims that must report their service running within
+    /// `timeout` (else they, and the service if it started, are killed).
+    pub fn with_start_timeout(self, timeout: Duration) -> ShimServer {
+        ShimServer {
+            start_timeout: timeout,
+            ..self
+        }
+    }
+
+    /// How long a shim may take to report its service running.
+    pub(crate) fn start_timeout(&self) -> Duration {
+        self.start_timeout
     }
 
     /// Has a shim forked and sends it `spec` (the serialized
