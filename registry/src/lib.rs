@@ -22,6 +22,8 @@
 //! | `stacks/<name>.json` | one stack ([`StackRecord`]), replaced atomically by each [`Store::save`] that finds it changed; `<name>` is the stack's name with every byte but `A-Za-z0-9-_` percent-encoded |
 //! | `*.json.tmp` | a save in progress; a leftover is a crashed save and is removed |
 //! | `*.json.corrupt-<unix time>` | an unreadable file, moved aside for a human |
+//! | `stacks.new/` | a schema 1 registry being moved into stack files; a leftover is removed |
+//! | `stacks.corrupt-<unix time>/` | stack files found beside a schema 1 registry, moved aside |
 //! | `events.jsonl` | the [`Journal`]: one [`protocol::Event`] JSON per line, oldest first |
 //! | `events.jsonl.tmp` | a journal compaction in progress |
 //! | `events.jsonl.corrupt-<unix time>` | the journal as it was before bad lines were dropped |

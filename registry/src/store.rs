@@ -14,7 +14,7 @@ use protocol::methods::{Health, ServiceState};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{
-    corrupt_name, ensure_dir, io_err, make_private, remove_stale, rename_synced, replace,
+    corrupt_name, ensure_dir, io_err, make_private, remove_stale, rename_synced, replace, sync_dir,
     sync_directory, write_synced,
 };
 use crate::{Recovery, RegistryError};
@@ -29,6 +29,7 @@ pub const SCHEMA_VERSION: u32 = 2;
 const HEADER_FILE: &str = "registry.json";
 const HEADER_TMP: &str = "registry.json.tmp";
 const STACKS_DIR: &str = "stacks";
+const STACKS_STAGING_DIR: &str = "stacks.new";
 const STACK_SUFFIX: &str = ".json";
 const STACK_TMP_SUFFIX: &str = ".json.tmp";
 const INSTANCE_FILE: &str = "instance";
@@ -46,8 +47,9 @@ pub struct Snapshot {
     /// daemon leaves (labels, `HARNESS_INSTANCE`) carries it.
     pub instance: String,
     /// Stacks by name. Shared, so that the copy a save takes costs nothing; change one
-    /// through [`Arc::make_mut`], which gives it a new address, and [`Store::save`]
-    /// writes only the stacks whose address changed since it last wrote them.
+    /// through [`Arc::make_mut`]. [`Store::save`] writes only the stacks whose address
+    /// differs from the one it last wrote (or read), and `make_mut` gives a stack the
+    /// store has seen a new address (the store keeps a weak pointer to it).
     pub stacks: BTreeMap<String, Arc<StackRecord>>,
 }
 
@@ -280,14 +282,12 @@ impl Store {
         let mut snapshot = Snapshot::new(instance);
         match v1 {
             Some(v1) => {
-                store.set_aside_stale_stacks(&mut recoveries)?;
                 snapshot.stacks = v1
                     .stacks
                     .into_iter()
                     .map(|(name, rec)| (name, Arc::new(rec)))
                     .collect();
-                // Every stack is new to the store: this writes them all.
-                store.save(&snapshot)?;
+                store.migrate(&snapshot, &mut recoveries)?;
             }
             None => snapshot.stacks = store.load_stacks(&mut recoveries)?,
         }
@@ -325,43 +325,62 @@ impl Store {
         if changed.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        ensure_dir(&self.stacks_dir)?;
-        let mut done: Vec<(String, Option<Weak<StackRecord>>)> = Vec::new();
-        let mut result = Ok(());
+        self.ensure_stacks_dir()?;
+        // One stack that cannot be written does not hold back the others; the first
+        // error is returned.
+        let mut first_error = None;
+        let mut written: Vec<(String, Weak<StackRecord>)> = Vec::new();
         for (name, rec) in changed {
             match self.write_stack(name, rec) {
-                Ok(()) => done.push((name.clone(), Some(Arc::downgrade(rec)))),
+                Ok(()) => written.push((name.clone(), Arc::downgrade(rec))),
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        if result.is_ok() {
-            for name in removed {
-                let path = self.stack_path(&name);
-                match fs::remove_file(&path) {
-                    Ok(()) => done.push((name, None)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => done.push((name, None)),
-                    Err(e) => {
-                        result = Err(io_err(&path)(e));
-                        break;
-                    }
+        let mut gone = Vec::new();
+        for name in removed {
+            let path = self.stack_path(&name);
+            match fs::remove_file(&path) {
+                Ok(()) => gone.push(name),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => gone.push(name),
+                Err(e) => {
+                    first_error.get_or_insert(io_err(&path)(e));
                 }
             }
         }
         // One fsync of the directory makes every rename and removal above durable; only
-        // then do they count as saved.
-        if !done.is_empty() {
-            sync_directory(&self.stacks_dir)?;
+        // then do they count as saved. Without it, a file written is still known to be
+        // there (a removal of its stack must delete it) but not as saved (the next save
+        // writes it again), and a removal is tried again.
+        let synced = if written.is_empty() && gone.is_empty() {
+            Ok(())
+        } else {
+            sync_directory(&self.stacks_dir)
+        };
+        for (name, weak) in written {
+            let weak = if synced.is_ok() { weak } else { Weak::new() };
+            self.saved.insert(name, weak);
         }
-        for (name, saved) in done {
-            match saved {
-                Some(weak) => self.saved.insert(name, weak),
-                None => self.saved.remove(&name),
-            };
+        if synced.is_ok() {
+            for name in gone {
+                self.saved.remove(&name);
+            }
         }
-        result
+        match (synced, first_error) {
+            (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+
+    /// Makes `stacks/` if it is missing, and makes its creation durable (an fsync of
+    /// the state directory), so that the files saved into it cannot vanish with it.
+    fn ensure_stacks_dir(&self) -> Result<(), RegistryError> {
+        if self.stacks_dir.is_dir() {
+            return Ok(());
+        }
+        ensure_dir(&self.stacks_dir)?;
+        sync_dir(&self.stacks_dir)
     }
 
     fn stack_path(&self, name: &str) -> PathBuf {
@@ -403,9 +422,33 @@ impl Store {
         Ok(())
     }
 
-    /// Before a schema 1 registry is moved into stack files: stack files already there
-    /// were not written from it (a newer harnessd's, left by a downgrade; or a migration
-    /// a crash interrupted), so they are kept aside, not mixed in.
+    /// Moves a schema 1 registry's stacks into stack files. They are written into
+    /// `stacks.new/`, which takes the place of `stacks/` only once complete: a crash or
+    /// an error midway leaves the schema 1 registry to migrate again, and nothing
+    /// half-done in `stacks/`.
+    fn migrate(
+        &mut self,
+        snapshot: &Snapshot,
+        recoveries: &mut Vec<Recovery>,
+    ) -> Result<(), RegistryError> {
+        let stacks_dir = self.stacks_dir.clone();
+        let staging = stacks_dir.with_file_name(STACKS_STAGING_DIR);
+        match fs::remove_dir_all(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&staging)(e)),
+        }
+        self.stacks_dir = staging.clone();
+        // Every stack is new to the store: this writes them all.
+        let written = self.save(snapshot);
+        self.stacks_dir = stacks_dir;
+        written?;
+        self.set_aside_stale_stacks(recoveries)?;
+        rename_synced(&staging, &self.stacks_dir)
+    }
+
+    /// Stack files beside a schema 1 registry were not written from it (a newer
+    /// harnessd's, left by a downgrade), so they are kept aside, not mixed in.
     fn set_aside_stale_stacks(&self, recoveries: &mut Vec<Recovery>) -> Result<(), RegistryError> {
         if !self.stacks_dir.exists() {
             return Ok(());
@@ -452,8 +495,10 @@ impl Store {
                 continue;
             };
             recoveries.extend(make_private(&path)?);
+            // A file that cannot be read (EACCES, EIO) is an error, not a corrupt one:
+            // moving it aside would drop a stack whose services still run.
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
             let loaded = stack_name(stem).and_then(|name| {
-                let bytes = fs::read(&path).map_err(|e| e.to_string())?;
                 let rec = decode_stack(&bytes)?;
                 if rec.name != name {
                     return Err(format!(
@@ -933,6 +978,62 @@ mod tests {
         assert!(rec[0].problem.contains("schema 1"), "{}", rec[0]);
         let moved = rec[0].moved_to.as_ref().unwrap();
         assert!(moved.join("stale.json").exists(), "{moved:?}");
+    }
+
+    /// A migration a crash interrupted left `stacks.new/`: it is done again from the
+    /// schema 1 registry, and the leftover is not reported as anything.
+    #[test]
+    fn an_interrupted_migration_is_done_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, snap, _) = Store::open(tmp.path()).unwrap();
+        fs::write(tmp.path().join(HEADER_FILE), v1_registry(&snap.instance)).unwrap();
+        let staging = tmp.path().join(STACKS_STAGING_DIR);
+        fs::create_dir(&staging).unwrap();
+        fs::write(staging.join("demo.json.tmp"), b"{\"sch").unwrap();
+        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
+        assert!(rec.is_empty(), "{rec:?}");
+        assert_eq!(loaded.stacks.keys().collect::<Vec<_>>(), ["demo", "two"]);
+        assert!(!staging.exists());
+        assert_eq!(header_schema(tmp.path()), SCHEMA_VERSION);
+    }
+
+    /// A stack file that cannot be read is an error that names it: moving it aside
+    /// would drop a stack whose services may be running.
+    #[test]
+    fn an_unreadable_stack_file_is_an_error_and_is_left_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
+        store.save(&sample(&snap.instance, 1)).unwrap();
+        drop(store);
+        let path = stack_file(tmp.path(), "demo");
+        fs::remove_file(&path).unwrap();
+        // A directory where the file should be: reading it fails (root reads any file).
+        fs::create_dir(&path).unwrap();
+        let err = Store::open(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("demo.json"), "{err}");
+        assert!(path.is_dir());
+    }
+
+    /// A stack that cannot be written does not hold back the others, and it is tried
+    /// again by the next save.
+    #[test]
+    fn a_stack_that_cannot_be_written_does_not_hold_back_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut store, mut snap, _) = Store::open(tmp.path()).unwrap();
+        // "a" sorts first; its file's place is taken by a directory that is not empty.
+        let blocked = stack_file(tmp.path(), "a");
+        fs::create_dir_all(blocked.join("x")).unwrap();
+        snap.stacks.insert("a".into(), Arc::new(stack("a", 1)));
+        snap.stacks.insert("b".into(), Arc::new(stack("b", 1)));
+        let err = store.save(&snap).unwrap_err();
+        assert!(err.to_string().contains("a.json"), "{err}");
+        assert!(stack_file(tmp.path(), "b").is_file());
+        fs::remove_dir_all(&blocked).unwrap();
+        store.save(&snap).unwrap();
+        drop(store);
+        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
+        assert!(rec.is_empty(), "{rec:?}");
+        assert_eq!(loaded, snap);
     }
 
     #[test]

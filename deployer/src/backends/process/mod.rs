@@ -176,7 +176,7 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
         Ok(None) => Err(DeployError::ShimDied { shim_pid }),
         Err(()) => {
             if let Some(shim) = shim {
-                end_late_shim(&shim, shim_pid);
+                end_late_shim(&shim, shim_pid, [spec.instance.as_str(), shims.instance()]).await;
             }
             Err(DeployError::ShimTimeout {
                 shim_pid,
@@ -189,17 +189,42 @@ pub async fn spawn(spec: &ProcessSpec, shims: &ShimServer) -> Result<ProcessReco
 /// Ends a shim that did not report in time, with the service it may have started
 /// already (a shim stuck writing its run files has one, and nothing else would stop
 /// it). Only the shim that was forked for us: its pidfd never stands for a process
-/// that took the pid since. It is stopped first: from then on it makes no system call,
-/// so it reaps none of its children, and their pids stay theirs while they and their
-/// process groups are killed; then the shim is killed.
-fn end_late_shim(shim: &OwnedFd, shim_pid: u32) {
+/// that took the pid since.
+///
+/// The shim is stopped first, and its children are killed (with their process groups)
+/// only once it is: a stopped shim reaps none of them, so their pids stay theirs. A
+/// child must carry one of `instances` (the service's, or the shim's before the
+/// service's exec). Where /proc cannot list children (a kernel without
+/// CONFIG_PROC_CHILDREN), the service is found by its instance. Then the shim is
+/// killed.
+async fn end_late_shim(shim: &OwnedFd, shim_pid: u32, instances: [&str; 2]) {
     if rustix::process::pidfd_send_signal(shim, Signal::STOP).is_ok() {
-        for child in procfs::children(shim_pid) {
-            kill_stray(child);
+        let mut waited = Duration::ZERO;
+        while procfs::stat(shim_pid).is_some_and(|s| !matches!(s.state, 'T' | 't'))
+            && waited < STOP_WAIT
+        {
+            Timer::after(Duration::from_millis(1)).await;
+            waited += Duration::from_millis(1);
+        }
+        let children = procfs::children(shim_pid).unwrap_or_else(|| {
+            find_instances(instances[0])
+                .into_iter()
+                .filter(|(_, instance)| instance == instances[0])
+                .map(|(pid, _)| pid)
+                .collect()
+        });
+        for child in children {
+            if procfs::instance_of(child).is_some_and(|i| instances.contains(&i.as_str())) {
+                kill_stray(child);
+            }
         }
     }
     let _ = rustix::process::pidfd_send_signal(shim, Signal::KILL);
 }
+
+/// How long [`end_late_shim`] waits for a shim to stop (one in uninterruptible sleep
+/// stops when that ends).
+const STOP_WAIT: Duration = Duration::from_millis(200);
 
 /// The shim's report line; `None` when it closed its channel without one.
 async fn read_report(channel: &mut Async<UnixStream>) -> Option<Ready> {

@@ -46,19 +46,19 @@ pub(crate) fn is_running(pid: u32, start: u64) -> bool {
     stat(pid).is_some_and(|s| s.start == start && s.state != 'Z' && s.state != 'X')
 }
 
-/// The children of `pid` (of each of its threads), from `/proc/<pid>/task/*/children`.
-pub(crate) fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|task| fs::read_to_string(task.ok()?.path().join("children")).ok())
-        .flat_map(|list| {
+/// The children of `pid` (of each of its threads), from `/proc/<pid>/task/*/children`;
+/// `None` when that cannot be read (the pid is gone, or the kernel was built without
+/// CONFIG_PROC_CHILDREN).
+pub(crate) fn children(pid: u32) -> Option<Vec<u32>> {
+    let mut children = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let list = fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+        children.extend(
             list.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    Some(children)
 }
 
 /// The `HARNESS_INSTANCE` value in the initial environment of `pid`, if readable.

@@ -108,6 +108,11 @@ impl ShimServer {
         self.start_timeout
     }
 
+    /// The `HARNESS_INSTANCE` of this server and of its shims (forks of it).
+    pub(crate) fn instance(&self) -> &str {
+        &self.instance
+    }
+
     /// Has a shim forked and sends it `spec` (the serialized
     /// [`ProcessSpec`](super::ProcessSpec)); returns our end of its channel, where its
     /// report comes next, and its pid.
