@@ -29,12 +29,33 @@ const ENV_FILE_IN_CONTAINER: &str = "/run/harness/service.env";
 /// so two daemons with a stack of the same name never share a network.
 pub fn network_name(instance: &str, stack: &str) -> String {
     let short = instance.get(..8).unwrap_or(instance);
-    format!("harness-{stack}-{short}")
+    format!("harness-{}-{short}", docker_name_part(stack))
 }
 
 /// The container of a service.
 pub fn container_name(stack: &str, name: &str) -> String {
-    format!("harness-{stack}-{name}")
+    format!("harness-{}-{name}", docker_name_part(stack))
+}
+
+/// `stack` as a part of a Docker object name, where only `[a-zA-Z0-9_.-]` is allowed
+/// (a stack named after a directory may hold anything else): every other byte, and
+/// `.`, becomes `.` and its two hex digits, so two stack names never give one name.
+fn docker_name_part(stack: &str) -> std::borrow::Cow<'_, str> {
+    let kept = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    if stack.bytes().all(kept) {
+        return stack.into();
+    }
+    stack
+        .bytes()
+        .map(|b| {
+            if kept(b) {
+                char::from(b).to_string()
+            } else {
+                format!(".{b:02x}")
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// The container record of a service, when it runs in a container.
@@ -506,4 +527,25 @@ pub fn has_containers(config: &protocol::config::StackConfig) -> bool {
         .services
         .values()
         .any(|s| matches!(s.target, Target::Docker(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_stack_name_gives_a_docker_name_of_its_own() {
+        assert_eq!(container_name("shop_2-x", "web"), "harness-shop_2-x-web");
+        assert_eq!(container_name("My Shop", "web"), "harness-My.20Shop-web");
+        // `.` is escaped too, so the escape of one name is never another name.
+        assert_eq!(
+            container_name("My.20Shop", "web"),
+            "harness-My.2e20Shop-web"
+        );
+        assert_eq!(container_name("ü", "db"), "harness-.c3.bc-db");
+        assert_eq!(
+            network_name("0123456789abcdef", "a b"),
+            "harness-a.20b-01234567"
+        );
+    }
 }

@@ -53,8 +53,18 @@ const IMAGE: &str = "harness-test/busybox:e2e";
 /// Writes a stack under a unique stack name, with `image` for `IMAGE`; returns (dir,
 /// stack).
 fn mixed_stack(d: &TestDaemon, yaml: &str, image: &TestImage) -> (std::path::PathBuf, String) {
+    mixed_stack_named(d, &format!("e2e{}", &d.info.instance[..8]), yaml, image)
+}
+
+/// [`mixed_stack`] under the stack name `stack`.
+fn mixed_stack_named(
+    d: &TestDaemon,
+    stack: &str,
+    yaml: &str,
+    image: &TestImage,
+) -> (std::path::PathBuf, String) {
     require_engine();
-    let stack = format!("e2e{}", &d.info.instance[..8]);
+    let stack = stack.to_owned();
     let dir = d.workdir(&stack);
     let rootfs = dir.join("busybox-rootfs.tar");
     busybox_rootfs(&rootfs);
@@ -95,7 +105,9 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
     // An image of its own, so that this run imports it and shows that as progress.
     let test_image = TestImage::new();
     let d = TestDaemon::start();
-    let (dir, stack) = mixed_stack(&d, MIXED, &test_image);
+    // Named as a directory may be: with a space, which no Docker name may hold.
+    let stack = format!("e2e web {}", &d.info.instance[..8]);
+    let (dir, stack) = mixed_stack_named(&d, &stack, MIXED, &test_image);
     let image = &test_image.0;
     let up = d.cli(&dir, &["up"]);
     assert_ok(&d, &up, "harness up");
@@ -111,7 +123,10 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
     assert_eq!(web.backend, "docker");
     assert_eq!(web.health, Health::Healthy);
     let container = web.container.clone().expect("ps names the container");
-    assert_eq!(container, format!("harness-{stack}-web"));
+    assert_eq!(
+        container,
+        format!("harness-{}-web", stack.replace(' ', ".20"))
+    );
     let addr = web.address.clone().expect("web has an address");
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     assert_eq!(get(&c, &stack, "client").health, Health::Healthy);
