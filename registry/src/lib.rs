@@ -111,6 +111,18 @@ pub enum RegistryError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A registry file was written by a newer harnessd; this one does not start on it.
+    #[error(
+        "{}: written by a newer harnessd (registry schema {schema}; this one reads up to {}): run that harnessd, or stop its stacks with it (`harness down`) before starting this one",
+        path.display(),
+        crate::SCHEMA_VERSION
+    )]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// Its schema.
+        schema: u32,
+    },
     /// Data could not be encoded or decoded (a journal line changed under the daemon).
     #[error("{}: {problem}", path.display())]
     Corrupt {

@@ -193,12 +193,13 @@ impl Store {
     /// previous file is still in place) are removed. A schema 1 registry is moved into
     /// stack files.
     ///
-    /// A file that is not valid JSON, does not match the schema, or has a schema newer
-    /// than [`SCHEMA_VERSION`] is never silently reset: it is renamed to
-    /// `<file>.corrupt-<unix time>` and reported as a [`Recovery`]. A bad stack file
-    /// costs only that stack; a bad `registry.json` costs nothing but its own content
-    /// (the instance id is kept in `<dir>/instance`). A file that cannot be read at all
-    /// (permissions) is an error.
+    /// A file that is not valid JSON or does not match its schema is never silently
+    /// reset: it is renamed to `<file>.corrupt-<unix time>` and reported as a
+    /// [`Recovery`]. A bad stack file costs only that stack; a bad `registry.json` costs
+    /// nothing but its own content (the instance id is kept in `<dir>/instance`). A file
+    /// that cannot be read at all (permissions), or one of a schema newer than
+    /// [`SCHEMA_VERSION`] (a newer harnessd's: starting without it would take the
+    /// services that one runs for strays), is an error, and the file is left as it is.
     pub fn open(dir: &Path) -> Result<(Store, Snapshot, Vec<Recovery>), RegistryError> {
         ensure_dir(dir)?;
         let mut store = Store {
@@ -221,7 +222,8 @@ impl Store {
         let loaded = match fs::read(&store.header) {
             Ok(bytes) => match decode_header(&bytes) {
                 Ok(header) => Some(header),
-                Err(problem) => {
+                Err(Unreadable::Newer(schema)) => return Err(newer_schema(&store.header, schema)),
+                Err(Unreadable::Corrupt(problem)) => {
                     let moved_to = corrupt_name(&store.header);
                     rename_synced(&store.header, &moved_to)?;
                     recoveries.push(Recovery {
@@ -498,23 +500,26 @@ impl Store {
             // A file that cannot be read (EACCES, EIO) is an error, not a corrupt one:
             // moving it aside would drop a stack whose services still run.
             let bytes = fs::read(&path).map_err(io_err(&path))?;
-            let loaded = stack_name(stem).and_then(|name| {
-                let rec = decode_stack(&bytes)?;
-                if rec.name != name {
-                    return Err(format!(
-                        "holds stack {:?}, not {name:?} as its name says",
-                        rec.name
-                    ));
-                }
-                Ok((name, rec))
-            });
+            let loaded = stack_name(stem)
+                .map_err(Unreadable::Corrupt)
+                .and_then(|name| {
+                    let rec = decode_stack(&bytes)?;
+                    if rec.name != name {
+                        return Err(Unreadable::Corrupt(format!(
+                            "holds stack {:?}, not {name:?} as its name says",
+                            rec.name
+                        )));
+                    }
+                    Ok((name, rec))
+                });
             match loaded {
                 Ok((name, rec)) => {
                     let rec = Arc::new(rec);
                     self.saved.insert(name.clone(), Arc::downgrade(&rec));
                     stacks.insert(name, rec);
                 }
-                Err(problem) => {
+                Err(Unreadable::Newer(schema)) => return Err(newer_schema(&path, schema)),
+                Err(Unreadable::Corrupt(problem)) => {
                     let moved_to = corrupt_name(&path);
                     rename_synced(&path, &moved_to)?;
                     recoveries.push(Recovery {
@@ -550,26 +555,36 @@ fn stack_name(stem: &str) -> Result<String, String> {
     Ok(name)
 }
 
+/// Why a registry file was not decoded.
+#[derive(Debug)]
+enum Unreadable {
+    /// Not a registry file of a schema this crate knows: moved aside.
+    Corrupt(String),
+    /// Written by a newer harnessd (its schema): left as it is, and the daemon does not
+    /// start, so that nothing the newer one runs is taken for a stray.
+    Newer(u32),
+}
+
 /// The `schema` of a registry file, checked to be one this crate reads.
-fn schema_of(bytes: &[u8]) -> Result<u32, String> {
+fn schema_of(bytes: &[u8]) -> Result<u32, Unreadable> {
     #[derive(Deserialize)]
     struct Version {
         schema: u32,
     }
-    let version: Version =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a registry file: {e}"))?;
+    let version: Version = serde_json::from_slice(bytes)
+        .map_err(|e| Unreadable::Corrupt(format!("not a registry file: {e}")))?;
     match version.schema {
-        1..=SCHEMA_VERSION => Ok(version.schema),
-        newer if newer > SCHEMA_VERSION => Err(format!(
-            "written by a newer harnessd (schema {newer}; this one reads up to {SCHEMA_VERSION})"
-        )),
-        other => Err(format!("unknown registry schema {other}")),
+        0 => Err(Unreadable::Corrupt("unknown registry schema 0".into())),
+        newer if newer > SCHEMA_VERSION => Err(Unreadable::Newer(newer)),
+        known => Ok(known),
     }
 }
 
-fn decode_header(bytes: &[u8]) -> Result<LoadedHeader, String> {
+fn decode_header(bytes: &[u8]) -> Result<LoadedHeader, Unreadable> {
     let schema = schema_of(bytes)?;
-    let mismatch = |e: serde_json::Error| format!("does not match registry schema {schema}: {e}");
+    let mismatch = |e: serde_json::Error| {
+        Unreadable::Corrupt(format!("does not match registry schema {schema}: {e}"))
+    };
     if schema == 1 {
         return serde_json::from_slice(bytes)
             .map(LoadedHeader::V1)
@@ -581,13 +596,27 @@ fn decode_header(bytes: &[u8]) -> Result<LoadedHeader, String> {
     })
 }
 
-fn decode_stack(bytes: &[u8]) -> Result<StackRecord, String> {
+fn decode_stack(bytes: &[u8]) -> Result<StackRecord, Unreadable> {
     match schema_of(bytes)? {
         SCHEMA_VERSION => serde_json::from_slice::<StackFileIn>(bytes)
             .map(|f| f.stack)
-            .map_err(|e| format!("does not match stack file schema {SCHEMA_VERSION}: {e}")),
+            .map_err(|e| {
+                Unreadable::Corrupt(format!(
+                    "does not match stack file schema {SCHEMA_VERSION}: {e}"
+                ))
+            }),
         // Stack files came with schema 2.
-        older => Err(format!("unknown stack file schema {older}")),
+        older => Err(Unreadable::Corrupt(format!(
+            "unknown stack file schema {older}"
+        ))),
+    }
+}
+
+/// The error for a file a newer harnessd wrote.
+fn newer_schema(path: &Path, schema: u32) -> RegistryError {
+    RegistryError::NewerSchema {
+        path: path.to_owned(),
+        schema,
     }
 }
 
@@ -854,10 +883,6 @@ mod tests {
             "does not match registry schema 2",
         );
         check_header_moved_aside(
-            b"{\"schema\":9,\"instance\":\"x\"}",
-            "newer harnessd (schema 9",
-        );
-        check_header_moved_aside(
             b"{\"schema\":0,\"instance\":\"x\"}",
             "unknown registry schema 0",
         );
@@ -873,7 +898,6 @@ mod tests {
                 b"{\"schema\":2,\"stack\":{\"name\":3}}",
                 "does not match stack file schema 2",
             ),
-            (b"{\"schema\":7,\"stack\":{}}", "newer harnessd (schema 7"),
             (
                 b"{\"schema\":1,\"stack\":{}}",
                 "unknown stack file schema 1",
@@ -902,6 +926,37 @@ mod tests {
             assert!(rec.is_empty(), "{rec:?}");
             assert_eq!(again, loaded);
         }
+    }
+
+    /// A newer harnessd's files are not moved aside: the daemon does not start on them
+    /// (it would take the services the newer one runs for strays) and says why.
+    #[test]
+    fn files_of_a_newer_schema_stop_the_open_and_are_left_as_they_are() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
+        store.save(&sample(&snap.instance, 1)).unwrap();
+        drop(store);
+        let header = tmp.path().join(HEADER_FILE);
+        let stack = stack_file(tmp.path(), "demo");
+        for (path, content) in [
+            (&header, &b"{\"schema\":9,\"instance\":\"x\"}"[..]),
+            (&stack, b"{\"schema\":7,\"stack\":{}}"),
+        ] {
+            let before = fs::read(path).unwrap();
+            fs::write(path, content).unwrap();
+            let err = Store::open(tmp.path()).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, RegistryError::NewerSchema { .. }), "{text}");
+            assert!(
+                text.contains(&path.display().to_string()) && text.contains("newer harnessd"),
+                "{text}"
+            );
+            assert_eq!(fs::read(path).unwrap(), content, "left as it was");
+            fs::write(path, before).unwrap();
+        }
+        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
+        assert!(rec.is_empty(), "{rec:?}");
+        assert_eq!(loaded, sample(&snap.instance, 1));
     }
 
     /// A stack file whose name and content disagree (renamed by hand) is not guessed at.

@@ -233,6 +233,41 @@ fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
     assert!(!alive(pid));
 }
 
+/// A state directory a newer harnessd wrote (a downgrade): this daemon refuses to
+/// start on it and says why, rather than taking that daemon's services for strays; the
+/// service keeps running and the file is left as it was.
+#[test]
+fn a_newer_harnessd_s_registry_stops_the_daemon_and_kills_nothing() {
+    let mut d = TestDaemon::start();
+    let dir = one_service_stack(&d, "newer");
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let pid = get(&d.client(), "newer", "svc").pid.expect("pid");
+    d.kill9();
+    let stack_file = registry::Store::stack_file(&d.state_dir, "newer");
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+    file["schema"] = (registry::SCHEMA_VERSION + 1).into();
+    let newer = serde_json::to_vec_pretty(&file).unwrap();
+    std::fs::write(&stack_file, &newer).unwrap();
+
+    let out = d.spawn_daemon().wait_with_output().expect("harnessd");
+    assert!(!out.status.success());
+    let log = d.log();
+    assert!(
+        log.contains("written by a newer harnessd") && log.contains("newer.json"),
+        "{log}"
+    );
+    assert!(alive(pid), "the service was taken for a stray");
+    assert_eq!(std::fs::read(&stack_file).unwrap(), newer);
+    // Back to this daemon's schema (the newer one's `down`, in effect): it starts
+    // and adopts the service.
+    file["schema"] = registry::SCHEMA_VERSION.into();
+    std::fs::write(&stack_file, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+    d.restart();
+    assert_eq!(get(&d.client(), "newer", "svc").pid, Some(pid));
+    assert!(d.cli(&dir, &["down"]).status.success());
+}
+
 /// SIGTERM stops the daemon cleanly (as systemd does): it exits 0, removes daemon.json,
 /// leaves the services running, and the next daemon adopts them.
 #[test]
