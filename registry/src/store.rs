@@ -689,6 +689,15 @@ mod tests {
         snap
     }
 
+    /// A state directory where [`sample`] with `services` was saved, and its
+    /// (empty) snapshot as first opened.
+    fn saved_sample(services: usize) -> (tempfile::TempDir, Snapshot) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
+        store.save(&sample(&snap.instance, services)).unwrap();
+        (tmp, snap)
+    }
+
     fn stack_file(dir: &Path, name: &str) -> PathBuf {
         Store::stack_file(dir, name)
     }
@@ -804,10 +813,7 @@ mod tests {
     /// private at open, and that is reported.
     #[test]
     fn registry_files_others_can_read_are_made_private_and_reported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
-        store.save(&sample(&snap.instance, 1)).unwrap();
-        drop(store);
+        let (tmp, snap) = saved_sample(1);
         let files = [tmp.path().join(HEADER_FILE), stack_file(tmp.path(), "demo")];
         for f in &files {
             fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
@@ -932,10 +938,7 @@ mod tests {
     /// (it would take the services the newer one runs for strays) and says why.
     #[test]
     fn files_of_a_newer_schema_stop_the_open_and_are_left_as_they_are() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
-        store.save(&sample(&snap.instance, 1)).unwrap();
-        drop(store);
+        let (tmp, snap) = saved_sample(1);
         let header = tmp.path().join(HEADER_FILE);
         let stack = stack_file(tmp.path(), "demo");
         for (path, content) in [
@@ -962,10 +965,7 @@ mod tests {
     /// A stack file whose name and content disagree (renamed by hand) is not guessed at.
     #[test]
     fn a_stack_file_named_for_another_stack_is_moved_aside() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
-        store.save(&sample(&snap.instance, 1)).unwrap();
-        drop(store);
+        let (tmp, _) = saved_sample(1);
         fs::rename(
             stack_file(tmp.path(), "demo"),
             stack_file(tmp.path(), "other"),
@@ -1056,10 +1056,7 @@ mod tests {
     /// would drop a stack whose services may be running.
     #[test]
     fn an_unreadable_stack_file_is_an_error_and_is_left_in_place() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut store, snap, _) = Store::open(tmp.path()).unwrap();
-        store.save(&sample(&snap.instance, 1)).unwrap();
-        drop(store);
+        let (tmp, _) = saved_sample(1);
         let path = stack_file(tmp.path(), "demo");
         fs::remove_file(&path).unwrap();
         // A directory where the file should be: reading it fails (root reads any file).

@@ -106,11 +106,15 @@ services:
     dir
 }
 
+/// A JSON file of the state directory.
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// Edits the registry record of `stack`'s `svc` while the daemon is down.
 fn edit_record(d: &TestDaemon, stack: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = registry::Store::stack_file(&d.state_dir, stack);
-    let mut reg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut reg = read_json(&path);
     edit(&mut reg["stack"]["services"]["svc"]);
     std::fs::write(&path, serde_json::to_vec_pretty(&reg).unwrap()).unwrap();
 }
@@ -203,11 +207,9 @@ fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
 
     // The state directory as the old daemon left it.
     let stack_file = registry::Store::stack_file(&d.state_dir, "old");
-    let stack: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+    let stack = read_json(&stack_file);
     let header = d.state_dir.join("registry.json");
-    let instance: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&header).unwrap()).unwrap();
+    let instance = read_json(&header);
     let v1 = serde_json::json!({
         "schema": 1,
         "instance": instance["instance"],
@@ -225,8 +227,7 @@ fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
         "adopted, not restarted"
     );
     assert!(stack_file.exists(), "the stack has its own file again");
-    let header: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&header).unwrap()).unwrap();
+    let header = read_json(&header);
     assert_eq!(header["schema"], registry::SCHEMA_VERSION);
     assert!(header.get("stacks").is_none(), "{header}");
     assert!(d.cli(&dir, &["down"]).status.success());
@@ -244,8 +245,7 @@ fn a_newer_harnessd_s_registry_stops_the_daemon_and_kills_nothing() {
     let pid = get(&d.client(), "newer", "svc").pid.expect("pid");
     d.kill9();
     let stack_file = registry::Store::stack_file(&d.state_dir, "newer");
-    let mut file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+    let mut file = read_json(&stack_file);
     file["schema"] = (registry::SCHEMA_VERSION + 1).into();
     let newer = serde_json::to_vec_pretty(&file).unwrap();
     std::fs::write(&stack_file, &newer).unwrap();
