@@ -698,6 +698,14 @@ mod tests {
         (tmp, snap)
     }
 
+    /// Opens `dir`, which must need no recovery.
+    #[track_caller]
+    fn open_clean(dir: &Path) -> Snapshot {
+        let (_, snap, rec) = Store::open(dir).unwrap();
+        assert!(rec.is_empty(), "{rec:?}");
+        snap
+    }
+
     fn stack_file(dir: &Path, name: &str) -> PathBuf {
         Store::stack_file(dir, name)
     }
@@ -709,8 +717,7 @@ mod tests {
     #[test]
     fn first_start_writes_instance_and_header() {
         let tmp = tempfile::tempdir().unwrap();
-        let (_store, snap, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let snap = open_clean(tmp.path());
         assert!(is_instance_id(&snap.instance), "{}", snap.instance);
         assert!(snap.stacks.is_empty());
         assert_eq!(header_schema(tmp.path()), SCHEMA_VERSION);
@@ -732,8 +739,7 @@ mod tests {
         let saved = sample(&snap.instance, 3);
         store.save(&saved).unwrap();
         drop(store);
-        let (_store, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, saved);
         let mode = fs::metadata(stack_file(tmp.path(), "demo"))
             .unwrap()
@@ -776,8 +782,7 @@ mod tests {
         store.save(&snap).unwrap();
         assert!(!stack_file(tmp.path(), "a").exists());
         drop(store);
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, snap);
     }
 
@@ -804,8 +809,7 @@ mod tests {
         assert!(files.contains(&"plain-name_1.json".to_owned()), "{files:?}");
         assert!(!tmp.path().join("up.json").exists());
         drop(store);
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, snap);
     }
 
@@ -840,8 +844,7 @@ mod tests {
         let stack_tmp = tmp.path().join(STACKS_DIR).join("demo.json.tmp");
         fs::write(&stack_tmp, b"{\"schema\":2,\"stack\":{\"na").unwrap();
         fs::write(tmp.path().join(HEADER_TMP), b"{\"schema\":2,\"inst").unwrap();
-        let (_store, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, saved);
         assert!(!tmp.path().join(HEADER_TMP).exists());
         assert!(!stack_tmp.exists());
@@ -870,8 +873,7 @@ mod tests {
         // The same daemon identity, and the stacks from their own files.
         assert_eq!(loaded, saved);
         // The header was written again, so the next start is clean.
-        let (_, again, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let again = open_clean(tmp.path());
         assert_eq!(again, loaded);
         assert_eq!(header_schema(tmp.path()), SCHEMA_VERSION);
     }
@@ -928,8 +930,7 @@ mod tests {
             );
             assert_eq!(loaded.stacks.keys().collect::<Vec<_>>(), ["good"]);
             // Reported once: the next start finds nothing wrong.
-            let (_, again, rec) = Store::open(tmp.path()).unwrap();
-            assert!(rec.is_empty(), "{rec:?}");
+            let again = open_clean(tmp.path());
             assert_eq!(again, loaded);
         }
     }
@@ -957,8 +958,7 @@ mod tests {
             assert_eq!(fs::read(path).unwrap(), content, "left as it was");
             fs::write(path, before).unwrap();
         }
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, sample(&snap.instance, 1));
     }
 
@@ -1002,15 +1002,13 @@ mod tests {
         // As the old daemon left it: private.
         fs::set_permissions(&header, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(tmp.path().join(INSTANCE_FILE), format!("{instance}\n")).unwrap();
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded.instance, instance);
         assert_eq!(*loaded.stacks["demo"], stack("demo", 2));
         assert_eq!(*loaded.stacks["two"], stack("two", 1));
         assert_eq!(header_schema(tmp.path()), SCHEMA_VERSION);
         assert!(stack_file(tmp.path(), "two").exists());
-        let (_, again, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let again = open_clean(tmp.path());
         assert_eq!(again, loaded);
     }
 
@@ -1045,8 +1043,7 @@ mod tests {
         let staging = tmp.path().join(STACKS_STAGING_DIR);
         fs::create_dir(&staging).unwrap();
         fs::write(staging.join("demo.json.tmp"), b"{\"sch").unwrap();
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded.stacks.keys().collect::<Vec<_>>(), ["demo", "two"]);
         assert!(!staging.exists());
         assert_eq!(header_schema(tmp.path()), SCHEMA_VERSION);
@@ -1083,8 +1080,7 @@ mod tests {
         fs::remove_dir_all(&blocked).unwrap();
         store.save(&snap).unwrap();
         drop(store);
-        let (_, loaded, rec) = Store::open(tmp.path()).unwrap();
-        assert!(rec.is_empty(), "{rec:?}");
+        let loaded = open_clean(tmp.path());
         assert_eq!(loaded, snap);
     }
 

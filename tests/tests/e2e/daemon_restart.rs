@@ -106,6 +106,16 @@ services:
     dir
 }
 
+/// Brings up [`one_service_stack`] `stack` and kills the daemon with -9; the stack's
+/// directory and its service's pid.
+fn up_and_kill_daemon(d: &mut TestDaemon, stack: &str) -> (std::path::PathBuf, u32) {
+    let dir = one_service_stack(d, stack);
+    assert!(d.cli(&dir, &["up"]).status.success());
+    let pid = get(&d.client(), stack, "svc").pid.expect("pid");
+    d.kill9();
+    (dir, pid)
+}
+
 /// A JSON file of the state directory.
 fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -162,12 +172,7 @@ fn an_earlier_run_s_files_are_not_taken_for_an_interrupted_start() {
 #[test]
 fn a_crash_between_spawn_and_record_adopts_the_running_service() {
     let mut d = TestDaemon::start();
-    let dir = one_service_stack(&d, "gap");
-    assert!(d.cli(&dir, &["up"]).status.success());
-    let c = d.client();
-    let pid = get(&c, "gap", "svc").pid.expect("pid");
-    drop(c);
-    d.kill9();
+    let (_, pid) = up_and_kill_daemon(&mut d, "gap");
 
     // Rewrite the registry as it was between intent and record.
     edit_record(&d, "gap", |rec| {
@@ -200,10 +205,7 @@ fn a_crash_between_spawn_and_record_adopts_the_running_service() {
 #[test]
 fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
     let mut d = TestDaemon::start();
-    let dir = one_service_stack(&d, "old");
-    assert!(d.cli(&dir, &["up"]).status.success());
-    let pid = get(&d.client(), "old", "svc").pid.expect("pid");
-    d.kill9();
+    let (dir, pid) = up_and_kill_daemon(&mut d, "old");
 
     // The state directory as the old daemon left it.
     let stack_file = registry::Store::stack_file(&d.state_dir, "old");
@@ -240,10 +242,7 @@ fn a_schema_1_registry_is_migrated_with_its_services_still_running() {
 #[test]
 fn a_newer_harnessd_s_registry_stops_the_daemon_and_kills_nothing() {
     let mut d = TestDaemon::start();
-    let dir = one_service_stack(&d, "newer");
-    assert!(d.cli(&dir, &["up"]).status.success());
-    let pid = get(&d.client(), "newer", "svc").pid.expect("pid");
-    d.kill9();
+    let (dir, pid) = up_and_kill_daemon(&mut d, "newer");
     let stack_file = registry::Store::stack_file(&d.state_dir, "newer");
     let mut file = read_json(&stack_file);
     file["schema"] = (registry::SCHEMA_VERSION + 1).into();
