@@ -29,7 +29,10 @@ fn main() {
     // This one process stands in for many separate clients (500 subscribers, 16
     // requesters): let smol's global executor, which runs every client connection's
     // reader, use both cores instead of its default single thread, so the clients'
-    // own decoding is not what is measured. The executor reads SMOL_THREADS once, at
+    // own decoding is not what is measured. The bench's own client tasks run on that
+    // executor too, beside the readers: on an executor of their own, each hand-off
+    // from a reader to its task woke another thread, which cost fan-out a fifth of
+    // its p50 (BENCHMARKS.md, "2026-12-02 b"). The executor reads SMOL_THREADS once, at
     // its first spawn; the variable goes again at once, so that harnessd and the CLI
     // run as a user's would (inherited, it cost `up` about 10%).
     if std::env::var_os("SMOL_THREADS").is_none() {
@@ -88,6 +91,43 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// The machine's CPU time counters (steal, all), from the first line of /proc/stat.
+/// On a shared host, time the hypervisor gave to other guests shows as steal: a run
+/// with much of it measured the neighbours as well.
+struct CpuTimes {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn now() -> CpuTimes {
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .expect("cpu line")
+            .split_whitespace()
+            .map(|f| f.parse().expect("cpu counter"))
+            .collect();
+        CpuTimes {
+            // user nice system idle iowait irq softirq steal ...
+            steal: fields[7],
+            total: fields.iter().take(8).sum(),
+        }
+    }
+
+    /// "CPU steal N%" since `self`.
+    fn steal_since(&self) -> String {
+        let now = CpuTimes::now();
+        let total = (now.total - self.total).max(1);
+        format!(
+            "CPU steal {:.0}%",
+            100.0 * (now.steal - self.steal) as f64 / total as f64
+        )
+    }
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
@@ -302,9 +342,10 @@ fn get_latency(d: &TestDaemon) {
         ("baseline (unknown method)", "bench.noop"),
         ("service.get", names::SERVICE_GET),
     ] {
+        let cpu = CpuTimes::now();
         let (lat, wall) = load(d, 16, 10_000, method);
         println!(
-            "{label}: {} requests from 16 clients: p50 {} p99 {} throughput {:.0}/s{}",
+            "{label}: {} requests from 16 clients: p50 {} p99 {} throughput {:.0}/s{}, {}",
             lat.len(),
             ms(pct(&lat, 0.5)),
             ms(pct(&lat, 0.99)),
@@ -313,14 +354,14 @@ fn get_latency(d: &TestDaemon) {
                 " (target p99 < 2 ms)"
             } else {
                 ""
-            }
+            },
+            cpu.steal_since()
         );
     }
 }
 
 fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Duration>, Duration) {
     let lat = Arc::new(Mutex::new(Vec::with_capacity(total)));
-    let ex = Arc::new(smol::Executor::new());
     let per = total.div_ceil(clients);
     let conns: Vec<Client> = (0..clients).map(|_| d.client()).collect();
     let start = Instant::now();
@@ -328,7 +369,7 @@ fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Dura
         .into_iter()
         .map(|c| {
             let (lat, method) = (lat.clone(), method.to_owned());
-            ex.spawn(async move {
+            smol::spawn(async move {
                 let params = m::ServiceParams {
                     stack: "get".into(),
                     name: "one".into(),
@@ -346,7 +387,7 @@ fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Dura
             })
         })
         .collect();
-    run_on_threads(&ex, async {
+    smol::block_on(async {
         for t in tasks {
             t.await;
         }
@@ -355,22 +396,6 @@ fn load(d: &TestDaemon, clients: usize, total: usize, method: &str) -> (Vec<Dura
     let mut v = Arc::try_unwrap(lat).unwrap().into_inner().unwrap();
     v.sort();
     (v, wall)
-}
-
-/// Runs `fut` on `ex` with two threads (this machine has two cores).
-fn run_on_threads<T>(
-    ex: &Arc<smol::Executor<'static>>,
-    fut: impl std::future::Future<Output = T>,
-) -> T {
-    let (stop, stopped) = smol::channel::bounded::<()>(1);
-    let helper = {
-        let ex = ex.clone();
-        std::thread::spawn(move || smol::block_on(ex.run(stopped.recv())))
-    };
-    let out = smol::block_on(ex.run(fut));
-    drop(stop);
-    let _ = helper.join();
-    out
 }
 
 /// When a subscriber got an event: (seq, arrival, the event's own `time`).
@@ -385,7 +410,6 @@ fn fanout(d: &TestDaemon) {
         protocol::config::parse_stack(&yaml, "fan.yaml").unwrap()
     };
     for subscribers in [1usize, 500] {
-        let ex = Arc::new(smol::Executor::new());
         let conns: Vec<Client> = (0..subscribers).map(|_| d.client()).collect();
         for s in &conns {
             let _: m::SubscribeResult = smol::block_on(s.call(
@@ -404,7 +428,7 @@ fn fanout(d: &TestDaemon) {
             .into_iter()
             .map(|s| {
                 let arrivals = arrivals.clone();
-                ex.spawn(async move {
+                smol::spawn(async move {
                     let rx = s.events();
                     let mut mine = Vec::with_capacity(EVENTS);
                     while mine.len() < EVENTS {
@@ -436,7 +460,8 @@ fn fanout(d: &TestDaemon) {
                 }
             }
         };
-        run_on_threads(&ex, async {
+        let cpu = CpuTimes::now();
+        smol::block_on(async {
             publisher.await;
             for t in tasks {
                 t.await;
@@ -451,10 +476,11 @@ fn fanout(d: &TestDaemon) {
         }
         delays.sort();
         println!(
-            "event fan-out to {subscribers} subscriber(s), {EVENTS} events: publish -> last subscriber p50 {} p99 {}{}",
+            "event fan-out to {subscribers} subscriber(s), {EVENTS} events: publish -> last subscriber p50 {} p99 {}{}, {}",
             ms(pct(&delays, 0.5)),
             ms(pct(&delays, 0.99)),
-            if subscribers == 500 { " (target p99 < 20 ms)" } else { " (baseline)" }
+            if subscribers == 500 { " (target p99 < 20 ms)" } else { " (baseline)" },
+            cpu.steal_since()
         );
     }
 }
