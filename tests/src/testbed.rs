@@ -513,7 +513,8 @@ pub struct BedDocker {
 }
 
 impl BedDocker {
-    fn start(&mut self) {
+    /// Starts dockerd (again, after [`BedDocker::stop`]); returns once it answers.
+    pub fn start(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -769,9 +769,9 @@ fn a_container_outlives_its_engine_restarting_and_is_kept() {
     assert_ok(&d, &d.cli(&dir, &["down"]), "harness down");
 }
 
-/// The engine restarts without `--live-restore`, which stops its containers: the
-/// harness takes that as the exit it is, says so in its events, and restarts the
-/// service by its policy once the engine is back.
+/// The engine stops without `--live-restore`, which stops its containers: the harness
+/// takes that as the exit it is, says so in its events, tries restarts while the
+/// engine is away, and restarts the service by its policy once the engine is back.
 #[test]
 fn a_container_its_engine_stopped_is_restarted_by_policy() {
     let bed = tests::testbed::TestBed::new(1);
@@ -792,7 +792,19 @@ fn a_container_its_engine_stopped_is_restarted_by_policy() {
     let c = d.client();
     let before = get(&c, "es", "web");
     assert_eq!(before.health, Health::Healthy);
-    engine.restart();
+    engine.stop();
+    // The engine stays away until a restart has failed for want of it: how long the
+    // engine takes to go and come back is then no part of what is tested.
+    wait_for(
+        "a restart that failed while the engine was away",
+        Duration::from_secs(30),
+        || {
+            get(&c, "es", "web")
+                .reason
+                .filter(|r| r.starts_with("restarting after its last start failed"))
+        },
+    );
+    engine.start();
     // Running and healthy again, by its policy.
     let after = wait_service(&c, "es", "web", "web restarted and healthy", |s| {
         s.state == ServiceState::Running
