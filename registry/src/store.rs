@@ -331,10 +331,15 @@ impl Store {
         // One stack that cannot be written does not hold back the others; the first
         // error is returned.
         let mut first_error = None;
-        let mut written: Vec<(String, Weak<StackRecord>)> = Vec::new();
+        // Every file is written and synced before any takes its place; then the
+        // removals and renames follow one another with nothing slow between them. A
+        // crash can leave one stack's new file beside another's old one (a mesh
+        // address that one released and the other took is then claimed twice) only
+        // in that short window, not across the save's fsyncs. It is not atomic.
+        let mut prepared = Vec::new();
         for (name, rec) in changed {
-            match self.write_stack(name, rec) {
-                Ok(()) => written.push((name.clone(), Arc::downgrade(rec))),
+            match self.write_stack_file(name, rec) {
+                Ok(tmp) => prepared.push((name, rec, tmp)),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -346,6 +351,16 @@ impl Store {
             match fs::remove_file(&path) {
                 Ok(()) => gone.push(name),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => gone.push(name),
+                Err(e) => {
+                    first_error.get_or_insert(io_err(&path)(e));
+                }
+            }
+        }
+        let mut written: Vec<(String, Weak<StackRecord>)> = Vec::new();
+        for (name, rec, tmp) in prepared {
+            let path = self.stack_path(name);
+            match fs::rename(&tmp, &path) {
+                Ok(()) => written.push((name.clone(), Arc::downgrade(rec))),
                 Err(e) => {
                     first_error.get_or_insert(io_err(&path)(e));
                 }
@@ -394,7 +409,12 @@ impl Store {
         stack_file_in(&dir.join(STACKS_DIR), name, STACK_SUFFIX)
     }
 
-    fn write_stack(&mut self, name: &str, rec: &StackRecord) -> Result<(), RegistryError> {
+    /// Writes stack `name` to its temporary file, synced; returns that file's path.
+    fn write_stack_file(
+        &mut self,
+        name: &str,
+        rec: &StackRecord,
+    ) -> Result<PathBuf, RegistryError> {
         let path = self.stack_path(name);
         self.buf.clear();
         // Pretty: a human reading the state during an incident matters more than the
@@ -410,7 +430,7 @@ impl Store {
         self.buf.push(b'\n');
         let tmp = stack_file_in(&self.stacks_dir, name, STACK_TMP_SUFFIX);
         write_synced(&tmp, &self.buf)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        Ok(tmp)
     }
 
     fn write_header(&mut self, instance: &str) -> Result<(), RegistryError> {
