@@ -353,6 +353,11 @@ impl Client {
     }
 
     /// Events of every subscription of this connection.
+    ///
+    /// They come from the connection's reader, a task on smol's global executor
+    /// (`smol::spawn`). A consumer spawned there too takes each event without waking
+    /// another thread; in the fan-out bench (500 subscribers on 2 cores) that hand-off
+    /// cost a fifth of the p50 when the consumers ran on an executor of their own.
     pub fn events(&self) -> async_channel::Receiver<Event> {
         self.events.clone()
     }
