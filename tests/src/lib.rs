@@ -42,15 +42,26 @@ pub fn bin(name: &str) -> PathBuf {
 /// Waits until `f` returns `Some`, polling every 20 ms, at most `timeout`.
 #[track_caller]
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, timeout, || f().ok_or("not yet"))
+}
+
+/// Like [`wait_for`], with `f` telling what it saw while the wait goes on (`Err`):
+/// a timeout shows the last of it.
+#[track_caller]
+pub fn wait_until<T, S: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, S>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f() {
-            return v;
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last seen: {seen:?}"
+            ),
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -500,8 +511,27 @@ fn placeholder() -> DaemonFile {
     }
 }
 
+/// Lines of the daemon's log a failed test shows.
+const LOG_LINES_ON_FAILURE: usize = 80;
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
+        // 0. A test that failed shows the end of the daemon's log with its panic: in
+        //    CI, that is all there is to go on.
+        if std::thread::panicking() {
+            let log = self.log();
+            // Less the TLS and WebSocket libraries' lines about each connection.
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(" rustls::") && !l.contains(" tungstenite::"))
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+            eprintln!(
+                "--- the last {} lines of harnessd's log ---\n{}\n--- end of harnessd's log ---",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
         // 1. Ask the daemon to stop everything it runs (one in another namespace is
         //    out of this process's reach: it gets SIGTERM, which it also obeys).
         if let (Some(c), Some(_)) = (&self.child, &self.netns) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use harness_client::Client;
 use protocol::methods::{self as m, names};
-use tests::{bin, wait_for};
+use tests::{bin, wait_until};
 
 /// Writes `harness.yaml` into `dir`, replacing `DEMO` with the demo service's path.
 pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
@@ -44,8 +44,13 @@ pub fn wait_service(
     what: &str,
     pred: impl Fn(&m::ServiceInfo) -> bool,
 ) -> m::ServiceInfo {
-    wait_for(what, Duration::from_secs(20), || {
-        Some(get(c, stack, name)).filter(|s| pred(s))
+    wait_until(what, Duration::from_secs(20), || {
+        let seen = get(c, stack, name);
+        if pred(&seen) {
+            Ok(seen)
+        } else {
+            Err(Box::new(seen))
+        }
     })
 }
 
