@@ -42,7 +42,10 @@ pub fn bin(name: &str) -> PathBuf {
 /// Waits until `f` returns `Some`, polling every 20 ms, at most `timeout`.
 #[track_caller]
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    wait_until(what, timeout, || f().ok_or("not yet"))
+    match poll(timeout, || f().ok_or(())) {
+        Ok(v) => v,
+        Err(()) => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
 }
 
 /// Like [`wait_for`], with `f` telling what it saw while the wait goes on (`Err`):
@@ -51,18 +54,24 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub fn wait_until<T, S: std::fmt::Debug>(
     what: &str,
     timeout: Duration,
-    mut f: impl FnMut() -> Result<T, S>,
+    f: impl FnMut() -> Result<T, S>,
 ) -> T {
+    match poll(timeout, f) {
+        Ok(v) => v,
+        Err(seen) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen:?}"),
+    }
+}
+
+/// Calls `f` every 20 ms until it returns `Ok`, or `timeout` has passed: then its last
+/// `Err`.
+fn poll<T, S>(timeout: Duration, mut f: impl FnMut() -> Result<T, S>) -> Result<T, S> {
     let deadline = Instant::now() + timeout;
     loop {
         match f() {
-            Ok(v) => return v,
-            Err(seen) => assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; last seen: {seen:?}"
-            ),
+            Ok(v) => return Ok(v),
+            Err(seen) if Instant::now() >= deadline => return Err(seen),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
