@@ -173,11 +173,13 @@ fn containers_and_processes_reach_each_other_restart_by_policy_and_down_removes_
     );
 
     // Killed from outside: the harness restarts it by its own policy, in the same
-    // container, at the same address.
+    // container, at the same address. (A restart whose start failed on the way, an
+    // engine call under load, say, is counted too and tried again: the log's count of
+    // starts below is what says the container ran exactly twice.)
     let id = docker(&["inspect", "-f", "{{.Id}}", &container]);
     docker(&["kill", &container]);
     let restarted = wait_service(&c, &stack, "web", "web restarted and healthy", |s| {
-        s.restarts == 1 && s.state == ServiceState::Running && s.health == Health::Healthy
+        s.restarts >= 1 && s.state == ServiceState::Running && s.health == Health::Healthy
     });
     assert_eq!(restarted.address.as_deref(), Some(addr.as_str()));
     assert_eq!(docker(&["inspect", "-f", "{{.Id}}", &container]), id);
