@@ -1,8 +1,13 @@
-//! The data plane: one TUN device and one UDP socket, with a boringtun `noise::Tunn`
-//! per peer, driven by one thread: it waits on both and on a timerfd (epoll,
-//! level-triggered), drains each in batches and runs the timers at each tick; one
-//! thread, so the two directions of a peer never contend for its `Tunn`. The thread
-//! ends with the process.
+//! The data plane: one TUN device and one UDP socket (and a connected socket per
+//! peer, its link), with a boringtun `noise::Tunn` per peer, driven by one thread: it
+//! waits on them all and on a timerfd (epoll, level-triggered), makes one read from
+//! each that is ready per turn and runs the timers at each tick; one thread, so the
+//! two directions of a peer never contend for its `Tunn`. The thread ends with the
+//! process.
+//!
+//! One read per readiness, not a drain to `EAGAIN`: epoll reports again whatever is
+//! left, so a lone packet costs no read that finds nothing (one system call of four
+//! on each of its passes), and under load each side gets its turn between reads.
 //!
 //! Packets cross the kernel in bulk, with the offloads the kernel has for TUN devices
 //! and UDP sockets: the TUN device hands over TCP superpackets (split here) and takes
@@ -19,6 +24,9 @@
 //!   dropped. A packet for another peer (node to node,
 //!   on the hub) is sent on to it directly, without a trip through the kernel, so the
 //!   hub needs no IP forwarding.
+//! - A peer's packets go through its link (a socket connected to its endpoint,
+//!   [`crate::udp::Link`]) once a packet from that endpoint authenticated; the link is
+//!   replaced when the peer roams and closed with the peer.
 //! - Peers are added and removed while it runs; a removed peer's packets are dropped
 //!   from the next one on. A peer with an endpoint gets a handshake at once, so a node's
 //!   tunnel is up as soon as the hub answers.
@@ -28,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -36,11 +44,12 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::config::{Cidr, Config, Peer, DEFAULT_MTU};
 use crate::keys::PublicKey;
 use crate::peers::Routes;
-use crate::udp::{Receiver, SendQueue};
+use crate::udp::{send_one, Link, Receiver, SendQueue};
 use crate::MeshError;
 
 /// Handshakes a peer may start per second before cookies are asked for.
@@ -59,9 +68,6 @@ const BUFFER: usize = 65536 + 32;
 /// of up to 64 KiB is split into at most this many), and the datagrams of one
 /// (coalesced) read from the UDP socket.
 const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
-
-/// Reads from one side per turn of the pump before the other side has its turn.
-const READS_PER_TURN: usize = 32;
 
 /// What a peer has done, for `mesh.peers`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -84,8 +90,16 @@ struct PeerState {
     key: PublicKey,
     index: u32,
     tunn: Mutex<Tunn>,
-    endpoint: Mutex<Option<SocketAddr>>,
+    endpoint: Mutex<Endpoint>,
     allowed: Vec<Cidr>,
+}
+
+/// Where a peer's packets go.
+#[derive(Default)]
+struct Endpoint {
+    addr: Option<SocketAddr>,
+    /// A socket connected to `addr`, once a packet from there authenticated.
+    link: Option<Arc<Link>>,
 }
 
 #[derive(Default)]
@@ -93,6 +107,8 @@ struct Table {
     by_key: HashMap<PublicKey, Arc<PeerState>>,
     by_index: HashMap<u32, Arc<PeerState>>,
     routes: Routes<PublicKey>,
+    /// Every peer's link, by its epoll token.
+    links: HashMap<u64, Arc<Link>>,
 }
 
 impl Table {
@@ -112,7 +128,18 @@ struct Shared {
     next_index: AtomicU32,
     tun: tun_rs::SyncDevice,
     udp: std::net::UdpSocket,
+    /// What the pump waits on: the TUN device, the UDP socket, the links, the timers.
+    epoll: Epoll,
+    next_token: AtomicU64,
+    /// Whether links can be opened (until one fails to).
+    links: AtomicBool,
 }
+
+/// Epoll tokens: the TUN device, the shared UDP socket, the timer tick, then links.
+const TUN: u64 = 0;
+const UDP: u64 = 1;
+const TICK: u64 = 2;
+const FIRST_LINK: u64 = 3;
 
 /// A running data plane; its thread (and the TUN device) last as long as the process.
 pub struct Device {
@@ -151,12 +178,20 @@ impl Device {
             })?;
         let port = i.listen_port.unwrap_or(0);
         let io = |action: String| move |source| MeshError::Io { action, source };
-        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))
-            .map_err(io(format!("listen on UDP port {port}")))?;
+        let udp =
+            crate::udp::bind_shared(port).map_err(io(format!("listen on UDP port {port}")))?;
         tun.set_nonblocking(true)
             .map_err(io("make the TUN device non-blocking".into()))?;
-        udp.set_nonblocking(true)
-            .map_err(io("make the UDP socket non-blocking".into()))?;
+        // epoll rather than poll: what it waits on is registered once
+        // (level-triggered), and a wake-up costs less, which is most of a lone
+        // packet's latency.
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .and_then(|epoll| {
+                epoll.add(&tun, EpollEvent::new(EpollFlags::EPOLLIN, TUN))?;
+                epoll.add(&udp, EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
+                Ok(epoll)
+            })
+            .map_err(|e| io("set up the data plane's epoll".into())(e.into()))?;
         let secret = i.private_key.secret();
         let public = x25519::PublicKey::from(&secret);
         let shared = Arc::new(Shared {
@@ -167,6 +202,9 @@ impl Device {
             next_index: AtomicU32::new(1),
             tun,
             udp,
+            epoll,
+            next_token: AtomicU64::new(FIRST_LINK),
+            links: AtomicBool::new(true),
         });
         for peer in &config.peers {
             shared.add_peer(peer);
@@ -207,7 +245,7 @@ impl Device {
                 let (age, tx, rx, _, _) = p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
                 PeerStats {
                     public_key: p.key.to_string(),
-                    endpoint: *p.endpoint.lock().unwrap_or_else(|e| e.into_inner()),
+                    endpoint: p.endpoint.lock().unwrap_or_else(|e| e.into_inner()).addr,
                     allowed_ips: p.allowed.iter().map(Cidr::to_string).collect(),
                     handshake_age_secs: age.map(|d| d.as_secs()),
                     tx_bytes: tx as u64,
@@ -235,7 +273,10 @@ impl Shared {
             key: peer.public_key,
             index,
             tunn: Mutex::new(tunn),
-            endpoint: Mutex::new(peer.endpoint),
+            endpoint: Mutex::new(Endpoint {
+                addr: peer.endpoint,
+                link: None,
+            }),
             allowed: peer.allowed_ips.clone(),
         });
         self.remove_peer(&peer.public_key);
@@ -252,7 +293,65 @@ impl Shared {
         };
         table.by_index.remove(&old.index);
         table.routes.remove(key);
+        let link = old
+            .endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .link
+            .take();
+        if let Some(link) = link {
+            // Closed (and out of the epoll set) once the pump lets go of it too.
+            table.links.remove(&link.token);
+        }
         true
+    }
+
+    /// Notes that a packet from `from` authenticated as `peer`'s: that is where its
+    /// packets go now (it may have roamed), through a link to there.
+    fn authenticated(&self, peer: &Arc<PeerState>, from: SocketAddr) {
+        {
+            let mut endpoint = peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+            if endpoint.addr == Some(from)
+                && (endpoint.link.is_some() || !self.links.load(Ordering::Relaxed))
+            {
+                return;
+            }
+            endpoint.addr = Some(from);
+        }
+        if !self.links.load(Ordering::Relaxed) {
+            return;
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let link = Link::open(&self.udp, from, token).and_then(|link| {
+            self.epoll
+                .add(&link.socket, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+            Ok(Arc::new(link))
+        });
+        let link = match link {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::debug!("no connected UDP socket per peer ({e}); all through one");
+                self.links.store(false, Ordering::Relaxed);
+                return;
+            }
+        };
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        // A peer removed (or replaced) meanwhile gets no link.
+        if !table
+            .by_key
+            .get(&peer.key)
+            .is_some_and(|p| Arc::ptr_eq(p, peer))
+        {
+            return;
+        }
+        let mut endpoint = peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        if endpoint.addr != Some(from) {
+            return;
+        }
+        if let Some(old) = endpoint.link.replace(link.clone()) {
+            table.links.remove(&old.token);
+        }
+        table.links.insert(token, link);
     }
 
     fn peer_by_index(&self, receiver_idx: u32) -> Option<Arc<PeerState>> {
@@ -268,7 +367,7 @@ impl Shared {
         };
         let mut buf = vec![0u8; 256];
         for p in peers {
-            let Some(endpoint) = *p.endpoint.lock().unwrap_or_else(|e| e.into_inner()) else {
+            let Some(endpoint) = p.endpoint.lock().unwrap_or_else(|e| e.into_inner()).addr else {
                 continue;
             };
             let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,18 +382,20 @@ impl Shared {
     }
 
     /// Encrypts `packet` for `peer` into `out`; where to send how many bytes of it.
-    fn encrypt(
-        &self,
-        peer: &PeerState,
-        packet: &[u8],
-        out: &mut [u8],
-    ) -> Option<(SocketAddr, usize)> {
-        let endpoint = (*peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()))?;
+    fn encrypt(&self, peer: &PeerState, packet: &[u8], out: &mut [u8]) -> Option<Encrypted> {
+        let (to, link) = {
+            let endpoint = peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+            (endpoint.addr?, endpoint.link.clone())
+        };
         let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
         match t.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(wire) => {
                 // boringtun writes from the start of `out`.
-                Some((endpoint, wire.len()))
+                Some(Encrypted {
+                    to,
+                    link,
+                    len: wire.len(),
+                })
             }
             TunnResult::Err(e) => {
                 tracing::debug!("encapsulate for {}: {e:?}", peer.key);
@@ -303,6 +404,13 @@ impl Shared {
             _ => None,
         }
     }
+}
+
+/// A ciphertext's length and where it goes.
+struct Encrypted {
+    to: SocketAddr,
+    link: Option<Arc<Link>>,
+    len: usize,
 }
 
 fn destination(packet: &[u8]) -> Option<Ipv4Addr> {
@@ -330,14 +438,14 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(udp: &std::net::UdpSocket) -> Buffers {
+    fn new() -> Buffers {
         let big = || vec![0u8; BUFFER];
         Buffers {
             tun_read: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + BUFFER],
             segments: (0..BATCH).map(|_| big()).collect(),
             sizes: vec![0; BATCH],
             queue: SendQueue::new(BATCH * 2048 + BUFFER),
-            receiver: Receiver::new(udp),
+            receiver: Receiver::new(),
             decrypted: big(),
             relay: big(),
             // Coalescing appends to a packet only within its capacity.
@@ -351,58 +459,67 @@ impl Buffers {
 
 /// The data plane's one thread.
 fn pump(shared: &Shared) {
-    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
     use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-    const TUN: u64 = 0;
-    const UDP: u64 = 1;
-    const TICK: u64 = 2;
-    let mut bufs = Buffers::new(&shared.udp);
+    let mut bufs = Buffers::new();
     let mut timer_buf = vec![0u8; BUFFER];
-    // epoll rather than poll: the three are registered once (level-triggered), and a
-    // wake-up costs less, which is most of a lone packet's latency. The timers tick
-    // through a timerfd, so a wait arms no timeout and a turn reads no clock.
-    let setup = || -> nix::Result<(Epoll, TimerFd)> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let tick = TimerFd::new(
-            ClockId::CLOCK_MONOTONIC,
-            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-        )?;
+    // The timers tick through a timerfd, so a wait arms no timeout and a turn reads
+    // no clock.
+    let tick = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+    )
+    .and_then(|tick| {
         tick.set(
             Expiration::Interval(TIMER_TICK.into()),
             TimerSetTimeFlags::empty(),
         )?;
-        epoll.add(&shared.tun, EpollEvent::new(EpollFlags::EPOLLIN, TUN))?;
-        epoll.add(&shared.udp, EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
-        epoll.add(&tick, EpollEvent::new(EpollFlags::EPOLLIN, TICK))?;
-        Ok((epoll, tick))
-    };
-    let (epoll, tick) = match setup() {
-        Ok(e) => e,
+        shared
+            .epoll
+            .add(&tick, EpollEvent::new(EpollFlags::EPOLLIN, TICK))?;
+        Ok(tick)
+    });
+    let tick = match tick {
+        Ok(tick) => tick,
         Err(e) => {
-            tracing::error!("the data plane cannot wait for packets: {e}");
+            tracing::error!("the data plane cannot run its timers: {e}");
             return;
         }
     };
-    let mut events = [EpollEvent::empty(); 3];
+    let mut events = [EpollEvent::empty(); 16];
     let mut ticks: u64 = 0;
     loop {
-        let ready = epoll.wait(&mut events, EpollTimeout::NONE).unwrap_or(0);
-        let is_ready = |which: u64| events[..ready].iter().any(|e| e.data() == which);
-        if is_ready(TUN) {
-            drain_tun(shared, &mut bufs);
-        }
-        if is_ready(UDP) {
-            drain_udp(shared, &mut bufs);
-        }
-        if is_ready(TICK) {
-            // Reading clears the timerfd's readiness; what it says (how many ticks
-            // passed) does not matter, the timers look at the clock themselves.
-            let _ = tick.wait();
-            ticks += 1;
-            if ticks.is_multiple_of(TICKS_PER_LIMITER_RESET) {
-                shared.limiter.reset_count();
+        let ready = shared
+            .epoll
+            .wait(&mut events, EpollTimeout::NONE)
+            .unwrap_or(0);
+        for event in &events[..ready] {
+            match event.data() {
+                TUN => from_tun(shared, &mut bufs),
+                UDP => from_udp(shared, &mut bufs, &shared.udp),
+                TICK => {
+                    // Reading clears the timerfd's readiness; what it says (how many
+                    // ticks passed) does not matter, the timers look at the clock.
+                    let _ = tick.wait();
+                    ticks += 1;
+                    if ticks.is_multiple_of(TICKS_PER_LIMITER_RESET) {
+                        shared.limiter.reset_count();
+                    }
+                    run_timers(shared, &mut timer_buf);
+                }
+                token => {
+                    let link = shared
+                        .table
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .links
+                        .get(&token)
+                        .cloned();
+                    // None: closed since the wait.
+                    if let Some(link) = link {
+                        from_udp(shared, &mut bufs, &link.socket);
+                    }
+                }
             }
-            run_timers(shared, &mut timer_buf);
         }
     }
 }
@@ -410,82 +527,83 @@ fn pump(shared: &Shared) {
 /// What WireGuard adds to a packet: a 16-byte header, padding to 16 bytes, a 16-byte tag.
 const OVERHEAD: usize = 16 + 15 + 16;
 
-/// Reads what the TUN device has (a turn's worth), encrypts each packet for its peer
-/// and sends each read's packets together: a superpacket's go down in one send. Each
-/// read is sent before the next, so a lone packet waits for no one.
-fn drain_tun(shared: &Shared, bufs: &mut Buffers) {
-    for _ in 0..READS_PER_TURN {
-        let read =
-            shared
-                .tun
-                .recv_multiple(&mut bufs.tun_read, &mut bufs.segments, &mut bufs.sizes, 0);
-        let n = match read {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                tracing::warn!("reading the TUN device: {e}");
-                return;
-            }
+/// One read from the TUN device (a packet, or a superpacket split into its packets):
+/// encrypts each packet for its peer and sends them together, a superpacket's in one
+/// send.
+fn from_tun(shared: &Shared, bufs: &mut Buffers) {
+    let read = shared
+        .tun
+        .recv_multiple(&mut bufs.tun_read, &mut bufs.segments, &mut bufs.sizes, 0);
+    let n = match read {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+        Err(e) => {
+            tracing::warn!("reading the TUN device: {e}");
+            return;
+        }
+    };
+    for k in 0..n {
+        let packet = &bufs.segments[k][..bufs.sizes[k]];
+        let Some(dst) = destination(packet) else {
+            continue;
         };
-        for k in 0..n {
-            let packet = &bufs.segments[k][..bufs.sizes[k]];
-            let Some(dst) = destination(packet) else {
-                continue;
-            };
-            let peer = shared
-                .table
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .route(dst);
-            if let Some(peer) = peer {
-                let space = bufs.queue.space(&shared.udp, packet.len() + OVERHEAD);
-                if let Some((to, len)) = shared.encrypt(&peer, packet, space) {
-                    bufs.queue.push(to, len);
-                }
+        let peer = shared
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .route(dst);
+        if let Some(peer) = peer {
+            let space = bufs.queue.space(&shared.udp, packet.len() + OVERHEAD);
+            if let Some(sealed) = shared.encrypt(&peer, packet, space) {
+                bufs.queue.push(sealed.to, sealed.link, sealed.len);
             }
         }
-        bufs.queue.flush(&shared.udp);
     }
+    bufs.queue.flush(&shared.udp);
 }
 
-/// Reads what the UDP socket has (a turn's worth), handles each datagram, and writes
-/// each read's packets for this host to the TUN device together (the kernel hands a
-/// sender's datagrams over coalesced, and their packets go in coalesced again).
-fn drain_udp(shared: &Shared, bufs: &mut Buffers) {
-    for _ in 0..READS_PER_TURN {
-        let received = match bufs.receiver.recv(&shared.udp) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                tracing::warn!("reading the UDP socket: {e}");
-                return;
-            }
-        };
-        let mut count = 0;
-        let bytes = bufs.receiver.bytes(&received);
-        for datagram in bytes.chunks(received.segment) {
-            let local = handle_datagram(
-                shared,
-                datagram,
-                received.from,
-                &mut bufs.decrypted,
-                &mut bufs.relay,
-            );
-            let Some(len) = local else {
-                continue;
-            };
-            if count == bufs.to_tun.len() {
-                write_to_tun(shared, &mut bufs.to_tun, &mut bufs.gro);
-                count = 0;
-            }
-            let packet = &mut bufs.to_tun[count];
-            packet.clear();
-            packet.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
-            packet.extend_from_slice(&bufs.decrypted[..len]);
-            count += 1;
+/// One read from `udp` (the shared socket or a link; the kernel hands a sender's
+/// datagrams over coalesced): handles each datagram and writes the packets for this
+/// host to the TUN device together (coalesced again).
+fn from_udp(shared: &Shared, bufs: &mut Buffers, udp: &std::net::UdpSocket) {
+    let received = match bufs.receiver.recv(udp) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+        // A link's peer that is not listening (an ICMP error came back): its
+        // handshakes and keepalives retry on their own.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::debug!("reading the UDP socket: {e}");
+            return;
         }
-        write_to_tun(shared, &mut bufs.to_tun[..count], &mut bufs.gro);
+        Err(e) => {
+            tracing::warn!("reading the UDP socket: {e}");
+            return;
+        }
+    };
+    let mut count = 0;
+    let bytes = bufs.receiver.bytes(&received);
+    for datagram in bytes.chunks(received.segment) {
+        let local = handle_datagram(
+            shared,
+            datagram,
+            received.from,
+            &mut bufs.decrypted,
+            &mut bufs.relay,
+        );
+        let Some(len) = local else {
+            continue;
+        };
+        if count == bufs.to_tun.len() {
+            write_to_tun(shared, &mut bufs.to_tun, &mut bufs.gro);
+            count = 0;
+        }
+        let packet = &mut bufs.to_tun[count];
+        packet.clear();
+        packet.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        packet.extend_from_slice(&bufs.decrypted[..len]);
+        count += 1;
     }
+    write_to_tun(shared, &mut bufs.to_tun[..count], &mut bufs.gro);
 }
 
 /// Writes `packets` (each after room for a virtio header) to the TUN device.
@@ -572,12 +690,16 @@ fn handle_datagram(
         }
     }
     if authenticated {
-        // This is where the peer is now (it may have roamed).
-        *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+        shared.authenticated(&peer, from);
     }
     if let Some((other, len)) = forward {
-        if let Some((to, n)) = shared.encrypt(&other, &out[..len], relay) {
-            let _ = shared.udp.send_to(&relay[..n], to);
+        if let Some(sealed) = shared.encrypt(&other, &out[..len], relay) {
+            send_one(
+                &shared.udp,
+                sealed.link.as_deref(),
+                sealed.to,
+                &relay[..sealed.len],
+            );
         }
     }
     local
@@ -589,7 +711,7 @@ fn run_timers(shared: &Shared, buf: &mut [u8]) {
         table.by_key.values().cloned().collect()
     };
     for p in peers {
-        let endpoint = *p.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        let endpoint = p.endpoint.lock().unwrap_or_else(|e| e.into_inner()).addr;
         let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
         if let TunnResult::WriteToNetwork(pkt) = t.update_timers(buf) {
             if let Some(endpoint) = endpoint {

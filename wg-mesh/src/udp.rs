@@ -3,15 +3,83 @@
 //! (the kernel splits it as late as it can), and datagrams from one sender come up
 //! coalesced (`UDP_GRO`), so the UDP stack is crossed once per run rather than once
 //! per packet. Where the kernel has no such offload, datagrams go one at a time.
+//!
+//! Each peer whose endpoint is known gets a [`Link`]: a socket on the same port
+//! (`SO_REUSEPORT`) connected to that endpoint. The kernel hands a connected socket
+//! the datagrams of its 4-tuple and routes its sends once, at connect, so a packet
+//! on a link skips the route lookups (out and in) that one through the shared,
+//! unconnected socket takes; that is most of what a lone packet costs beyond the
+//! wake-up. boringtun's own device does the same.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn, SockaddrStorage,
+    bind, connect, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrStorage,
 };
+
+/// A non-blocking UDP socket on `port` of every address (0: one the kernel picks),
+/// which links can share.
+pub(crate) fn bind_shared(port: u16) -> std::io::Result<UdpSocket> {
+    let udp = new_socket()?;
+    bind(udp.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+    enable_gro(&udp);
+    Ok(udp)
+}
+
+fn new_socket() -> std::io::Result<UdpSocket> {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Asks the kernel to coalesce datagrams on `udp` (where it cannot, they come one at
+/// a time, which reads the same).
+fn enable_gro(udp: &UdpSocket) {
+    if let Err(e) = setsockopt(udp, sockopt::UdpGroSegment, &true) {
+        tracing::debug!("UDP receive offload unavailable ({e})");
+    }
+}
+
+/// A socket connected to one peer's endpoint, on the shared socket's port.
+pub(crate) struct Link {
+    /// Its key in the data plane's epoll set.
+    pub(crate) token: u64,
+    pub(crate) socket: UdpSocket,
+}
+
+impl Link {
+    /// Opens a link from the shared socket's port to `to`. Until it is connected a
+    /// datagram from anyone may land on it, so it is read like the shared socket
+    /// (each datagram with its source).
+    pub(crate) fn open(shared: &UdpSocket, to: SocketAddr, token: u64) -> std::io::Result<Link> {
+        let SocketAddr::V4(v4) = to else {
+            return Err(std::io::Error::other("an IPv6 endpoint"));
+        };
+        let port = shared.local_addr()?.port();
+        let socket = new_socket()?;
+        bind(socket.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+        enable_gro(&socket);
+        connect(socket.as_raw_fd(), &SockaddrIn::from(v4))?;
+        Ok(Link { token, socket })
+    }
+}
+
+/// Sends one datagram to `to`, through `link` when there is one.
+pub(crate) fn send_one(udp: &UdpSocket, link: Option<&Link>, to: SocketAddr, datagram: &[u8]) {
+    let _ = match link {
+        Some(link) => link.socket.send(datagram),
+        None => udp.send_to(datagram, to),
+    };
+}
 
 /// Largest UDP payload of one send (segments included): an IPv4 datagram's limit.
 const MAX_SEND: usize = 65507;
@@ -31,6 +99,7 @@ pub(crate) struct SendQueue {
 /// Segments of `segment` bytes (the last may be shorter) to one destination.
 struct Run {
     to: SocketAddr,
+    link: Option<Arc<Link>>,
     start: usize,
     len: usize,
     segment: usize,
@@ -64,12 +133,19 @@ impl SendQueue {
         &mut self.buf[self.used..]
     }
 
-    /// Queues the `len` bytes just written to [`SendQueue::space`] for `to`.
-    pub(crate) fn push(&mut self, to: SocketAddr, len: usize) {
+    /// Queues the `len` bytes just written to [`SendQueue::space`] for `to`, to go
+    /// through `link` when there is one.
+    pub(crate) fn push(&mut self, to: SocketAddr, link: Option<Arc<Link>>, len: usize) {
         let start = self.used;
         self.used += len;
         if let Some(run) = self.runs.last_mut() {
+            let same_link = match (&run.link, &link) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
             let fits = run.to == to
+                && same_link
                 && !run.closed
                 && len <= run.segment
                 && run.len + len <= MAX_SEND
@@ -82,6 +158,7 @@ impl SendQueue {
         }
         self.runs.push(Run {
             to,
+            link,
             start,
             len,
             segment: len,
@@ -93,8 +170,13 @@ impl SendQueue {
     pub(crate) fn flush(&mut self, udp: &UdpSocket) {
         for run in &self.runs {
             let bytes = &self.buf[run.start..run.start + run.len];
+            let link = run.link.as_deref();
             if self.gso && run.segments() > 1 {
-                match send_segmented(udp, bytes, run.segment, run.to) {
+                let sent = match link {
+                    Some(link) => send_segmented(&link.socket, bytes, run.segment, None),
+                    None => send_segmented(udp, bytes, run.segment, Some(run.to)),
+                };
+                match sent {
                     Ok(()) => continue,
                     Err(nix::errno::Errno::EAGAIN) => continue,
                     Err(e) => {
@@ -107,7 +189,7 @@ impl SendQueue {
                 }
             }
             for datagram in bytes.chunks(run.segment) {
-                let _ = udp.send_to(datagram, run.to);
+                send_one(udp, link, run.to, datagram);
             }
         }
         self.runs.clear();
@@ -115,14 +197,18 @@ impl SendQueue {
     }
 }
 
+/// One `sendmsg` of `bytes` in datagrams of `segment` bytes, to `to` (or to where
+/// `udp` is connected).
 fn send_segmented(
     udp: &UdpSocket,
     bytes: &[u8],
     segment: usize,
-    to: SocketAddr,
+    to: Option<SocketAddr>,
 ) -> nix::Result<()> {
-    let SocketAddr::V4(to) = to else {
-        return Err(nix::errno::Errno::EAFNOSUPPORT);
+    let to: Option<SockaddrIn> = match to {
+        Some(SocketAddr::V4(to)) => Some(SocketAddrV4::into(to)),
+        Some(SocketAddr::V6(_)) => return Err(nix::errno::Errno::EAFNOSUPPORT),
+        None => None,
     };
     let segment = u16::try_from(segment).map_err(|_| nix::errno::Errno::EMSGSIZE)?;
     sendmsg(
@@ -130,7 +216,7 @@ fn send_segmented(
         &[IoSlice::new(bytes)],
         &[ControlMessage::UdpGsoSegments(&segment)],
         MsgFlags::empty(),
-        Some(&SockaddrIn::from(to)),
+        to.as_ref(),
     )?;
     Ok(())
 }
@@ -150,12 +236,9 @@ pub(crate) struct Received {
 }
 
 impl Receiver {
-    /// Asks the kernel to coalesce datagrams on `udp` (where it cannot, they come one
-    /// at a time, which reads the same).
-    pub(crate) fn new(udp: &UdpSocket) -> Receiver {
-        if let Err(e) = setsockopt(udp, sockopt::UdpGroSegment, &true) {
-            tracing::debug!("UDP receive offload unavailable ({e})");
-        }
+    /// A receiver for sockets from [`bind_shared`] and [`Link::open`] (which ask the
+    /// kernel to coalesce).
+    pub(crate) fn new() -> Receiver {
         Receiver {
             buf: vec![0; 65536],
             control: nix::cmsg_space!(nix::libc::c_int),
@@ -212,7 +295,16 @@ mod tests {
 
     fn queue(q: &mut SendQueue, udp: &UdpSocket, to: SocketAddr, datagram: &[u8]) {
         q.space(udp, datagram.len())[..datagram.len()].copy_from_slice(datagram);
-        q.push(to, datagram.len());
+        q.push(to, None, datagram.len());
+    }
+
+    /// A socket from [`bind_shared`], blocking for the test, and its loopback address.
+    fn shared_socket() -> (UdpSocket, SocketAddr) {
+        let udp = bind_shared(0).unwrap();
+        udp.set_nonblocking(false).unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        (udp, SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     /// What was queued, in order and with its boundaries: 5 same-sized datagrams and a
@@ -276,11 +368,12 @@ mod tests {
 
     #[test]
     fn coalesced_reads_split_back_into_the_datagrams_sent() {
-        let (a, b) = pair();
-        let mut receiver = Receiver::new(&b);
+        let (a, _) = pair();
+        let (b, b_addr) = shared_socket();
+        let mut receiver = Receiver::new();
         let mut q = SendQueue::new(1 << 20);
         for d in sample() {
-            queue(&mut q, &a, b.local_addr().unwrap(), &d);
+            queue(&mut q, &a, b_addr, &d);
         }
         q.flush(&a);
         let (mut got, mut reads) = (Vec::new(), 0);
@@ -292,5 +385,45 @@ mod tests {
         }
         assert_eq!(got, sample());
         assert!(reads < got.len(), "{reads} reads: nothing came coalesced");
+    }
+
+    /// A link takes its endpoint's datagrams (the shared socket no longer sees them)
+    /// and sends from the shared port, in runs too; others still reach the shared
+    /// socket.
+    #[test]
+    fn a_link_takes_its_endpoint_s_datagrams_and_sends_from_the_shared_port() {
+        let (shared, shared_addr) = shared_socket();
+        let (peer, other) = pair();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let link = Arc::new(Link::open(&shared, peer.local_addr().unwrap(), 7).unwrap());
+        link.socket.set_nonblocking(false).unwrap();
+        link.socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+
+        peer.send_to(b"to the link", shared_addr).unwrap();
+        other.send_to(b"to the shared socket", shared_addr).unwrap();
+        let mut buf = [0u8; 64];
+        let n = link.socket.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"to the link");
+        let (n, from) = shared.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"to the shared socket"[..], other.local_addr().unwrap())
+        );
+
+        let mut q = SendQueue::new(1 << 20);
+        for d in sample() {
+            let len = d.len();
+            q.space(&shared, len)[..len].copy_from_slice(&d);
+            q.push(peer.local_addr().unwrap(), Some(link.clone()), len);
+        }
+        q.flush(&shared);
+        let mut buf = [0u8; 2048];
+        for want in sample() {
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &want[..]);
+            assert_eq!(from.port(), shared_addr.port());
+        }
     }
 }

@@ -188,6 +188,42 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
         assert!(Instant::now() < deadline, "node 2 did not come back");
     }
 
+    // A node back on another port (its agent restarted, or a NAT remapped it) is
+    // reached there: the hub's packets follow the node's.
+    let old_port = node_port(&bed, 1);
+    drop(n1);
+    let n1 = agent(
+        &bed,
+        1,
+        &Config::node(
+            n1_key.clone(),
+            Cidr::parse(&format!("{}/24", ip(2))).unwrap(),
+            hub_key.public(),
+            hub_endpoint,
+            mesh,
+        ),
+        None,
+    );
+    let new_port = node_port(&bed, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping(&bed, 0, &ip(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "the hub lost node 1 when it came back on port {new_port} (was {old_port})"
+        );
+    }
+    let peers = tests::node_control(&control_path, serde_json::json!({"op": "peers"}));
+    let n1_pub = n1_key.public().to_string();
+    let n1_peer = peers["peers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["public_key"] == n1_pub.as_str()))
+        .unwrap_or_else(|| panic!("no peer for node 1: {peers}"));
+    assert_eq!(
+        n1_peer["endpoint"],
+        format!("{}:{new_port}", bed.hosts[1].address).as_str(),
+        "{peers}"
+    );
+
     // Bad control input gets an error, and the hub keeps serving.
     let bad = tests::node_control(
         &control_path,
