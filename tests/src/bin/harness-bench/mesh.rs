@@ -1,6 +1,7 @@
 //! The mesh data plane benchmark (issue 5): single-stream TCP throughput (iperf3, 10 s)
 //! and ping RTT (the median of every ping, with both tunnels up and their pings
-//! alternated in batches) between two test-bed namespaces, over raw veth, through two
+//! alternated in batches; once as the scheduler places things, once with everything
+//! on one CPU) between two test-bed namespaces, over raw veth, through two
 //! `harness-node` agents, and through boringtun-cli 0.7.1 (with 1 and with 4 threads),
 //! all with tunnel MTU 1420, alternating in each round; the tunnel-up time (agent start
 //! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
@@ -44,7 +45,20 @@ impl Drop for Boringtun {
 }
 
 fn in_ns(ns: &str, argv: &[&str]) -> Command {
-    let mut c = Command::new("ip");
+    in_ns_on(ns, None, argv)
+}
+
+/// [`in_ns`], on CPU `cpu` only when one is given (`taskset`; what the command starts
+/// inherits it).
+fn in_ns_on(ns: &str, cpu: Option<usize>, argv: &[&str]) -> Command {
+    let mut c = match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string(), "ip"]);
+            c
+        }
+        None => Command::new("ip"),
+    };
     c.args(["netns", "exec", ns]).args(argv);
     c
 }
@@ -88,9 +102,9 @@ fn iperf_via(a: &str, b: &str, to: &str, via: &str, port: u16) -> f64 {
 
 /// The RTTs in ms of `count` pings from `a` to `to` (each ping's own: the median of
 /// them all is robust against a few scheduling hiccups, which an average is not).
-fn rtt(a: &str, to: &str, count: usize) -> Vec<f64> {
+fn rtt(a: &str, to: &str, count: usize, cpu: Option<usize>) -> Vec<f64> {
     let count = count.to_string();
-    let out = in_ns(a, &["busybox", "ping", "-c", &count, "-i", "0.02", to])
+    let out = in_ns_on(a, cpu, &["busybox", "ping", "-c", &count, "-i", "0.02", to])
         .output()
         .expect("ping");
     // 64 bytes from 10.45.7.2: seq=0 ttl=64 time=0.123 ms
@@ -133,8 +147,9 @@ fn add_relay(bed: &TestBed, listen: &str, to: &str) {
     assert_eq!(answer["ok"], true, "add_relay: {answer}");
 }
 
-/// Two harness-node agents: A (hub-like, listening) and B (node, towards A).
-fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
+/// Two harness-node agents: A (hub-like, listening) and B (node, towards A), on CPU
+/// `cpu` when one is given.
+fn harness_tunnel(bed: &TestBed, third: &str, cpu: Option<usize>) -> (Proc, Proc, Duration) {
     let (ka, kb) = (
         PrivateKey::generate().unwrap(),
         PrivateKey::generate().unwrap(),
@@ -165,7 +180,7 @@ fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
     let start = |i: usize, conf: &Config| {
         let path = bed.hosts[i].dir.join("bench-wg.conf");
         std::fs::write(&path, conf.render()).unwrap();
-        let mut cmd = in_ns(&bed.hosts[i].netns, &[]);
+        let mut cmd = in_ns_on(&bed.hosts[i].netns, cpu, &[]);
         cmd.arg(tests::bin("harness-node"))
             .arg("--config")
             .arg(&path)
@@ -193,8 +208,14 @@ fn harness_tunnel(bed: &TestBed, third: &str) -> (Proc, Proc, Duration) {
     (a, b, t.elapsed())
 }
 
-/// Two boringtun-cli devices with `threads` threads, configured with wg(8).
-fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Boringtun, Boringtun) {
+/// Two boringtun-cli devices with `threads` threads, configured with wg(8), on CPU `cpu`
+/// when one is given.
+fn boringtun_tunnel(
+    bed: &TestBed,
+    third: &str,
+    threads: usize,
+    cpu: Option<usize>,
+) -> (Boringtun, Boringtun) {
     let keys = [
         PrivateKey::generate().unwrap(),
         PrivateKey::generate().unwrap(),
@@ -208,8 +229,9 @@ fn boringtun_tunnel(bed: &TestBed, third: &str, threads: usize) -> (Boringtun, B
         procs.push(Boringtun {
             socket: format!("/var/run/wireguard/{}.sock", name(i)).into(),
             process: Proc(
-                in_ns(
+                in_ns_on(
                     ns,
+                    cpu,
                     &[
                         "boringtun-cli",
                         "--foreground",
@@ -300,7 +322,7 @@ pub fn bench() {
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
         {
-            let (_a, _b, took) = harness_tunnel(&bed, &third);
+            let (_a, _b, took) = harness_tunnel(&bed, &third, None);
             up.push(took.as_secs_f64() * 1e3);
             let to = format!("10.45.{third}.2");
             ours.push(iperf(&na, &nb, &to));
@@ -309,24 +331,20 @@ pub fn bench() {
             relayed.push(iperf_via(&na, &nb, &to, &via, 5202));
         }
         for (threads, out) in [(1, &mut bt1), (4, &mut bt4)] {
-            let (_a, _b) = boringtun_tunnel(&bed, &third, threads);
+            let (_a, _b) = boringtun_tunnel(&bed, &third, threads, None);
             let to = format!("10.46.{third}.2");
             out.push(iperf(&na, &nb, &to));
         }
     }
-    let (rtt_raw, rtt_ours, rtt_bt) = rtt_phase(&bed, &third);
-    let pings = rtt_ours.len();
-    let (rtt_raw, rtt_ours, rtt_bt) = (median(rtt_raw), median(rtt_ours), median(rtt_bt));
+    let free = rtt_phase(&bed, &third, None);
+    let pinned = rtt_phase(&bed, &third, Some(0));
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
     let best = bt1.max(bt4);
     println!(
-        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); median ping RTT ({} pings each) raw {:.3} ms, harness-node {:.3} ms, boringtun-cli {:.3} ms, harness-node / boringtun-cli = {:.3} (target <= 1); tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
+        "mesh, single TCP stream {SECONDS} s, MTU 1420, medians of {ROUNDS}: raw veth {raw:.0} Mbit/s; harness-node {ours:.0} Mbit/s; boringtun-cli -t 1 {bt1:.0} Mbit/s, -t 4 {bt4:.0} Mbit/s; harness-node / best boringtun-cli = {:.2} (target >= 1.2); {}; {}; tunnel up (agent start to first ping reply) {:.0} ms (target < 1000); through a hub relay (LAN address to mesh address) {:.0} Mbit/s",
         ours / best,
-        pings,
-        rtt_raw,
-        rtt_ours,
-        rtt_bt,
-        rtt_ours / rtt_bt,
+        free.summary("median ping RTT"),
+        pinned.summary("all on CPU 0"),
         median(up),
         median(relayed),
     );
@@ -337,34 +355,65 @@ pub fn bench() {
 pub fn rtt_bench() {
     let bed = TestBed::new(2);
     let third = bed.third_octet().to_string();
-    let (raw, ours, bt) = rtt_phase(&bed, &third);
-    let count = ours.len();
-    let (raw, ours, bt) = (median(raw), median(ours), median(bt));
     println!(
-        "mesh RTT, median of {count} pings each: raw veth {raw:.3} ms, harness-node {ours:.3} ms, boringtun-cli -t 1 {bt:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1)",
-        ours / bt
+        "mesh RTT, {}",
+        rtt_phase(&bed, &third, None).summary("median")
+    );
+    println!(
+        "mesh RTT, {}",
+        rtt_phase(&bed, &third, Some(0)).summary("all on CPU 0 (no wake-up crosses CPUs), median")
     );
 }
 
-/// Ping RTTs in ms over raw veth, the harness tunnel and boringtun-cli `-t 1`: both
-/// tunnels up at once and their pings alternated in batches, so the machine's moods
-/// (it is shared) fall on both alike.
-fn rtt_phase(bed: &TestBed, third: &str) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut rtt_raw, mut rtt_ours, mut rtt_bt) = (Vec::new(), Vec::new(), Vec::new());
+/// Median ping RTTs in ms of one RTT phase.
+struct Rtt {
+    pings: usize,
+    raw: f64,
+    ours: f64,
+    boringtun: f64,
+}
+
+impl Rtt {
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "{what} of {} pings each: raw veth {:.3} ms, harness-node {:.3} ms, boringtun-cli -t 1 {:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1)",
+            self.pings,
+            self.raw,
+            self.ours,
+            self.boringtun,
+            self.ours / self.boringtun
+        )
+    }
+}
+
+/// Ping RTTs over raw veth, the harness tunnel and boringtun-cli `-t 1`: both tunnels
+/// up at once and their pings alternated in batches, so the machine's moods (it is
+/// shared) fall on both alike. With `cpu`, the four agents and `ping` all run on that
+/// CPU: a round trip is then the work on its path alone, without the cross-CPU
+/// wake-ups that the scheduler places differently from one ping to the next (an
+/// unpinned run mixes pings that stay on one CPU, about 0.19 ms here, with pings
+/// that cross, about 0.28 ms, and its median falls in between).
+fn rtt_phase(bed: &TestBed, third: &str, cpu: Option<usize>) -> Rtt {
+    let (mut raw, mut ours, mut bt) = (Vec::new(), Vec::new(), Vec::new());
     let na = &bed.hosts[0].netns;
-    let (_a, _b, _) = harness_tunnel(bed, third);
-    let (_c, _d) = boringtun_tunnel(bed, third, 1);
+    let (_a, _b, _) = harness_tunnel(bed, third, cpu);
+    let (_c, _d) = boringtun_tunnel(bed, third, 1, cpu);
     let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
     for batch in 0..RTT_BATCHES {
-        rtt_raw.extend(rtt(na, &bed.hosts[1].address, RTT_BATCH));
+        raw.extend(rtt(na, &bed.hosts[1].address, RTT_BATCH, cpu));
         // Which goes first alternates too.
         if batch % 2 == 0 {
-            rtt_ours.extend(rtt(na, &ours_to, RTT_BATCH));
-            rtt_bt.extend(rtt(na, &bt_to, RTT_BATCH));
+            ours.extend(rtt(na, &ours_to, RTT_BATCH, cpu));
+            bt.extend(rtt(na, &bt_to, RTT_BATCH, cpu));
         } else {
-            rtt_bt.extend(rtt(na, &bt_to, RTT_BATCH));
-            rtt_ours.extend(rtt(na, &ours_to, RTT_BATCH));
+            bt.extend(rtt(na, &bt_to, RTT_BATCH, cpu));
+            ours.extend(rtt(na, &ours_to, RTT_BATCH, cpu));
         }
     }
-    (rtt_raw, rtt_ours, rtt_bt)
+    Rtt {
+        pings: ours.len(),
+        raw: median(raw),
+        ours: median(ours),
+        boringtun: median(bt),
+    }
 }
