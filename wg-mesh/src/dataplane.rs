@@ -24,9 +24,11 @@
 //!   dropped. A packet for another peer (node to node,
 //!   on the hub) is sent on to it directly, without a trip through the kernel, so the
 //!   hub needs no IP forwarding.
-//! - A peer's packets go through its link (a socket connected to its endpoint,
+//! - A peer's data packets go through its link (a socket connected to its endpoint,
 //!   [`crate::udp::Link`]) once a packet from that endpoint authenticated; the link is
-//!   replaced when the peer roams and closed with the peer.
+//!   replaced when the peer roams and closed with the peer. Handshakes, cookies and
+//!   timer packets go out through the shared socket, from the same port, so their
+//!   answers come back to the link all the same.
 //! - Peers are added and removed while it runs; a removed peer's packets are dropped
 //!   from the next one on. A peer with an endpoint gets a handshake at once, so a node's
 //!   tunnel is up as soon as the hub answers.
@@ -309,33 +311,29 @@ impl Shared {
     /// Notes that a packet from `from` authenticated as `peer`'s: that is where its
     /// packets go now (it may have roamed), through a link to there.
     fn authenticated(&self, peer: &Arc<PeerState>, from: SocketAddr) {
-        {
+        let links = self.links.load(Ordering::Relaxed);
+        let stale = {
             let mut endpoint = peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
-            if endpoint.addr == Some(from)
-                && (endpoint.link.is_some() || !self.links.load(Ordering::Relaxed))
-            {
+            if endpoint.addr == Some(from) && (endpoint.link.is_some() || !links) {
                 return;
             }
+            // A link to where the peer was is no good for where it is.
+            let stale = if endpoint.addr != Some(from) {
+                endpoint.link.take()
+            } else {
+                None
+            };
             endpoint.addr = Some(from);
-        }
-        if !self.links.load(Ordering::Relaxed) {
-            return;
-        }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let link = Link::open(&self.udp, from, token).and_then(|link| {
-            self.epoll
-                .add(&link.socket, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
-            Ok(Arc::new(link))
-        });
-        let link = match link {
-            Ok(link) => link,
-            Err(e) => {
-                tracing::debug!("no connected UDP socket per peer ({e}); all through one");
-                self.links.store(false, Ordering::Relaxed);
-                return;
-            }
+            stale
         };
+        let link = links.then(|| self.open_link(from)).flatten();
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(stale) = stale {
+            table.links.remove(&stale.token);
+        }
+        let Some(link) = link else {
+            return;
+        };
         // A peer removed (or replaced) meanwhile gets no link.
         if !table
             .by_key
@@ -345,13 +343,31 @@ impl Shared {
             return;
         }
         let mut endpoint = peer.endpoint.lock().unwrap_or_else(|e| e.into_inner());
-        if endpoint.addr != Some(from) {
-            return;
-        }
         if let Some(old) = endpoint.link.replace(link.clone()) {
             table.links.remove(&old.token);
         }
-        table.links.insert(token, link);
+        table.links.insert(link.token, link);
+    }
+
+    /// A link to `to` in the epoll set; none when it cannot be had, and then no more
+    /// links are tried (peers without one use the shared socket).
+    fn open_link(&self, to: SocketAddr) -> Option<Arc<Link>> {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let link = Link::open(&self.udp, to, token).and_then(|link| {
+            self.epoll
+                .add(&link.socket, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+            Ok(Arc::new(link))
+        });
+        match link {
+            Ok(link) => Some(link),
+            Err(e) => {
+                tracing::warn!(
+                    "no connected UDP socket for {to} ({e}): peers without one use the shared socket"
+                );
+                self.links.store(false, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     fn peer_by_index(&self, receiver_idx: u32) -> Option<Arc<PeerState>> {
@@ -524,6 +540,9 @@ fn pump(shared: &Shared) {
     }
 }
 
+/// The first byte of a WireGuard cookie reply (its message type).
+const COOKIE_REPLY: u8 = 3;
+
 /// What WireGuard adds to a packet: a 16-byte header, padding to 16 bytes, a 16-byte tag.
 const OVERHEAD: usize = 16 + 15 + 16;
 
@@ -655,7 +674,9 @@ fn handle_datagram(
         loop {
             match result {
                 TunnResult::WriteToNetwork(p) => {
-                    authenticated = true;
+                    // A cookie reply (under load) answers a packet checked only
+                    // against public keys: it proves nothing about where the peer is.
+                    authenticated |= p.first() != Some(&COOKIE_REPLY);
                     let _ = shared.udp.send_to(p, from);
                     // Packets queued during the handshake go out now.
                     result = t.decapsulate(None, &[], out);

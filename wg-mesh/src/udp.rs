@@ -24,6 +24,10 @@ use nix::sys::socket::{
 /// A non-blocking UDP socket on `port` of every address (0: one the kernel picks),
 /// which links can share.
 pub(crate) fn bind_shared(port: u16) -> std::io::Result<UdpSocket> {
+    // A plain bind first, so a port that another socket holds (with SO_REUSEPORT or
+    // not: another agent, boringtun) is refused as it was before links, instead of
+    // being shared with it; and port 0 gets a port nobody holds.
+    let port = UdpSocket::bind(("0.0.0.0", port))?.local_addr()?.port();
     let udp = new_socket()?;
     bind(udp.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
     enable_gro(&udp);
@@ -176,16 +180,20 @@ impl SendQueue {
                     Some(link) => send_segmented(&link.socket, bytes, run.segment, None),
                     None => send_segmented(udp, bytes, run.segment, Some(run.to)),
                 };
+                use nix::errno::Errno;
                 match sent {
-                    Ok(()) => continue,
-                    Err(nix::errno::Errno::EAGAIN) => continue,
-                    Err(e) => {
-                        // EIO, EINVAL, ENOPROTOOPT: no UDP segmentation here.
+                    // What the kernel says when it has no UDP segmentation.
+                    Err(
+                        e @ (Errno::EIO | Errno::EINVAL | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP),
+                    ) => {
                         tracing::debug!(
                             "UDP segmentation offload unavailable ({e}); one datagram at a time"
                         );
                         self.gso = false;
                     }
+                    // Sent, or lost as a router would lose it: a full buffer, or an
+                    // ICMP error that a link's peer sent back for an earlier datagram.
+                    _ => continue,
                 }
             }
             for datagram in bytes.chunks(run.segment) {
@@ -419,11 +427,44 @@ mod tests {
             q.push(peer.local_addr().unwrap(), Some(link.clone()), len);
         }
         q.flush(&shared);
+        assert!(q.gso, "a connected socket takes UDP_SEGMENT too");
         let mut buf = [0u8; 2048];
         for want in sample() {
             let (n, from) = peer.recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..n], &want[..]);
             assert_eq!(from.port(), shared_addr.port());
         }
+    }
+
+    /// A link whose peer is gone gets the ICMP error back on its next send; that
+    /// loses the run, not the offload.
+    #[test]
+    fn a_link_s_peer_gone_does_not_turn_segmentation_off() {
+        let (shared, _) = shared_socket();
+        let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = gone.local_addr().unwrap();
+        let link = Arc::new(Link::open(&shared, to, 7).unwrap());
+        drop(gone);
+        // Loopback answers with a port unreachable at once; the socket keeps it as
+        // its pending error.
+        link.socket.send(b"anyone?").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut q = SendQueue::new(1 << 20);
+        for d in sample() {
+            let len = d.len();
+            q.space(&shared, len)[..len].copy_from_slice(&d);
+            q.push(to, Some(link.clone()), len);
+        }
+        q.flush(&shared);
+        assert!(q.gso, "an error from the peer turned UDP segmentation off");
+    }
+
+    /// The shared socket's port is its own: a second one on it is refused, as a
+    /// plain bind would be.
+    #[test]
+    fn a_taken_port_is_refused() {
+        let (first, _) = shared_socket();
+        let port = first.local_addr().unwrap().port();
+        assert!(bind_shared(port).is_err(), "port {port} was shared");
     }
 }

@@ -192,19 +192,18 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
     // reached there: the hub's packets follow the node's.
     let old_port = node_port(&bed, 1);
     drop(n1);
-    let n1 = agent(
-        &bed,
-        1,
-        &Config::node(
-            n1_key.clone(),
-            Cidr::parse(&format!("{}/24", ip(2))).unwrap(),
-            hub_key.public(),
-            hub_endpoint,
-            mesh,
-        ),
-        None,
+    let mut moved = Config::node(
+        n1_key.clone(),
+        Cidr::parse(&format!("{}/24", ip(2))).unwrap(),
+        hub_key.public(),
+        hub_endpoint,
+        mesh,
     );
-    let new_port = node_port(&bed, 1);
+    // A port of its own, so the kernel cannot hand the old one back.
+    let new_port = if old_port == 51821 { 51822 } else { 51821 };
+    moved.interface.listen_port = Some(new_port);
+    let n1 = agent(&bed, 1, &moved, None);
+    assert_eq!(node_port(&bed, 1), new_port);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ping(&bed, 0, &ip(2)) {
         assert!(
