@@ -8,8 +8,7 @@
 //! (`SO_REUSEPORT`) connected to that endpoint. The kernel hands a connected socket
 //! the datagrams of its 4-tuple and routes its sends once, at connect, so a packet
 //! on a link skips the route lookups (out and in) that one through the shared,
-//! unconnected socket takes; that is most of what a lone packet costs beyond the
-//! wake-up. boringtun's own device does the same.
+//! unconnected socket takes. boringtun's own device does the same.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
