@@ -317,14 +317,10 @@ impl Shared {
             if endpoint.addr == Some(from) && (endpoint.link.is_some() || !links) {
                 return;
             }
-            // A link to where the peer was is no good for where it is.
-            let stale = if endpoint.addr != Some(from) {
-                endpoint.link.take()
-            } else {
-                None
-            };
+            // Past the check above, a link is one to where the peer was: no good for
+            // where it is.
             endpoint.addr = Some(from);
-            stale
+            endpoint.link.take()
         };
         let link = links.then(|| self.open_link(from)).flatten();
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
