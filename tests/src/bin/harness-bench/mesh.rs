@@ -121,8 +121,10 @@ fn rtt(a: &str, to: &str, count: usize, cpu: Option<usize>) -> Vec<f64> {
         .collect()
 }
 
-/// Ping batches per path in the RTT phase, alternating between the paths.
-const RTT_BATCHES: usize = 10;
+/// Ping batches per path in the RTT phase, alternating between the paths. Twenty: each
+/// pair of batches (the two tunnels back to back) gives a ratio, and twenty of them
+/// bound the typical ratio within about ±2% on this machine.
+const RTT_BATCHES: usize = 20;
 /// Pings per batch.
 const RTT_BATCH: usize = 30;
 
@@ -371,12 +373,30 @@ struct Rtt {
     raw: f64,
     ours: f64,
     boringtun: f64,
+    /// harness-node / boringtun-cli of each batch's median, per pair of batches (the
+    /// two run back to back, so what the machine does between pairs falls on both).
+    paired: Vec<f64>,
 }
 
 impl Rtt {
     fn summary(&self, what: &str) -> String {
+        let paired = match median_interval(self.paired.clone()) {
+            Some((median, low, high)) => {
+                let verdict = if low > 1.0 {
+                    "harness-node slower"
+                } else if high < 1.0 {
+                    "harness-node faster"
+                } else {
+                    "no difference resolved"
+                };
+                format!(
+                    "; per pair of batches: median ratio {median:.3}, 95% interval {low:.3}-{high:.3} ({verdict})"
+                )
+            }
+            None => String::new(),
+        };
         format!(
-            "{what} of {} pings each: raw veth {:.3} ms, harness-node {:.3} ms, boringtun-cli -t 1 {:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1)",
+            "{what} of {} pings each: raw veth {:.3} ms, harness-node {:.3} ms, boringtun-cli -t 1 {:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1){paired}",
             self.pings,
             self.raw,
             self.ours,
@@ -384,6 +404,24 @@ impl Rtt {
             self.ours / self.boringtun
         )
     }
+}
+
+/// The median of `values` and a distribution-free interval of at least 95% confidence
+/// around it: the sign test's, from order statistics `k` and `n + 1 - k`, with `k` the
+/// largest for which P(Binomial(n, 1/2) < k) <= 2.5%. `None` for fewer than six values,
+/// which bound nothing at that confidence.
+fn median_interval(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let all = 2f64.powi(i32::try_from(n).ok()?);
+    // `below` is P(B < k); `choose` is C(n, k).
+    let (mut k, mut below, mut choose) = (0, 0.0, 1.0);
+    while k < n && below + choose / all <= 0.025 {
+        below += choose / all;
+        choose = choose * (n - k) as f64 / (k + 1) as f64;
+        k += 1;
+    }
+    (k > 0).then(|| (values[n / 2], values[k - 1], values[n - k]))
 }
 
 /// Ping RTTs over raw veth, the harness tunnel and boringtun-cli `-t 1`: both tunnels
@@ -395,6 +433,7 @@ impl Rtt {
 /// that cross, about 0.28 ms, and its median falls in between).
 fn rtt_phase(bed: &TestBed, third: &str, cpu: Option<usize>) -> Rtt {
     let (mut raw, mut ours, mut bt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut paired = Vec::new();
     let na = &bed.hosts[0].netns;
     let (_a, _b, _) = harness_tunnel(bed, third, cpu);
     let (_c, _d) = boringtun_tunnel(bed, third, 1, cpu);
@@ -402,18 +441,40 @@ fn rtt_phase(bed: &TestBed, third: &str, cpu: Option<usize>) -> Rtt {
     for batch in 0..RTT_BATCHES {
         raw.extend(rtt(na, &bed.hosts[1].address, RTT_BATCH, cpu));
         // Which goes first alternates too.
-        if batch % 2 == 0 {
-            ours.extend(rtt(na, &ours_to, RTT_BATCH, cpu));
-            bt.extend(rtt(na, &bt_to, RTT_BATCH, cpu));
+        let (ours_batch, bt_batch) = if batch % 2 == 0 {
+            let o = rtt(na, &ours_to, RTT_BATCH, cpu);
+            (o, rtt(na, &bt_to, RTT_BATCH, cpu))
         } else {
-            bt.extend(rtt(na, &bt_to, RTT_BATCH, cpu));
-            ours.extend(rtt(na, &ours_to, RTT_BATCH, cpu));
+            let b = rtt(na, &bt_to, RTT_BATCH, cpu);
+            (rtt(na, &ours_to, RTT_BATCH, cpu), b)
+        };
+        if !ours_batch.is_empty() && !bt_batch.is_empty() {
+            paired.push(median(ours_batch.clone()) / median(bt_batch.clone()));
         }
+        ours.extend(ours_batch);
+        bt.extend(bt_batch);
     }
     Rtt {
         pings: ours.len(),
         raw: median(raw),
         ours: median(ours),
         boringtun: median(bt),
+        paired,
+    }
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::median_interval;
+
+    /// The sign test's order statistics: the 2nd and 9th of ten (97.9%), the 6th and
+    /// 15th of twenty (95.9%); five values are too few for 95%.
+    #[test]
+    fn median_interval_takes_the_sign_tests_order_statistics() {
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        assert_eq!(median_interval(ten), Some((6.0, 2.0, 9.0)));
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(median_interval(twenty), Some((11.0, 6.0, 15.0)));
+        assert_eq!(median_interval(vec![1.0; 5]), None);
     }
 }
