@@ -2,7 +2,8 @@
 //! printed beside a baseline measured in the same run, as a ratio.
 //!
 //! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover|mesh|mesh-rtt]...`
-//! (all of them when none is named). Needs busybox (Debian's busybox-static) for `up`
+//! (all of them when none is named), or `harness-bench mesh-rtt-against PATH` (the mesh
+//! RTT phases against another build's `harness-node`). Needs busybox (Debian's busybox-static) for `up`
 //! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
 
 mod containers;
@@ -41,6 +42,16 @@ fn main() {
         std::env::remove_var("SMOL_THREADS");
     }
     let which: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, path] = &which[..] {
+        if mode == "mesh-rtt-against" {
+            if !Path::new(path).is_file() {
+                eprintln!("harness-bench mesh-rtt-against: no harness-node binary at {path}");
+                std::process::exit(2);
+            }
+            mesh::rtt_bench(Some(Path::new(path)));
+            return;
+        }
+    }
     let all = which.is_empty();
     let want = |n: &str| all || which.iter().any(|w| w == n);
     let d = TestDaemon::start_with_log("warn");
@@ -75,7 +86,7 @@ fn main() {
     if want("mesh") {
         mesh::bench();
     } else if which.iter().any(|w| w == "mesh-rtt") {
-        mesh::rtt_bench();
+        mesh::rtt_bench(None);
     }
 }
 

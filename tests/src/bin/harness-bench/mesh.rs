@@ -6,6 +6,10 @@
 //! all with tunnel MTU 1420, alternating in each round; the tunnel-up time (agent start
 //! to the first ping reply); and the throughput of a hub relay (a TCP relay in the
 //! agent, from the hub's LAN address to the node's mesh address, as LAN callers use).
+//!
+//! `mesh-rtt-against PATH` runs the RTT phases with another build's `harness-node`
+//! (at PATH) in boringtun-cli's place: for a change to the data plane, two builds
+//! paired batch by batch tell a smaller difference than each against boringtun-cli.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,62 +153,98 @@ fn add_relay(bed: &TestBed, listen: &str, to: &str) {
     assert_eq!(answer["ok"], true, "add_relay: {answer}");
 }
 
-/// Two harness-node agents: A (hub-like, listening) and B (node, towards A), on CPU
-/// `cpu` when one is given.
-fn harness_tunnel(bed: &TestBed, third: &str, cpu: Option<usize>) -> (Proc, Proc, Duration) {
+/// A harness-node build and where its tunnel runs: a subnet (10.`net`.third.0/24),
+/// a port and interface names of its own, so that two can be up at once.
+struct Build {
+    binary: std::path::PathBuf,
+    net: u8,
+    port: u16,
+    prefix: &'static str,
+}
+
+impl Build {
+    /// This build's agent.
+    fn this() -> Build {
+        Build {
+            binary: tests::bin("harness-node"),
+            net: 45,
+            port: 51900,
+            prefix: "hw",
+        }
+    }
+
+    /// Another build's agent at `binary`, where boringtun-cli's tunnel would be.
+    fn other(binary: &std::path::Path) -> Build {
+        Build {
+            binary: binary.to_owned(),
+            net: 46,
+            port: 51901,
+            prefix: "hx",
+        }
+    }
+}
+
+/// Two harness-node agents of `build`: A (hub-like, listening) and B (node, towards
+/// A), on CPU `cpu` when one is given.
+fn harness_tunnel(
+    bed: &TestBed,
+    third: &str,
+    cpu: Option<usize>,
+    build: &Build,
+) -> (Proc, Proc, Duration) {
     let (ka, kb) = (
         PrivateKey::generate().unwrap(),
         PrivateKey::generate().unwrap(),
     );
-    let mesh = Cidr::parse(&format!("10.45.{third}.0/24")).unwrap();
+    let (net, port) = (build.net, build.port);
+    let mesh = Cidr::parse(&format!("10.{net}.{third}.0/24")).unwrap();
     let a_conf = Config {
         interface: Interface {
             private_key: ka.clone(),
-            address: Cidr::parse(&format!("10.45.{third}.1/24")).unwrap(),
-            listen_port: Some(51900),
+            address: Cidr::parse(&format!("10.{net}.{third}.1/24")).unwrap(),
+            listen_port: Some(port),
             mtu: Some(1420),
         },
         peers: vec![Peer {
             public_key: kb.public(),
             endpoint: None,
-            allowed_ips: vec![Cidr::parse(&format!("10.45.{third}.2/32")).unwrap()],
+            allowed_ips: vec![Cidr::parse(&format!("10.{net}.{third}.2/32")).unwrap()],
             persistent_keepalive: None,
         }],
     };
-    let endpoint = format!("{}:51900", bed.hosts[0].address).parse().unwrap();
+    let endpoint = format!("{}:{port}", bed.hosts[0].address).parse().unwrap();
     let b_conf = Config::node(
         kb,
-        Cidr::parse(&format!("10.45.{third}.2/24")).unwrap(),
+        Cidr::parse(&format!("10.{net}.{third}.2/24")).unwrap(),
         ka.public(),
         endpoint,
         mesh,
     );
+    let log = |i: usize| bed.hosts[i].dir.join(format!("bench-agent-{net}.log"));
     let start = |i: usize, conf: &Config| {
-        let path = bed.hosts[i].dir.join("bench-wg.conf");
+        let path = bed.hosts[i].dir.join(format!("bench-wg-{net}.conf"));
         std::fs::write(&path, conf.render()).unwrap();
         let mut cmd = in_ns_on(&bed.hosts[i].netns, cpu, &[]);
-        cmd.arg(tests::bin("harness-node"))
+        cmd.arg(&build.binary)
             .arg("--config")
             .arg(&path)
-            .args(["--interface", &format!("hw{}", bed.id)]);
+            .args(["--interface", &format!("{}{}", build.prefix, bed.id)]);
         if i == 0 {
             cmd.arg("--control")
-                .arg(bed.hosts[0].dir.join("bench-control.sock"));
+                .arg(bed.hosts[0].dir.join(format!("bench-control-{net}.sock")));
         }
-        Proc(tests::start_node_agent(
-            &mut cmd,
-            &bed.hosts[i].dir.join("bench-agent.log"),
-        ))
+        Proc(tests::start_node_agent(&mut cmd, &log(i)))
     };
     let a = start(0, &a_conf);
     let t = Instant::now();
     let b = start(1, &b_conf);
-    while !ping_once(&bed.hosts[1].netns, &format!("10.45.{third}.1")) {
+    while !ping_once(&bed.hosts[1].netns, &format!("10.{net}.{third}.1")) {
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "the harness tunnel never came up: {}{}",
-            std::fs::read_to_string(bed.hosts[0].dir.join("bench-agent.log")).unwrap_or_default(),
-            std::fs::read_to_string(bed.hosts[1].dir.join("bench-agent.log")).unwrap_or_default()
+            "the harness tunnel of {} never came up: {}{}",
+            build.binary.display(),
+            std::fs::read_to_string(log(0)).unwrap_or_default(),
+            std::fs::read_to_string(log(1)).unwrap_or_default()
         );
     }
     (a, b, t.elapsed())
@@ -324,7 +364,7 @@ pub fn bench() {
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
         {
-            let (_a, _b, took) = harness_tunnel(&bed, &third, None);
+            let (_a, _b, took) = harness_tunnel(&bed, &third, None, &Build::this());
             up.push(took.as_secs_f64() * 1e3);
             let to = format!("10.45.{third}.2");
             ours.push(iperf(&na, &nb, &to));
@@ -338,8 +378,8 @@ pub fn bench() {
             out.push(iperf(&na, &nb, &to));
         }
     }
-    let free = rtt_phase(&bed, &third, None);
-    let pinned = rtt_phase(&bed, &third, Some(0));
+    let free = rtt_phase(&bed, &third, None, None);
+    let pinned = rtt_phase(&bed, &third, Some(0), None);
     let (raw, ours, bt1, bt4) = (median(raw), median(ours), median(bt1), median(bt4));
     let best = bt1.max(bt4);
     println!(
@@ -353,17 +393,19 @@ pub fn bench() {
 }
 
 /// The RTT phase alone (`harness-bench mesh-rtt`): quicker to repeat than the whole
-/// bench, for changes that only touch latency.
-pub fn rtt_bench() {
+/// bench, for changes that only touch latency. Against boringtun-cli, or against the
+/// `harness-node` at `against` (`mesh-rtt-against PATH`).
+pub fn rtt_bench(against: Option<&std::path::Path>) {
     let bed = TestBed::new(2);
     let third = bed.third_octet().to_string();
     println!(
         "mesh RTT, {}",
-        rtt_phase(&bed, &third, None).summary("median")
+        rtt_phase(&bed, &third, None, against).summary("median")
     );
     println!(
         "mesh RTT, {}",
-        rtt_phase(&bed, &third, Some(0)).summary("all on CPU 0 (no wake-up crosses CPUs), median")
+        rtt_phase(&bed, &third, Some(0), against)
+            .summary("all on CPU 0 (no wake-up crosses CPUs), median")
     );
 }
 
@@ -372,8 +414,10 @@ struct Rtt {
     pings: usize,
     raw: f64,
     ours: f64,
-    boringtun: f64,
-    /// harness-node / boringtun-cli of each batch's median, per pair of batches (the
+    /// What it was measured against: boringtun-cli, or another build.
+    baseline_name: String,
+    baseline: f64,
+    /// harness-node / the baseline of each batch's median, per pair of batches (the
     /// two run back to back, so what the machine does between pairs falls on both).
     paired: Vec<f64>,
 }
@@ -395,13 +439,19 @@ impl Rtt {
             }
             None => String::new(),
         };
+        let name = &self.baseline_name;
         format!(
-            "{what} of {} pings each: raw veth {:.3} ms, harness-node {:.3} ms, boringtun-cli -t 1 {:.3} ms; harness-node / boringtun-cli = {:.3} (target <= 1){paired}",
+            "{what} of {} pings each: raw veth {:.3} ms, harness-node {:.3} ms, {name} {:.3} ms; harness-node / {name} = {:.3}{}{paired}",
             self.pings,
             self.raw,
             self.ours,
-            self.boringtun,
-            self.ours / self.boringtun
+            self.baseline,
+            self.ours / self.baseline,
+            if name.starts_with("boringtun") {
+                " (target <= 1)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -424,20 +474,44 @@ fn median_interval(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
     (k > 0).then(|| (values[n / 2], values[k - 1], values[n - k]))
 }
 
-/// Ping RTTs over raw veth, the harness tunnel and boringtun-cli `-t 1`: both tunnels
-/// up at once and their pings alternated in batches, so the machine's moods (it is
-/// shared) fall on both alike. With `cpu`, the four agents and `ping` all run on that
+/// Ping RTTs over raw veth, the harness tunnel and boringtun-cli `-t 1` (or the tunnel
+/// of the harness-node at `against`): both tunnels up at once and their pings
+/// alternated in batches, so the machine's moods (it is shared) fall on both alike. With `cpu`, the four agents and `ping` all run on that
 /// CPU: a round trip is then the work on its path alone, without the cross-CPU
 /// wake-ups that the scheduler places differently from one ping to the next (an
 /// unpinned run mixes pings that stay on one CPU, about 0.19 ms here, with pings
 /// that cross, about 0.28 ms, and its median falls in between).
-fn rtt_phase(bed: &TestBed, third: &str, cpu: Option<usize>) -> Rtt {
+fn rtt_phase(
+    bed: &TestBed,
+    third: &str,
+    cpu: Option<usize>,
+    against: Option<&std::path::Path>,
+) -> Rtt {
     let (mut raw, mut ours, mut bt) = (Vec::new(), Vec::new(), Vec::new());
     let mut paired = Vec::new();
     let na = &bed.hosts[0].netns;
-    let (_a, _b, _) = harness_tunnel(bed, third, cpu);
-    let (_c, _d) = boringtun_tunnel(bed, third, 1, cpu);
-    let (ours_to, bt_to) = (format!("10.45.{third}.2"), format!("10.46.{third}.2"));
+    let this = Build::this();
+    let (_a, _b, _) = harness_tunnel(bed, third, cpu, &this);
+    // The baseline's tunnel, which answers on 10.46 (either of them).
+    let (_other, _boringtun, baseline_name) = match against {
+        Some(path) => {
+            let other = harness_tunnel(bed, third, cpu, &Build::other(path));
+            (
+                Some(other),
+                None,
+                format!("harness-node at {}", path.display()),
+            )
+        }
+        None => (
+            None,
+            Some(boringtun_tunnel(bed, third, 1, cpu)),
+            "boringtun-cli -t 1".to_owned(),
+        ),
+    };
+    let (ours_to, bt_to) = (
+        format!("10.{}.{third}.2", this.net),
+        format!("10.46.{third}.2"),
+    );
     for batch in 0..RTT_BATCHES {
         raw.extend(rtt(na, &bed.hosts[1].address, RTT_BATCH, cpu));
         // Which goes first alternates too.
@@ -458,7 +532,8 @@ fn rtt_phase(bed: &TestBed, third: &str, cpu: Option<usize>) -> Rtt {
         pings: ours.len(),
         raw: median(raw),
         ours: median(ours),
-        boringtun: median(bt),
+        baseline_name,
+        baseline: median(bt),
         paired,
     }
 }
