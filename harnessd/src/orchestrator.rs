@@ -280,7 +280,7 @@ impl Core {
         names: &[String],
         limit: Option<usize>,
     ) -> Result<Vec<String>, OpError> {
-        let (order, to_launch, timeout, max_parallel) = self.read(|st| {
+        let (order, timeout, max_parallel) = self.read(|st| {
             let rec = st
                 .stack(stack)
                 .ok_or_else(|| OpError::NotFound(format!("no stack named {stack}")))?;
@@ -302,15 +302,9 @@ impl Core {
                     )));
                 }
             }
-            let to_launch: Vec<String> = order
-                .iter()
-                .filter(|n| !rec.services[*n].state.is_active())
-                .cloned()
-                .collect();
             let settings = &rec.config.settings;
             Ok((
                 order,
-                to_launch,
                 Duration::from_millis(settings.default_timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS)),
                 settings.max_parallel.unwrap_or(DEFAULT_MAX_PARALLEL).max(1),
             ))
@@ -325,35 +319,53 @@ impl Core {
                 .or_insert_with(|| Arc::new(async_lock::Semaphore::new(max_parallel)))
                 .clone(),
         };
-        // 1. Record the intent (state `starting`, ports assigned) before spawning anything.
-        self.update(|st, ch| {
-            for n in &to_launch {
+        // 1. Record the intent (state `starting`, ports assigned) before spawning
+        //    anything, for the services not already active. Choosing them under the
+        //    same lock as marking them: two starts at once (two `up`s racing) must not
+        //    both launch a service, or the second run's record hides the first's.
+        let to_launch: Vec<(String, u64)> = self.update(|st, ch| {
+            let inactive: Vec<String> = st.stack(stack).map_or_else(Vec::new, |rec| {
+                order
+                    .iter()
+                    .filter(|n| rec.services.get(*n).is_some_and(|s| !s.state.is_active()))
+                    .cloned()
+                    .collect()
+            });
+            let mut launches = Vec::with_capacity(inactive.len());
+            for n in inactive {
                 // A start from a client tries the placement list from its first target.
                 if let Some(cfg) = st
                     .stack_mut(stack)
-                    .and_then(|r| r.config.services.get_mut(n))
+                    .and_then(|r| r.config.services.get_mut(&n))
                 {
                     if let Some(first) = cfg.placement.first() {
                         cfg.target = first.clone();
                     }
                 }
-                st.runtime(stack, n).healthy_once = false;
-                assign_port(st, stack, n);
-                if let Some(rec) = st.service_mut(stack, n) {
+                st.runtime(stack, &n).healthy_once = false;
+                assign_port(st, stack, &n);
+                if let Some(rec) = st.service_mut(stack, &n) {
                     rec.restarts = 0;
                     rec.exit_code = None;
                 }
-                st.runtime(stack, n).generation += 1;
-                ch.set_state(st, stack, n, ServiceState::Starting, None);
+                let runtime = st.runtime(stack, &n);
+                runtime.generation += 1;
+                let generation = runtime.generation;
+                ch.set_state(st, stack, &n, ServiceState::Starting, None);
+                launches.push((n, generation));
             }
+            launches
         });
         self.commit().await.map_err(OpError::Storage)?;
         // 2. One task per service: wait for dependencies, then launch.
-        for n in &to_launch {
+        for (name, generation) in to_launch {
             let core = self.clone();
-            let (stack, name, sem) = (stack.to_owned(), n.clone(), sem.clone());
+            let (stack, sem) = (stack.to_owned(), sem.clone());
             self.ex
-                .spawn(async move { core.launch_when_ready(&stack, &name, &sem).await })
+                .spawn(async move {
+                    core.launch_when_ready(&stack, &name, generation, &sem)
+                        .await
+                })
                 .detach();
         }
         // 3. Wait until everything is ready or something failed.
@@ -378,10 +390,13 @@ impl Core {
         }
     }
 
+    /// Waits for `name`'s dependencies, then launches run `generation` of it (none when
+    /// a newer start or a stop came meanwhile).
     async fn launch_when_ready(
         self: &Arc<Self>,
         stack: &str,
         name: &str,
+        generation: u64,
         sem: &async_lock::Semaphore,
     ) {
         let deps: Vec<(String, Condition)> = self.read(|st| {
@@ -392,11 +407,6 @@ impl Core {
                     .map(|d| (d.clone(), condition_for(&r.config, name, d)))
                     .collect()
             })
-        });
-        let generation = self.read(|st| {
-            st.runtime
-                .get(&key(stack, name))
-                .map_or(0, |r| r.generation)
         });
         for (dep, cond) in deps {
             if let Err(reason) = wait_until(self, stack, &dep, |st| {

@@ -141,6 +141,25 @@ fn racing_ups_end_with_one_daemon() {
         std::time::Duration::from_secs(10),
         || (!tests::alive(info.pid)).then_some(()),
     );
+    // And the racing starts launched the service once: a second run, hidden behind
+    // the first's record, would have outlived the shutdown. (The shim server goes
+    // too, once it sees the daemon's end of its socket close.)
+    let marker = format!("{}/", info.instance);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left = deployer::process::find_instances(&marker);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = deployer::process::find_instances(&marker);
+    }
+    for (pid, _) in &left {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(
+        left.is_empty(),
+        "processes of the stack outlived the shutdown: {left:?}"
+    );
 }
 
 #[test]
