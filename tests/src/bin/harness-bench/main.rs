@@ -3,8 +3,9 @@
 //!
 //! Run: `cargo build --release --workspace --bins && ./target/release/harness-bench [up|ps|get|fanout|rss|docker|ssh|discover|mesh|mesh-rtt]...`
 //! (all of them when none is named), or `harness-bench mesh-rtt-against PATH` (the mesh
-//! RTT phases against another build's `harness-node`). Needs busybox (Debian's busybox-static) for `up`
-//! and `docker`, and a Docker engine and Debian's docker-compose for `docker`.
+//! RTT phases against another build's `harness-node`). Needs busybox (Debian's
+//! busybox-static) for `up` and `docker`, and a Docker engine and Debian's
+//! docker-compose for `docker`.
 
 mod containers;
 mod discovery;
