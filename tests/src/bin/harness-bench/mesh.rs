@@ -364,9 +364,10 @@ pub fn bench() {
     for _ in 0..ROUNDS {
         raw.push(iperf(&na, &nb, &bed.hosts[1].address));
         {
-            let (_a, _b, took) = harness_tunnel(&bed, &third, None, &Build::this());
+            let this = Build::this();
+            let (_a, _b, took) = harness_tunnel(&bed, &third, None, &this);
             up.push(took.as_secs_f64() * 1e3);
-            let to = format!("10.45.{third}.2");
+            let to = format!("10.{}.{third}.2", this.net);
             ours.push(iperf(&na, &nb, &to));
             let via = bed.hosts[0].address.clone();
             add_relay(&bed, &format!("{via}:5202"), &format!("{to}:5201"));
@@ -414,8 +415,10 @@ struct Rtt {
     pings: usize,
     raw: f64,
     ours: f64,
-    /// What it was measured against: boringtun-cli, or another build.
+    /// What it was measured against: boringtun-cli (the target applies), or
+    /// another build.
     baseline_name: String,
+    against_boringtun: bool,
     baseline: f64,
     /// harness-node / the baseline of each batch's median, per pair of batches (the
     /// two run back to back, so what the machine does between pairs falls on both).
@@ -447,7 +450,7 @@ impl Rtt {
             self.ours,
             self.baseline,
             self.ours / self.baseline,
-            if name.starts_with("boringtun") {
+            if self.against_boringtun {
                 " (target <= 1)"
             } else {
                 ""
@@ -476,11 +479,12 @@ fn median_interval(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
 
 /// Ping RTTs over raw veth, the harness tunnel and boringtun-cli `-t 1` (or the tunnel
 /// of the harness-node at `against`): both tunnels up at once and their pings
-/// alternated in batches, so the machine's moods (it is shared) fall on both alike. With `cpu`, the four agents and `ping` all run on that
-/// CPU: a round trip is then the work on its path alone, without the cross-CPU
-/// wake-ups that the scheduler places differently from one ping to the next (an
-/// unpinned run mixes pings that stay on one CPU, about 0.19 ms here, with pings
-/// that cross, about 0.28 ms, and its median falls in between).
+/// alternated in batches, so the machine's moods (it is shared) fall on both alike.
+/// With `cpu`, the four agents and `ping` all run on that CPU: a round trip is then
+/// the work on its path alone, without the cross-CPU wake-ups that the scheduler
+/// places differently from one ping to the next (an unpinned run mixes pings that
+/// stay on one CPU, about 0.19 ms here, with pings that cross, about 0.28 ms, and its
+/// median falls in between).
 fn rtt_phase(
     bed: &TestBed,
     third: &str,
@@ -532,6 +536,7 @@ fn rtt_phase(
         pings: ours.len(),
         raw: median(raw),
         ours: median(ours),
+        against_boringtun: against.is_none(),
         baseline_name,
         baseline: median(bt),
         paired,
