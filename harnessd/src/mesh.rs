@@ -25,7 +25,7 @@ use wg_mesh::keys::{PrivateKey, PublicKey};
 use wg_mesh::subnet::{Subnet, DEFAULT_SUBNET};
 
 use protocol::events::{EventKind, MeshPeerChange, MeshUp};
-use protocol::methods::MeshPeer;
+use protocol::methods::{MeshPeer, ServiceState};
 
 use crate::core::Core;
 use crate::remote::RemoteRun;
@@ -762,6 +762,97 @@ impl Core {
         Ok(names)
     }
 
+    /// Starts the hub again when mesh services run but it does not (it crashed, or was
+    /// killed, maybe while no daemon ran), with what it had: every running node's peer,
+    /// the LAN relays and the dependencies' aliases and relays. Each node's agent is
+    /// then asked over SSH for a new handshake, since the new hub has no session with
+    /// it. Returns what it did, or nothing when the hub runs (or no mesh service does).
+    pub async fn revive_hub(&self) -> Result<Option<String>, String> {
+        // Running ones only: a service on its way down (or to another target) may have
+        // just stopped the hub on purpose, as its last node left.
+        let runs: Vec<(RemoteRun, MeshMember)> = self
+            .mesh_runs(None)
+            .into_iter()
+            .filter(|(run, _)| {
+                self.read(|st| {
+                    st.stack(&run.remote_stack)
+                        .and_then(|r| r.services.get(&run.remote_service))
+                        .is_some_and(|s| s.state == ServiceState::Running)
+                })
+            })
+            .collect();
+        let Some((first, _)) = runs.first() else {
+            return Ok(None);
+        };
+        {
+            let mut hub = self.mesh.lock().await;
+            if hub.is_none() {
+                *hub = self.adopt_hub().await;
+            }
+            if hub.as_mut().is_some_and(Hub::alive) {
+                return Ok(None);
+            }
+        }
+        let config = self
+            .read(|st| st.stack(&first.remote_stack).map(|r| r.config.clone()))
+            .ok_or("the stack of a mesh service was removed")?;
+        self.ensure_hub(&config).await?;
+        for (run, member) in &runs {
+            self.hub_call(serde_json::json!({
+                "op": "add_peer", "public_key": member.public_key,
+                "allowed_ips": [format!("{}/32", member.mesh_ip)],
+            }))
+            .await?;
+            let port = self.read(|st| {
+                st.stack(&run.remote_stack)?
+                    .services
+                    .get(&run.remote_service)?
+                    .port
+            });
+            if let (Some(listen), Some(port)) = (&member.lan_relay, port) {
+                self.hub_call(serde_json::json!({"op": "add_relay", "listen": listen, "to": format!("{}:{port}", member.mesh_ip)}))
+                    .await?;
+            }
+            self.relay_dependencies(&run.remote_stack, &run.remote_service)
+                .await?;
+        }
+        let mut unreached = Vec::new();
+        for (run, member) in &runs {
+            let poke = release::privileged(
+                &format!(
+                    "cd {} && kill -HUP $(cat agent.pid)",
+                    quote(&member.network_dir)
+                ),
+                member.sudo,
+            );
+            let poked = match self.ssh_for_run(run) {
+                Ok(ssh) => ssh
+                    .check(
+                        "ask the mesh agent for a handshake",
+                        &poke,
+                        b"",
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = poked {
+                // Its tunnel comes back all the same once its own timers start a
+                // handshake (within about 15 s of its next packet).
+                unreached.push(format!("{}: {e}", run.record.host));
+            }
+        }
+        let mut done = format!(
+            "started the mesh hub again, which was gone, with the peers of {} running node(s)",
+            runs.len()
+        );
+        if !unreached.is_empty() {
+            done.push_str(&format!("; no handshake asked of {}", unreached.join("; ")));
+        }
+        Ok(Some(done))
+    }
+
     /// The runs of active mesh services (of `stack`, or of all stacks).
     fn mesh_runs(&self, stack: Option<&str>) -> Vec<(RemoteRun, MeshMember)> {
         self.read(|st| {
@@ -805,6 +896,30 @@ impl Core {
         let ip = alloc.allocate().map_err(|e| e.to_string())?;
         hub.handed_out.insert(ip);
         Ok(ip)
+    }
+}
+
+/// How often the daemon looks whether the hub still runs while mesh services do.
+const HUB_WATCH: Duration = Duration::from_secs(1);
+
+/// Supervises the hub for as long as the daemon runs: a hub that is gone while mesh
+/// services run is started again with their peers and relays ([`Core::revive_hub`]).
+/// A revival that fails is retried, less often each time (up to every 30 s).
+pub async fn watch_hub(core: std::sync::Arc<Core>) {
+    let mut pause = HUB_WATCH;
+    loop {
+        smol::Timer::after(pause).await;
+        match core.revive_hub().await {
+            Ok(None) => pause = HUB_WATCH,
+            Ok(Some(done)) => {
+                tracing::warn!("{done}");
+                pause = HUB_WATCH;
+            }
+            Err(e) => {
+                tracing::warn!("the mesh hub is gone and could not be started again: {e}");
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 

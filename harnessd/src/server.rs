@@ -113,6 +113,7 @@ pub async fn serve(ex: Arc<smol::Executor<'static>>, opts: DaemonOpts) -> Result
         .map(|r| r.to_string())
         .collect();
     fixes.extend(crate::orchestrator::reconcile(&core).await);
+    ex.spawn(crate::mesh::watch_hub(core.clone())).detach();
     write_daemon_file(&opts.state_dir, &url, &core.instance)?;
     tracing::info!(
         "harnessd {} listening on {url} (state {})",

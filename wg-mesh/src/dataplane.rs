@@ -217,7 +217,7 @@ impl Device {
             .spawn(move || pump(&pumped))
             .map_err(io("start the data plane thread".into()))?;
         // Peers with an endpoint: handshake now rather than at the first packet.
-        shared.initiate_all();
+        shared.initiate(false);
         Ok(Device { shared })
     }
 
@@ -229,7 +229,14 @@ impl Device {
     /// Adds a peer, or replaces the one with that key (a new session: a short blip).
     pub fn add_peer(&self, peer: &Peer) {
         self.shared.add_peer(peer);
-        self.shared.initiate_all();
+        self.shared.initiate(false);
+    }
+
+    /// Starts a new handshake with every peer that has an endpoint, sessions or not: for
+    /// a peer that lost its side of the session (a restarted hub), so the tunnel is
+    /// back now rather than when the session's timers give up on it.
+    pub fn rehandshake(&self) {
+        self.shared.initiate(true);
     }
 
     /// Removes a peer; its packets are dropped from now on. False when none had that key.
@@ -371,8 +378,9 @@ impl Shared {
         table.by_index.get(&(receiver_idx >> 8)).cloned()
     }
 
-    /// Sends a handshake initiation to every peer that has an endpoint and no session.
-    fn initiate_all(&self) {
+    /// Sends a handshake initiation to every peer that has an endpoint and no session
+    /// (or, with `force`, to every peer that has an endpoint).
+    fn initiate(&self, force: bool) {
         let peers: Vec<Arc<PeerState>> = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
             table.by_key.values().cloned().collect()
@@ -383,10 +391,10 @@ impl Shared {
                 continue;
             };
             let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
-            if t.time_since_last_handshake().is_some() {
+            if !force && t.time_since_last_handshake().is_some() {
                 continue;
             }
-            if let TunnResult::WriteToNetwork(pkt) = t.format_handshake_initiation(&mut buf, false)
+            if let TunnResult::WriteToNetwork(pkt) = t.format_handshake_initiation(&mut buf, force)
             {
                 let _ = self.udp.send_to(pkt, endpoint);
             }

@@ -501,6 +501,40 @@ services:
         "the hub was replaced"
     );
 
+    // The hub killed (-9, so it removes nothing): the daemon starts it again with the
+    // node's peer, and asks the node's agent for a new handshake, so web is reached
+    // through the mesh again without a redeploy.
+    let hub_pid = || {
+        std::fs::read_to_string(d.state_dir.join("mesh/hub.pid"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let killed = hub_pid();
+    assert!(!killed.is_empty(), "no hub.pid");
+    tests::testbed::run("kill", &["-KILL", &killed]);
+    tests::wait_for(
+        "the hub to be back, and web through it",
+        Duration::from_secs(20),
+        || {
+            let back = hub_pid() != killed
+                && std::net::TcpStream::connect_timeout(
+                    &web_addr.parse().unwrap(),
+                    Duration::from_secs(1),
+                )
+                .is_ok();
+            back.then_some(())
+        },
+    );
+    assert!(http_get(&web_addr, "/").contains("web"));
+    assert_eq!(
+        get(&c, &stack, "web").pid,
+        web.pid,
+        "web was redeployed, not reached again"
+    );
+
     // The hub's peers, with handshake age and bytes.
     let out = d.cli(&dir, &["--json", "mesh", "peers"]);
     assert_ok(&d, &out, "harness mesh peers");
@@ -546,6 +580,8 @@ services:
         [
             "up".to_owned(),
             format!("added node0 10.42.{third}.3"),
+            // The hub started again.
+            "up".to_owned(),
             "removed node0 revoked".to_owned(),
             "down".to_owned()
         ],

@@ -16,7 +16,8 @@
 //! address of the mesh subnet on the device, for what already listens on all of this
 //! host's addresses). Relays live here, not in harnessd, so a daemon
 //! restart drops no relayed connection. SIGTERM or SIGINT ends it and removes the
-//! device.
+//! device. SIGHUP starts a new handshake with every peer that has an endpoint: a node's
+//! agent gets one when the hub restarted, which has lost its side of their session.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -135,10 +136,12 @@ async fn run(args: Args, config: Config, ex: Arc<smol::Executor<'static>>) -> an
     };
     println!("ready {port}");
     std::io::stdout().flush()?;
-    let signals =
-        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-    let mut signals = signals;
-    let _ = signals.next().await;
+    use async_signal::Signal;
+    let mut signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])?;
+    while let Some(Ok(Signal::Hup)) = signals.next().await {
+        tracing::info!("SIGHUP: a new handshake with every peer that has an endpoint");
+        agent.device.rehandshake();
+    }
     drop(control);
     if let Some(path) = &args.control {
         let _ = std::fs::remove_file(path);
