@@ -797,60 +797,61 @@ impl Core {
             .read(|st| st.stack(&first.remote_stack).map(|r| r.config.clone()))
             .ok_or("the stack of a mesh service was removed")?;
         self.ensure_hub(&config).await?;
+        let mut failed = Vec::new();
         for (run, member) in &runs {
-            self.hub_call(serde_json::json!({
-                "op": "add_peer", "public_key": member.public_key,
-                "allowed_ips": [format!("{}/32", member.mesh_ip)],
-            }))
-            .await?;
-            let port = self.read(|st| {
-                st.stack(&run.remote_stack)?
-                    .services
-                    .get(&run.remote_service)?
-                    .port
-            });
-            if let (Some(listen), Some(port)) = (&member.lan_relay, port) {
-                self.hub_call(serde_json::json!({"op": "add_relay", "listen": listen, "to": format!("{}:{port}", member.mesh_ip)}))
-                    .await?;
-            }
-            self.relay_dependencies(&run.remote_stack, &run.remote_service)
-                .await?;
-        }
-        let mut unreached = Vec::new();
-        for (run, member) in &runs {
-            let poke = release::privileged(
-                &format!(
-                    "cd {} && kill -HUP $(cat agent.pid)",
-                    quote(&member.network_dir)
-                ),
-                member.sudo,
-            );
-            let poked = match self.ssh_for_run(run) {
-                Ok(ssh) => ssh
-                    .check(
-                        "ask the mesh agent for a handshake",
-                        &poke,
-                        b"",
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = poked {
-                // Its tunnel comes back all the same once its own timers start a
-                // handshake (within about 15 s of its next packet).
-                unreached.push(format!("{}: {e}", run.record.host));
+            if let Err(e) = self.restore_node(run, member).await {
+                failed.push(format!("{}/{}: {e}", run.remote_stack, run.remote_service));
             }
         }
         let mut done = format!(
             "started the mesh hub again, which was gone, with the peers of {} running node(s)",
             runs.len()
         );
-        if !unreached.is_empty() {
-            done.push_str(&format!("; no handshake asked of {}", unreached.join("; ")));
+        if !failed.is_empty() {
+            done.push_str(&format!("; not restored: {}", failed.join("; ")));
         }
         Ok(Some(done))
+    }
+
+    /// A node's place on a hub started again: its peer, its LAN relay, its
+    /// dependencies' aliases and relays, and a new handshake from its agent (SIGHUP over
+    /// SSH). Without that handshake its tunnel comes back only when the node's own
+    /// timers give up on the session the old hub had.
+    async fn restore_node(&self, run: &RemoteRun, member: &MeshMember) -> Result<(), String> {
+        self.hub_call(serde_json::json!({
+            "op": "add_peer", "public_key": member.public_key,
+            "allowed_ips": [format!("{}/32", member.mesh_ip)],
+        }))
+        .await?;
+        let port = self.read(|st| {
+            st.stack(&run.remote_stack)?
+                .services
+                .get(&run.remote_service)?
+                .port
+        });
+        if let (Some(listen), Some(port)) = (&member.lan_relay, port) {
+            self.hub_call(serde_json::json!({"op": "add_relay", "listen": listen, "to": format!("{}:{port}", member.mesh_ip)}))
+                .await?;
+        }
+        self.relay_dependencies(&run.remote_stack, &run.remote_service)
+            .await?;
+        let poke = release::privileged(
+            &format!(
+                "cd {} && kill -HUP $(cat agent.pid)",
+                quote(&member.network_dir)
+            ),
+            member.sudo,
+        );
+        self.ssh_for_run(run)?
+            .check(
+                "ask the mesh agent for a handshake",
+                &poke,
+                b"",
+                Duration::from_secs(30),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     /// The runs of active mesh services (of `stack`, or of all stacks).
