@@ -52,6 +52,10 @@ pub struct MeshMember {
     /// stopped that way.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sudo: bool,
+    /// Whether its agent takes SIGHUP for a new handshake (agents sent before that
+    /// was added end on it instead).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rehandshake: bool,
 }
 
 /// The hub's running data plane: started by this daemon (`child`), or found running
@@ -503,6 +507,7 @@ impl Core {
             network_dir: net,
             lan_relay,
             sudo: host.sudo,
+            rehandshake: true,
         })
     }
 
@@ -536,17 +541,22 @@ impl Core {
             })
         });
         if !others {
-            let hub = self.mesh.lock().await.take();
-            if let Some(hub) = hub {
-                let subnet = hub.subnet.to_string();
-                let port = hub.port;
-                stop_hub(hub, &self.state_dir.join("mesh")).await;
-                self.events.publish(EventKind::MeshDown(MeshUp {
-                    subnet,
-                    interface: interface_name(&self.instance),
-                    port,
-                }));
-            }
+            self.end_hub().await;
+        }
+    }
+
+    /// Stops the hub this daemon runs, if any, and says so.
+    async fn end_hub(&self) {
+        let hub = self.mesh.lock().await.take();
+        if let Some(hub) = hub {
+            let subnet = hub.subnet.to_string();
+            let port = hub.port;
+            stop_hub(hub, &self.state_dir.join("mesh")).await;
+            self.events.publish(EventKind::MeshDown(MeshUp {
+                subnet,
+                interface: interface_name(&self.instance),
+                port,
+            }));
         }
     }
 
@@ -766,8 +776,27 @@ impl Core {
     /// killed, maybe while no daemon ran), with what it had: every running node's peer,
     /// the LAN relays and the dependencies' aliases and relays. Each node's agent is
     /// then asked over SSH for a new handshake, since the new hub has no session with
-    /// it. Returns what it did, or nothing when the hub runs (or no mesh service does).
+    /// it. A hub that runs while no mesh service is active (one started again by a
+    /// restore that raced with the last node's leaving) is stopped. Returns what it
+    /// did, or nothing when all was as it should be.
     pub async fn revive_hub(&self) -> Result<Option<String>, String> {
+        let in_use = self.read(|st| {
+            st.snap.stacks.values().any(|r| {
+                r.services
+                    .iter()
+                    .any(|(name, s)| s.state.is_active() && is_mesh(&r.config, name))
+            })
+        });
+        if !in_use {
+            let running = self.mesh.lock().await.as_mut().is_some_and(Hub::alive);
+            if running {
+                self.end_hub().await;
+                return Ok(Some(
+                    "stopped the mesh hub, which ran without a mesh service".into(),
+                ));
+            }
+            return Ok(None);
+        }
         // Running ones only: a service on its way down (or to another target) may have
         // just stopped the hub on purpose, as its last node left.
         let runs: Vec<(RemoteRun, MeshMember)> = self
@@ -818,6 +847,23 @@ impl Core {
     /// SSH). Without that handshake its tunnel comes back only when the node's own
     /// timers give up on the session the old hub had.
     async fn restore_node(&self, run: &RemoteRun, member: &MeshMember) -> Result<(), String> {
+        // Still running with that key? It may have left (or been revoked) since the
+        // list was made.
+        let current = self.read(|st| {
+            let s = st
+                .stack(&run.remote_stack)?
+                .services
+                .get(&run.remote_service)?;
+            match crate::run::Run::of(s)? {
+                crate::run::Run::Remote(now) if s.state == ServiceState::Running => {
+                    Some(now.mesh?.public_key == member.public_key)
+                }
+                _ => None,
+            }
+        });
+        if current != Some(true) {
+            return Ok(());
+        }
         self.hub_call(serde_json::json!({
             "op": "add_peer", "public_key": member.public_key,
             "allowed_ips": [format!("{}/32", member.mesh_ip)],
@@ -835,9 +881,13 @@ impl Core {
         }
         self.relay_dependencies(&run.remote_stack, &run.remote_service)
             .await?;
+        if !member.rehandshake {
+            return Err("its agent is too old for SIGHUP; its own timers bring it back".into());
+        }
+        // The pid checked first: a pid file outlives its process, and pids are reused.
         let poke = release::privileged(
             &format!(
-                "cd {} && kill -HUP $(cat agent.pid)",
+                "cd {} && pid=$(cat agent.pid) && grep -q harness-node /proc/$pid/cmdline && kill -HUP $pid",
                 quote(&member.network_dir)
             ),
             member.sudo,
@@ -905,16 +955,26 @@ const HUB_WATCH: Duration = Duration::from_secs(1);
 
 /// Supervises the hub for as long as the daemon runs: a hub that is gone while mesh
 /// services run is started again with their peers and relays ([`Core::revive_hub`]).
-/// A revival that fails is retried, less often each time (up to every 30 s).
+/// A hub that cannot be started is tried again, and one that keeps dying is started
+/// again, less often each time (up to every 30 s). A node that could not be restored
+/// on a hub started again is named in the log, not retried.
 pub async fn watch_hub(core: std::sync::Arc<Core>) {
     let mut pause = HUB_WATCH;
+    let mut last_change: Option<Instant> = None;
     loop {
         smol::Timer::after(pause).await;
         match core.revive_hub().await {
             Ok(None) => pause = HUB_WATCH,
             Ok(Some(done)) => {
                 tracing::warn!("{done}");
-                pause = HUB_WATCH;
+                // A hub that keeps dying is started again less often each time.
+                let soon = last_change.is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+                pause = if soon {
+                    (pause * 2).min(Duration::from_secs(30))
+                } else {
+                    HUB_WATCH
+                };
+                last_change = Some(Instant::now());
             }
             Err(e) => {
                 tracing::warn!("the mesh hub is gone and could not be started again: {e}");

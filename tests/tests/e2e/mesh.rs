@@ -237,6 +237,40 @@ fn nodes_reach_the_hub_and_each_other_through_it_and_a_removed_peer_is_cut_off()
     );
     assert!(ping(&bed, 1, &ip(1)));
 
+    // A relay on the hub, reached from node 1 through the tunnel: added again as it is,
+    // it stays (not lost to its own port); pointed elsewhere, it follows.
+    for (port, body) in [(7101, "first"), (7102, "second")] {
+        let www = bed.hosts[0].dir.join(format!("www{port}"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), body).unwrap();
+        bed.sh(
+            0,
+            &format!("busybox httpd -p 127.0.0.1:{port} -h {}", www.display()),
+        );
+    }
+    let relay_to = |port: u16| {
+        let request = serde_json::json!({
+            "op": "add_relay", "listen": format!("{}:7100", ip(1)), "to": format!("127.0.0.1:{port}"),
+        });
+        let answer = tests::node_control(&control_path, request);
+        assert_eq!(answer["ok"], true, "{answer}");
+    };
+    let fetch = || {
+        bed.sh(
+            1,
+            &format!(
+                "timeout 5 busybox wget -q -O - http://{}:7100/ 2>&1 || echo FAILED",
+                ip(1)
+            ),
+        )
+    };
+    relay_to(7101);
+    assert_eq!(fetch().trim(), "first");
+    relay_to(7101);
+    assert_eq!(fetch().trim(), "first", "the relay added again was lost");
+    relay_to(7102);
+    assert_eq!(fetch().trim(), "second");
+
     // Private keys are in the 0600 config files only: not on command lines, not in logs.
     for (agent, key) in [(&hub, &hub_key), (&n1, &n1_key)] {
         let secret = key.to_base64();

@@ -75,12 +75,16 @@ enum Request {
     },
 }
 
+/// A TCP relay's destination and its task (dropped: the relay ends).
+type Relay = (String, smol::Task<()>);
+
 /// The agent's device and its relays.
 struct Agent {
     device: Device,
     interface: String,
     address: Cidr,
-    relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, smol::Task<()>>>,
+    /// By listen address: where each relays to, and its task.
+    relays: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Relay>>,
     ex: Arc<smol::Executor<'static>>,
 }
 
@@ -249,25 +253,37 @@ async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
     }
 }
 
-/// Starts a TCP relay from `listen` to `to` (replacing one on the same address).
+/// Starts a TCP relay from `listen` to `to`: replacing one on the same address to
+/// elsewhere, keeping one that is already the same.
 async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> Result<(), String> {
     if let std::net::IpAddr::V4(ip) = listen.ip() {
         if agent.is_alias(ip) {
             add_alias(&agent.interface, ip).await?;
         }
     }
-    // A replaced relay lets go of its port before the new one binds it.
-    drop(
-        agent
-            .relays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&listen),
-    );
+    let old = agent
+        .relays
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&listen);
+    if let Some((old_to, task)) = old {
+        if old_to == to {
+            agent
+                .relays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(listen, (old_to, task));
+            return Ok(());
+        }
+        // Awaited: a dropped task's future (and its listener) goes only when the
+        // executor gets to it, and the new relay binds the same port now.
+        task.cancel().await;
+    }
     let listener = async_net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("relay on {listen}: {e}"))?;
     let ex = agent.ex.clone();
+    let relayed = to.clone();
     let task = agent.ex.spawn(async move {
         loop {
             let Ok((inbound, _)) = listener.accept().await else {
@@ -298,7 +314,7 @@ async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> R
         .relays
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(listen, task);
+        .insert(listen, (relayed, task));
     Ok(())
 }
 
