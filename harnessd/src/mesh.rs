@@ -532,11 +532,14 @@ impl Core {
                 .hub_call(serde_json::json!({"op": "remove_relay", "listen": listen}))
                 .await;
         }
+        // Another mesh service still active: one with a run of another key, or one
+        // still joining (no run recorded yet), whose join needs the hub.
         let others = self.read(|st| {
-            st.snap.stacks.values().any(|r| {
-                r.services.iter().any(|(_, s)| {
-                    s.state.is_active()
-                        && matches!(crate::run::Run::of(s), Some(crate::run::Run::Remote(run)) if run.mesh.as_ref().is_some_and(|m| m.public_key != member.public_key))
+            st.snap.stacks.iter().any(|(stack, r)| {
+                r.services.iter().any(|(name, s)| {
+                    let itself = stack == &run.remote_stack && name == &run.remote_service;
+                    let other_key = matches!(crate::run::Run::of(s), Some(crate::run::Run::Remote(run)) if run.mesh.as_ref().is_some_and(|m| m.public_key != member.public_key));
+                    s.state.is_active() && (other_key || (!itself && is_mesh(&r.config, name)))
                 })
             })
         });
