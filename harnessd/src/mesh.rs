@@ -805,13 +805,7 @@ impl Core {
         let runs: Vec<(RemoteRun, MeshMember)> = self
             .mesh_runs(None)
             .into_iter()
-            .filter(|(run, _)| {
-                self.read(|st| {
-                    st.stack(&run.remote_stack)
-                        .and_then(|r| r.services.get(&run.remote_service))
-                        .is_some_and(|s| s.state == ServiceState::Running)
-                })
-            })
+            .filter(|(run, _)| self.running_member(run).is_some())
             .collect();
         let Some((first, _)) = runs.first() else {
             return Ok(None);
@@ -852,19 +846,10 @@ impl Core {
     async fn restore_node(&self, run: &RemoteRun, member: &MeshMember) -> Result<(), String> {
         // Still running with that key? It may have left (or been revoked) since the
         // list was made.
-        let current = self.read(|st| {
-            let s = st
-                .stack(&run.remote_stack)?
-                .services
-                .get(&run.remote_service)?;
-            match crate::run::Run::of(s)? {
-                crate::run::Run::Remote(now) if s.state == ServiceState::Running => {
-                    Some(now.mesh?.public_key == member.public_key)
-                }
-                _ => None,
-            }
-        });
-        if current != Some(true) {
+        if self
+            .running_member(run)
+            .is_none_or(|now| now.public_key != member.public_key)
+        {
             return Ok(());
         }
         self.hub_call(serde_json::json!({
@@ -905,6 +890,21 @@ impl Core {
             .await
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    /// The mesh place of `run`'s service as the registry has it now, while the service
+    /// is running (not on its way up or down).
+    fn running_member(&self, run: &RemoteRun) -> Option<MeshMember> {
+        self.read(|st| {
+            let s = st
+                .stack(&run.remote_stack)?
+                .services
+                .get(&run.remote_service)?;
+            match crate::run::Run::of(s)? {
+                crate::run::Run::Remote(now) if s.state == ServiceState::Running => now.mesh,
+                _ => None,
+            }
+        })
     }
 
     /// The runs of active mesh services (of `stack`, or of all stacks).

@@ -75,7 +75,7 @@ enum Request {
     },
 }
 
-/// A TCP relay's destination and its task (dropped: the relay ends).
+/// A TCP relay's destination and its task (ended with [`end_relay`]).
 type Relay = (String, smol::Task<()>);
 
 /// The agent's device and its relays.
@@ -246,9 +246,12 @@ async fn answer(agent: &Agent, line: &str) -> serde_json::Value {
                 .relays
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&listen)
-                .is_some();
-            serde_json::json!({"ok": removed})
+                .remove(&listen);
+            let found = removed.is_some();
+            if let Some((_, task)) = removed {
+                end_relay(task).await;
+            }
+            serde_json::json!({"ok": found})
         }
     }
 }
@@ -275,9 +278,7 @@ async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> R
                 .insert(listen, (old_to, task));
             return Ok(());
         }
-        // Awaited: a dropped task's future (and its listener) goes only when the
-        // executor gets to it, and the new relay binds the same port now.
-        task.cancel().await;
+        end_relay(task).await;
     }
     let listener = async_net::TcpListener::bind(listen)
         .await
@@ -316,6 +317,13 @@ async fn add_relay(agent: &Agent, listen: std::net::SocketAddr, to: String) -> R
         .unwrap_or_else(|e| e.into_inner())
         .insert(listen, (relayed, task));
     Ok(())
+}
+
+/// Ends a relay and waits until its listener is closed: a task only dropped would
+/// let go of it when the executor next gets to it, and a new relay may bind the same
+/// port at once.
+async fn end_relay(task: smol::Task<()>) {
+    task.cancel().await;
 }
 
 /// Adds `ip` to the device (a mesh alias), unless it has it already.
